@@ -1,0 +1,42 @@
+//! The connector trait: how the core reads from and writes to one system.
+//!
+//! The daemon holds its connectors in a closed enum (the set is known), so the trait uses
+//! `async fn` without boxing.
+
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ConnectorError, Cursor, Page, PushItem, PushOutcome};
+
+/// What `health` reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub ok: bool,
+    pub detail: String,
+}
+
+pub trait Connector: Send + Sync + 'static {
+    /// Reads the next page of changes after `cursor`. `None` means from the beginning:
+    /// a full sync that reads every record. The returned cursor is saved only together
+    /// with the page's effects, so a crash re-reads the page rather than losing it.
+    fn poll(
+        &self,
+        cursor: Option<&Cursor>,
+    ) -> impl Future<Output = Result<Page, ConnectorError>> + Send;
+
+    /// Writes a batch (at most [`Connector::max_batch`] items). On `Ok` the outcomes
+    /// are one per item, in order. `Err` means the whole batch failed and nothing can be
+    /// assumed applied; pushes are idempotent, so the batch is simply retried.
+    fn push(
+        &self,
+        batch: &[PushItem],
+    ) -> impl Future<Output = Result<Vec<PushOutcome>, ConnectorError>> + Send;
+
+    /// Checks the connector can reach and authenticate to its system, using only what
+    /// it needs itself.
+    fn health(&self) -> impl Future<Output = Health> + Send;
+
+    /// The most items one `push` call takes (the vendor's batch limit).
+    fn max_batch(&self) -> usize;
+}

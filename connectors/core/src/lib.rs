@@ -1,0 +1,22 @@
+//! Shared ground of every optout-sync connector: the observation and push types that cross
+//! the boundary between a vendor's system and the consent core, the [`Connector`] trait,
+//! the error enum whose variants say what the caller should do next, a redacting
+//! [`Secret`], the one retry module and small HTTP helpers.
+//!
+//! Connectors depend only on this crate; the daemon depends on all of them. Nothing here
+//! knows a vendor's JSON or touches the store.
+
+pub mod connector;
+pub mod error;
+pub mod http;
+pub mod model;
+pub mod retry;
+pub mod secret;
+
+pub use connector::{Connector, Health};
+pub use error::ConnectorError;
+pub use model::{
+    ConsentEvent, Cursor, Identity, Observation, Page, Progress, PushItem, PushOutcome,
+    RecordSnapshot, Reply, Scope, Signal, Status, Timestamp,
+};
+pub use secret::{Secret, SecretError, SecretRef};

@@ -1,0 +1,1 @@
+//! optout-sync connector for webhook (in progress).
