@@ -1,0 +1,5 @@
+//! optout-sync: makes a customer's WhatsApp opt-out take effect in every system a
+//! business messages from. See README.md (Architecture) for the map of this crate.
+
+pub mod identity;
+pub mod policy;
