@@ -1,5 +1,8 @@
 //! optout-sync: makes a customer's WhatsApp opt-out take effect in every system a
 //! business messages from. See README.md (Architecture) for the map of this crate.
 
+pub mod audit;
 pub mod identity;
 pub mod policy;
+pub mod reconcile;
+pub mod store;

@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 ///
 /// Milliseconds because HubSpot and Salesforce report milliseconds and ties at that
 /// resolution are real (thousands of records can share one `lastmodifieddate`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Timestamp(pub i64);
 

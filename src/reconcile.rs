@@ -1,0 +1,886 @@
+//! Reconciliation: applies a page of observations to the store in one transaction.
+//!
+//! For each observation it resolves identities to subjects (creating, linking and merging
+//! them), asks the policy for a judgement, records facts, and then computes the effects:
+//! decision changes (audited and counted), outbox entries for every linked record whose
+//! known value differs from the decision, at most one confirmation reply, and events for
+//! automation webhooks. The page's cursor is saved in the same transaction, so a crash
+//! either keeps the whole page and its cursor or neither.
+//!
+//! Push results come back through [`Engine::complete_pushes`], also one transaction.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use optout_core::{
+    ConsentEvent, Identity, Observation, PushItem, PushOutcome, RecordSnapshot, Reply, Scope,
+    Status, Timestamp,
+};
+
+use crate::audit::{AuditEntry, AuditKind};
+use crate::identity::{Alias, Normalizer};
+use crate::policy::{self, Decision, Fact, Judgement, PolicyConfig};
+use crate::store::{
+    DeadLetter, LinkRecord, OutboxEntry, Store, StoreError, SubjectRecord, TxResult, Txn,
+};
+
+/// The WhatsApp customer service window: free-form replies only within it.
+pub const REPLY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+/// What a connector instance takes as pushes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Takes {
+    /// CRM records: the consent value of every linked record.
+    Records,
+    /// WhatsApp: confirmation replies to keyword opt-outs/opt-ins (when enabled).
+    Replies,
+    /// Automation webhooks: every decision change.
+    Events,
+    /// Nothing (a WhatsApp instance with confirmations off).
+    Nothing,
+}
+
+/// Displayed subject id.
+pub fn subject_name(id: u64) -> String {
+    format!("s{id}")
+}
+
+/// One decision change, for logs and metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecisionChange {
+    pub subject: String,
+    pub scope: Scope,
+    pub from: Decision,
+    pub to: Decision,
+    pub source: String,
+    pub event_at: Option<Timestamp>,
+}
+
+/// What applying a page did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub observations: usize,
+    /// Counts by result (`accepted`, `echo`, `ignored`, `unchanged`, …).
+    pub results: BTreeMap<&'static str, u64>,
+    pub decisions: Vec<DecisionChange>,
+    /// Outbox entries written, per connector.
+    pub enqueued: BTreeMap<String, u64>,
+    /// Pushes confirmed by a read-back: (connector, record, delay since the push).
+    pub verified: Vec<(String, String, Duration)>,
+}
+
+/// What completing a batch of pushes did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PushReport {
+    pub done: u64,
+    pub rejected: Vec<(String, String)>,
+    pub retried: u64,
+    /// Time from enqueue to done, per completed item.
+    pub latencies: Vec<Duration>,
+}
+
+pub struct Engine {
+    store: Store,
+    policy: PolicyConfig,
+    normalizer: Normalizer,
+    targets: BTreeMap<String, Takes>,
+    /// One writer at a time: pages from different connectors touch the same subjects,
+    /// and sled would only make them retry each other.
+    lock: Mutex<()>,
+}
+
+impl Engine {
+    pub fn new(
+        store: Store,
+        policy: PolicyConfig,
+        normalizer: Normalizer,
+        targets: BTreeMap<String, Takes>,
+    ) -> Self {
+        Engine {
+            store,
+            policy,
+            normalizer,
+            targets,
+            lock: Mutex::new(()),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn policy(&self) -> &PolicyConfig {
+        &self.policy
+    }
+
+    pub fn normalizer(&self) -> &Normalizer {
+        &self.normalizer
+    }
+
+    /// Applies a page read from `connector` and saves `cursor` with it, atomically and
+    /// durably.
+    pub fn apply_page(
+        &self,
+        connector: &str,
+        observations: &[Observation],
+        cursor: Option<&str>,
+        now: Timestamp,
+    ) -> Result<ApplyReport, StoreError> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.store.transaction(true, |tx| {
+            let mut page = PageTx::new(self, tx, connector, now);
+            for obs in observations {
+                match obs {
+                    Observation::Event(ev) => page.event(ev)?,
+                    Observation::Record(snap) => page.record(snap)?,
+                }
+            }
+            let report = page.finish()?;
+            if let Some(c) = cursor {
+                tx.set_cursor(connector, c)?;
+            }
+            Ok(report)
+        })
+    }
+
+    /// Marks entries as in flight before a push that must never be repeated (confirmation
+    /// replies): after a crash they are abandoned rather than sent twice.
+    pub fn mark_in_flight(&self, connector: &str, keys: &[(String, u64)]) -> Result<(), StoreError> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.store.transaction(true, |tx| {
+            for (key, version) in keys {
+                if let Some(mut e) = tx.outbox(connector, key)?
+                    && e.version == *version
+                {
+                    e.in_flight = true;
+                    tx.put_outbox(connector, key, &e)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// At start-up: entries left in flight by a crash have an unknown outcome. They are
+    /// removed and audited, never re-sent (at most one confirmation per message).
+    pub fn abandon_in_flight(&self, now: Timestamp) -> Result<usize, StoreError> {
+        let stuck: Vec<(String, String)> = self
+            .store
+            .outbox()
+            .filter_map(|r| r.ok())
+            .filter(|(_, _, e)| e.in_flight)
+            .map(|(c, k, _)| (c, k))
+            .collect();
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.store.transaction(true, |tx| {
+            for (c, k) in &stuck {
+                if let Some(e) = tx.outbox(c, k)?
+                    && e.in_flight
+                {
+                    tx.remove_outbox(c, k)?;
+                    let mut a = AuditEntry::new(AuditKind::PushAbandoned, c, now);
+                    a.subject = Some(e.item.subject.clone());
+                    a.record = Some(e.item.record.clone());
+                    a.status = Some(e.item.status);
+                    a.reason = Some("interrupted while sending; not re-sent (at most one reply per message)".into());
+                    tx.audit(&a, &subject_ids(&e.item.subject))?;
+                }
+            }
+            Ok(stuck.len())
+        })
+    }
+
+    /// Records the outcomes of a push batch: done entries leave the outbox (only if not
+    /// replaced by a newer value meanwhile), rejected ones become dead letters, the rest
+    /// wait `retry_delay`.
+    pub fn complete_pushes(
+        &self,
+        connector: &str,
+        results: &[(String, u64, PushOutcome)],
+        retry_delay: Duration,
+        now: Timestamp,
+    ) -> Result<PushReport, StoreError> {
+        let takes_records = self.targets.get(connector) == Some(&Takes::Records);
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.store.transaction(true, |tx| {
+            let mut report = PushReport::default();
+            for (key, version, outcome) in results {
+                let Some(mut entry) = tx.outbox(connector, key)? else {
+                    continue;
+                };
+                let current = entry.version == *version;
+                let item = entry.item.clone();
+                let subjects = subject_ids(&item.subject);
+                let mut audit = AuditEntry::new(AuditKind::PushDone, connector, now);
+                audit.subject = Some(item.subject.clone());
+                audit.record = Some(item.record.clone());
+                audit.scope = Some(item.scope);
+                audit.status = Some(item.status);
+                audit.event_at = Some(item.changed_at);
+                match outcome {
+                    PushOutcome::Done => {
+                        if takes_records && let Some(mut link) = tx.link(connector, &item.record)? {
+                            link.memory.last_pushed = Some((item.status, item.changed_at));
+                            link.pushed_at = Some(now);
+                            link.awaiting_readback = true;
+                            tx.put_link(connector, &item.record, &link)?;
+                            tx.set_unverified(connector, &item.record, Some(now))?;
+                        }
+                        if current {
+                            tx.remove_outbox(connector, key)?;
+                            report.latencies.push(now.since(entry.enqueued_at));
+                        }
+                        report.done += 1;
+                        tx.audit(&audit, &subjects)?;
+                    }
+                    PushOutcome::Rejected { reason } => {
+                        if current {
+                            tx.remove_outbox(connector, key)?;
+                            let dead = DeadLetter {
+                                item: item.clone(),
+                                reason: reason.clone(),
+                                at: now,
+                                attempts: entry.attempts + 1,
+                            };
+                            tx.put_dead(connector, key, &dead)?;
+                            report.rejected.push((item.record.clone(), reason.clone()));
+                        }
+                        audit.kind = AuditKind::PushRejected;
+                        audit.reason = Some(reason.clone());
+                        tx.audit(&audit, &subjects)?;
+                    }
+                    PushOutcome::RetryLater { after, reason } => {
+                        if current {
+                            entry.attempts += 1;
+                            entry.in_flight = false;
+                            entry.last_error = Some(reason.clone());
+                            entry.not_before = now.plus(after.unwrap_or(retry_delay).max(retry_delay));
+                            tx.put_outbox(connector, key, &entry)?;
+                        }
+                        report.retried += 1;
+                    }
+                }
+            }
+            Ok(report)
+        })
+    }
+
+    /// Records a failure of a whole batch: every entry waits `delay` before the next try.
+    pub fn defer_pushes(
+        &self,
+        connector: &str,
+        keys: &[(String, u64)],
+        error: &str,
+        delay: Duration,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let results: Vec<_> = keys
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    *v,
+                    PushOutcome::RetryLater {
+                        after: Some(delay),
+                        reason: error.to_string(),
+                    },
+                )
+            })
+            .collect();
+        self.complete_pushes(connector, &results, delay, now).map(|_| ())
+    }
+
+    /// Moves dead letters back to the outbox (all, or one connector's) for another try.
+    pub fn retry_dead_letters(&self, connector: Option<&str>, now: Timestamp) -> Result<usize, StoreError> {
+        let dead: Vec<(String, String)> = self
+            .store
+            .dead_letters()
+            .filter_map(|r| r.ok())
+            .filter(|(c, _, _)| connector.is_none_or(|want| want == c))
+            .map(|(c, k, _)| (c, k))
+            .collect();
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.store.transaction(true, |tx| {
+            let mut n = 0;
+            for (c, k) in &dead {
+                if let Some(d) = tx.remove_dead(c, k)? {
+                    if tx.outbox(c, k)?.is_none() {
+                        let entry = OutboxEntry {
+                            item: d.item.clone(),
+                            version: tx.new_id()?,
+                            enqueued_at: now,
+                            not_before: now,
+                            attempts: 0,
+                            last_error: Some(format!("retrying after: {}", d.reason)),
+                            in_flight: false,
+                        };
+                        tx.put_outbox(c, k, &entry)?;
+                    }
+                    let mut a = AuditEntry::new(AuditKind::Operator, c, now);
+                    a.record = Some(d.item.record.clone());
+                    a.subject = Some(d.item.subject.clone());
+                    a.reason = Some("dead letter re-queued by resync".into());
+                    tx.audit(&a, &subject_ids(&d.item.subject))?;
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+    }
+}
+
+/// Subject ids from a push item's `subject` field (`s12` or `s12,s40`).
+fn subject_ids(s: &str) -> Vec<u64> {
+    s.split(',')
+        .filter_map(|p| p.trim().strip_prefix('s')?.parse().ok())
+        .collect()
+}
+
+/// The working state of one page's transaction.
+struct PageTx<'e, 't, 'tx> {
+    engine: &'e Engine,
+    tx: &'t Txn<'tx>,
+    connector: &'e str,
+    now: Timestamp,
+    /// Working copies of subjects, written back in `finish`.
+    subjects: BTreeMap<u64, SubjectRecord>,
+    /// Decisions of each touched subject before the page.
+    before: HashMap<u64, [(Scope, Decision); 2]>,
+    /// Records read in this page (their values may disagree with the decision).
+    touched_records: BTreeSet<(String, String)>,
+    /// Accepted keyword/button facts of this page that may earn a confirmation:
+    /// message id → (subject, recipient, language).
+    confirmable: HashMap<String, (u64, Identity, Option<String>)>,
+    report: ApplyReport,
+}
+
+impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
+    fn new(engine: &'e Engine, tx: &'t Txn<'tx>, connector: &'e str, now: Timestamp) -> Self {
+        PageTx {
+            engine,
+            tx,
+            connector,
+            now,
+            subjects: BTreeMap::new(),
+            before: HashMap::new(),
+            touched_records: BTreeSet::new(),
+            confirmable: HashMap::new(),
+            report: ApplyReport::default(),
+        }
+    }
+
+    fn margin(&self) -> Duration {
+        self.engine.policy.margin
+    }
+
+    fn tally(&mut self, what: &'static str) {
+        *self.report.results.entry(what).or_default() += 1;
+    }
+
+    /// Loads a subject into the working set, remembering its decisions before the page.
+    fn load(&mut self, id: u64) -> TxResult<Option<&mut SubjectRecord>> {
+        if !self.subjects.contains_key(&id) {
+            let Some(s) = self.tx.subject(id)? else {
+                return Ok(None);
+            };
+            self.before.insert(id, s.consent.decisions(self.engine.policy.margin));
+            self.subjects.insert(id, s);
+        }
+        Ok(self.subjects.get_mut(&id))
+    }
+
+    /// The live subject id for an alias, following merges.
+    fn live(&mut self, alias: &str) -> TxResult<Option<u64>> {
+        let Some(mut id) = self.tx.alias(alias)? else {
+            return Ok(None);
+        };
+        for _ in 0..16 {
+            match self.load(id)? {
+                Some(s) => match s.merged_into {
+                    Some(next) => id = next,
+                    None => return Ok(Some(id)),
+                },
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(id))
+    }
+
+    /// Finds or creates the one subject these aliases belong to, merging subjects when
+    /// the aliases were known under different ones.
+    fn resolve(&mut self, aliases: &[Alias]) -> TxResult<u64> {
+        let mut ids = Vec::new();
+        for a in aliases {
+            if let Some(id) = self.live(a.as_str())?
+                && !ids.contains(&id)
+            {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        let target = match ids.first() {
+            Some(&id) => id,
+            None => {
+                let id = self.tx.new_id()?;
+                let s = SubjectRecord {
+                    id,
+                    created_at: self.now,
+                    ..SubjectRecord::default()
+                };
+                self.before.insert(id, s.consent.decisions(self.margin()));
+                self.subjects.insert(id, s);
+                id
+            }
+        };
+        for &other in ids.iter().skip(1) {
+            self.merge(target, other)?;
+        }
+        let subject = self.subjects.get_mut(&target).expect("loaded");
+        for a in aliases {
+            if !subject.aliases.iter().any(|x| x == a.as_str()) {
+                subject.aliases.push(a.as_str().to_string());
+                self.tx.put_alias(a.as_str(), target)?;
+            }
+        }
+        Ok(target)
+    }
+
+    fn merge(&mut self, target: u64, other: u64) -> TxResult<()> {
+        let Some(o) = self.load(other)?.cloned() else {
+            return Ok(());
+        };
+        for alias in &o.aliases {
+            self.tx.put_alias(alias, target)?;
+        }
+        for (c, r) in &o.links {
+            if let Some(mut link) = self.tx.link(c, r)? {
+                for s in link.subjects.iter_mut() {
+                    if *s == other {
+                        *s = target;
+                    }
+                }
+                link.subjects.sort_unstable();
+                link.subjects.dedup();
+                self.tx.put_link(c, r, &link)?;
+            }
+            self.touched_records.insert((c.clone(), r.clone()));
+        }
+        let t = self.subjects.get_mut(&target).expect("loaded");
+        t.consent.merge(&o.consent);
+        for a in &o.aliases {
+            if !t.aliases.contains(a) {
+                t.aliases.push(a.clone());
+            }
+        }
+        for l in &o.links {
+            if !t.links.contains(l) {
+                t.links.push(l.clone());
+            }
+        }
+        t.last_inbound = t.last_inbound.max(o.last_inbound);
+        t.merged_from.push(other);
+        t.merged_from.extend(o.merged_from.iter().copied());
+        let o_mut = self.subjects.get_mut(&other).expect("loaded");
+        o_mut.merged_into = Some(target);
+        o_mut.aliases.clear();
+        o_mut.links.clear();
+        // The absorbed subject's decisions leave the totals with it.
+        if let Some(before) = self.before.get(&other).copied() {
+            for (scope, d) in before {
+                count(self.tx, scope, d, -1)?;
+            }
+            self.before.insert(other, [(Scope::All, Decision::Unknown), (Scope::Marketing, Decision::Unknown)]);
+        }
+        let mut a = AuditEntry::new(AuditKind::Merged, self.connector, self.now);
+        a.subject = Some(subject_name(target));
+        a.reason = Some(format!("{} merged into {}: one source showed both identities", subject_name(other), subject_name(target)));
+        self.tx.audit(&a, &[target, other])?;
+        Ok(())
+    }
+
+    fn reject_identity(&mut self, what: &str, reason: &str, record: Option<&str>) -> TxResult<()> {
+        let mut a = AuditEntry::new(AuditKind::IdentityRejected, self.connector, self.now);
+        a.record = record.map(str::to_string);
+        a.evidence = Some(bounded(what, 64));
+        a.reason = Some(reason.to_string());
+        self.tx.audit(&a, &[])?;
+        self.tally("identity_rejected");
+        Ok(())
+    }
+
+    fn event(&mut self, ev: &ConsentEvent) -> TxResult<()> {
+        self.report.observations += 1;
+        if let Some(id) = &ev.message_id
+            && !self.tx.first_sight(self.connector, id, self.now)?
+        {
+            self.tally("duplicate");
+            return Ok(());
+        }
+        let mut aliases = Vec::new();
+        for identity in &ev.identities {
+            match self.engine.normalizer.aliases(identity) {
+                Ok(a) => aliases.extend(a),
+                Err(why) => self.reject_identity(identity_text(identity), &why, ev.message_id.as_deref())?,
+            }
+        }
+        if aliases.is_empty() {
+            return Ok(());
+        }
+        let id = self.resolve(&aliases)?;
+        if ev.inbound {
+            let s = self.subjects.get_mut(&id).expect("resolved");
+            s.last_inbound = s.last_inbound.max(Some(ev.at.min(self.now)));
+        }
+        match policy::judge_event(ev, self.connector, self.now, &self.engine.policy) {
+            Judgement::Fact(fact) => {
+                self.accept(id, &fact, ev.at)?;
+                if policy::wants_confirmation(&fact)
+                    && let Some(mid) = &ev.message_id
+                {
+                    // Reply to the identity WhatsApp can deliver to: wa_id, else BSUID.
+                    let to = ev
+                        .identities
+                        .iter()
+                        .find(|i| matches!(i, Identity::WaId(_)))
+                        .or_else(|| ev.identities.iter().find(|i| matches!(i, Identity::Bsuid(_))))
+                        .cloned();
+                    if let Some(to) = to {
+                        self.confirmable.insert(mid.clone(), (id, to, ev.language.clone()));
+                    }
+                }
+            }
+            Judgement::NotAccepted(fact, why) => self.ignore(&[id], &fact, &why)?,
+            _ => self.tally("no_consent_value"),
+        }
+        Ok(())
+    }
+
+    fn accept(&mut self, id: u64, fact: &Fact, reported_at: Timestamp) -> TxResult<()> {
+        let s = self.subjects.get_mut(&id).expect("loaded");
+        s.consent.record(fact);
+        let mut a = fact_audit(AuditKind::Accepted, fact, self.now);
+        a.subject = Some(subject_name(id));
+        if reported_at != fact.at {
+            a.reason = Some(format!("event time {reported_at} lies in the future; clamped"));
+        }
+        self.tx.audit(&a, &[id])?;
+        self.tally("accepted");
+        Ok(())
+    }
+
+    fn ignore(&mut self, ids: &[u64], fact: &Fact, why: &str) -> TxResult<()> {
+        let mut a = fact_audit(AuditKind::Ignored, fact, self.now);
+        a.subject = Some(ids.iter().map(|&i| subject_name(i)).collect::<Vec<_>>().join(","));
+        a.reason = Some(why.to_string());
+        self.tx.audit(&a, ids)?;
+        self.tally("ignored");
+        Ok(())
+    }
+
+    fn record(&mut self, snap: &RecordSnapshot) -> TxResult<()> {
+        self.report.observations += 1;
+        let connector = self.connector;
+        let mut phones = Vec::new();
+        let mut ids = Vec::new();
+        for raw in &snap.phones {
+            match self.engine.normalizer.phone(raw) {
+                Ok(e164) => {
+                    if phones.contains(&e164) {
+                        continue;
+                    }
+                    let id = self.resolve(&[Alias::from_stored(format!("p:{e164}"))])?;
+                    phones.push(e164);
+                    if !ids.contains(&id) {
+                        ids.push(id);
+                    }
+                }
+                Err(why) => self.reject_identity(raw, &why, Some(&snap.record))?,
+            }
+        }
+        ids.sort_unstable();
+        let existing = self.tx.link(connector, &snap.record)?;
+        let mut link = existing.clone().unwrap_or(LinkRecord {
+            first_seen: self.now,
+            ..LinkRecord::default()
+        });
+        // Re-link: a record whose numbers changed moves to its new subjects.
+        let key = (connector.to_string(), snap.record.clone());
+        for old in link.subjects.clone() {
+            if !ids.contains(&old)
+                && let Some(s) = self.load(old)?
+            {
+                s.links.retain(|l| *l != key);
+            }
+        }
+        for &id in &ids {
+            let s = self.load(id)?.expect("resolved");
+            if !s.links.contains(&key) {
+                s.links.push(key.clone());
+            }
+        }
+        link.subjects = ids.clone();
+        link.phones = phones;
+        let memory = existing.as_ref().map(|l| l.memory);
+        match policy::judge_record(memory.as_ref(), snap, connector, self.now, &self.engine.policy) {
+            Judgement::Fact(fact) => {
+                for &id in &ids {
+                    self.accept(id, &fact, snap.changed_at.unwrap_or(snap.modified_at))?;
+                }
+                if ids.is_empty() {
+                    self.ignore(&[], &fact, "record holds no usable phone number")?;
+                }
+            }
+            Judgement::NotAccepted(fact, why) => self.ignore(&ids, &fact, &why)?,
+            Judgement::Echo(status) => {
+                let mut a = AuditEntry::new(AuditKind::Echo, connector, self.now);
+                a.subject = Some(ids.iter().map(|&i| subject_name(i)).collect::<Vec<_>>().join(","));
+                a.record = Some(snap.record.clone());
+                a.status = Some(status);
+                a.evidence = Some(bounded(&snap.evidence, 200));
+                a.reason = Some("read back the value the daemon wrote: push verified".into());
+                self.tx.audit(&a, &ids)?;
+                self.tally("echo");
+            }
+            Judgement::InitialOptIn => {
+                let fact = Fact {
+                    status: Status::OptedIn,
+                    scope: Scope::All,
+                    at: snap.modified_at,
+                    source: connector.to_string(),
+                    record: snap.record.clone(),
+                    signal: optout_core::Signal::CrmField,
+                    evidence: snap.evidence.clone(),
+                };
+                self.ignore(&ids, &fact, "first value seen on the record is an opt-in: not a change")?;
+            }
+            Judgement::Unchanged => self.tally("unchanged"),
+            Judgement::NoConsentValue => self.tally("no_consent_value"),
+        }
+        // Verification: a read that reflects the record after our push settles it.
+        if link.awaiting_readback && link.pushed_at.is_none_or(|p| snap.modified_at >= p.minus(Duration::from_secs(1))) {
+            if snap.value == link.memory.last_pushed.map(|(s, _)| s)
+                && let Some(p) = link.pushed_at
+            {
+                self.report.verified.push((connector.to_string(), snap.record.clone(), self.now.since(p)));
+            }
+            link.awaiting_readback = false;
+            self.tx.set_unverified(connector, &snap.record, None)?;
+        }
+        link.memory.last_seen = snap.value;
+        link.last_read = self.now;
+        self.tx.put_link(connector, &snap.record, &link)?;
+        self.touched_records.insert(key);
+        Ok(())
+    }
+
+    /// Effects: decision changes, record pushes, confirmations, webhook events.
+    fn finish(mut self) -> TxResult<ApplyReport> {
+        let margin = self.margin();
+        let mut candidates = std::mem::take(&mut self.touched_records);
+        let ids: Vec<u64> = self.subjects.keys().copied().collect();
+        for id in ids {
+            let s = self.subjects[&id].clone();
+            if s.merged_into.is_some() {
+                self.tx.put_subject(&s)?;
+                continue;
+            }
+            let after = s.consent.decisions(margin);
+            let before = self.before.get(&id).copied().unwrap_or(after);
+            for ((scope, from), (_, to)) in before.into_iter().zip(after) {
+                if from == to {
+                    continue;
+                }
+                let deciding = s.consent.registers(scope).deciding(margin).cloned();
+                count(self.tx, scope, from, -1)?;
+                count(self.tx, scope, to, 1)?;
+                let mut a = AuditEntry::new(AuditKind::Decision, self.connector, self.now);
+                a.subject = Some(subject_name(id));
+                a.scope = Some(scope);
+                a.status = to.status();
+                a.event_at = deciding.as_ref().map(|f| f.at);
+                a.reason = Some(format!("{} → {}", from.as_str(), to.as_str()));
+                a.evidence = deciding.as_ref().map(|f| format!("{} {}", f.origin(), bounded(&f.evidence, 200)));
+                self.tx.audit(&a, &[id])?;
+                self.report.decisions.push(DecisionChange {
+                    subject: subject_name(id),
+                    scope,
+                    from,
+                    to,
+                    source: deciding.as_ref().map(|f| f.origin()).unwrap_or_default(),
+                    event_at: deciding.as_ref().map(|f| f.at),
+                });
+                if scope == Scope::All {
+                    candidates.extend(s.links.iter().cloned());
+                }
+                if let Some(f) = &deciding {
+                    self.event_pushes(&s, scope, to, f)?;
+                    if let Some((sid, to_id, lang)) = self.confirmable.get(&f.record).cloned()
+                        && sid == id
+                        && f.source == self.connector
+                    {
+                        self.confirmation(id, f, to_id, lang)?;
+                    }
+                }
+            }
+            self.tx.put_subject(&self.subjects[&id])?;
+        }
+        for (connector, record) in candidates {
+            if self.engine.targets.get(&connector) == Some(&Takes::Records) {
+                self.record_push(&connector, &record)?;
+            }
+        }
+        Ok(self.report)
+    }
+
+    /// Enqueues a push if the record's known value differs from what its subjects'
+    /// decisions require.
+    fn record_push(&mut self, connector: &str, record: &str) -> TxResult<()> {
+        let Some(link) = self.tx.link(connector, record)? else {
+            return Ok(());
+        };
+        let mut consents = Vec::new();
+        for &id in &link.subjects {
+            if let Some(s) = self.load(id)? {
+                consents.push(s.consent.clone());
+            }
+        }
+        let Some(fact) = policy::desired_record_value(consents.iter(), self.margin()) else {
+            return Ok(());
+        };
+        let pending = self.tx.outbox(connector, record)?;
+        if let Some(p) = &pending
+            && p.item.status == fact.status
+        {
+            return Ok(());
+        }
+        if pending.is_none() {
+            if link.memory.last_seen == Some(fact.status) {
+                return Ok(());
+            }
+            if link.awaiting_readback && link.memory.last_pushed.map(|(s, _)| s) == Some(fact.status) {
+                return Ok(());
+            }
+        }
+        let identities = link.phones.iter().map(|p| Identity::Phone(p.clone())).collect();
+        let item = PushItem {
+            key: record.to_string(),
+            record: record.to_string(),
+            status: fact.status,
+            scope: Scope::All,
+            changed_at: fact.at,
+            source: fact.origin(),
+            subject: link.subjects.iter().map(|&i| subject_name(i)).collect::<Vec<_>>().join(","),
+            identities,
+            reply: None,
+        };
+        self.enqueue(connector, item)
+    }
+
+    fn enqueue(&mut self, connector: &str, item: PushItem) -> TxResult<()> {
+        let entry = OutboxEntry {
+            version: self.tx.new_id()?,
+            enqueued_at: self.now,
+            not_before: self.now,
+            attempts: 0,
+            last_error: None,
+            in_flight: false,
+            item,
+        };
+        self.tx.put_outbox(connector, &entry.item.key, &entry)?;
+        *self.report.enqueued.entry(connector.to_string()).or_default() += 1;
+        Ok(())
+    }
+
+    fn event_pushes(&mut self, s: &SubjectRecord, scope: Scope, to: Decision, f: &Fact) -> TxResult<()> {
+        let Some(status) = to.status() else {
+            return Ok(());
+        };
+        let hooks: Vec<String> = self
+            .engine
+            .targets
+            .iter()
+            .filter(|(_, t)| **t == Takes::Events)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for hook in hooks {
+            let item = PushItem {
+                key: format!("{}:{}", subject_name(s.id), scope.as_str()),
+                record: subject_name(s.id),
+                status,
+                scope,
+                changed_at: f.at,
+                source: f.origin(),
+                subject: subject_name(s.id),
+                identities: s.aliases.iter().map(|a| Alias::from_stored(a.clone()).to_identity()).collect(),
+                reply: None,
+            };
+            self.enqueue(&hook, item)?;
+        }
+        Ok(())
+    }
+
+    fn confirmation(&mut self, id: u64, f: &Fact, to: Identity, language: Option<String>) -> TxResult<()> {
+        if self.engine.targets.get(self.connector) != Some(&Takes::Replies) {
+            return Ok(());
+        }
+        let s = &self.subjects[&id];
+        let window_ends = s.last_inbound.unwrap_or(f.at).plus(REPLY_WINDOW);
+        let item = PushItem {
+            key: format!("confirm:{}", f.record),
+            record: f.record.clone(),
+            status: f.status,
+            scope: f.scope,
+            changed_at: f.at,
+            source: f.origin(),
+            subject: subject_name(id),
+            identities: vec![to.clone()],
+            reply: Some(Reply {
+                to,
+                in_reply_to: f.record.clone(),
+                window_ends,
+                language,
+            }),
+        };
+        let connector = self.connector.to_string();
+        self.enqueue(&connector, item)
+    }
+}
+
+fn count(tx: &Txn<'_>, scope: Scope, d: Decision, delta: i64) -> TxResult<()> {
+    if d == Decision::Unknown {
+        return Ok(());
+    }
+    tx.count(&format!("{}:{}", scope.as_str(), d.as_str()), delta)
+}
+
+fn fact_audit(kind: AuditKind, fact: &Fact, now: Timestamp) -> AuditEntry {
+    let mut a = AuditEntry::new(kind, &fact.source, now);
+    a.record = Some(fact.record.clone()).filter(|r| !r.is_empty());
+    a.scope = Some(fact.scope);
+    a.status = Some(fact.status);
+    a.event_at = Some(fact.at);
+    a.evidence = Some(format!("{}: {}", fact.signal.as_str(), bounded(&fact.evidence, 500)));
+    a
+}
+
+fn identity_text(i: &Identity) -> &str {
+    match i {
+        Identity::Phone(s) | Identity::WaId(s) | Identity::Bsuid(s) => s,
+    }
+}
+
+/// Bounds untrusted text kept in the audit log (1 MB message bodies stay out of it).
+fn bounded(s: &str, max_chars: usize) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(max_chars)
+        .collect();
+    if s.chars().nth(max_chars).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

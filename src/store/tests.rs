@@ -1,0 +1,216 @@
+//! Store tests: reopening, schema checks, corrupt files, and atomicity under SIGKILL.
+
+use super::*;
+use crate::identity::Normalizer;
+use crate::policy::PolicyConfig;
+use crate::reconcile::{Engine, Takes};
+use optout_core::{Observation, RecordSnapshot, Status};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+#[test]
+fn reopen_keeps_committed_state() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        s.transaction(true, |tx| {
+            tx.set_cursor("hubspot", "c-1")?;
+            tx.count("all:opted_out", 3)?;
+            Ok(())
+        })
+        .unwrap();
+    }
+    let s = Store::open(dir.path()).unwrap();
+    assert_eq!(s.cursor("hubspot").unwrap().as_deref(), Some("c-1"));
+    assert_eq!(s.counts().unwrap(), vec![("all:opted_out".to_string(), 3)]);
+}
+
+#[test]
+fn aborted_transaction_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let r: Result<(), _> = s.transaction(true, |tx| {
+        tx.set_cursor("hubspot", "c-1")?;
+        Err(StoreError::Io("injected".into()).into())
+    });
+    assert!(r.is_err());
+    assert_eq!(s.cursor("hubspot").unwrap(), None);
+}
+
+#[test]
+fn unknown_schema_version_is_refused_without_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.open_tree("meta").unwrap().insert("schema_version", "99").unwrap();
+        db.open_tree("cursors").unwrap().insert("hubspot", "keep-me").unwrap();
+        db.flush().unwrap();
+    }
+    let err = Store::open(dir.path()).err().expect("refused");
+    let msg = err.to_string();
+    assert!(msg.contains("schema version 99") && msg.contains("understands 1"), "{msg}");
+    let db = sled::open(dir.path()).unwrap();
+    assert_eq!(&*db.open_tree("cursors").unwrap().get("hubspot").unwrap().unwrap(), b"keep-me");
+}
+
+#[test]
+fn data_without_schema_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.open_tree("subjects").unwrap().insert("x", "y").unwrap();
+        db.flush().unwrap();
+    }
+    assert!(matches!(Store::open(dir.path()), Err(StoreError::Corrupt(_))));
+}
+
+#[test]
+fn unknown_value_format_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let mut v = vec![42u8];
+    v.extend_from_slice(b"{}");
+    s.trees[SUBJECTS].insert(7u64.to_be_bytes(), v).unwrap();
+    let err = s.subject(7).unwrap_err().to_string();
+    assert!(err.contains("value format 42"), "{err}");
+}
+
+#[test]
+fn corrupt_files_are_an_error_not_a_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        s.transaction(true, |tx| tx.set_cursor("hubspot", "c-1")).unwrap();
+    }
+    // Overwrite the middle of every data file with garbage.
+    for entry in walk(dir.path()).into_iter().filter(|p| !p.ends_with(MARKER)) {
+        let mut bytes = std::fs::read(&entry).unwrap();
+        if bytes.len() > 64 {
+            let mid = bytes.len() / 2;
+            for b in bytes.iter_mut().skip(16).take(mid) {
+                *b = 0xA5;
+            }
+            std::fs::write(&entry, bytes).unwrap();
+        }
+    }
+    let err = Store::open(dir.path()).err().expect("a damaged store must not open as empty");
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+const PAGE: usize = 40;
+
+fn crash_engine(dir: &Path) -> Engine {
+    Engine::new(
+        Store::open(dir).unwrap(),
+        PolicyConfig::default(),
+        Normalizer::new(Normalizer::parse_region("US").unwrap()),
+        BTreeMap::from([("crm".to_string(), Takes::Records)]),
+    )
+}
+
+fn page(n: usize) -> Vec<Observation> {
+    (0..PAGE)
+        .map(|i| {
+            Observation::Record(RecordSnapshot {
+                record: format!("rec-{n}-{i}"),
+                phones: vec![format!("+14155{:06}", n * PAGE + i)],
+                value: Some(Status::OptedOut),
+                changed_at: None,
+                modified_at: Timestamp::from_secs(1_700_000_000 + n as i64),
+                evidence: "consent=opted_out".into(),
+            })
+        })
+        .collect()
+}
+
+/// The writer half of the crash test: runs only as a child process.
+#[test]
+fn crash_child_writer() {
+    let Ok(dir) = std::env::var("OPTOUT_CRASH_CHILD_DIR") else {
+        return;
+    };
+    let e = crash_engine(Path::new(&dir));
+    let start: usize = e
+        .store()
+        .cursor("crm")
+        .unwrap()
+        .map(|c| c.parse::<usize>().unwrap() + 1)
+        .unwrap_or(0);
+    for n in start.. {
+        e.apply_page("crm", &page(n), Some(&n.to_string()), Timestamp::now()).unwrap();
+        println!("committed {n}");
+    }
+}
+
+/// Kills a writer with SIGKILL at seeded moments while pages are being committed, then
+/// checks every acknowledged page is whole and no partial page is visible.
+#[test]
+fn sigkill_during_writes_keeps_whole_pages_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut seed: u64 = 0x5eed_0f_0b7;
+    let mut acknowledged: Option<usize> = None;
+    for round in 0..5 {
+        let mut child = Command::new(&exe)
+            .args(["--exact", "store::tests::crash_child_writer", "--nocapture", "--test-threads=1"])
+            .env("OPTOUT_CRASH_CHILD_DIR", dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let kill_after = 3 + (seed >> 33) as usize % 25;
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut seen = 0;
+        while let Some(Ok(line)) = lines.next() {
+            if let Some(n) = line.strip_prefix("committed ") {
+                acknowledged = Some(n.parse().unwrap());
+                seen += 1;
+                if seen >= kill_after {
+                    break;
+                }
+            }
+        }
+        child.kill().unwrap(); // SIGKILL, mid-way through the next page
+        child.wait().unwrap();
+
+        let e = crash_engine(dir.path());
+        let cursor: usize = e.store().cursor("crm").unwrap().expect("a cursor").parse().unwrap();
+        let acked = acknowledged.expect("the child committed pages");
+        assert!(cursor >= acked, "round {round}: acknowledged page {acked} lost (cursor {cursor})");
+        for n in 0..=cursor {
+            for i in 0..PAGE {
+                let link = e.store().link("crm", &format!("rec-{n}-{i}")).unwrap();
+                assert!(link.is_some(), "round {round}: page {n} is missing record {i}");
+            }
+        }
+        for i in 0..PAGE {
+            let link = e.store().link("crm", &format!("rec-{}-{i}", cursor + 1)).unwrap();
+            assert!(link.is_none(), "round {round}: part of uncommitted page {} is visible", cursor + 1);
+        }
+        assert_eq!(e.store().counts().unwrap(), vec![("all:opted_out".to_string(), ((cursor + 1) * PAGE) as i64)]);
+    }
+}
+
+#[test]
+fn counts_follow_decisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = crash_engine(dir.path());
+    let r = e.apply_page("crm", &page(0), Some("0"), Timestamp::now()).unwrap();
+    assert_eq!(r.decisions.len(), PAGE);
+    assert_eq!(e.store().counts().unwrap(), vec![("all:opted_out".to_string(), PAGE as i64)]);
+}
