@@ -2,6 +2,7 @@
 //! business messages from. See README.md (Architecture) for the map of this crate.
 
 pub mod audit;
+pub mod config;
 pub mod identity;
 pub mod policy;
 pub mod reconcile;

@@ -1,0 +1,495 @@
+//! Configuration: the TOML file, its validation, and where each problem is.
+//!
+//! Parsing ([`load`]) only reads the file into typed sections; [`Config::validate`]
+//! checks meaning (regions, cron expressions, connector references, secrets) and collects
+//! every problem with file, line and column. `optout-sync check-config` runs both and is
+//! the unit's `ExecStartPre=`, so a bad file never stops a running daemon.
+//!
+//! Connector tables are read in two steps: the daemon's own keys (`kind`, schedules,
+//! push settings) are taken out, and the rest is the connector's own `Config`, which its
+//! crate defines and validates. Every struct refuses unknown keys.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use optout_core::SecretRef;
+use serde::Deserialize;
+
+use crate::policy::{PolicyConfig, ScopeMap};
+
+/// One problem in a configuration file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path (`connectors.hubspot.poll_cron`), empty for the whole file.
+    pub key: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// Every problem found, with the file they are in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problems {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for p in &self.problems {
+            let key = if p.key.is_empty() { String::new() } else { format!("{}: ", p.key) };
+            writeln!(f, "{}:{}:{}: {key}{}", self.file.display(), p.line, p.column, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines for a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line (journald and log shippers).
+    Json,
+}
+
+/// `[daemon]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Where the store lives (systemd: `StateDirectory=` → `/var/lib/optout-sync`).
+    pub state_dir: PathBuf,
+    /// The HTTP listener: WhatsApp webhooks, send gate, metrics, health.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The local control socket (`status`, `resync`); mode 0600.
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    /// Region for phone numbers written without a country code (ISO 3166 two letters).
+    #[serde(default = "default_region")]
+    pub default_region: String,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// The daemon exits within this after SIGTERM (keep it below `TimeoutStopSec=`).
+    #[serde(default = "default_shutdown", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Bearer token for the send gate (`/v1/consent`). Without it the gate is off.
+    #[serde(default)]
+    pub gate_token: Option<SecretRef>,
+    /// A push not confirmed by a read-back within this is an alarm.
+    #[serde(default = "default_unverified", with = "humantime_serde")]
+    pub unverified_after: Duration,
+}
+
+fn default_listen() -> SocketAddr {
+    "127.0.0.1:8088".parse().expect("valid")
+}
+fn default_control_socket() -> PathBuf {
+    "/run/optout-sync/control.sock".into()
+}
+fn default_region() -> String {
+    "US".into()
+}
+fn default_shutdown() -> Duration {
+    Duration::from_secs(20)
+}
+fn default_unverified() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+
+/// `[policy]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    /// An opt-in wins only when later than the opt-out by more than this.
+    #[serde(default = "default_margin", with = "humantime_serde")]
+    pub opt_in_margin: Duration,
+    /// Event times further in the future than this are clamped to the observed time.
+    #[serde(default = "default_tolerance", with = "humantime_serde")]
+    pub future_tolerance: Duration,
+    /// Connector instances (and `import`) whose opt-ins count; omitted = all.
+    #[serde(default)]
+    pub accept_opt_ins_from: Option<Vec<String>>,
+    /// Which scope each kind of signal affects.
+    #[serde(default)]
+    pub scopes: ScopeMap,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        PolicySection {
+            opt_in_margin: default_margin(),
+            future_tolerance: default_tolerance(),
+            accept_opt_ins_from: None,
+            scopes: ScopeMap::default(),
+        }
+    }
+}
+
+fn default_margin() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_tolerance() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl PolicySection {
+    pub fn to_policy(&self) -> PolicyConfig {
+        PolicyConfig {
+            margin: self.opt_in_margin,
+            future_tolerance: self.future_tolerance,
+            scopes: self.scopes,
+            accept_opt_ins_from: self
+                .accept_opt_ins_from
+                .as_ref()
+                .map(|v| v.iter().cloned().collect()),
+        }
+    }
+}
+
+/// The connector kinds this build knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Whatsapp,
+    Hubspot,
+    Salesforce,
+    Webhook,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Whatsapp => "whatsapp",
+            Kind::Hubspot => "hubspot",
+            Kind::Salesforce => "salesforce",
+            Kind::Webhook => "webhook",
+        }
+    }
+}
+
+/// The daemon's own keys in a connector table.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Common {
+    pub kind: Kind,
+    /// Poll every this long (default 30 s for CRMs; WhatsApp is woken by each webhook).
+    #[serde(default, with = "humantime_serde")]
+    pub poll_interval: Option<Duration>,
+    /// Or poll on a cron schedule (seconds field first: `0 */5 * * * *`).
+    #[serde(default)]
+    pub poll_cron: Option<String>,
+    /// A full resync (re-read everything, repair drift) on this cron schedule.
+    #[serde(default)]
+    pub full_resync_cron: Option<String>,
+    /// How long a push worker waits for more entries before sending a partial batch.
+    #[serde(default = "default_linger", with = "humantime_serde")]
+    pub push_linger: Duration,
+}
+
+fn default_linger() -> Duration {
+    Duration::from_millis(100)
+}
+
+const COMMON_KEYS: [&str; 5] = ["kind", "poll_interval", "poll_cron", "full_resync_cron", "push_linger"];
+
+/// A connector's own settings, parsed by its crate.
+#[derive(Clone, Debug)]
+pub enum Settings {
+    /// Kinds whose crate is not wired into this build yet keep their table as read.
+    Table(toml::Table),
+}
+
+impl Settings {
+    fn parse(kind: Kind, table: toml::Table) -> Result<Settings, String> {
+        let _ = kind;
+        Ok(Settings::Table(table))
+    }
+
+    /// Semantic problems: (key within the table, message).
+    fn validate(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    /// Secret references: (key within the table, reference).
+    fn secrets(&self) -> Vec<(String, SecretRef)> {
+        Vec::new()
+    }
+}
+
+/// One `[connectors.NAME]` table.
+#[derive(Clone, Debug)]
+pub struct ConnectorConfig {
+    pub name: String,
+    pub common: Common,
+    pub settings: Settings,
+}
+
+/// The whole configuration file.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub daemon: DaemonConfig,
+    pub policy: PolicySection,
+    pub connectors: Vec<ConnectorConfig>,
+    /// The file's text, kept to locate problems found after parsing.
+    source: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    daemon: DaemonConfig,
+    #[serde(default)]
+    policy: PolicySection,
+    #[serde(default)]
+    connectors: BTreeMap<String, toml::Table>,
+}
+
+/// Reads and parses a configuration file. Problems of syntax and type come back located.
+pub fn load(path: &Path) -> Result<Config, Problems> {
+    let source = std::fs::read_to_string(path).map_err(|e| Problems {
+        file: path.to_path_buf(),
+        problems: vec![Problem {
+            key: String::new(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read the file: {e}"),
+        }],
+    })?;
+    parse(path, &source)
+}
+
+/// Parses configuration text (`path` is only used in messages).
+pub fn parse(path: &Path, source: &str) -> Result<Config, Problems> {
+    let locator = Locator::new(source);
+    let fail = |problems: Vec<Problem>| Problems {
+        file: path.to_path_buf(),
+        problems,
+    };
+    let raw: RawConfig = toml::from_str(source).map_err(|e| {
+        let (line, column) = e.span().map(|s| locator.line_col(s.start)).unwrap_or((1, 1));
+        fail(vec![Problem {
+            key: String::new(),
+            line,
+            column,
+            message: e.message().trim().to_string(),
+        }])
+    })?;
+    let mut problems = Vec::new();
+    let mut connectors = Vec::new();
+    for (name, mut table) in raw.connectors {
+        let path_of = |k: &str| format!("connectors.{name}.{k}");
+        let mut common_table = toml::Table::new();
+        for k in COMMON_KEYS {
+            if let Some(v) = table.remove(k) {
+                common_table.insert(k.to_string(), v);
+            }
+        }
+        let common = match Common::deserialize(toml::Value::Table(common_table)) {
+            Ok(c) => c,
+            Err(e) => {
+                let msg = e.to_string();
+                let key = match unknown_field_key(&msg) {
+                    Some(f) => path_of(&f),
+                    None if msg.contains("variant") || msg.contains("`kind`") => path_of("kind"),
+                    None => COMMON_KEYS
+                        .iter()
+                        .find(|k| msg.contains(*k))
+                        .map(|k| path_of(k))
+                        .unwrap_or(format!("connectors.{name}")),
+                };
+                problems.push(locator.problem(&key, clean_serde(&e.to_string())));
+                continue;
+            }
+        };
+        match Settings::parse(common.kind, table) {
+            Ok(settings) => connectors.push(ConnectorConfig { name, common, settings }),
+            Err(msg) => {
+                let key = unknown_field_key(&msg).map(|f| path_of(&f)).unwrap_or(format!("connectors.{name}"));
+                problems.push(locator.problem(&key, msg));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(fail(problems));
+    }
+    Ok(Config {
+        path: path.to_path_buf(),
+        daemon: raw.daemon,
+        policy: raw.policy,
+        connectors,
+        source: source.to_string(),
+    })
+}
+
+/// serde's messages for nested values end with " in `...`" noise from toml; keep the gist.
+fn clean_serde(s: &str) -> String {
+    s.lines().next().unwrap_or(s).trim().to_string()
+}
+
+/// The field named in serde's "unknown field `x`" message, to point at it.
+fn unknown_field_key(msg: &str) -> Option<String> {
+    let rest = msg.split("unknown field `").nth(1)?;
+    Some(rest.split('`').next()?.to_string())
+}
+
+impl Config {
+    /// Checks meaning: regions, schedules, references between sections, and that every
+    /// secret can be read now (env set, file private). Returns every problem found.
+    pub fn validate(&self) -> Result<(), Problems> {
+        let loc = Locator::new(&self.source);
+        let mut p = Vec::new();
+        let d = &self.daemon;
+        if crate::identity::Normalizer::parse_region(&d.default_region).is_none() {
+            p.push(loc.problem("daemon.default_region", format!("`{}` is not a two-letter region code (e.g. US, GB, BR)", d.default_region)));
+        }
+        if !d.state_dir.is_absolute() {
+            p.push(loc.problem("daemon.state_dir", "must be an absolute path".into()));
+        }
+        if !d.control_socket.is_absolute() {
+            p.push(loc.problem("daemon.control_socket", "must be an absolute path".into()));
+        }
+        if d.shutdown_timeout < Duration::from_secs(1) || d.shutdown_timeout > Duration::from_secs(300) {
+            p.push(loc.problem("daemon.shutdown_timeout", "must be between 1s and 5m (and below systemd's TimeoutStopSec)".into()));
+        }
+        if let Some(s) = &d.gate_token
+            && let Err(e) = s.resolve()
+        {
+            p.push(loc.problem("daemon.gate_token", e.to_string()));
+        }
+        let pol = &self.policy;
+        if pol.opt_in_margin > Duration::from_secs(24 * 3600) {
+            p.push(loc.problem("policy.opt_in_margin", "more than a day would ignore genuine opt-ins; use seconds to minutes".into()));
+        }
+        if let Some(list) = &pol.accept_opt_ins_from {
+            for name in list {
+                if name != "import" && !self.connectors.iter().any(|c| &c.name == name) {
+                    p.push(loc.problem("policy.accept_opt_ins_from", format!("`{name}` is not a configured connector (nor `import`)")));
+                }
+            }
+        }
+        let mut whatsapp = 0;
+        for c in &self.connectors {
+            let key = |k: &str| format!("connectors.{}.{k}", c.name);
+            if !valid_name(&c.name) {
+                p.push(loc.problem(&format!("connectors.{}", c.name), "connector names use letters, digits, `-` and `_` (at most 64)".into()));
+            }
+            if c.common.kind == Kind::Whatsapp {
+                whatsapp += 1;
+            }
+            if c.common.poll_interval.is_some() && c.common.poll_cron.is_some() {
+                p.push(loc.problem(&key("poll_cron"), "set poll_interval or poll_cron, not both".into()));
+            }
+            if let Some(i) = c.common.poll_interval
+                && i < Duration::from_millis(100)
+            {
+                p.push(loc.problem(&key("poll_interval"), "must be at least 100ms".into()));
+            }
+            for (field, expr) in [("poll_cron", &c.common.poll_cron), ("full_resync_cron", &c.common.full_resync_cron)] {
+                if let Some(expr) = expr
+                    && let Err(e) = cron::Schedule::from_str(expr)
+                {
+                    let why = e.to_string().lines().last().unwrap_or_default().trim().to_string();
+                    p.push(loc.problem(&key(field), format!("`{expr}` is not a cron expression ({why}); the format has a seconds field first, e.g. `0 */5 * * * *`")));
+                }
+            }
+            for (k, msg) in c.settings.validate() {
+                p.push(loc.problem(&key(&k), msg));
+            }
+            for (k, secret) in c.settings.secrets() {
+                if let Err(e) = secret.resolve() {
+                    p.push(loc.problem(&key(&k), e.to_string()));
+                }
+            }
+        }
+        if whatsapp > 1 {
+            p.push(loc.problem("connectors", "only one whatsapp connector per daemon: it owns the webhook route".into()));
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(Problems { file: self.path.clone(), problems: p })
+        }
+    }
+
+    pub fn connector(&self, name: &str) -> Option<&ConnectorConfig> {
+        self.connectors.iter().find(|c| c.name == name)
+    }
+
+    pub fn normalizer(&self) -> crate::identity::Normalizer {
+        let region = crate::identity::Normalizer::parse_region(&self.daemon.default_region)
+            .unwrap_or(phonenumber::country::Id::US);
+        crate::identity::Normalizer::new(region)
+    }
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Maps key paths and byte offsets of the source to lines and columns.
+struct Locator<'a> {
+    source: &'a str,
+    doc: Option<toml_edit::ImDocument<&'a str>>,
+}
+
+impl<'a> Locator<'a> {
+    fn new(source: &'a str) -> Self {
+        Locator {
+            source,
+            doc: toml_edit::ImDocument::parse(source).ok(),
+        }
+    }
+
+    fn line_col(&self, offset: usize) -> (usize, usize) {
+        let before = &self.source[..offset.min(self.source.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rfind('\n').map(|i| before.len() - i).unwrap_or(before.len() + 1);
+        (line, col)
+    }
+
+    /// The span of the deepest part of `path` that exists in the file.
+    fn span(&self, path: &str) -> Option<Range<usize>> {
+        let doc = self.doc.as_ref()?;
+        let mut table: &dyn toml_edit::TableLike = doc.as_table();
+        let mut best = None;
+        let parts: Vec<&str> = path.split('.').filter(|s| !s.is_empty()).collect();
+        for (i, part) in parts.iter().enumerate() {
+            let Some((key, item)) = table.get_key_value(part) else {
+                break;
+            };
+            best = item.span().or(key.span()).or(best);
+            if i + 1 < parts.len() {
+                match item.as_table_like() {
+                    Some(t) => table = t,
+                    None => break,
+                }
+            } else {
+                best = item.span().or(key.span()).or(best);
+            }
+        }
+        best
+    }
+
+    fn problem(&self, key: &str, message: String) -> Problem {
+        let (line, column) = self.span(key).map(|s| self.line_col(s.start)).unwrap_or((1, 1));
+        Problem {
+            key: key.to_string(),
+            line,
+            column,
+            message,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
