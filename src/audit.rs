@@ -112,8 +112,19 @@ pub struct Exporter<W: Write> {
 }
 
 const CSV_HEADER: [&str; 13] = [
-    "seq", "kind", "subject", "source", "record", "scope", "status", "event_at",
-    "observed_at", "stored_at", "evidence", "reason", "",
+    "seq",
+    "kind",
+    "subject",
+    "source",
+    "record",
+    "scope",
+    "status",
+    "event_at",
+    "observed_at",
+    "stored_at",
+    "evidence",
+    "reason",
+    "",
 ];
 
 impl<W: Write> Exporter<W> {
@@ -121,10 +132,19 @@ impl<W: Write> Exporter<W> {
         match format {
             Format::Csv => {
                 let mut w = csv::Writer::from_writer(out);
-                w.write_record(&CSV_HEADER[..12]).map_err(std::io::Error::other)?;
-                Ok(Exporter { format, csv: Some(w), raw: None })
+                w.write_record(&CSV_HEADER[..12])
+                    .map_err(std::io::Error::other)?;
+                Ok(Exporter {
+                    format,
+                    csv: Some(w),
+                    raw: None,
+                })
             }
-            Format::Jsonl => Ok(Exporter { format, csv: None, raw: Some(out) }),
+            Format::Jsonl => Ok(Exporter {
+                format,
+                csv: None,
+                raw: Some(out),
+            }),
         }
     }
 

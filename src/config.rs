@@ -42,8 +42,19 @@ pub struct Problems {
 impl fmt::Display for Problems {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for p in &self.problems {
-            let key = if p.key.is_empty() { String::new() } else { format!("{}: ", p.key) };
-            writeln!(f, "{}:{}:{}: {key}{}", self.file.display(), p.line, p.column, p.message)?;
+            let key = if p.key.is_empty() {
+                String::new()
+            } else {
+                format!("{}: ", p.key)
+            };
+            writeln!(
+                f,
+                "{}:{}:{}: {key}{}",
+                self.file.display(),
+                p.line,
+                p.column,
+                p.message
+            )?;
         }
         Ok(())
     }
@@ -199,7 +210,13 @@ fn default_linger() -> Duration {
     Duration::from_millis(100)
 }
 
-const COMMON_KEYS: [&str; 5] = ["kind", "poll_interval", "poll_cron", "full_resync_cron", "push_linger"];
+const COMMON_KEYS: [&str; 5] = [
+    "kind",
+    "poll_interval",
+    "poll_cron",
+    "full_resync_cron",
+    "push_linger",
+];
 
 /// A connector's own settings, parsed by its crate.
 #[derive(Clone, Debug)]
@@ -276,7 +293,10 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, Problems> {
         problems,
     };
     let raw: RawConfig = toml::from_str(source).map_err(|e| {
-        let (line, column) = e.span().map(|s| locator.line_col(s.start)).unwrap_or((1, 1));
+        let (line, column) = e
+            .span()
+            .map(|s| locator.line_col(s.start))
+            .unwrap_or((1, 1));
         fail(vec![Problem {
             key: String::new(),
             line,
@@ -312,9 +332,15 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, Problems> {
             }
         };
         match Settings::parse(common.kind, table) {
-            Ok(settings) => connectors.push(ConnectorConfig { name, common, settings }),
+            Ok(settings) => connectors.push(ConnectorConfig {
+                name,
+                common,
+                settings,
+            }),
             Err(msg) => {
-                let key = unknown_field_key(&msg).map(|f| path_of(&f)).unwrap_or(format!("connectors.{name}"));
+                let key = unknown_field_key(&msg)
+                    .map(|f| path_of(&f))
+                    .unwrap_or(format!("connectors.{name}"));
                 problems.push(locator.problem(&key, msg));
             }
         }
@@ -350,7 +376,13 @@ impl Config {
         let mut p = Vec::new();
         let d = &self.daemon;
         if crate::identity::Normalizer::parse_region(&d.default_region).is_none() {
-            p.push(loc.problem("daemon.default_region", format!("`{}` is not a two-letter region code (e.g. US, GB, BR)", d.default_region)));
+            p.push(loc.problem(
+                "daemon.default_region",
+                format!(
+                    "`{}` is not a two-letter region code (e.g. US, GB, BR)",
+                    d.default_region
+                ),
+            ));
         }
         if !d.state_dir.is_absolute() {
             p.push(loc.problem("daemon.state_dir", "must be an absolute path".into()));
@@ -358,8 +390,13 @@ impl Config {
         if !d.control_socket.is_absolute() {
             p.push(loc.problem("daemon.control_socket", "must be an absolute path".into()));
         }
-        if d.shutdown_timeout < Duration::from_secs(1) || d.shutdown_timeout > Duration::from_secs(300) {
-            p.push(loc.problem("daemon.shutdown_timeout", "must be between 1s and 5m (and below systemd's TimeoutStopSec)".into()));
+        if d.shutdown_timeout < Duration::from_secs(1)
+            || d.shutdown_timeout > Duration::from_secs(300)
+        {
+            p.push(loc.problem(
+                "daemon.shutdown_timeout",
+                "must be between 1s and 5m (and below systemd's TimeoutStopSec)".into(),
+            ));
         }
         if let Some(s) = &d.gate_token
             && let Err(e) = s.resolve()
@@ -368,12 +405,18 @@ impl Config {
         }
         let pol = &self.policy;
         if pol.opt_in_margin > Duration::from_secs(24 * 3600) {
-            p.push(loc.problem("policy.opt_in_margin", "more than a day would ignore genuine opt-ins; use seconds to minutes".into()));
+            p.push(loc.problem(
+                "policy.opt_in_margin",
+                "more than a day would ignore genuine opt-ins; use seconds to minutes".into(),
+            ));
         }
         if let Some(list) = &pol.accept_opt_ins_from {
             for name in list {
                 if name != "import" && !self.connectors.iter().any(|c| &c.name == name) {
-                    p.push(loc.problem("policy.accept_opt_ins_from", format!("`{name}` is not a configured connector (nor `import`)")));
+                    p.push(loc.problem(
+                        "policy.accept_opt_ins_from",
+                        format!("`{name}` is not a configured connector (nor `import`)"),
+                    ));
                 }
             }
         }
@@ -381,24 +424,39 @@ impl Config {
         for c in &self.connectors {
             let key = |k: &str| format!("connectors.{}.{k}", c.name);
             if !valid_name(&c.name) {
-                p.push(loc.problem(&format!("connectors.{}", c.name), "connector names use letters, digits, `-` and `_` (at most 64)".into()));
+                p.push(loc.problem(
+                    &format!("connectors.{}", c.name),
+                    "connector names use letters, digits, `-` and `_` (at most 64)".into(),
+                ));
             }
             if c.common.kind == Kind::Whatsapp {
                 whatsapp += 1;
             }
             if c.common.poll_interval.is_some() && c.common.poll_cron.is_some() {
-                p.push(loc.problem(&key("poll_cron"), "set poll_interval or poll_cron, not both".into()));
+                p.push(loc.problem(
+                    &key("poll_cron"),
+                    "set poll_interval or poll_cron, not both".into(),
+                ));
             }
             if let Some(i) = c.common.poll_interval
                 && i < Duration::from_millis(100)
             {
                 p.push(loc.problem(&key("poll_interval"), "must be at least 100ms".into()));
             }
-            for (field, expr) in [("poll_cron", &c.common.poll_cron), ("full_resync_cron", &c.common.full_resync_cron)] {
+            for (field, expr) in [
+                ("poll_cron", &c.common.poll_cron),
+                ("full_resync_cron", &c.common.full_resync_cron),
+            ] {
                 if let Some(expr) = expr
                     && let Err(e) = cron::Schedule::from_str(expr)
                 {
-                    let why = e.to_string().lines().last().unwrap_or_default().trim().to_string();
+                    let why = e
+                        .to_string()
+                        .lines()
+                        .last()
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string();
                     p.push(loc.problem(&key(field), format!("`{expr}` is not a cron expression ({why}); the format has a seconds field first, e.g. `0 */5 * * * *`")));
                 }
             }
@@ -412,12 +470,18 @@ impl Config {
             }
         }
         if whatsapp > 1 {
-            p.push(loc.problem("connectors", "only one whatsapp connector per daemon: it owns the webhook route".into()));
+            p.push(loc.problem(
+                "connectors",
+                "only one whatsapp connector per daemon: it owns the webhook route".into(),
+            ));
         }
         if p.is_empty() {
             Ok(())
         } else {
-            Err(Problems { file: self.path.clone(), problems: p })
+            Err(Problems {
+                file: self.path.clone(),
+                problems: p,
+            })
         }
     }
 
@@ -433,7 +497,10 @@ impl Config {
 }
 
 fn valid_name(n: &str) -> bool {
-    !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    !n.is_empty()
+        && n.len() <= 64
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// Maps key paths and byte offsets of the source to lines and columns.
@@ -453,7 +520,10 @@ impl<'a> Locator<'a> {
     fn line_col(&self, offset: usize) -> (usize, usize) {
         let before = &self.source[..offset.min(self.source.len())];
         let line = before.matches('\n').count() + 1;
-        let col = before.rfind('\n').map(|i| before.len() - i).unwrap_or(before.len() + 1);
+        let col = before
+            .rfind('\n')
+            .map(|i| before.len() - i)
+            .unwrap_or(before.len() + 1);
         (line, col)
     }
 
@@ -481,7 +551,10 @@ impl<'a> Locator<'a> {
     }
 
     fn problem(&self, key: &str, message: String) -> Problem {
-        let (line, column) = self.span(key).map(|s| self.line_col(s.start)).unwrap_or((1, 1));
+        let (line, column) = self
+            .span(key)
+            .map(|s| self.line_col(s.start))
+            .unwrap_or((1, 1));
         Problem {
             key: key.to_string(),
             line,

@@ -89,10 +89,7 @@ impl Normalizer {
         match identity {
             Identity::Phone(raw) => Ok(vec![Alias(format!("p:{}", self.phone(raw)?))]),
             Identity::WaId(raw) => {
-                let digits: String = clean(raw)?
-                    .chars()
-                    .filter(|c| c.is_ascii_digit())
-                    .collect();
+                let digits: String = clean(raw)?.chars().filter(|c| c.is_ascii_digit()).collect();
                 if digits.len() < 6 || digits.len() > 15 {
                     return Err(format!("wa_id has {} digits", digits.len()));
                 }
@@ -127,11 +124,10 @@ impl Normalizer {
         if s.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) && s.contains('.') {
             return self.aliases(&Identity::Bsuid(s.to_string()));
         }
-        self.aliases(&Identity::Phone(s.to_string()))
-            .map(|mut a| {
-                a.truncate(1);
-                a
-            })
+        self.aliases(&Identity::Phone(s.to_string())).map(|mut a| {
+            a.truncate(1);
+            a
+        })
     }
 }
 
@@ -171,12 +167,22 @@ mod tests {
         for f in forms {
             assert_eq!(n().phone(f).as_deref(), Ok("+14155552671"), "{f}");
         }
-        assert_eq!(n().phone("+44 20 7946 0958").as_deref(), Ok("+442079460958"));
+        assert_eq!(
+            n().phone("+44 20 7946 0958").as_deref(),
+            Ok("+442079460958")
+        );
     }
 
     #[test]
     fn bad_numbers_are_rejected_with_a_reason() {
-        for bad in ["", "abc", "12", "+1 555", "\u{0}4155552671", &"9".repeat(1000)] {
+        for bad in [
+            "",
+            "abc",
+            "12",
+            "+1 555",
+            "\u{0}4155552671",
+            &"9".repeat(1000),
+        ] {
             let r = n().phone(bad);
             assert!(r.is_err(), "{bad:?} accepted");
         }
@@ -194,13 +200,25 @@ mod tests {
             .unwrap();
         assert_eq!(b[0].as_str(), "b:US.13491208655302741918");
         assert!(n().aliases(&Identity::Bsuid("'; DROP".into())).is_err());
-        assert_eq!(b[0].to_identity(), Identity::Bsuid("US.13491208655302741918".into()));
+        assert_eq!(
+            b[0].to_identity(),
+            Identity::Bsuid("US.13491208655302741918".into())
+        );
     }
 
     #[test]
     fn queries() {
-        assert_eq!(n().parse_query("+1 415 555 2671").unwrap()[0].as_str(), "p:+14155552671");
-        assert_eq!(n().parse_query("US.123456").unwrap()[0].as_str(), "b:US.123456");
-        assert_eq!(n().parse_query("wa:14155552671").unwrap()[0].as_str(), "w:14155552671");
+        assert_eq!(
+            n().parse_query("+1 415 555 2671").unwrap()[0].as_str(),
+            "p:+14155552671"
+        );
+        assert_eq!(
+            n().parse_query("US.123456").unwrap()[0].as_str(),
+            "b:US.123456"
+        );
+        assert_eq!(
+            n().parse_query("wa:14155552671").unwrap()[0].as_str(),
+            "w:14155552671"
+        );
     }
 }

@@ -2,8 +2,10 @@
 //! business messages from. See README.md (Architecture) for the map of this crate.
 
 pub mod audit;
+pub mod cli;
 pub mod config;
 pub mod identity;
+pub mod import;
 pub mod policy;
 pub mod reconcile;
 pub mod store;

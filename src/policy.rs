@@ -109,13 +109,20 @@ impl Fact {
     /// The total order used by the registers: event time, then a stable tie-break that
     /// does not depend on arrival order.
     fn order(&self, other: &Fact) -> Ordering {
-        (self.at, &self.source, &self.record, &self.evidence, self.signal).cmp(&(
-            other.at,
-            &other.source,
-            &other.record,
-            &other.evidence,
-            other.signal,
-        ))
+        (
+            self.at,
+            &self.source,
+            &self.record,
+            &self.evidence,
+            self.signal,
+        )
+            .cmp(&(
+                other.at,
+                &other.source,
+                &other.record,
+                &other.evidence,
+                other.signal,
+            ))
     }
 
     /// `source:signal`, as written to CRM source fields.
@@ -267,7 +274,10 @@ pub fn gate(consent: &Consent, category: &str, margin: Duration) -> GateAnswer {
         return blocked(Scope::Marketing);
     }
     let evidence = if marketing {
-        consent.marketing.deciding(margin).or(consent.all.deciding(margin))
+        consent
+            .marketing
+            .deciding(margin)
+            .or(consent.all.deciding(margin))
     } else {
         consent.all.deciding(margin)
     };

@@ -146,7 +146,11 @@ impl Engine {
 
     /// Marks entries as in flight before a push that must never be repeated (confirmation
     /// replies): after a crash they are abandoned rather than sent twice.
-    pub fn mark_in_flight(&self, connector: &str, keys: &[(String, u64)]) -> Result<(), StoreError> {
+    pub fn mark_in_flight(
+        &self,
+        connector: &str,
+        keys: &[(String, u64)],
+    ) -> Result<(), StoreError> {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         self.store.transaction(true, |tx| {
             for (key, version) in keys {
@@ -182,7 +186,10 @@ impl Engine {
                     a.subject = Some(e.item.subject.clone());
                     a.record = Some(e.item.record.clone());
                     a.status = Some(e.item.status);
-                    a.reason = Some("interrupted while sending; not re-sent (at most one reply per message)".into());
+                    a.reason = Some(
+                        "interrupted while sending; not re-sent (at most one reply per message)"
+                            .into(),
+                    );
                     tx.audit(&a, &subject_ids(&e.item.subject))?;
                 }
             }
@@ -254,7 +261,8 @@ impl Engine {
                             entry.attempts += 1;
                             entry.in_flight = false;
                             entry.last_error = Some(reason.clone());
-                            entry.not_before = now.plus(after.unwrap_or(retry_delay).max(retry_delay));
+                            entry.not_before =
+                                now.plus(after.unwrap_or(retry_delay).max(retry_delay));
                             tx.put_outbox(connector, key, &entry)?;
                         }
                         report.retried += 1;
@@ -287,11 +295,16 @@ impl Engine {
                 )
             })
             .collect();
-        self.complete_pushes(connector, &results, delay, now).map(|_| ())
+        self.complete_pushes(connector, &results, delay, now)
+            .map(|_| ())
     }
 
     /// Moves dead letters back to the outbox (all, or one connector's) for another try.
-    pub fn retry_dead_letters(&self, connector: Option<&str>, now: Timestamp) -> Result<usize, StoreError> {
+    pub fn retry_dead_letters(
+        &self,
+        connector: Option<&str>,
+        now: Timestamp,
+    ) -> Result<usize, StoreError> {
         let dead: Vec<(String, String)> = self
             .store
             .dead_letters()
@@ -383,7 +396,8 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
             let Some(s) = self.tx.subject(id)? else {
                 return Ok(None);
             };
-            self.before.insert(id, s.consent.decisions(self.engine.policy.margin));
+            self.before
+                .insert(id, s.consent.decisions(self.engine.policy.margin));
             self.subjects.insert(id, s);
         }
         Ok(self.subjects.get_mut(&id))
@@ -489,11 +503,21 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
             for (scope, d) in before {
                 count(self.tx, scope, d, -1)?;
             }
-            self.before.insert(other, [(Scope::All, Decision::Unknown), (Scope::Marketing, Decision::Unknown)]);
+            self.before.insert(
+                other,
+                [
+                    (Scope::All, Decision::Unknown),
+                    (Scope::Marketing, Decision::Unknown),
+                ],
+            );
         }
         let mut a = AuditEntry::new(AuditKind::Merged, self.connector, self.now);
         a.subject = Some(subject_name(target));
-        a.reason = Some(format!("{} merged into {}: one source showed both identities", subject_name(other), subject_name(target)));
+        a.reason = Some(format!(
+            "{} merged into {}: one source showed both identities",
+            subject_name(other),
+            subject_name(target)
+        ));
         self.tx.audit(&a, &[target, other])?;
         Ok(())
     }
@@ -520,7 +544,9 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
         for identity in &ev.identities {
             match self.engine.normalizer.aliases(identity) {
                 Ok(a) => aliases.extend(a),
-                Err(why) => self.reject_identity(identity_text(identity), &why, ev.message_id.as_deref())?,
+                Err(why) => {
+                    self.reject_identity(identity_text(identity), &why, ev.message_id.as_deref())?
+                }
             }
         }
         if aliases.is_empty() {
@@ -542,10 +568,15 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
                         .identities
                         .iter()
                         .find(|i| matches!(i, Identity::WaId(_)))
-                        .or_else(|| ev.identities.iter().find(|i| matches!(i, Identity::Bsuid(_))))
+                        .or_else(|| {
+                            ev.identities
+                                .iter()
+                                .find(|i| matches!(i, Identity::Bsuid(_)))
+                        })
                         .cloned();
                     if let Some(to) = to {
-                        self.confirmable.insert(mid.clone(), (id, to, ev.language.clone()));
+                        self.confirmable
+                            .insert(mid.clone(), (id, to, ev.language.clone()));
                     }
                 }
             }
@@ -561,7 +592,9 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
         let mut a = fact_audit(AuditKind::Accepted, fact, self.now);
         a.subject = Some(subject_name(id));
         if reported_at != fact.at {
-            a.reason = Some(format!("event time {reported_at} lies in the future; clamped"));
+            a.reason = Some(format!(
+                "event time {reported_at} lies in the future; clamped"
+            ));
         }
         self.tx.audit(&a, &[id])?;
         self.tally("accepted");
@@ -570,7 +603,12 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
 
     fn ignore(&mut self, ids: &[u64], fact: &Fact, why: &str) -> TxResult<()> {
         let mut a = fact_audit(AuditKind::Ignored, fact, self.now);
-        a.subject = Some(ids.iter().map(|&i| subject_name(i)).collect::<Vec<_>>().join(","));
+        a.subject = Some(
+            ids.iter()
+                .map(|&i| subject_name(i))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
         a.reason = Some(why.to_string());
         self.tx.audit(&a, ids)?;
         self.tally("ignored");
@@ -621,7 +659,13 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
         link.subjects = ids.clone();
         link.phones = phones;
         let memory = existing.as_ref().map(|l| l.memory);
-        match policy::judge_record(memory.as_ref(), snap, connector, self.now, &self.engine.policy) {
+        match policy::judge_record(
+            memory.as_ref(),
+            snap,
+            connector,
+            self.now,
+            &self.engine.policy,
+        ) {
             Judgement::Fact(fact) => {
                 for &id in &ids {
                     self.accept(id, &fact, snap.changed_at.unwrap_or(snap.modified_at))?;
@@ -633,7 +677,12 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
             Judgement::NotAccepted(fact, why) => self.ignore(&ids, &fact, &why)?,
             Judgement::Echo(status) => {
                 let mut a = AuditEntry::new(AuditKind::Echo, connector, self.now);
-                a.subject = Some(ids.iter().map(|&i| subject_name(i)).collect::<Vec<_>>().join(","));
+                a.subject = Some(
+                    ids.iter()
+                        .map(|&i| subject_name(i))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                );
                 a.record = Some(snap.record.clone());
                 a.status = Some(status);
                 a.evidence = Some(bounded(&snap.evidence, 200));
@@ -651,17 +700,29 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
                     signal: optout_core::Signal::CrmField,
                     evidence: snap.evidence.clone(),
                 };
-                self.ignore(&ids, &fact, "first value seen on the record is an opt-in: not a change")?;
+                self.ignore(
+                    &ids,
+                    &fact,
+                    "first value seen on the record is an opt-in: not a change",
+                )?;
             }
             Judgement::Unchanged => self.tally("unchanged"),
             Judgement::NoConsentValue => self.tally("no_consent_value"),
         }
         // Verification: a read that reflects the record after our push settles it.
-        if link.awaiting_readback && link.pushed_at.is_none_or(|p| snap.modified_at >= p.minus(Duration::from_secs(1))) {
+        if link.awaiting_readback
+            && link
+                .pushed_at
+                .is_none_or(|p| snap.modified_at >= p.minus(Duration::from_secs(1)))
+        {
             if snap.value == link.memory.last_pushed.map(|(s, _)| s)
                 && let Some(p) = link.pushed_at
             {
-                self.report.verified.push((connector.to_string(), snap.record.clone(), self.now.since(p)));
+                self.report.verified.push((
+                    connector.to_string(),
+                    snap.record.clone(),
+                    self.now.since(p),
+                ));
             }
             link.awaiting_readback = false;
             self.tx.set_unverified(connector, &snap.record, None)?;
@@ -699,7 +760,9 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
                 a.status = to.status();
                 a.event_at = deciding.as_ref().map(|f| f.at);
                 a.reason = Some(format!("{} → {}", from.as_str(), to.as_str()));
-                a.evidence = deciding.as_ref().map(|f| format!("{} {}", f.origin(), bounded(&f.evidence, 200)));
+                a.evidence = deciding
+                    .as_ref()
+                    .map(|f| format!("{} {}", f.origin(), bounded(&f.evidence, 200)));
                 self.tx.audit(&a, &[id])?;
                 self.report.decisions.push(DecisionChange {
                     subject: subject_name(id),
@@ -757,11 +820,17 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
             if link.memory.last_seen == Some(fact.status) {
                 return Ok(());
             }
-            if link.awaiting_readback && link.memory.last_pushed.map(|(s, _)| s) == Some(fact.status) {
+            if link.awaiting_readback
+                && link.memory.last_pushed.map(|(s, _)| s) == Some(fact.status)
+            {
                 return Ok(());
             }
         }
-        let identities = link.phones.iter().map(|p| Identity::Phone(p.clone())).collect();
+        let identities = link
+            .phones
+            .iter()
+            .map(|p| Identity::Phone(p.clone()))
+            .collect();
         let item = PushItem {
             key: record.to_string(),
             record: record.to_string(),
@@ -769,7 +838,12 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
             scope: Scope::All,
             changed_at: fact.at,
             source: fact.origin(),
-            subject: link.subjects.iter().map(|&i| subject_name(i)).collect::<Vec<_>>().join(","),
+            subject: link
+                .subjects
+                .iter()
+                .map(|&i| subject_name(i))
+                .collect::<Vec<_>>()
+                .join(","),
             identities,
             reply: None,
         };
@@ -787,11 +861,21 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
             item,
         };
         self.tx.put_outbox(connector, &entry.item.key, &entry)?;
-        *self.report.enqueued.entry(connector.to_string()).or_default() += 1;
+        *self
+            .report
+            .enqueued
+            .entry(connector.to_string())
+            .or_default() += 1;
         Ok(())
     }
 
-    fn event_pushes(&mut self, s: &SubjectRecord, scope: Scope, to: Decision, f: &Fact) -> TxResult<()> {
+    fn event_pushes(
+        &mut self,
+        s: &SubjectRecord,
+        scope: Scope,
+        to: Decision,
+        f: &Fact,
+    ) -> TxResult<()> {
         let Some(status) = to.status() else {
             return Ok(());
         };
@@ -811,7 +895,11 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
                 changed_at: f.at,
                 source: f.origin(),
                 subject: subject_name(s.id),
-                identities: s.aliases.iter().map(|a| Alias::from_stored(a.clone()).to_identity()).collect(),
+                identities: s
+                    .aliases
+                    .iter()
+                    .map(|a| Alias::from_stored(a.clone()).to_identity())
+                    .collect(),
                 reply: None,
             };
             self.enqueue(&hook, item)?;
@@ -819,7 +907,13 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
         Ok(())
     }
 
-    fn confirmation(&mut self, id: u64, f: &Fact, to: Identity, language: Option<String>) -> TxResult<()> {
+    fn confirmation(
+        &mut self,
+        id: u64,
+        f: &Fact,
+        to: Identity,
+        language: Option<String>,
+    ) -> TxResult<()> {
         if self.engine.targets.get(self.connector) != Some(&Takes::Replies) {
             return Ok(());
         }
@@ -859,7 +953,11 @@ fn fact_audit(kind: AuditKind, fact: &Fact, now: Timestamp) -> AuditEntry {
     a.scope = Some(fact.scope);
     a.status = Some(fact.status);
     a.event_at = Some(fact.at);
-    a.evidence = Some(format!("{}: {}", fact.signal.as_str(), bounded(&fact.evidence, 500)));
+    a.evidence = Some(format!(
+        "{}: {}",
+        fact.signal.as_str(),
+        bounded(&fact.evidence, 500)
+    ));
     a
 }
 

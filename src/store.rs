@@ -186,8 +186,9 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 
 fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
     match bytes.split_first() {
-        Some((&FORMAT, rest)) => serde_json::from_slice(rest)
-            .map_err(|e| StoreError::Corrupt(format!("{what}: {e}"))),
+        Some((&FORMAT, rest)) => {
+            serde_json::from_slice(rest).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+        }
         Some((v, _)) => Err(StoreError::Corrupt(format!(
             "{what}: value format {v} is unknown to this build"
         ))),
@@ -219,8 +220,21 @@ fn prefix(connector: &str) -> Vec<u8> {
 // ---- the store ------------------------------------------------------------------------
 
 const TREES: [&str; 15] = [
-    "subjects", "aliases", "links", "cursors", "outbox", "dead", "audit", "subject_audit",
-    "inbox", "quarantine", "seen", "counts", "meta", "conn_meta", "unverified",
+    "subjects",
+    "aliases",
+    "links",
+    "cursors",
+    "outbox",
+    "dead",
+    "audit",
+    "subject_audit",
+    "inbox",
+    "quarantine",
+    "seen",
+    "counts",
+    "meta",
+    "conn_meta",
+    "unverified",
 ];
 const SUBJECTS: usize = 0;
 const ALIASES: usize = 1;
@@ -262,29 +276,31 @@ impl Store {
         let mut tries = 0;
         let opened = loop {
             match config.open() {
-                Err(sled::Error::Io(e)) if e.to_string().contains("acquire lock") && tries < 100 => {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("acquire lock") && tries < 100 =>
+                {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 Err(sled::Error::Io(e)) if e.to_string().contains("acquire lock") => {
                     return Err(StoreError::Open {
                         path: shown,
-                        reason: "it is in use by another process (is optout-sync already running?)".into(),
+                        reason: "it is in use by another process (is optout-sync already running?)"
+                            .into(),
                     });
                 }
                 other => break other,
             }
         };
-        let db = opened
-            .map_err(|e| match e {
-                sled::Error::Corruption { .. } => {
-                    StoreError::Corrupt(format!("{shown}: {e}; restore it from a backup"))
-                }
-                other => StoreError::Open {
-                    path: shown.clone(),
-                    reason: other.to_string(),
-                },
-            })?;
+        let db = opened.map_err(|e| match e {
+            sled::Error::Corruption { .. } => {
+                StoreError::Corrupt(format!("{shown}: {e}; restore it from a backup"))
+            }
+            other => StoreError::Open {
+                path: shown.clone(),
+                reason: other.to_string(),
+            },
+        })?;
         let trees = TREES
             .iter()
             .map(|n| db.open_tree(n))
@@ -396,7 +412,9 @@ impl Store {
                 None => return Ok(None),
             }
         }
-        Err(StoreError::Corrupt(format!("merge chain of subject {id} too long")))
+        Err(StoreError::Corrupt(format!(
+            "merge chain of subject {id} too long"
+        )))
     }
 
     pub fn link(&self, connector: &str, record: &str) -> Result<Option<LinkRecord>, StoreError> {
@@ -453,7 +471,11 @@ impl Store {
         Ok(min)
     }
 
-    pub fn outbox_entry(&self, connector: &str, key: &str) -> Result<Option<OutboxEntry>, StoreError> {
+    pub fn outbox_entry(
+        &self,
+        connector: &str,
+        key: &str,
+    ) -> Result<Option<OutboxEntry>, StoreError> {
         self.trees[OUTBOX]
             .get(link_key(connector, key))?
             .map(|v| decode("outbox", &v))
@@ -461,7 +483,9 @@ impl Store {
     }
 
     /// Every outbox entry (connector, key, entry); for status and tests.
-    pub fn outbox(&self) -> impl Iterator<Item = Result<(String, String, OutboxEntry), StoreError>> + '_ {
+    pub fn outbox(
+        &self,
+    ) -> impl Iterator<Item = Result<(String, String, OutboxEntry), StoreError>> + '_ {
         self.trees[OUTBOX].iter().map(|kv| {
             let (k, v) = kv?;
             let (c, key) = split_key(&k);
@@ -473,7 +497,9 @@ impl Store {
         self.trees[OUTBOX].len()
     }
 
-    pub fn dead_letters(&self) -> impl Iterator<Item = Result<(String, String, DeadLetter), StoreError>> + '_ {
+    pub fn dead_letters(
+        &self,
+    ) -> impl Iterator<Item = Result<(String, String, DeadLetter), StoreError>> + '_ {
         self.trees[DEAD].iter().map(|kv| {
             let (k, v) = kv?;
             let (c, key) = split_key(&k);
@@ -481,7 +507,11 @@ impl Store {
         })
     }
 
-    pub fn dead_letter(&self, connector: &str, key: &str) -> Result<Option<DeadLetter>, StoreError> {
+    pub fn dead_letter(
+        &self,
+        connector: &str,
+        key: &str,
+    ) -> Result<Option<DeadLetter>, StoreError> {
         self.trees[DEAD]
             .get(link_key(connector, key))?
             .map(|v| decode("dead letter", &v))
@@ -489,7 +519,10 @@ impl Store {
     }
 
     /// Audit entries with `seq >= from`, in order, streamed.
-    pub fn audit_from(&self, from: u64) -> impl Iterator<Item = Result<AuditEntry, StoreError>> + '_ {
+    pub fn audit_from(
+        &self,
+        from: u64,
+    ) -> impl Iterator<Item = Result<AuditEntry, StoreError>> + '_ {
         self.trees[AUDIT].range(from.to_be_bytes()..).map(|kv| {
             let (k, v) = kv?;
             let mut e: AuditEntry = decode("audit", &v)?;
@@ -542,7 +575,11 @@ impl Store {
     // -- webhook inbox --
 
     /// Appends a webhook body durably and returns its sequence number.
-    pub async fn inbox_append(&self, received_at: Timestamp, body: &[u8]) -> Result<u64, StoreError> {
+    pub async fn inbox_append(
+        &self,
+        received_at: Timestamp,
+        body: &[u8],
+    ) -> Result<u64, StoreError> {
         let seq = self.db.generate_id()?;
         let rec = InboxRecord {
             received_at,
@@ -555,7 +592,12 @@ impl Store {
     }
 
     /// Keeps a signed but unusable body for the operator, durably.
-    pub async fn quarantine(&self, received_at: Timestamp, body: &[u8], reason: &str) -> Result<(), StoreError> {
+    pub async fn quarantine(
+        &self,
+        received_at: Timestamp,
+        body: &[u8],
+        reason: &str,
+    ) -> Result<(), StoreError> {
         let seq = self.db.generate_id()?;
         let rec = InboxRecord {
             received_at,
@@ -572,7 +614,11 @@ impl Store {
     }
 
     /// Inbox entries after `after`, oldest first.
-    pub fn inbox_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, InboxRecord)>, StoreError> {
+    pub fn inbox_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, InboxRecord)>, StoreError> {
         let start = after.saturating_add(1);
         self.trees[INBOX]
             .range(start.to_be_bytes()..)
@@ -603,7 +649,11 @@ impl Store {
 
     /// Per-connector bookkeeping shown by `status` (last poll, errors): a JSON value the
     /// daemon owns. Written outside transactions; losing the latest write is harmless.
-    pub fn put_connector_meta(&self, connector: &str, value: &serde_json::Value) -> Result<(), StoreError> {
+    pub fn put_connector_meta(
+        &self,
+        connector: &str,
+        value: &serde_json::Value,
+    ) -> Result<(), StoreError> {
         self.trees[CONN_META].insert(connector.as_bytes(), encode(value))?;
         Ok(())
     }
@@ -616,7 +666,9 @@ impl Store {
     }
 
     /// Pushes done but not yet read back: (connector, record, pushed at).
-    pub fn unverified(&self) -> impl Iterator<Item = Result<(String, String, Timestamp), StoreError>> + '_ {
+    pub fn unverified(
+        &self,
+    ) -> impl Iterator<Item = Result<(String, String, Timestamp), StoreError>> + '_ {
         self.trees[UNVERIFIED].iter().map(|kv| {
             let (k, v) = kv?;
             let (c, r) = split_key(&k);
@@ -660,7 +712,9 @@ impl Txn<'_> {
 
     /// A fresh unique, increasing id.
     pub fn new_id(&self) -> TxResult<u64> {
-        self.t[0].generate_id().map_err(|e| TxError::from(StoreError::from(e)))
+        self.t[0]
+            .generate_id()
+            .map_err(|e| TxError::from(StoreError::from(e)))
     }
 
     pub fn subject(&self, id: u64) -> TxResult<Option<SubjectRecord>> {
@@ -746,7 +800,12 @@ impl Txn<'_> {
         Ok(true)
     }
 
-    pub fn set_unverified(&self, connector: &str, record: &str, pushed_at: Option<Timestamp>) -> TxResult<()> {
+    pub fn set_unverified(
+        &self,
+        connector: &str,
+        record: &str,
+        pushed_at: Option<Timestamp>,
+    ) -> TxResult<()> {
         let k = link_key(connector, record);
         match pushed_at {
             Some(t) => self.t[UNVERIFIED].insert(k, &t.millis().to_be_bytes())?,
@@ -757,7 +816,10 @@ impl Txn<'_> {
 
     /// Adds `delta` to a decision total.
     pub fn count(&self, key: &str, delta: i64) -> TxResult<()> {
-        let cur = self.t[COUNTS].get(key.as_bytes())?.map(|v| i64_of(&v)).unwrap_or(0);
+        let cur = self.t[COUNTS]
+            .get(key.as_bytes())?
+            .map(|v| i64_of(&v))
+            .unwrap_or(0);
         self.t[COUNTS].insert(key.as_bytes(), &(cur + delta).to_be_bytes())?;
         Ok(())
     }

@@ -35,12 +35,18 @@ fn good_file_parses_and_validates() {
     assert_eq!(c.connectors.len(), 2);
     assert_eq!(c.policy.opt_in_margin, Duration::from_secs(10));
     assert_eq!(c.connector("crm-eu").unwrap().common.kind, Kind::Hubspot);
-    assert_eq!(c.daemon.control_socket, PathBuf::from("/run/optout-sync/control.sock"));
+    assert_eq!(
+        c.daemon.control_socket,
+        PathBuf::from("/run/optout-sync/control.sock")
+    );
 }
 
 #[test]
 fn unknown_key_is_located() {
-    let p = problems(&GOOD.replace("default_region = \"GB\"", "default_region = \"GB\"\nlisten_adress = \"x\""));
+    let p = problems(&GOOD.replace(
+        "default_region = \"GB\"",
+        "default_region = \"GB\"\nlisten_adress = \"x\"",
+    ));
     let text = p.to_string();
     assert!(text.starts_with("test.toml:6:1: "), "{text}");
     assert!(text.contains("unknown field `listen_adress`"), "{text}");
@@ -57,17 +63,26 @@ fn wrong_type_is_located() {
 fn unknown_connector_kind_and_common_keys() {
     let p = problems(&GOOD.replace("kind = \"hubspot\"", "kind = \"zendesk\""));
     let text = p.to_string();
-    assert!(text.contains("connectors.crm-eu.kind") && text.contains("zendesk"), "{text}");
+    assert!(
+        text.contains("connectors.crm-eu.kind") && text.contains("zendesk"),
+        "{text}"
+    );
     assert!(text.starts_with("test.toml:15:8: "), "{text}");
 }
 
 #[test]
 fn bad_cron_and_conflicting_schedules() {
-    let p = problems(&GOOD.replace("0 0 3 * * Sun", "every night").replace("poll_interval = \"30s\"", "poll_interval = \"30s\"\npoll_cron = \"0 * * * * *\""));
+    let p = problems(&GOOD.replace("0 0 3 * * Sun", "every night").replace(
+        "poll_interval = \"30s\"",
+        "poll_interval = \"30s\"\npoll_cron = \"0 * * * * *\"",
+    ));
     let text = p.to_string();
     assert_eq!(p.problems.len(), 2, "{text}");
     assert!(text.contains("test.toml:18:20: connectors.crm-eu.full_resync_cron: `every night` is not a cron expression"), "{text}");
-    assert!(text.contains("connectors.crm-eu.poll_cron: set poll_interval or poll_cron, not both"), "{text}");
+    assert!(
+        text.contains("connectors.crm-eu.poll_cron: set poll_interval or poll_cron, not both"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -75,11 +90,20 @@ fn secrets_missing_inline_or_too_open() {
     // A secret written inline is refused at parse time.
     let p = problems(&GOOD.replace("[policy]", "gate_token = \"hunter2\"\n[policy]"));
     let text = p.to_string();
-    assert!(text.contains("secrets must not be written in the configuration file"), "{text}");
-    assert!(!text.contains("hunter2"), "the secret is echoed back: {text}");
+    assert!(
+        text.contains("secrets must not be written in the configuration file"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("hunter2"),
+        "the secret is echoed back: {text}"
+    );
 
     // A missing environment variable.
-    let p = problems(&GOOD.replace("[policy]", "gate_token = { env = \"OPTOUT_TEST_SURELY_UNSET\" }\n[policy]"));
+    let p = problems(&GOOD.replace(
+        "[policy]",
+        "gate_token = { env = \"OPTOUT_TEST_SURELY_UNSET\" }\n[policy]",
+    ));
     let text = p.to_string();
     assert!(text.contains("test.toml:7:14: daemon.gate_token: environment variable OPTOUT_TEST_SURELY_UNSET is not set"), "{text}");
 
@@ -89,12 +113,23 @@ fn secrets_missing_inline_or_too_open() {
     let f = dir.path().join("gate");
     std::fs::write(&f, "s3cret-value\n").unwrap();
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let src = GOOD.replace("[policy]", &format!("gate_token = {{ file = \"{}\" }}\n[policy]", f.display()));
+    let src = GOOD.replace(
+        "[policy]",
+        &format!("gate_token = {{ file = \"{}\" }}\n[policy]", f.display()),
+    );
     let text = problems(&src).to_string();
-    assert!(text.contains("daemon.gate_token: secret file") && text.contains("mode 644") && text.contains("chmod 600"), "{text}");
+    assert!(
+        text.contains("daemon.gate_token: secret file")
+            && text.contains("mode 644")
+            && text.contains("chmod 600"),
+        "{text}"
+    );
     assert!(!text.contains("s3cret-value"));
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
-    parse(Path::new("test.toml"), &src).unwrap().validate().unwrap();
+    parse(Path::new("test.toml"), &src)
+        .unwrap()
+        .validate()
+        .unwrap();
 }
 
 #[test]
@@ -103,10 +138,22 @@ fn every_semantic_problem_is_reported_at_once() {
         .replace("\"GB\"", "\"Atlantis\"")
         .replace("\"/var/lib/optout-sync\"", "\"relative/dir\"")
         .replace("[\"whatsapp\"]", "[\"whatsapp\", \"zapier\"]")
-        .replace("[connectors.crm-eu]\nkind = \"hubspot\"", "[connectors.crm-eu]\nkind = \"hubspot\"\n[connectors.wa2]\nkind = \"whatsapp\"");
+        .replace(
+            "[connectors.crm-eu]\nkind = \"hubspot\"",
+            "[connectors.crm-eu]\nkind = \"hubspot\"\n[connectors.wa2]\nkind = \"whatsapp\"",
+        );
     let p = problems(&src);
     let keys: Vec<_> = p.problems.iter().map(|p| p.key.as_str()).collect();
-    assert_eq!(keys, ["daemon.default_region", "daemon.state_dir", "policy.accept_opt_ins_from", "connectors"], "{p}");
+    assert_eq!(
+        keys,
+        [
+            "daemon.default_region",
+            "daemon.state_dir",
+            "policy.accept_opt_ins_from",
+            "connectors"
+        ],
+        "{p}"
+    );
     assert!(p.problems.iter().all(|p| p.line > 0));
 }
 

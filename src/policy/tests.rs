@@ -118,8 +118,16 @@ fn tie_and_near_tie_go_to_opt_out() {
         (50, Decision::OptedOut),  // earlier
     ] {
         let inn = fact(Status::OptedIn, Scope::All, in_at, "hubspot", "c1");
-        assert_eq!(consent_of(&[out.clone(), inn.clone()]).decide(Scope::All, MARGIN), expect, "opt-in at {in_at}");
-        assert_eq!(consent_of(&[inn, out.clone()]).decide(Scope::All, MARGIN), expect, "reversed, opt-in at {in_at}");
+        assert_eq!(
+            consent_of(&[out.clone(), inn.clone()]).decide(Scope::All, MARGIN),
+            expect,
+            "opt-in at {in_at}"
+        );
+        assert_eq!(
+            consent_of(&[inn, out.clone()]).decide(Scope::All, MARGIN),
+            expect,
+            "reversed, opt-in at {in_at}"
+        );
     }
 }
 
@@ -142,42 +150,114 @@ fn snap(value: Option<Status>, changed_at: Option<i64>, modified: i64) -> Record
 fn record_changes_echoes_and_first_sight() {
     let now = Timestamp::from_secs(1_000);
     // First sight of an opt-out counts (an existing suppression in the CRM).
-    match judge_record(None, &snap(Some(Status::OptedOut), None, 10), "hubspot", now, &cfg()) {
-        Judgement::Fact(f) => assert_eq!((f.status, f.at, f.scope), (Status::OptedOut, Timestamp::from_secs(10), Scope::All)),
+    match judge_record(
+        None,
+        &snap(Some(Status::OptedOut), None, 10),
+        "hubspot",
+        now,
+        &cfg(),
+    ) {
+        Judgement::Fact(f) => assert_eq!(
+            (f.status, f.at, f.scope),
+            (Status::OptedOut, Timestamp::from_secs(10), Scope::All)
+        ),
         other => panic!("{other:?}"),
     }
     // First sight of an opt-in is not a change.
-    assert_eq!(judge_record(None, &snap(Some(Status::OptedIn), None, 10), "hubspot", now, &cfg()), Judgement::InitialOptIn);
+    assert_eq!(
+        judge_record(
+            None,
+            &snap(Some(Status::OptedIn), None, 10),
+            "hubspot",
+            now,
+            &cfg()
+        ),
+        Judgement::InitialOptIn
+    );
     // Same value as last seen: unchanged.
-    let seen_out = RecordMemory { last_seen: Some(Status::OptedOut), last_pushed: None };
-    assert_eq!(judge_record(Some(&seen_out), &snap(Some(Status::OptedOut), None, 20), "hubspot", now, &cfg()), Judgement::Unchanged);
+    let seen_out = RecordMemory {
+        last_seen: Some(Status::OptedOut),
+        last_pushed: None,
+    };
+    assert_eq!(
+        judge_record(
+            Some(&seen_out),
+            &snap(Some(Status::OptedOut), None, 20),
+            "hubspot",
+            now,
+            &cfg()
+        ),
+        Judgement::Unchanged
+    );
     // Reading back what we pushed: an echo.
-    let pushed = RecordMemory { last_seen: Some(Status::OptedIn), last_pushed: Some((Status::OptedOut, Timestamp::from_secs(30))) };
-    assert_eq!(judge_record(Some(&pushed), &snap(Some(Status::OptedOut), Some(30), 31), "hubspot", now, &cfg()), Judgement::Echo(Status::OptedOut));
+    let pushed = RecordMemory {
+        last_seen: Some(Status::OptedIn),
+        last_pushed: Some((Status::OptedOut, Timestamp::from_secs(30))),
+    };
+    assert_eq!(
+        judge_record(
+            Some(&pushed),
+            &snap(Some(Status::OptedOut), Some(30), 31),
+            "hubspot",
+            now,
+            &cfg()
+        ),
+        Judgement::Echo(Status::OptedOut)
+    );
     // A change away from our value, with our old stamp left in the change-time field:
     // the modification time is the event time.
-    let ours = RecordMemory { last_seen: Some(Status::OptedOut), last_pushed: Some((Status::OptedOut, Timestamp::from_secs(30))) };
-    match judge_record(Some(&ours), &snap(Some(Status::OptedIn), Some(30), 500), "hubspot", now, &cfg()) {
+    let ours = RecordMemory {
+        last_seen: Some(Status::OptedOut),
+        last_pushed: Some((Status::OptedOut, Timestamp::from_secs(30))),
+    };
+    match judge_record(
+        Some(&ours),
+        &snap(Some(Status::OptedIn), Some(30), 500),
+        "hubspot",
+        now,
+        &cfg(),
+    ) {
         Judgement::Fact(f) => assert_eq!(f.at, Timestamp::from_secs(500)),
         other => panic!("{other:?}"),
     }
     // ...but a change-time someone else wrote (a stale import) is believed.
-    match judge_record(Some(&ours), &snap(Some(Status::OptedIn), Some(20), 500), "hubspot", now, &cfg()) {
+    match judge_record(
+        Some(&ours),
+        &snap(Some(Status::OptedIn), Some(20), 500),
+        "hubspot",
+        now,
+        &cfg(),
+    ) {
         Judgement::Fact(f) => assert_eq!(f.at, Timestamp::from_secs(20)),
         other => panic!("{other:?}"),
     }
-    assert_eq!(judge_record(None, &snap(None, None, 10), "hubspot", now, &cfg()), Judgement::NoConsentValue);
+    assert_eq!(
+        judge_record(None, &snap(None, None, 10), "hubspot", now, &cfg()),
+        Judgement::NoConsentValue
+    );
 }
 
 #[test]
 fn future_times_are_clamped_and_opt_ins_can_be_refused() {
     let now = Timestamp::from_secs(1_000);
-    let seen_out = RecordMemory { last_seen: Some(Status::OptedOut), last_pushed: None };
-    match judge_record(Some(&seen_out), &snap(Some(Status::OptedIn), Some(999_999), 10), "hubspot", now, &cfg()) {
+    let seen_out = RecordMemory {
+        last_seen: Some(Status::OptedOut),
+        last_pushed: None,
+    };
+    match judge_record(
+        Some(&seen_out),
+        &snap(Some(Status::OptedIn), Some(999_999), 10),
+        "hubspot",
+        now,
+        &cfg(),
+    ) {
         Judgement::Fact(f) => assert_eq!(f.at, now),
         other => panic!("{other:?}"),
     }
-    let strict = PolicyConfig { accept_opt_ins_from: Some(["whatsapp".to_string()].into()), ..cfg() };
+    let strict = PolicyConfig {
+        accept_opt_ins_from: Some(["whatsapp".to_string()].into()),
+        ..cfg()
+    };
     assert!(matches!(
         judge_record(Some(&seen_out), &snap(Some(Status::OptedIn), None, 10), "hubspot", now, &strict),
         Judgement::NotAccepted(_, why) if why.contains("hubspot")
@@ -206,42 +286,79 @@ fn airline_case() {
     // Flight updates (utility) flow to a customer with no opt-out.
     assert!(gate(&c0, "utility", MARGIN).allowed);
     // An ordinary reply ("thanks!") decides nothing.
-    assert_eq!(judge_event(&event(None, Signal::Inbound, 100), "whatsapp", now, &cfg()), Judgement::NoConsentValue);
+    assert_eq!(
+        judge_event(&event(None, Signal::Inbound, 100), "whatsapp", now, &cfg()),
+        Judgement::NoConsentValue
+    );
     // STOP.
-    let Judgement::Fact(stop) = judge_event(&event(Some(Status::OptedOut), Signal::Keyword, 200), "whatsapp", now, &cfg()) else { panic!() };
+    let Judgement::Fact(stop) = judge_event(
+        &event(Some(Status::OptedOut), Signal::Keyword, 200),
+        "whatsapp",
+        now,
+        &cfg(),
+    ) else {
+        panic!()
+    };
     assert!(wants_confirmation(&stop));
-    let c1 = consent_of(&[stop.clone()]);
+    let c1 = consent_of(std::slice::from_ref(&stop));
     for category in ["utility", "marketing", "authentication", "service"] {
         let g = gate(&c1, category, MARGIN);
         assert!(!g.allowed, "{category} allowed after STOP");
         assert_eq!(g.evidence.as_ref(), Some(&stop));
     }
     // Every CRM record holding the number must be suppressed.
-    assert_eq!(desired_record_value([&c1], MARGIN).map(|f| f.status), Some(Status::OptedOut));
+    assert_eq!(
+        desired_record_value([&c1], MARGIN).map(|f| f.status),
+        Some(Status::OptedOut)
+    );
     // A CRM automation re-setting opt-in a moment later does not undo it.
     let crm_in = fact(Status::OptedIn, Scope::All, 202, "hubspot", "c1");
     let c2 = consent_of(&[stop.clone(), crm_in]);
     assert!(!gate(&c2, "utility", MARGIN).allowed);
     // START an hour later restores everything.
-    let Judgement::Fact(start) = judge_event(&event(Some(Status::OptedIn), Signal::Keyword, 3_800), "whatsapp", now, &cfg()) else { panic!() };
+    let Judgement::Fact(start) = judge_event(
+        &event(Some(Status::OptedIn), Signal::Keyword, 3_800),
+        "whatsapp",
+        now,
+        &cfg(),
+    ) else {
+        panic!()
+    };
     let c3 = consent_of(&[stop, start]);
     assert!(gate(&c3, "utility", MARGIN).allowed);
     assert!(gate(&c3, "marketing", MARGIN).allowed);
-    assert_eq!(desired_record_value([&c3], MARGIN).map(|f| f.status), Some(Status::OptedIn));
+    assert_eq!(
+        desired_record_value([&c3], MARGIN).map(|f| f.status),
+        Some(Status::OptedIn)
+    );
 }
 
 #[test]
 fn marketing_stop_then_stop_all() {
     let now = Timestamp::from_secs(10_000);
-    let Judgement::Fact(pref) = judge_event(&event(Some(Status::OptedOut), Signal::MarketingPreference, 100), "whatsapp", now, &cfg()) else { panic!() };
+    let Judgement::Fact(pref) = judge_event(
+        &event(Some(Status::OptedOut), Signal::MarketingPreference, 100),
+        "whatsapp",
+        now,
+        &cfg(),
+    ) else {
+        panic!()
+    };
     assert_eq!(pref.scope, Scope::Marketing);
     assert!(!wants_confirmation(&pref));
-    let c1 = consent_of(&[pref.clone()]);
+    let c1 = consent_of(std::slice::from_ref(&pref));
     assert!(!gate(&c1, "marketing", MARGIN).allowed);
     assert!(gate(&c1, "utility", MARGIN).allowed);
     // A marketing stop alone does not change what CRM records hold.
     assert_eq!(desired_record_value([&c1], MARGIN), None);
-    let Judgement::Fact(all) = judge_event(&event(Some(Status::OptedOut), Signal::Keyword, 200), "whatsapp", now, &cfg()) else { panic!() };
+    let Judgement::Fact(all) = judge_event(
+        &event(Some(Status::OptedOut), Signal::Keyword, 200),
+        "whatsapp",
+        now,
+        &cfg(),
+    ) else {
+        panic!()
+    };
     let c2 = consent_of(&[pref, all]);
     assert!(!gate(&c2, "utility", MARGIN).allowed);
     assert_eq!(gate(&c2, "marketing", MARGIN).blocked_by, Some(Scope::All));
@@ -251,7 +368,13 @@ fn marketing_stop_then_stop_all() {
 fn any_opted_out_subject_suppresses_a_shared_record() {
     let out = consent_of(&[fact(Status::OptedOut, Scope::All, 10, "whatsapp", "m")]);
     let inn = consent_of(&[fact(Status::OptedIn, Scope::All, 50, "whatsapp", "m2")]);
-    assert_eq!(desired_record_value([&inn, &out], MARGIN).unwrap().status, Status::OptedOut);
-    assert_eq!(desired_record_value([&inn], MARGIN).unwrap().status, Status::OptedIn);
+    assert_eq!(
+        desired_record_value([&inn, &out], MARGIN).unwrap().status,
+        Status::OptedOut
+    );
+    assert_eq!(
+        desired_record_value([&inn], MARGIN).unwrap().status,
+        Status::OptedIn
+    );
     assert_eq!(desired_record_value([&Consent::default()], MARGIN), None);
 }

@@ -43,15 +43,31 @@ fn unknown_schema_version_is_refused_without_changes() {
     let dir = tempfile::tempdir().unwrap();
     {
         let db = sled::open(dir.path()).unwrap();
-        db.open_tree("meta").unwrap().insert("schema_version", "99").unwrap();
-        db.open_tree("cursors").unwrap().insert("hubspot", "keep-me").unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert("schema_version", "99")
+            .unwrap();
+        db.open_tree("cursors")
+            .unwrap()
+            .insert("hubspot", "keep-me")
+            .unwrap();
         db.flush().unwrap();
     }
     let err = Store::open(dir.path()).err().expect("refused");
     let msg = err.to_string();
-    assert!(msg.contains("schema version 99") && msg.contains("understands 1"), "{msg}");
+    assert!(
+        msg.contains("schema version 99") && msg.contains("understands 1"),
+        "{msg}"
+    );
     let db = sled::open(dir.path()).unwrap();
-    assert_eq!(&*db.open_tree("cursors").unwrap().get("hubspot").unwrap().unwrap(), b"keep-me");
+    assert_eq!(
+        &*db.open_tree("cursors")
+            .unwrap()
+            .get("hubspot")
+            .unwrap()
+            .unwrap(),
+        b"keep-me"
+    );
 }
 
 #[test]
@@ -62,7 +78,10 @@ fn data_without_schema_version_is_refused() {
         db.open_tree("subjects").unwrap().insert("x", "y").unwrap();
         db.flush().unwrap();
     }
-    assert!(matches!(Store::open(dir.path()), Err(StoreError::Corrupt(_))));
+    assert!(matches!(
+        Store::open(dir.path()),
+        Err(StoreError::Corrupt(_))
+    ));
 }
 
 #[test]
@@ -81,10 +100,14 @@ fn corrupt_files_are_an_error_not_a_reset() {
     let dir = tempfile::tempdir().unwrap();
     {
         let s = Store::open(dir.path()).unwrap();
-        s.transaction(true, |tx| tx.set_cursor("hubspot", "c-1")).unwrap();
+        s.transaction(true, |tx| tx.set_cursor("hubspot", "c-1"))
+            .unwrap();
     }
     // Overwrite the middle of every data file with garbage.
-    for entry in walk(dir.path()).into_iter().filter(|p| !p.ends_with(MARKER)) {
+    for entry in walk(dir.path())
+        .into_iter()
+        .filter(|p| !p.ends_with(MARKER))
+    {
         let mut bytes = std::fs::read(&entry).unwrap();
         if bytes.len() > 64 {
             let mid = bytes.len() / 2;
@@ -94,7 +117,9 @@ fn corrupt_files_are_an_error_not_a_reset() {
             std::fs::write(&entry, bytes).unwrap();
         }
     }
-    let err = Store::open(dir.path()).err().expect("a damaged store must not open as empty");
+    let err = Store::open(dir.path())
+        .err()
+        .expect("a damaged store must not open as empty");
     assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
 }
 
@@ -151,7 +176,8 @@ fn crash_child_writer() {
         .map(|c| c.parse::<usize>().unwrap() + 1)
         .unwrap_or(0);
     for n in start.. {
-        e.apply_page("crm", &page(n), Some(&n.to_string()), Timestamp::now()).unwrap();
+        e.apply_page("crm", &page(n), Some(&n.to_string()), Timestamp::now())
+            .unwrap();
         println!("committed {n}");
     }
 }
@@ -162,17 +188,24 @@ fn crash_child_writer() {
 fn sigkill_during_writes_keeps_whole_pages_only() {
     let dir = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
-    let mut seed: u64 = 0x5eed_0f_0b7;
+    let mut seed: u64 = 0x0005_eed0_f0b7;
     let mut acknowledged: Option<usize> = None;
     for round in 0..5 {
         let mut child = Command::new(&exe)
-            .args(["--exact", "store::tests::crash_child_writer", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "store::tests::crash_child_writer",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("OPTOUT_CRASH_CHILD_DIR", dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let kill_after = 3 + (seed >> 33) as usize % 25;
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut seen = 0;
@@ -189,20 +222,42 @@ fn sigkill_during_writes_keeps_whole_pages_only() {
         child.wait().unwrap();
 
         let e = crash_engine(dir.path());
-        let cursor: usize = e.store().cursor("crm").unwrap().expect("a cursor").parse().unwrap();
+        let cursor: usize = e
+            .store()
+            .cursor("crm")
+            .unwrap()
+            .expect("a cursor")
+            .parse()
+            .unwrap();
         let acked = acknowledged.expect("the child committed pages");
-        assert!(cursor >= acked, "round {round}: acknowledged page {acked} lost (cursor {cursor})");
+        assert!(
+            cursor >= acked,
+            "round {round}: acknowledged page {acked} lost (cursor {cursor})"
+        );
         for n in 0..=cursor {
             for i in 0..PAGE {
                 let link = e.store().link("crm", &format!("rec-{n}-{i}")).unwrap();
-                assert!(link.is_some(), "round {round}: page {n} is missing record {i}");
+                assert!(
+                    link.is_some(),
+                    "round {round}: page {n} is missing record {i}"
+                );
             }
         }
         for i in 0..PAGE {
-            let link = e.store().link("crm", &format!("rec-{}-{i}", cursor + 1)).unwrap();
-            assert!(link.is_none(), "round {round}: part of uncommitted page {} is visible", cursor + 1);
+            let link = e
+                .store()
+                .link("crm", &format!("rec-{}-{i}", cursor + 1))
+                .unwrap();
+            assert!(
+                link.is_none(),
+                "round {round}: part of uncommitted page {} is visible",
+                cursor + 1
+            );
         }
-        assert_eq!(e.store().counts().unwrap(), vec![("all:opted_out".to_string(), ((cursor + 1) * PAGE) as i64)]);
+        assert_eq!(
+            e.store().counts().unwrap(),
+            vec![("all:opted_out".to_string(), ((cursor + 1) * PAGE) as i64)]
+        );
     }
 }
 
@@ -210,7 +265,12 @@ fn sigkill_during_writes_keeps_whole_pages_only() {
 fn counts_follow_decisions() {
     let dir = tempfile::tempdir().unwrap();
     let e = crash_engine(dir.path());
-    let r = e.apply_page("crm", &page(0), Some("0"), Timestamp::now()).unwrap();
+    let r = e
+        .apply_page("crm", &page(0), Some("0"), Timestamp::now())
+        .unwrap();
     assert_eq!(r.decisions.len(), PAGE);
-    assert_eq!(e.store().counts().unwrap(), vec![("all:opted_out".to_string(), PAGE as i64)]);
+    assert_eq!(
+        e.store().counts().unwrap(),
+        vec![("all:opted_out".to_string(), PAGE as i64)]
+    );
 }
