@@ -1,1 +1,116 @@
-//! optout-sync connector for salesforce (in progress).
+//! The Salesforce connector of optout-sync.
+//!
+//! It reads a consent checkbox (default `WhatsApp_Opt_Out__c`) on Contact, Lead or any
+//! configured object, and optionally `MessagingEndUser.MessagingConsentStatus` for WhatsApp
+//! rows, by polling SOQL on `SystemModstamp`; it writes desired values back through sObject
+//! Collections. It reports records as they are; deciding is the core's job.
+//!
+//! Code map: [`config`] (settings and checks), `client` (login, HTTP, error classification,
+//! API usage), `soql` (literal escaping), `records` (record ↔ snapshot and write mapping),
+//! `poll` (cursor and paging), `push` (collections batches), [`fake`] (a stateful fake org,
+//! feature `fake`).
+
+pub mod config;
+
+mod client;
+mod poll;
+mod push;
+mod records;
+pub mod soql;
+
+#[cfg(feature = "fake")]
+pub mod fake;
+
+use std::sync::Arc;
+
+use optout_core::{Connector, ConnectorError, Cursor, Health, Page, PushItem, PushOutcome};
+use reqwest::Method;
+
+pub use client::LIMIT_EXCEEDED_PAUSE;
+pub use config::{AuthConfig, Config, ObjectConfig};
+
+use client::Client;
+use records::Source;
+
+/// One configured Salesforce org.
+#[derive(Debug)]
+pub struct SalesforceConnector {
+    /// The instance name from the daemon's configuration, for logs.
+    name: String,
+    config: Arc<Config>,
+    client: Client,
+    /// The objects read and written, in reading order.
+    sources: Vec<Source>,
+}
+
+impl SalesforceConnector {
+    /// Checks the configuration, resolves the secrets and parses the JWT key. No request is
+    /// sent until the first poll, push or health check.
+    pub fn new(name: &str, config: Config) -> Result<Self, ConnectorError> {
+        let problems = config.validate();
+        if !problems.is_empty() {
+            let text: Vec<String> = problems.iter().map(|(k, p)| format!("{k}: {p}")).collect();
+            return Err(ConnectorError::Config(text.join("; ")));
+        }
+        let client = Client::new(name, &config)?;
+        let mut sources: Vec<Source> = config.objects.iter().cloned().map(Source::Object).collect();
+        if config.messaging_end_user {
+            sources.push(Source::MessagingEndUser);
+        }
+        Ok(SalesforceConnector {
+            name: name.to_string(),
+            config: Arc::new(config),
+            client,
+            sources,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The org's API usage as last reported by Salesforce: (used, limit).
+    pub fn api_usage(&self) -> Option<(u64, u64)> {
+        self.client.usage()
+    }
+}
+
+impl Connector for SalesforceConnector {
+    async fn poll(&self, cursor: Option<&Cursor>) -> Result<Page, ConnectorError> {
+        self.poll_page(cursor).await
+    }
+
+    async fn push(&self, batch: &[PushItem]) -> Result<Vec<PushOutcome>, ConnectorError> {
+        self.push_batch(batch).await
+    }
+
+    /// Logs in and reads `/limits` (one API call), reporting the org's daily API usage.
+    async fn health(&self) -> Health {
+        let path = format!("/services/data/{}/limits", self.config.api_version);
+        match self.client.call(Method::GET, &path, &[], &[], None).await {
+            Ok(v) => {
+                let daily = &v["DailyApiRequests"];
+                let detail = match (daily["Max"].as_u64(), daily["Remaining"].as_u64()) {
+                    (Some(max), Some(rem)) => format!(
+                        "daily API requests {}/{max} used; this connector may use up to {:.0}%",
+                        max.saturating_sub(rem),
+                        self.config.api_share * 100.0
+                    ),
+                    _ => match self.client.usage() {
+                        Some((used, limit)) => format!("api usage {used}/{limit}"),
+                        None => "reachable".to_string(),
+                    },
+                };
+                Health { ok: true, detail }
+            }
+            Err(e) => Health {
+                ok: false,
+                detail: ConnectorError::from(e).to_string(),
+            },
+        }
+    }
+
+    fn max_batch(&self) -> usize {
+        self.config.batch_size
+    }
+}
