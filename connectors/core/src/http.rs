@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
 
 use crate::ConnectorError;
 
@@ -69,11 +69,7 @@ pub fn classify_status(status: StatusCode, headers: &HeaderMap, body: &str) -> C
 /// At most 300 characters of a response body, with control characters removed, for
 /// error messages and logs.
 pub fn excerpt(body: &str) -> String {
-    let mut s: String = body
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(300)
-        .collect();
+    let mut s: String = body.chars().filter(|c| !c.is_control()).take(300).collect();
     if body.chars().count() > 300 {
         s.push('…');
     }

@@ -40,11 +40,17 @@ impl Timestamp {
     }
 
     pub fn plus(self, d: Duration) -> Self {
-        Timestamp(self.0.saturating_add(d.as_millis().min(i64::MAX as u128) as i64))
+        Timestamp(
+            self.0
+                .saturating_add(d.as_millis().min(i64::MAX as u128) as i64),
+        )
     }
 
     pub fn minus(self, d: Duration) -> Self {
-        Timestamp(self.0.saturating_sub(d.as_millis().min(i64::MAX as u128) as i64))
+        Timestamp(
+            self.0
+                .saturating_sub(d.as_millis().min(i64::MAX as u128) as i64),
+        )
     }
 
     /// Time elapsed from `earlier` to `self`, zero if `earlier` is later.
@@ -80,13 +86,19 @@ impl Timestamp {
                 return Some(Timestamp(dt.timestamp_millis()));
             }
         }
-        for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M:%S"] {
+        for fmt in [
+            "%Y-%m-%dT%H:%M:%S%.f",
+            "%Y-%m-%d %H:%M:%S%.f",
+            "%Y-%m-%d %H:%M:%S",
+        ] {
             if let Ok(dt) = NaiveDateTime::parse_from_str(s, fmt) {
                 return Some(Timestamp(dt.and_utc().timestamp_millis()));
             }
         }
         if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-            return Some(Timestamp(d.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis()));
+            return Some(Timestamp(
+                d.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis(),
+            ));
         }
         None
     }
@@ -342,9 +354,15 @@ mod tests {
         let sf = Timestamp::parse("2013-05-20T20:49:32.000+0000").unwrap();
         let rfc = Timestamp::parse("2013-05-20T20:49:32Z").unwrap();
         assert_eq!(sf, rfc);
-        assert_eq!(Timestamp::parse("1572480000000"), Some(Timestamp(1572480000000)));
         assert_eq!(
-            Timestamp::parse("2025-07-07T20:27:17.947Z").unwrap().millis() % 1000,
+            Timestamp::parse("1572480000000"),
+            Some(Timestamp(1572480000000))
+        );
+        assert_eq!(
+            Timestamp::parse("2025-07-07T20:27:17.947Z")
+                .unwrap()
+                .millis()
+                % 1000,
             947
         );
         assert_eq!(

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use backoff::backoff::Backoff as _;
 use backoff::ExponentialBackoff;
+use backoff::backoff::Backoff as _;
 
 #[derive(Debug)]
 pub struct Backoff {

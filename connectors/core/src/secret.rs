@@ -36,7 +36,10 @@ mod tests {
     #[test]
     fn never_prints() {
         let s = Secret::new("pat-na1-very-secret");
-        assert_eq!(format!("{s} {s:?} {:?}", Some(&s)), "[redacted] [redacted] Some([redacted])");
+        assert_eq!(
+            format!("{s} {s:?} {:?}", Some(&s)),
+            "[redacted] [redacted] Some([redacted])"
+        );
         assert_eq!(s.expose(), "pat-na1-very-secret");
     }
 }
@@ -64,13 +67,17 @@ pub enum SecretError {
     EnvMissing(String),
     #[error("environment variable {0} is empty")]
     EnvEmpty(String),
-    #[error("secret file {path} is readable by group or others (mode {mode:o}); run chmod 600 on it")]
+    #[error(
+        "secret file {path} is readable by group or others (mode {mode:o}); run chmod 600 on it"
+    )]
     FileTooOpen { path: String, mode: u32 },
     #[error("secret file {path} cannot be read: {reason}")]
     FileUnreadable { path: String, reason: String },
     #[error("secret file {0} is empty")]
     FileEmpty(String),
-    #[error("credential {0} requested but CREDENTIALS_DIRECTORY is not set (is LoadCredential= in the unit?)")]
+    #[error(
+        "credential {0} requested but CREDENTIALS_DIRECTORY is not set (is LoadCredential= in the unit?)"
+    )]
     NoCredentialsDirectory(String),
 }
 
@@ -150,7 +157,10 @@ impl<'de> serde::Deserialize<'de> for SecretRef {
                         "file" => SecretRef::File(value.into()),
                         "credential" => SecretRef::Credential(value),
                         other => {
-                            return Err(A::Error::unknown_field(other, &["env", "file", "credential"]));
+                            return Err(A::Error::unknown_field(
+                                other,
+                                &["env", "file", "credential"],
+                            ));
                         }
                     };
                     if found.replace(r).is_some() {
@@ -159,7 +169,9 @@ impl<'de> serde::Deserialize<'de> for SecretRef {
                         ));
                     }
                 }
-                found.ok_or_else(|| A::Error::custom("a secret reference needs env, file or credential"))
+                found.ok_or_else(|| {
+                    A::Error::custom("a secret reference needs env, file or credential")
+                })
             }
         }
         d.deserialize_any(V)
@@ -192,7 +204,10 @@ mod ref_tests {
         std::fs::write(&p, "abc\n").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let r = SecretRef::File(p.clone());
-        assert!(matches!(r.resolve(), Err(SecretError::FileTooOpen { mode: 0o644, .. })));
+        assert!(matches!(
+            r.resolve(),
+            Err(SecretError::FileTooOpen { mode: 0o644, .. })
+        ));
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(r.resolve().unwrap().expose(), "abc");
         std::fs::remove_dir_all(&dir).unwrap();
