@@ -6,6 +6,8 @@ pub mod cli;
 pub mod config;
 pub mod identity;
 pub mod import;
+pub mod metrics;
 pub mod policy;
 pub mod reconcile;
 pub mod store;
+pub mod systemd;
