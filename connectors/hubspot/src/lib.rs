@@ -1,1 +1,130 @@
-//! optout-sync connector for hubspot (in progress).
+//! The HubSpot connector of optout-sync.
+//!
+//! HubSpot's API cannot read or write WhatsApp subscription status, so consent lives in
+//! three contact properties (names configurable): an enumeration (`whatsapp_consent` =
+//! `opted_out` | `opted_in`), a datetime the daemon writes as the change time, and a text
+//! naming the source. The connector polls contacts through CRM search ([`poll`](crate::poll)
+//! explains the paging) and writes through batch update ([`push`](crate::push)). One
+//! client-side limiter per instance keeps polling and pushing together under the portal's
+//! limits.
+//!
+//! Code map: `config.rs` (settings and validation), `client.rs` (auth, HTTP, error
+//! classification), `limit.rs` (client-side rate limiting), `poll.rs`, `push.rs`,
+//! `properties.rs` (optional property creation), `fake.rs` (a stateful fake HubSpot, feature
+//! `fake`).
+
+mod client;
+pub mod config;
+mod limit;
+mod poll;
+mod properties;
+mod push;
+
+#[cfg(feature = "fake")]
+pub mod fake;
+
+use optout_core::{Connector, ConnectorError, Cursor, Health, Page, PushItem, PushOutcome};
+
+pub use config::{Config, OAuthConfig};
+
+use client::Client;
+use limit::Limiter;
+
+/// One HubSpot portal.
+pub struct HubSpot {
+    /// Instance name, for logs.
+    name: String,
+    config: Config,
+    client: Client,
+    /// Set once the consent properties were ensured (`create_properties`).
+    prepared: tokio::sync::OnceCell<()>,
+}
+
+impl std::fmt::Debug for HubSpot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubSpot")
+            .field("name", &self.name)
+            .field("base_url", &self.config.base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HubSpot {
+    /// Validates the configuration and resolves its secrets. No request is sent.
+    pub fn new(name: &str, config: Config) -> Result<Self, ConnectorError> {
+        let problems = config.validate();
+        if !problems.is_empty() {
+            let list: Vec<String> = problems.iter().map(|(k, p)| format!("{k}: {p}")).collect();
+            return Err(ConnectorError::Config(list.join("; ")));
+        }
+        let resolve = |key: &str, r: &optout_core::SecretRef| {
+            r.resolve()
+                .map_err(|e| ConnectorError::Config(format!("{key}: {e}")))
+        };
+        let token = config
+            .token
+            .as_ref()
+            .map(|t| resolve("token", t))
+            .transpose()?;
+        let oauth = match &config.oauth {
+            Some(o) => Some((
+                o.client_id.clone(),
+                resolve("oauth.client_secret", &o.client_secret)?,
+                resolve("oauth.refresh_token", &o.refresh_token)?,
+            )),
+            None => None,
+        };
+        let limiter = Limiter::new(
+            config.requests_per_10s,
+            config.search_per_second,
+            config.daily_limit,
+        );
+        let client = Client::new(&config.base_url, config.timeout, limiter, token, oauth);
+        Ok(HubSpot {
+            name: name.to_string(),
+            config,
+            client,
+            prepared: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Connector for HubSpot {
+    async fn poll(&self, cursor: Option<&Cursor>) -> Result<Page, ConnectorError> {
+        self.prepare().await?;
+        self.poll_page(cursor).await
+    }
+
+    async fn push(&self, batch: &[PushItem]) -> Result<Vec<PushOutcome>, ConnectorError> {
+        self.prepare().await?;
+        self.push_batch(batch).await
+    }
+
+    /// One cheap authenticated read (`GET /crm/v3/objects/contacts?limit=1`): proves the
+    /// base URL, the credentials and the read scope.
+    async fn health(&self) -> Health {
+        match self
+            .client
+            .get("/crm/v3/objects/contacts?limit=1")
+            .await
+            .and_then(|r| r.success())
+        {
+            Ok(_) => Health {
+                ok: true,
+                detail: "HubSpot contacts are readable".into(),
+            },
+            Err(e) => Health {
+                ok: false,
+                detail: e.to_string(),
+            },
+        }
+    }
+
+    fn max_batch(&self) -> usize {
+        self.config.batch_size
+    }
+}
