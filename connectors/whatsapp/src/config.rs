@@ -1,0 +1,367 @@
+//! The connector's configuration: what the daemon deserialises from this connector's TOML
+//! table (after removing its own keys), plus semantic validation and the list of secrets.
+//!
+//! ```toml
+//! app_secrets = [{ env = "WA_APP_SECRET" }, { env = "WA_APP_SECRET_OLD" }]
+//! verify_token = { env = "WA_VERIFY_TOKEN" }
+//! access_token = { credential = "wa-access-token" }
+//! phone_number_id = "106540352242922"
+//!
+//! [keywords]
+//! opt_out = { en = ["HALT"] }
+//! opt_out_payloads = ["OPT_OUT_BUTTON"]
+//!
+//! [confirmations]
+//! enabled = true
+//! default_language = "en"
+//! texts.en = { opted_out = "You will get no more messages from us. Reply START to resubscribe.", opted_in = "You are subscribed again. Reply STOP to unsubscribe." }
+//! ```
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use optout_core::SecretRef;
+use serde::Deserialize;
+
+use crate::detect;
+
+pub const DEFAULT_BASE_URL: &str = "https://graph.facebook.com";
+pub const DEFAULT_GRAPH_VERSION: &str = "v25.0";
+/// Meta's webhook bodies are a few KiB; 1 MiB leaves room for batched deliveries while
+/// bounding what an unauthenticated caller can make us buffer.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Meta's limit for a text message body.
+const MAX_TEXT_CHARS: usize = 4096;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// App secrets that sign webhook bodies. A body is accepted if any of them verifies,
+    /// so a secret can be rotated without dropping deliveries.
+    pub app_secrets: Vec<SecretRef>,
+    /// The token Meta echoes in the GET verification handshake.
+    pub verify_token: SecretRef,
+    /// System-user access token for the Graph API; needed only to send confirmations.
+    #[serde(default)]
+    pub access_token: Option<SecretRef>,
+    /// Our business phone number's id (the sender of confirmations).
+    #[serde(default)]
+    pub phone_number_id: String,
+    #[serde(default = "default_graph_version")]
+    pub graph_version: String,
+    #[serde(default = "default_base_url")]
+    pub base_url: String,
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Timeout of one Graph API request.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Inbox entries read per poll.
+    #[serde(default = "default_page_size")]
+    pub page_size: usize,
+    /// Client-side cap on confirmation sends, so we never cause Graph throttling (130429)
+    /// ourselves.
+    #[serde(default = "default_max_sends_per_second")]
+    pub max_sends_per_second: u32,
+    #[serde(default)]
+    pub keywords: Keywords,
+    #[serde(default)]
+    pub confirmations: Confirmations,
+}
+
+/// Keyword and button settings; the defaults live in [`crate::detect`].
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Keywords {
+    /// Extra opt-out keywords by language tag: `{ en = ["HALT"], es = ["PARE"] }`.
+    #[serde(default)]
+    pub opt_out: BTreeMap<String, Vec<String>>,
+    /// Extra opt-in keywords by language tag (matched exactly, never with filler words).
+    #[serde(default)]
+    pub opt_in: BTreeMap<String, Vec<String>>,
+    /// Use only the keywords above, not the built-in lists.
+    #[serde(default)]
+    pub replace_defaults: bool,
+    /// Button payload ids (template quick replies, interactive reply ids) that mean opt-out.
+    #[serde(default)]
+    pub opt_out_payloads: Vec<String>,
+    /// Button payload ids that mean opt-in.
+    #[serde(default)]
+    pub opt_in_payloads: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Confirmations {
+    /// Off by default: sending anything is a choice the business makes. When off, a
+    /// confirmation push item is reported `Done` without sending.
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default = "default_language")]
+    pub default_language: String,
+    /// Texts by language tag. Configured languages replace the built-in text of the same
+    /// language; the built-in ones stay available for the others.
+    #[serde(default)]
+    pub texts: BTreeMap<String, Texts>,
+}
+
+impl Default for Confirmations {
+    fn default() -> Self {
+        Confirmations {
+            enabled: false,
+            default_language: default_language(),
+            texts: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Texts {
+    pub opted_out: String,
+    pub opted_in: String,
+}
+
+/// Built-in confirmation texts. Short, factual, and naming the way back (FCC 2025 allows one
+/// confirmation that says the opt-out was processed).
+pub fn default_texts() -> BTreeMap<String, Texts> {
+    let t = |o: &str, i: &str| Texts {
+        opted_out: o.to_string(),
+        opted_in: i.to_string(),
+    };
+    BTreeMap::from([
+        (
+            "en".to_string(),
+            t(
+                "You have been unsubscribed and will receive no more messages from us. Reply START to subscribe again.",
+                "You are subscribed again. Reply STOP at any time to unsubscribe.",
+            ),
+        ),
+        (
+            "es".to_string(),
+            t(
+                "Has sido dado de baja y no recibirás más mensajes nuestros. Responde START para volver a suscribirte.",
+                "Te has vuelto a suscribir. Responde BAJA en cualquier momento para darte de baja.",
+            ),
+        ),
+        (
+            "pt".to_string(),
+            t(
+                "Sua inscrição foi cancelada e você não receberá mais mensagens nossas. Responda START para se inscrever novamente.",
+                "Você se inscreveu novamente. Responda SAIR a qualquer momento para cancelar.",
+            ),
+        ),
+        (
+            "fr".to_string(),
+            t(
+                "Vous êtes désinscrit et ne recevrez plus de messages de notre part. Répondez START pour vous réinscrire.",
+                "Vous êtes de nouveau inscrit. Répondez STOP à tout moment pour vous désinscrire.",
+            ),
+        ),
+        (
+            "de".to_string(),
+            t(
+                "Sie wurden abgemeldet und erhalten keine Nachrichten mehr von uns. Antworten Sie START, um sich wieder anzumelden.",
+                "Sie sind wieder angemeldet. Antworten Sie jederzeit STOPP, um sich abzumelden.",
+            ),
+        ),
+    ])
+}
+
+fn default_graph_version() -> String {
+    DEFAULT_GRAPH_VERSION.to_string()
+}
+fn default_base_url() -> String {
+    DEFAULT_BASE_URL.to_string()
+}
+fn default_max_body_bytes() -> usize {
+    DEFAULT_MAX_BODY_BYTES
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_page_size() -> usize {
+    500
+}
+fn default_max_sends_per_second() -> u32 {
+    20
+}
+fn default_language() -> String {
+    "en".to_string()
+}
+
+impl Confirmations {
+    /// Built-in texts overlaid with the configured ones.
+    pub fn effective_texts(&self) -> BTreeMap<String, Texts> {
+        let mut all = default_texts();
+        all.extend(self.texts.clone());
+        all
+    }
+}
+
+impl Config {
+    /// Semantic problems as (key, problem) pairs; secrets are not resolved here.
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut p: Vec<(String, String)> = Vec::new();
+        let mut add = |k: &str, m: String| p.push((k.to_string(), m));
+        if self.app_secrets.is_empty() {
+            add("app_secrets", "at least one app secret is needed to verify webhook signatures".into());
+        }
+        if let Err(e) = reqwest::Url::parse(&self.base_url) {
+            add("base_url", format!("not a URL: {e}"));
+        } else if !(self.base_url.starts_with("https://") || self.base_url.starts_with("http://")) {
+            add("base_url", "must be an http(s) URL".into());
+        }
+        let v = self.graph_version.strip_prefix('v').unwrap_or("");
+        if v.is_empty() || !v.chars().all(|c| c.is_ascii_digit() || c == '.') {
+            add("graph_version", format!("expected a Graph version like \"v25.0\", got {:?}", self.graph_version));
+        }
+        if self.max_body_bytes < 1024 {
+            add("max_body_bytes", "must be at least 1024 (Meta's bodies are several KiB)".into());
+        }
+        if self.timeout.is_zero() {
+            add("timeout", "must be more than zero".into());
+        }
+        if self.page_size == 0 {
+            add("page_size", "must be more than zero".into());
+        }
+        if self.max_sends_per_second == 0 {
+            add("max_sends_per_second", "must be more than zero".into());
+        }
+        for (key, lists) in [("keywords.opt_out", &self.keywords.opt_out), ("keywords.opt_in", &self.keywords.opt_in)] {
+            for (lang, words) in lists {
+                for w in words {
+                    if detect::tokens(w).is_empty() {
+                        add(&format!("{key}.{lang}"), format!("keyword {w:?} has no letters or digits left after normalisation"));
+                    }
+                }
+            }
+        }
+        if self.keywords.replace_defaults && self.keywords.opt_out.values().all(|w| w.is_empty()) {
+            add("keywords.replace_defaults", "replaces the built-in lists but keywords.opt_out is empty: no typed STOP would be recognised".into());
+        }
+        // An opt-in word that is also an opt-out word would be read as an opt-out (opt-out
+        // wins), which is surely not what the operator meant.
+        let detector = detect::Detector::new(&self.keywords);
+        for w in self.keywords.opt_in.values().flatten() {
+            if detector.detect_text(w).is_some_and(|d| d.status == optout_core::Status::OptedOut) {
+                add("keywords.opt_in", format!("{w:?} is also an opt-out keyword"));
+            }
+        }
+        for id in &self.keywords.opt_in_payloads {
+            if self.keywords.opt_out_payloads.contains(id) {
+                add("keywords.opt_in_payloads", format!("{id:?} is also listed in opt_out_payloads"));
+            }
+        }
+        let c = &self.confirmations;
+        let texts = c.effective_texts();
+        if !texts.contains_key(&c.default_language) {
+            add("confirmations.default_language", format!("no texts for {:?}; add confirmations.texts.{}", c.default_language, c.default_language));
+        }
+        for (lang, t) in &c.texts {
+            for (which, s) in [("opted_out", &t.opted_out), ("opted_in", &t.opted_in)] {
+                if s.trim().is_empty() {
+                    add(&format!("confirmations.texts.{lang}.{which}"), "must not be empty".into());
+                } else if s.chars().count() > MAX_TEXT_CHARS {
+                    add(&format!("confirmations.texts.{lang}.{which}"), format!("longer than WhatsApp's {MAX_TEXT_CHARS} characters"));
+                }
+            }
+        }
+        if c.enabled {
+            if self.access_token.is_none() {
+                add("access_token", "needed when confirmations.enabled = true".into());
+            }
+            if self.phone_number_id.trim().is_empty() {
+                add("phone_number_id", "needed when confirmations.enabled = true".into());
+            }
+        }
+        if !self.phone_number_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            add("phone_number_id", "must be the numeric id Meta shows for the number, not the phone number".into());
+        }
+        p
+    }
+
+    /// Every secret reference, by key, for `check-config` to test.
+    pub fn secrets(&self) -> Vec<(&'static str, &SecretRef)> {
+        let mut s: Vec<(&'static str, &SecretRef)> = self.app_secrets.iter().map(|r| ("app_secrets", r)).collect();
+        s.push(("verify_token", &self.verify_token));
+        if let Some(t) = &self.access_token {
+            s.push(("access_token", t));
+        }
+        s
+    }
+
+    /// `{base_url}/{graph_version}`, without a trailing slash.
+    pub fn graph_root(&self) -> String {
+        format!("{}/{}", self.base_url.trim_end_matches('/'), self.graph_version)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(s)
+    }
+
+    const MIN: &str = r#"
+        app_secrets = [{ env = "A" }]
+        verify_token = { env = "V" }
+    "#;
+
+    #[test]
+    fn minimal_config_takes_defaults_and_validates() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.base_url, DEFAULT_BASE_URL);
+        assert_eq!(c.graph_version, "v25.0");
+        assert_eq!(c.max_body_bytes, 1024 * 1024);
+        assert_eq!(c.timeout, Duration::from_secs(30));
+        assert!(!c.confirmations.enabled);
+        assert_eq!(c.validate(), vec![]);
+        assert_eq!(c.secrets().len(), 2);
+    }
+
+    #[test]
+    fn refuses_unknown_keys_and_inline_secrets() {
+        assert!(parse(&format!("{MIN}\nbogus = 1")).is_err());
+        assert!(parse(r#"app_secrets = ["inline"]
+            verify_token = { env = "V" }"#)
+        .is_err());
+        assert!(parse(&format!("{MIN}\n[confirmations]\nenabled = true\ncolour = 1")).is_err());
+    }
+
+    #[test]
+    fn validation_names_the_keys() {
+        let c = parse(
+            r#"
+            app_secrets = []
+            verify_token = { env = "V" }
+            graph_version = "25"
+            timeout = "0s"
+            [keywords]
+            opt_in = { en = ["STOP", "!!!"] }
+            [confirmations]
+            enabled = true
+            default_language = "it"
+            texts.it = { opted_out = "", opted_in = "Ciao" }
+            "#,
+        )
+        .unwrap();
+        let keys: Vec<String> = c.validate().into_iter().map(|(k, _)| k).collect();
+        for k in [
+            "app_secrets",
+            "graph_version",
+            "timeout",
+            "keywords.opt_in.en",
+            "keywords.opt_in",
+            "confirmations.texts.it.opted_out",
+            "access_token",
+            "phone_number_id",
+        ] {
+            assert!(keys.iter().any(|x| x == k), "missing {k} in {keys:?}");
+        }
+        // "it" has a configured text, so the default language is fine.
+        assert!(!keys.iter().any(|x| x == "confirmations.default_language"));
+    }
+}

@@ -1,0 +1,161 @@
+//! The push side: WhatsApp takes only confirmation replies (one per opt-out or opt-in
+//! keyword, inside the 24-hour window). Suppression itself happens in the daemon's send
+//! gate; there is nothing to write to Meta for it.
+//!
+//! Items are sent one by one, in order, because a confirmation is not idempotent: once one
+//! has gone out in a call, that call must report per-item outcomes (`Ok`) rather than fail as
+//! a whole and have the core resend the batch. So the whole call fails (an auth alarm) only
+//! when the credentials are refused before anything was sent; a refusal later in the batch
+//! marks the rest `RetryLater`, and the next call raises the alarm.
+
+use optout_core::{ConnectorError, Identity, PushItem, PushOutcome, Status, Timestamp};
+use serde_json::{Value, json};
+
+use crate::client::{Class, Graph, Reply};
+use crate::config::{Confirmations, Texts};
+
+pub(crate) const NOT_A_REPLY: &str = "whatsapp takes confirmation replies only";
+pub(crate) const WINDOW_CLOSED: &str = "24-hour window closed";
+
+pub(crate) async fn push(
+    graph: Option<&Graph>,
+    confirmations: &Confirmations,
+    texts: &std::collections::BTreeMap<String, Texts>,
+    batch: &[PushItem],
+    now: Timestamp,
+) -> Result<Vec<PushOutcome>, ConnectorError> {
+    let mut out = Vec::with_capacity(batch.len());
+    let mut sent_any = false;
+    // Set after an account-wide throttle or an auth refusal: later items are not sent.
+    let mut halt: Option<PushOutcome> = None;
+    for item in batch {
+        let Some(reply) = &item.reply else {
+            out.push(PushOutcome::Rejected { reason: NOT_A_REPLY.into() });
+            continue;
+        };
+        if !confirmations.enabled {
+            // Confirmations are optional; the decision itself needs nothing from Meta.
+            out.push(PushOutcome::Done);
+            continue;
+        }
+        if now > reply.window_ends {
+            out.push(PushOutcome::Rejected { reason: WINDOW_CLOSED.into() });
+            continue;
+        }
+        if let Some(h) = &halt {
+            out.push(h.clone());
+            continue;
+        }
+        let Some(graph) = graph else {
+            return Err(ConnectorError::Config("confirmations are enabled but no access_token is set".into()));
+        };
+        let text = pick_text(texts, &confirmations.default_language, reply.language.as_deref(), item.status);
+        let body = message_body(&reply.to, &reply.in_reply_to, text);
+        let outcome = match graph.send_message(&body).await {
+            Reply::Ok(_) => {
+                sent_any = true;
+                PushOutcome::Done
+            }
+            Reply::Graph(e) => match e.class() {
+                Class::Throttled => {
+                    let o = PushOutcome::RetryLater { after: e.retry_after, reason: e.describe() };
+                    halt = Some(o.clone());
+                    o
+                }
+                Class::Retry => PushOutcome::RetryLater { after: e.retry_after, reason: e.describe() },
+                Class::Reject => PushOutcome::Rejected { reason: e.describe() },
+                class @ (Class::Unauthorized | Class::Forbidden) => {
+                    if !sent_any {
+                        return Err(auth_error(class, e.describe()));
+                    }
+                    let o = PushOutcome::RetryLater { after: None, reason: e.describe() };
+                    halt = Some(o.clone());
+                    o
+                }
+            },
+            Reply::Http(reason, class) => match class {
+                Class::Reject => PushOutcome::Rejected { reason },
+                Class::Unauthorized | Class::Forbidden if !sent_any => return Err(auth_error(class, reason)),
+                Class::Throttled | Class::Unauthorized | Class::Forbidden => {
+                    let o = PushOutcome::RetryLater { after: None, reason };
+                    halt = Some(o.clone());
+                    o
+                }
+                Class::Retry => PushOutcome::RetryLater { after: None, reason },
+            },
+        };
+        out.push(outcome);
+    }
+    Ok(out)
+}
+
+fn auth_error(class: Class, reason: String) -> ConnectorError {
+    if class == Class::Forbidden {
+        ConnectorError::Forbidden(reason)
+    } else {
+        ConnectorError::Unauthorized(reason)
+    }
+}
+
+/// The text for `language` ("es-MX" falls back to "es"), else for the default language.
+pub(crate) fn pick_text<'a>(
+    texts: &'a std::collections::BTreeMap<String, Texts>,
+    default_language: &str,
+    language: Option<&str>,
+    status: Status,
+) -> &'a str {
+    let by = |l: &str| texts.get(l).or_else(|| texts.get(&l.to_ascii_lowercase()));
+    let t = language
+        .and_then(|l| by(l).or_else(|| by(l.split(['-', '_']).next().unwrap_or(l))))
+        .or_else(|| by(default_language))
+        .or_else(|| texts.values().next())
+        .expect("built-in texts are never empty");
+    match status {
+        Status::OptedOut => &t.opted_out,
+        Status::OptedIn => &t.opted_in,
+    }
+}
+
+/// A free-form text reply in the context of the customer's message. Username users without
+/// a phone number are addressed by BSUID in `recipient` instead of `to`.
+pub(crate) fn message_body(to: &Identity, in_reply_to: &str, text: &str) -> Value {
+    let mut body = json!({
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "type": "text",
+        "text": {"preview_url": false, "body": text},
+        "context": {"message_id": in_reply_to},
+    });
+    match to {
+        Identity::WaId(v) | Identity::Phone(v) => body["to"] = json!(v),
+        Identity::Bsuid(v) => body["recipient"] = json!(v),
+    }
+    body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::default_texts;
+
+    #[test]
+    fn picks_texts_by_language_with_fallbacks() {
+        let t = default_texts();
+        assert!(pick_text(&t, "en", Some("es"), Status::OptedOut).starts_with("Has sido"));
+        assert!(pick_text(&t, "en", Some("es-MX"), Status::OptedOut).starts_with("Has sido"));
+        assert!(pick_text(&t, "en", Some("DE"), Status::OptedIn).starts_with("Sie sind"));
+        assert!(pick_text(&t, "en", Some("it"), Status::OptedOut).starts_with("You have been"));
+        assert!(pick_text(&t, "fr", None, Status::OptedIn).starts_with("Vous êtes de nouveau"));
+    }
+
+    #[test]
+    fn addresses_username_users_by_bsuid() {
+        let b = message_body(&Identity::Bsuid("US.1".into()), "wamid.x", "hi");
+        assert_eq!(b["recipient"], "US.1");
+        assert!(b.get("to").is_none());
+        let b = message_body(&Identity::WaId("16505551234".into()), "wamid.x", "hi");
+        assert_eq!(b["to"], "16505551234");
+        assert_eq!(b["context"]["message_id"], "wamid.x");
+        assert_eq!(b["text"]["preview_url"], false);
+    }
+}

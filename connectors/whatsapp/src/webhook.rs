@@ -1,0 +1,222 @@
+//! The webhook route Meta calls: `GET /webhooks/whatsapp` (subscription handshake) and
+//! `POST /webhooks/whatsapp` (deliveries). The daemon mounts [`router`] on its listener.
+//!
+//! The POST path is the hot path, so it does the least that keeps the guarantees:
+//! 1. `X-Hub-Signature-256` must be present and well-formed (else 401) — checked before the
+//!    body is even read;
+//! 2. the body is read up to `max_body_bytes` (else 413);
+//! 3. the HMAC-SHA256 of the raw bytes must verify with one of the app secrets, compared in
+//!    constant time (else 403). Nothing unsigned or badly signed is ever stored;
+//! 4. a WhatsApp envelope is appended to the inbox and acknowledged 200 only after the
+//!    append returned; anything else that was signed is quarantined and acknowledged 200,
+//!    so Meta does not redeliver it forever; a storage failure answers 503 (Meta retries).
+//!
+//! Parsing into observations happens later, in the poll, so a parser bug can never lose a
+//! delivery: the raw body is what is stored.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use hmac::{Hmac, Mac};
+use optout_core::{ConnectorError, Timestamp};
+use sha2::Sha256;
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::inbox::Inbox;
+use crate::parse;
+
+/// Where Meta is told to deliver.
+pub const PATH: &str = "/webhooks/whatsapp";
+pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Everything the handlers need, shared by all requests.
+pub struct WebhookState<I> {
+    name: String,
+    inbox: Arc<I>,
+    /// One keyed HMAC per app secret, cloned per request (cheaper than re-keying).
+    macs: Vec<HmacSha256>,
+    /// HMAC of the verify token under a fixed key: comparing digests with `verify_slice` is
+    /// constant-time and does not leak the token's length.
+    verify_digest: Vec<u8>,
+    max_body_bytes: usize,
+    appended: Arc<Notify>,
+}
+
+impl<I> std::fmt::Debug for WebhookState<I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookState")
+            .field("name", &self.name)
+            .field("secrets", &self.macs.len())
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+const VERIFY_KEY: &[u8] = b"optout-sync webhook verify token";
+
+impl<I: Inbox> WebhookState<I> {
+    /// Resolves the app secrets and the verify token.
+    pub fn new(name: &str, config: &Config, inbox: Arc<I>) -> Result<Self, ConnectorError> {
+        let mut macs = Vec::with_capacity(config.app_secrets.len());
+        for (i, r) in config.app_secrets.iter().enumerate() {
+            let secret = r
+                .resolve()
+                .map_err(|e| ConnectorError::Config(format!("app_secrets[{i}]: {e}")))?;
+            macs.push(
+                HmacSha256::new_from_slice(secret.expose().as_bytes()).expect("HMAC takes keys of any length"),
+            );
+        }
+        if macs.is_empty() {
+            return Err(ConnectorError::Config("app_secrets: at least one is needed".into()));
+        }
+        let token = config
+            .verify_token
+            .resolve()
+            .map_err(|e| ConnectorError::Config(format!("verify_token: {e}")))?;
+        Ok(WebhookState {
+            name: name.to_string(),
+            inbox,
+            macs,
+            verify_digest: verify_digest(token.expose().as_bytes()),
+            max_body_bytes: config.max_body_bytes,
+            appended: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Notified (`notify_one`, so a wake-up is kept if nobody waits yet) after every
+    /// successful append: the daemon's poll worker can wait on it instead of polling an
+    /// idle inbox on a timer.
+    pub fn appended(&self) -> Arc<Notify> {
+        self.appended.clone()
+    }
+
+    fn signature_ok(&self, body: &[u8], sig: &[u8; 32]) -> bool {
+        // Every secret is tried (no early exit on the first), keeping the time independent
+        // of which secret matched.
+        self.macs.iter().fold(false, |ok, mac| {
+            let mut m = mac.clone();
+            m.update(body);
+            m.verify_slice(sig).is_ok() | ok
+        })
+    }
+
+    fn token_ok(&self, token: &str) -> bool {
+        let mut m = HmacSha256::new_from_slice(VERIFY_KEY).expect("fixed key");
+        m.update(token.as_bytes());
+        m.verify_slice(&self.verify_digest).is_ok()
+    }
+}
+
+fn verify_digest(token: &[u8]) -> Vec<u8> {
+    let mut m = HmacSha256::new_from_slice(VERIFY_KEY).expect("fixed key");
+    m.update(token);
+    m.finalize().into_bytes().to_vec()
+}
+
+/// `GET` and `POST` on [`PATH`], with the body limit applied.
+pub fn router<I: Inbox>(state: Arc<WebhookState<I>>) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route(PATH, get(handshake::<I>).post(receive::<I>))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+async fn handshake<I: Inbox>(
+    State(st): State<Arc<WebhookState<I>>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let mode = q.get("hub.mode").map(String::as_str);
+    let token = q.get("hub.verify_token").map(String::as_str).unwrap_or("");
+    let Some(challenge) = q.get("hub.challenge") else {
+        return (StatusCode::BAD_REQUEST, "hub.challenge missing").into_response();
+    };
+    if mode == Some("subscribe") && st.token_ok(token) {
+        tracing::info!(connector = %st.name, "webhook subscription verified");
+        ([(header::CONTENT_TYPE, "text/plain")], challenge.clone()).into_response()
+    } else {
+        tracing::warn!(connector = %st.name, "webhook verification refused: wrong mode or verify token");
+        (StatusCode::FORBIDDEN, "verification failed").into_response()
+    }
+}
+
+async fn receive<I: Inbox>(State(st): State<Arc<WebhookState<I>>>, req: Request) -> Response {
+    let received_at = Timestamp::now();
+    let Some(sig) = signature(req.headers()) else {
+        tracing::warn!(connector = %st.name, "webhook without a valid X-Hub-Signature-256 refused");
+        return (StatusCode::UNAUTHORIZED, "missing or malformed X-Hub-Signature-256").into_response();
+    };
+    // Bytes honours the DefaultBodyLimit layer: a body over the limit is a 413 rejection.
+    let body = match Bytes::from_request(req, &()).await {
+        Ok(b) => b,
+        Err(rejection) => return rejection.into_response(),
+    };
+    if !st.signature_ok(&body, &sig) {
+        tracing::warn!(connector = %st.name, bytes = body.len(), "webhook with a wrong signature refused");
+        return (StatusCode::FORBIDDEN, "signature mismatch").into_response();
+    }
+    let stored = match parse::check_envelope(&body) {
+        Ok(()) => st.inbox.append(body, received_at).await.map(|()| st.appended.notify_one()),
+        Err(why) => {
+            tracing::warn!(connector = %st.name, reason = %why, "signed webhook body is unusable; quarantined");
+            st.inbox.quarantine(body, received_at, why.to_string()).await
+        }
+    };
+    match stored {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => {
+            tracing::error!(connector = %st.name, error = %e, "webhook not stored; Meta will redeliver");
+            (StatusCode::SERVICE_UNAVAILABLE, "not stored").into_response()
+        }
+    }
+}
+
+/// `sha256=<64 hex>` → the 32 bytes; anything else is `None`.
+fn signature(headers: &HeaderMap) -> Option<[u8; 32]> {
+    let v = headers.get(SIGNATURE_HEADER)?.to_str().ok()?.trim();
+    let hex = v.strip_prefix("sha256=")?.as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        out[i] = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
+fn nibble(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn parses_signature_headers() {
+        let mut h = HeaderMap::new();
+        assert_eq!(signature(&h), None);
+        h.insert(SIGNATURE_HEADER, HeaderValue::from_static("sha1=abcd"));
+        assert_eq!(signature(&h), None);
+        h.insert(SIGNATURE_HEADER, HeaderValue::from_str(&format!("sha256={}", "zz".repeat(32))).unwrap());
+        assert_eq!(signature(&h), None);
+        h.insert(SIGNATURE_HEADER, HeaderValue::from_str(&format!("sha256={}", "0A".repeat(32))).unwrap());
+        assert_eq!(signature(&h), Some([0x0a; 32]));
+    }
+}
