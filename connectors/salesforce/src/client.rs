@@ -122,9 +122,8 @@ struct TokenError {
 impl Client {
     /// Resolves the secrets and parses the JWT key now, so a bad key fails at start-up.
     pub fn new(name: &str, config: &Config) -> Result<Self, ConnectorError> {
-        let secret_error = |key: &str, e: optout_core::SecretError| {
-            ConnectorError::Config(format!("{key}: {e}"))
-        };
+        let secret_error =
+            |key: &str, e: optout_core::SecretError| ConnectorError::Config(format!("{key}: {e}"));
         let auth = match &config.auth {
             AuthConfig::ClientCredentials {
                 client_id,
@@ -221,18 +220,23 @@ impl Client {
                 });
             }
             let (code, message) = api_error(&text);
-            if status == StatusCode::UNAUTHORIZED && attempt == 0 {
-                tracing::info!(connector = %self.name, code = ?code, "session refused; logging in again");
-                self.invalidate(session.generation).await;
-                continue;
+            if status == StatusCode::UNAUTHORIZED {
+                if attempt == 0 {
+                    tracing::info!(connector = %self.name, code = ?code, "session refused; logging in again");
+                    self.invalidate(session.generation).await;
+                    continue;
+                }
+                let error = ConnectorError::Unauthorized(format!(
+                    "Salesforce refused a fresh session too ({}: {}); check the run-as user, IP restrictions and the app's session policies",
+                    code.as_deref().unwrap_or("401"),
+                    http::excerpt(&message)
+                ));
+                return Err(CallError { code, error });
             }
             let error = self.classify(status, &headers, code.as_deref(), &message);
             return Err(CallError { code, error });
         }
-        Err(ConnectorError::Unauthorized(
-            "Salesforce refused a fresh session (INVALID_SESSION_ID twice); check the run-as user, IP restrictions and the app's policies".into(),
-        )
-        .into())
+        unreachable!("the second attempt always returns")
     }
 
     /// Refuses to send while the org's usage is over this daemon's share.
@@ -275,7 +279,11 @@ impl Client {
         code: Option<&str>,
         message: &str,
     ) -> ConnectorError {
-        let what = format!("{}: {}", code.unwrap_or("no errorCode"), http::excerpt(message));
+        let what = format!(
+            "{}: {}",
+            code.unwrap_or("no errorCode"),
+            http::excerpt(message)
+        );
         match (status.as_u16(), code) {
             (403, Some("REQUEST_LIMIT_EXCEEDED")) if message.contains("Concurrent") => {
                 ConnectorError::RateLimited {
@@ -353,10 +361,10 @@ impl Client {
                     aud: audience,
                     exp: chrono::Utc::now().timestamp() + JWT_LIFETIME_SECS,
                 };
-                let assertion =
-                    jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, key).map_err(
-                        |e| ConnectorError::Config(format!("cannot sign the JWT assertion: {e}")),
-                    )?;
+                let assertion = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, key)
+                    .map_err(|e| {
+                        ConnectorError::Config(format!("cannot sign the JWT assertion: {e}"))
+                    })?;
                 vec![
                     (
                         "grant_type",
@@ -462,7 +470,10 @@ mod tests {
             HeaderValue::from_static("api-bursts=1/750, api-usage=18/5000"),
         );
         assert_eq!(parse_limit_info(&h), Some((18, 5000)));
-        h.insert("Sforce-Limit-Info", HeaderValue::from_static("api-usage=x/5"));
+        h.insert(
+            "Sforce-Limit-Info",
+            HeaderValue::from_static("api-usage=x/5"),
+        );
         assert_eq!(parse_limit_info(&h), None);
     }
 
@@ -477,8 +488,9 @@ mod tests {
 
     #[test]
     fn reads_error_bodies() {
-        let (code, msg) =
-            api_error(r#"[{"message":"Session expired or invalid","errorCode":"INVALID_SESSION_ID"}]"#);
+        let (code, msg) = api_error(
+            r#"[{"message":"Session expired or invalid","errorCode":"INVALID_SESSION_ID"}]"#,
+        );
         assert_eq!(code.as_deref(), Some("INVALID_SESSION_ID"));
         assert_eq!(msg, "Session expired or invalid");
         assert_eq!(api_error("<html>oops").0, None);

@@ -220,7 +220,10 @@ impl Config {
             (None, AuthConfig::JwtBearer { .. }) => {}
         }
         if !is_api_version(&self.api_version) {
-            bad("api_version", format!("{:?} is not like v62.0", self.api_version));
+            bad(
+                "api_version",
+                format!("{:?} is not like v62.0", self.api_version),
+            );
         }
         match &self.auth {
             AuthConfig::ClientCredentials { client_id, .. } => {
@@ -255,11 +258,15 @@ impl Config {
         for (i, o) in self.objects.iter().enumerate() {
             let key = |k: &str| format!("objects[{i}].{k}");
             if !is_identifier(&o.name) {
-                bad(&key("name"), format!("{:?} is not an sObject API name", o.name));
+                bad(
+                    &key("name"),
+                    format!("{:?} is not an sObject API name", o.name),
+                );
             } else if o.name.eq_ignore_ascii_case(MESSAGING_END_USER) {
                 bad(
                     &key("name"),
-                    "MessagingEndUser is read with messaging_end_user = true, not as an object".into(),
+                    "MessagingEndUser is read with messaging_end_user = true, not as an object"
+                        .into(),
                 );
             } else if self.objects[..i]
                 .iter()
@@ -280,7 +287,10 @@ impl Config {
             }
             for f in &o.phone_fields {
                 if !is_identifier(f) {
-                    bad(&key("phone_fields"), format!("{f:?} is not a field API name"));
+                    bad(
+                        &key("phone_fields"),
+                        format!("{f:?} is not a field API name"),
+                    );
                 }
             }
         }
@@ -360,7 +370,9 @@ fn url_problem(url: &str) -> Option<String> {
             .iter()
             .any(|h| authority == *h || authority.starts_with(&format!("{h}:")));
         if !loopback {
-            return Some(format!("{url:?} must use https (plain http only on loopback)"));
+            return Some(format!(
+                "{url:?} must use https (plain http only on loopback)"
+            ));
         }
         r
     } else {

@@ -189,7 +189,11 @@ fn schema(object: &str) -> Option<(&'static str, Vec<FieldDef>)> {
                 f("MessageType", Kind::Picklist(MESSAGE_TYPES), false),
                 // Create-only in Salesforce: a new number means a new row.
                 f("MessagingPlatformKey", Kind::Text, false),
-                f("MessagingConsentStatus", Kind::Picklist(CONSENT_STATUSES), true),
+                f(
+                    "MessagingConsentStatus",
+                    Kind::Picklist(CONSENT_STATUSES),
+                    true,
+                ),
                 f("ContactId", Kind::Id, true),
                 f("LeadId", Kind::Id, true),
             ];
@@ -290,6 +294,12 @@ impl OrgState {
             visible,
             deleted: false,
         };
+        // Checkboxes are never empty in Salesforce: unchecked is false.
+        for def in &self.schemas[canonical] {
+            if def.kind == Kind::Bool {
+                row.fields.insert(def.name.clone(), json!(false));
+            }
+        }
         for (k, v) in fields.as_object().cloned().unwrap_or_default() {
             let def = self
                 .field(canonical, &k)
@@ -385,7 +395,10 @@ pub async fn start(opts: FakeOptions) -> FakeHandle {
         .route("/services/oauth2/token", post(token))
         .route("/services/data/{ver}/query", get(query))
         .route("/services/data/{ver}/query/{locator}", get(query_more))
-        .route("/services/data/{ver}/composite/sobjects", patch(collections))
+        .route(
+            "/services/data/{ver}/composite/sobjects",
+            patch(collections),
+        )
         .route("/services/data/{ver}/limits", get(limits))
         .with_state(shared.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -464,7 +477,8 @@ impl FakeHandle {
         let row = s.rows.get_mut(id).expect("known id");
         row.fields.extend(defs);
         row.modstamp = t;
-        row.fields.insert("LastModifiedDate".into(), json!(sf_time(t)));
+        row.fields
+            .insert("LastModifiedDate".into(), json!(sf_time(t)));
     }
 
     /// Sets a record's `SystemModstamp` (to force ties or age a record).
@@ -543,7 +557,9 @@ impl FakeHandle {
 
     /// Updates of these records fail with `UNABLE_TO_LOCK_ROW` until unlocked.
     pub fn lock(&self, ids: &[&str]) {
-        self.state().locked.extend(ids.iter().map(|s| s.to_string()));
+        self.state()
+            .locked
+            .extend(ids.iter().map(|s| s.to_string()));
     }
 
     pub fn unlock_all(&self) {
@@ -589,13 +605,17 @@ fn token_error(status: StatusCode, error: &str, description: &str) -> Response {
         .into_response()
 }
 
-async fn token(State(shared): State<Arc<Shared>>, Form(form): Form<HashMap<String, String>>) -> Response {
+async fn token(
+    State(shared): State<Arc<Shared>>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
     shared.state.lock().unwrap().counters.token += 1;
     let opts = &shared.opts;
     let param = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
     let jwt = match param("grant_type") {
         "client_credentials" => {
-            if param("client_id") != opts.client_id || param("client_secret") != opts.client_secret {
+            if param("client_id") != opts.client_id || param("client_secret") != opts.client_secret
+            {
                 return token_error(
                     StatusCode::BAD_REQUEST,
                     "invalid_client",
@@ -606,10 +626,14 @@ async fn token(State(shared): State<Arc<Shared>>, Form(form): Form<HashMap<Strin
         }
         "urn:ietf:params:oauth:grant-type:jwt-bearer" => {
             let Some(trust) = &opts.jwt else {
-                return token_error(StatusCode::BAD_REQUEST, "invalid_grant", "invalid assertion");
+                return token_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_grant",
+                    "invalid assertion",
+                );
             };
-            if let Err(r) = verify_assertion(trust, param("assertion")) {
-                return r;
+            if let Err((error, description)) = verify_assertion(trust, param("assertion")) {
+                return token_error(StatusCode::BAD_REQUEST, error, description);
             }
             true
         }
@@ -646,9 +670,10 @@ async fn token(State(shared): State<Arc<Shared>>, Form(form): Form<HashMap<Strin
     Json(body).into_response()
 }
 
-fn verify_assertion(trust: &JwtTrust, assertion: &str) -> Result<(), Response> {
+/// Checks a JWT bearer assertion; the error is the token endpoint's (error, description).
+fn verify_assertion(trust: &JwtTrust, assertion: &str) -> Result<(), (&'static str, &'static str)> {
     use jsonwebtoken::errors::ErrorKind;
-    let invalid = |d: &str| token_error(StatusCode::BAD_REQUEST, "invalid_grant", d);
+    let invalid = |d: &'static str| ("invalid_grant", d);
     let key = jsonwebtoken::DecodingKey::from_rsa_pem(trust.public_key_pem.as_bytes())
         .map_err(|_| invalid("the connected app's certificate is unusable"))?;
     let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
@@ -656,16 +681,13 @@ fn verify_assertion(trust: &JwtTrust, assertion: &str) -> Result<(), Response> {
     v.set_issuer(&[&trust.client_id]);
     v.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
     v.leeway = 0;
-    let data = jsonwebtoken::decode::<JwtClaims>(assertion, &key, &v).map_err(|e| match e.kind() {
-        ErrorKind::InvalidIssuer => token_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_client_id",
-            "client identifier invalid",
-        ),
-        ErrorKind::InvalidAudience => invalid("audience is invalid"),
-        ErrorKind::ExpiredSignature => invalid("expired authorization code"),
-        _ => invalid("invalid assertion"),
-    })?;
+    let data =
+        jsonwebtoken::decode::<JwtClaims>(assertion, &key, &v).map_err(|e| match e.kind() {
+            ErrorKind::InvalidIssuer => ("invalid_client_id", "client identifier invalid"),
+            ErrorKind::InvalidAudience => invalid("audience is invalid"),
+            ErrorKind::ExpiredSignature => invalid("expired authorization code"),
+            _ => invalid("invalid assertion"),
+        })?;
     if data.claims.sub != trust.username {
         return Err(invalid("user hasn't approved this consumer"));
     }
@@ -771,14 +793,25 @@ fn answer(shared: &Shared, damage: Damage, status: StatusCode, body: Value) -> R
         Damage::None => (status, [("content-type", "application/json")], text).into_response(),
         Damage::Malformed => {
             let cut = text.len() / 2;
-            let cut = (0..=cut).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
-            (status, [("content-type", "application/json")], text[..cut].to_string()).into_response()
+            let cut = (0..=cut)
+                .rev()
+                .find(|i| text.is_char_boundary(*i))
+                .unwrap_or(0);
+            (
+                status,
+                [("content-type", "application/json")],
+                text[..cut].to_string(),
+            )
+                .into_response()
         }
         Damage::Drop => {
             let head = Bytes::from(text[..text.len().min(8)].to_string());
             let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
                 Ok(head),
-                Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "dropped by the fake")),
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "dropped by the fake",
+                )),
             ];
             let mut r = Response::new(Body::from_stream(futures_util::stream::iter(chunks)));
             *r.status_mut() = status;
@@ -796,8 +829,13 @@ fn batch_size(headers: &HeaderMap) -> usize {
         .get("sforce-query-options")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
-            v.split(',')
-                .find_map(|p| p.trim().strip_prefix("batchSize=")?.trim().parse::<usize>().ok())
+            v.split(',').find_map(|p| {
+                p.trim()
+                    .strip_prefix("batchSize=")?
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+            })
         })
         .map(|n| n.clamp(200, 2000))
         .unwrap_or(2000)
@@ -839,7 +877,11 @@ fn run_query(shared: &Shared, ver: &str, q: &str, batch: usize) -> (StatusCode, 
     // Resolve every name to its definition; unknown names are INVALID_FIELD.
     let mut names: Vec<&str> = parsed.fields.iter().map(String::as_str).collect();
     names.extend(parsed.order.iter().map(|o| o.field.as_str()));
-    let comparisons = parsed.filter.as_ref().map(|f| f.comparisons()).unwrap_or_default();
+    let comparisons = parsed
+        .filter
+        .as_ref()
+        .map(|f| f.comparisons())
+        .unwrap_or_default();
     names.extend(comparisons.iter().map(|(f, _)| *f));
     for n in &names {
         if s.field(&object, n).is_none() {
@@ -877,6 +919,9 @@ fn run_query(shared: &Shared, ver: &str, q: &str, batch: usize) -> (StatusCode, 
 
     let lit = |s: &OrgState, id: &str, row: &Row, name: &str| {
         let def = s.field(&object, name).expect("checked");
+        if def.name == "SystemModstamp" {
+            return Literal::DateTime(row.modstamp);
+        }
         literal_of(def.kind, &s.value_of(id, row, &def.name))
     };
     let mut hits: Vec<&String> = s
@@ -971,11 +1016,13 @@ async fn query_more(
                 let end = (off + loc.batch).min(loc.rows.len());
                 let total = loc.rows.len();
                 let records: Vec<Value> = loc.rows[off..end].to_vec();
-                let mut body = json!({"totalSize": total, "done": end == total, "records": records});
+                let mut body =
+                    json!({"totalSize": total, "done": end == total, "records": records});
                 if end == total {
                     s.locators.remove(&lid);
                 } else {
-                    body["nextRecordsUrl"] = json!(format!("/services/data/{ver}/query/{lid}-{end}"));
+                    body["nextRecordsUrl"] =
+                        json!(format!("/services/data/{ver}/query/{lid}-{end}"));
                 }
                 (StatusCode::OK, body)
             }
@@ -1017,12 +1064,16 @@ async fn collections(
     answer(&shared, damage, status, body)
 }
 
+/// A valid record update: the id and the (canonical field, value) pairs to set.
+type Change = (String, Vec<(String, Value)>);
+/// A refused record: statusCode, message, fields.
+type RecordError = (String, String, Vec<String>);
+
 /// Per-record validation, then (all or the valid ones) applied.
 fn update_records(shared: &Shared, body: CollectionsBody) -> Value {
     let mut s = shared.state.lock().unwrap();
     s.counters.collection_records += body.records.len() as u64;
-    type Change = (String, Vec<(String, Value)>);
-    let mut checked: Vec<Result<Change, (String, String, Vec<String>)>> = Vec::new();
+    let mut checked: Vec<Result<Change, RecordError>> = Vec::new();
     for rec in &body.records {
         checked.push(check_record(&mut s, rec));
     }
@@ -1049,11 +1100,7 @@ fn update_records(shared: &Shared, body: CollectionsBody) -> Value {
     Value::Array(results)
 }
 
-#[allow(clippy::type_complexity)]
-fn check_record(
-    s: &mut OrgState,
-    rec: &Value,
-) -> Result<(String, Vec<(String, Value)>), (String, String, Vec<String>)> {
+fn check_record(s: &mut OrgState, rec: &Value) -> Result<Change, RecordError> {
     let fail = |code: &str, msg: String, fields: &[&str]| {
         Err((
             code.to_string(),
@@ -1062,18 +1109,35 @@ fn check_record(
         ))
     };
     let ty = rec["attributes"]["type"].as_str().unwrap_or("");
-    let Some(object) = s.schemas.keys().find(|k| k.eq_ignore_ascii_case(ty)).cloned() else {
-        return fail("INVALID_TYPE", format!("sObject type '{ty}' is not supported"), &[]);
+    let Some(object) = s
+        .schemas
+        .keys()
+        .find(|k| k.eq_ignore_ascii_case(ty))
+        .cloned()
+    else {
+        return fail(
+            "INVALID_TYPE",
+            format!("sObject type '{ty}' is not supported"),
+            &[],
+        );
     };
     let id = rec["id"].as_str().unwrap_or("");
     if !(id.len() == 15 || id.len() == 18) || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return fail("MALFORMED_ID", format!("Id: invalid id: {id}"), &["Id"]);
     }
     let Some(row) = s.rows.get(id) else {
-        return fail("INVALID_CROSS_REFERENCE_KEY", "invalid cross reference id".into(), &[]);
+        return fail(
+            "INVALID_CROSS_REFERENCE_KEY",
+            "invalid cross reference id".into(),
+            &[],
+        );
     };
     if row.object != object {
-        return fail("MALFORMED_ID", format!("malformed id {id} for {object}"), &["Id"]);
+        return fail(
+            "MALFORMED_ID",
+            format!("malformed id {id} for {object}"),
+            &["Id"],
+        );
     }
     if row.deleted {
         return fail("ENTITY_IS_DELETED", "entity is deleted".into(), &[]);
@@ -1093,7 +1157,10 @@ fn check_record(
         if !def.updatable {
             return fail(
                 "INVALID_FIELD_FOR_INSERT_UPDATE",
-                format!("Unable to create/update fields: {}. Please check the security settings of this field and verify that it is read/write for your profile or permission set.", def.name),
+                format!(
+                    "Unable to create/update fields: {}. Please check the security settings of this field and verify that it is read/write for your profile or permission set.",
+                    def.name
+                ),
                 &[&def.name],
             );
         }
@@ -1110,7 +1177,11 @@ fn check_record(
                 Kind::Picklist(_) => "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
                 _ => "INVALID_TYPE_ON_FIELD_IN_RECORD",
             };
-            return fail(code, format!("{}: bad value for field: {v}", def.name), &[&def.name]);
+            return fail(
+                code,
+                format!("{}: bad value for field: {v}", def.name),
+                &[&def.name],
+            );
         }
         changes.push((def.name, v.clone()));
     }

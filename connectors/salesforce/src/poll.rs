@@ -5,7 +5,7 @@
 //! `done`; `more` stays true until the pass ends. A new pass queries each object from its
 //! newest position lowered by `overlap` (`SystemModstamp >= t - overlap`), so rows committed
 //! late with an older `SystemModstamp` are still read; re-reads are harmless because the core
-//! compares values. Within a pass the query locator (`nextRecordsUrl`) continues; when it has
+//! compares values. (With `overlap = "0s"` a pass resumes exactly after the position.) Within a pass the query locator (`nextRecordsUrl`) continues; when it has
 //! expired, the query restarts exactly after the last row read
 //! (`SystemModstamp > t OR (SystemModstamp = t AND Id > 'last')`), which stays correct when
 //! thousands of rows share one timestamp.
@@ -48,6 +48,10 @@ struct Pass {
     /// The current object's `nextRecordsUrl`, when its query has more pages.
     #[serde(default)]
     next: Option<String>,
+    /// The last row the current object's query returned: where an expired locator resumes.
+    /// (Not the newest position: a pass that reaches back by the overlap is still below it.)
+    #[serde(default)]
+    last: Option<Position>,
     /// A full sync reads every row, ignoring positions.
     #[serde(default)]
     full: bool,
@@ -136,20 +140,34 @@ impl SalesforceConnector {
 
         let data = match pass.next.take() {
             Some(url) if url.starts_with("/services/data/") => {
-                match self.client.call(Method::GET, &url, &[], &self.query_headers(), None).await
+                match self
+                    .client
+                    .call(Method::GET, &url, &[], &self.query_headers(), None)
+                    .await
                 {
                     Err(e) if e.code.as_deref() == Some("INVALID_QUERY_LOCATOR") => {
                         tracing::info!(connector = %self.name, object = %name,
                             "query locator expired; resuming after the last row read");
-                        self.query(source, resume_from(&position)).await?
+                        self.query(
+                            source,
+                            resume_from(pass.last.as_ref().or(position.as_ref())),
+                        )
+                        .await?
                     }
                     other => other?,
                 }
             }
-            // A locator we did not write (or none): continue exactly after the last row.
-            Some(_) => self.query(source, resume_from(&position)).await?,
+            // A locator we did not write: continue exactly after the last row.
+            Some(_) => {
+                self.query(
+                    source,
+                    resume_from(pass.last.as_ref().or(position.as_ref())),
+                )
+                .await?
+            }
             None => {
                 let from = match &position {
+                    Some(p) if !pass.full && self.config.overlap.is_zero() => resume_from(Some(p)),
                     Some(p) if !pass.full => {
                         Bound::AtOrAfter(Timestamp::from_millis(p.t).minus(self.config.overlap))
                     }
@@ -172,8 +190,9 @@ impl SalesforceConnector {
             })?;
             let p = Position { t: t.millis(), id };
             if newest.as_ref().is_none_or(|n| p > *n) {
-                newest = Some(p);
+                newest = Some(p.clone());
             }
+            pass.last = Some(p);
             observations.push(Observation::Record(snap));
         }
         if let Some(p) = newest {
@@ -184,13 +203,19 @@ impl SalesforceConnector {
             Some(url) => pass.next = Some(url),
             None => {
                 pass.pending.remove(0);
+                pass.last = None;
             }
         }
         let pass = (!pass.pending.is_empty()).then_some(pass);
         Ok(self.page(state, pass, observations))
     }
 
-    fn page(&self, mut state: CursorState, pass: Option<Pass>, observations: Vec<Observation>) -> Page {
+    fn page(
+        &self,
+        mut state: CursorState,
+        pass: Option<Pass>,
+        observations: Vec<Observation>,
+    ) -> Page {
         let progress = pass.as_ref().map(|p| Progress {
             done: p.read,
             total: None,
@@ -209,6 +234,7 @@ impl SalesforceConnector {
         Pass {
             pending: self.sources.iter().map(|s| s.name().to_string()).collect(),
             next: None,
+            last: None,
             full,
             read: 0,
         }
@@ -231,12 +257,18 @@ impl SalesforceConnector {
         let path = format!("/services/data/{}/query", self.config.api_version);
         Ok(self
             .client
-            .call(Method::GET, &path, &[("q", &q)], &self.query_headers(), None)
+            .call(
+                Method::GET,
+                &path,
+                &[("q", &q)],
+                &self.query_headers(),
+                None,
+            )
             .await?)
     }
 }
 
-fn resume_from(position: &Option<Position>) -> Bound<'_> {
+fn resume_from(position: Option<&Position>) -> Bound<'_> {
     match position {
         Some(p) => Bound::After(Timestamp::from_millis(p.t), &p.id),
         None => Bound::Start,

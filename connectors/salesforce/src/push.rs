@@ -123,7 +123,10 @@ impl SalesforceConnector {
 
         // Same-type records together (stable, so order within a type is kept).
         writes.sort_by(|a, b| a.source.name().cmp(b.source.name()));
-        let path = format!("/services/data/{}/composite/sobjects", self.config.api_version);
+        let path = format!(
+            "/services/data/{}/composite/sobjects",
+            self.config.api_version
+        );
         for chunk in writes.chunks(self.config.batch_size) {
             let records: Vec<Value> = chunk.iter().map(|w| w.source.write(w.id, w.item)).collect();
             let body = json!({ "allOrNone": false, "records": records });
@@ -168,7 +171,11 @@ fn outcome(r: SaveResult) -> PushOutcome {
             reason: "Salesforce reported a failure without an error".into(),
         };
     };
-    let reason = format!("{}: {}", e.status_code, optout_core::http::excerpt(&e.message));
+    let reason = format!(
+        "{}: {}",
+        e.status_code,
+        optout_core::http::excerpt(&e.message)
+    );
     if RETRYABLE_CODES.contains(&e.status_code.as_str()) {
         PushOutcome::RetryLater {
             after: None,
@@ -193,8 +200,12 @@ mod tests {
             result(json!({"id": "003", "success": true, "errors": []})),
             PushOutcome::Done
         );
-        let lock = result(json!({"success": false, "errors": [{"statusCode": "UNABLE_TO_LOCK_ROW", "message": "unable to obtain exclusive access to this record", "fields": []}]}));
-        assert!(matches!(lock, PushOutcome::RetryLater { ref reason, .. } if reason.starts_with("UNABLE_TO_LOCK_ROW: ")));
+        let lock = result(
+            json!({"success": false, "errors": [{"statusCode": "UNABLE_TO_LOCK_ROW", "message": "unable to obtain exclusive access to this record", "fields": []}]}),
+        );
+        assert!(
+            matches!(lock, PushOutcome::RetryLater { ref reason, .. } if reason.starts_with("UNABLE_TO_LOCK_ROW: "))
+        );
         for code in [
             "ENTITY_IS_DELETED",
             "INVALID_FIELD",
@@ -203,7 +214,8 @@ mod tests {
             "INVALID_CROSS_REFERENCE_KEY",
             "FIELD_CUSTOM_VALIDATION_EXCEPTION",
         ] {
-            let r = result(json!({"success": false, "errors": [{"statusCode": code, "message": "m"}]}));
+            let r =
+                result(json!({"success": false, "errors": [{"statusCode": code, "message": "m"}]}));
             assert_eq!(
                 r,
                 PushOutcome::Rejected {

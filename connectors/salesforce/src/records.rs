@@ -223,10 +223,7 @@ mod tests {
         assert_eq!(snap.phones, ["+1 (555) 010-0001"]);
         assert_eq!(snap.value, Some(Status::OptedOut));
         assert_eq!(snap.evidence, "WhatsApp_Opt_Out__c=true");
-        assert_eq!(
-            snap.changed_at,
-            Timestamp::parse("2026-01-02T10:00:00Z")
-        );
+        assert_eq!(snap.changed_at, Timestamp::parse("2026-01-02T10:00:00Z"));
         assert_eq!(t, Timestamp::parse("2026-01-02T10:11:12Z").unwrap());
         assert_eq!(id, "003xx0000000001AAA");
         let w = s.write("003xx0000000001AAA", &item(Status::OptedIn));
@@ -250,7 +247,10 @@ mod tests {
         assert_eq!(value(json!("DoublyOptedIn")), Some(Status::OptedIn));
         assert_eq!(value(json!("ImplicitlyOptedIn")), None);
         assert_eq!(value(Value::Null), None);
-        let snap = s.snapshot(&rec(json!("OptedOut"), "WhatsApp:+15550100001")).unwrap().0;
+        let snap = s
+            .snapshot(&rec(json!("OptedOut"), "WhatsApp:+15550100001"))
+            .unwrap()
+            .0;
         assert_eq!(snap.phones, ["+15550100001"]);
         assert_eq!(snap.record, "MessagingEndUser/0PAxx0000000001AAA");
         assert_eq!(

@@ -30,7 +30,11 @@ pub enum Op {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Expr {
-    Cmp { field: String, op: Op, value: Literal },
+    Cmp {
+        field: String,
+        op: Op,
+        value: Literal,
+    },
     And(Vec<Expr>),
     Or(Vec<Expr>),
     Not(Box<Expr>),
@@ -68,8 +72,8 @@ enum Token {
 }
 
 const KEYWORDS: &[&str] = &[
-    "SELECT", "FROM", "WHERE", "AND", "OR", "NOT", "ORDER", "BY", "ASC", "DESC", "LIMIT",
-    "NULL", "TRUE", "FALSE",
+    "SELECT", "FROM", "WHERE", "AND", "OR", "NOT", "ORDER", "BY", "ASC", "DESC", "LIMIT", "NULL",
+    "TRUE", "FALSE",
 ];
 
 fn err<T>(msg: impl Into<String>) -> Result<T, SyntaxError> {
@@ -168,7 +172,8 @@ fn tokenize(src: &str) -> Result<Vec<Token>, SyntaxError> {
             c if c.is_ascii_digit() => {
                 let start = i;
                 while i < chars.len()
-                    && (chars[i].is_ascii_alphanumeric() || matches!(chars[i], ':' | '.' | '+' | '-'))
+                    && (chars[i].is_ascii_alphanumeric()
+                        || matches!(chars[i], ':' | '.' | '+' | '-'))
                 {
                     i += 1;
                 }
@@ -176,7 +181,11 @@ fn tokenize(src: &str) -> Result<Vec<Token>, SyntaxError> {
                 if word.contains('T') {
                     match chrono::DateTime::parse_from_rfc3339(&word) {
                         Ok(dt) => out.push(Token::DateTime(dt.timestamp_millis())),
-                        Err(_) => return err(format!("line 1:{start} no viable alternative at character '{word}'")),
+                        Err(_) => {
+                            return err(format!(
+                                "line 1:{start} no viable alternative at character '{word}'"
+                            ));
+                        }
                     }
                 } else {
                     match word.parse::<f64>() {
@@ -187,7 +196,9 @@ fn tokenize(src: &str) -> Result<Vec<Token>, SyntaxError> {
             }
             c if c.is_ascii_alphabetic() || c == '_' => {
                 let start = i;
-                while i < chars.len() && (chars[i].is_ascii_alphanumeric() || matches!(chars[i], '_' | '.')) {
+                while i < chars.len()
+                    && (chars[i].is_ascii_alphanumeric() || matches!(chars[i], '_' | '.'))
+                {
                     i += 1;
                 }
                 out.push(Token::Ident(chars[start..i].iter().collect()));
@@ -396,8 +407,12 @@ impl Expr {
                     (Op::Eq, _, Literal::Null) | (Op::Eq, Literal::Null, _) => false,
                     (Op::Ne, _, Literal::Null) | (Op::Ne, Literal::Null, _) => true,
                     // Text equality is case-insensitive in SOQL.
-                    (Op::Eq, Literal::Str(a), Literal::Str(b)) => a.to_lowercase() == b.to_lowercase(),
-                    (Op::Ne, Literal::Str(a), Literal::Str(b)) => a.to_lowercase() != b.to_lowercase(),
+                    (Op::Eq, Literal::Str(a), Literal::Str(b)) => {
+                        a.to_lowercase() == b.to_lowercase()
+                    }
+                    (Op::Ne, Literal::Str(a), Literal::Str(b)) => {
+                        a.to_lowercase() != b.to_lowercase()
+                    }
                     _ => match compare(&actual, value) {
                         None => false,
                         Some(o) => match op {
@@ -442,8 +457,14 @@ mod tests {
         assert_eq!(
             q.order,
             [
-                OrderKey { field: "SystemModstamp".into(), desc: false },
-                OrderKey { field: "Id".into(), desc: true }
+                OrderKey {
+                    field: "SystemModstamp".into(),
+                    desc: false
+                },
+                OrderKey {
+                    field: "Id".into(),
+                    desc: true
+                }
             ]
         );
         let t = 1767348672345;
