@@ -262,13 +262,14 @@ async fn a_429_holds_back_the_rest_of_the_batch() {
 #[tokio::test]
 async fn a_timeout_is_retried_and_the_duplicate_dedupes() {
     let (c, s) = setup(|cfg| {
-        cfg.timeout = Duration::from_millis(300);
+        // Long enough for a loaded debug build, short enough to keep the test quick.
+        cfg.timeout = Duration::from_secs(1);
         cfg.concurrency = 1;
     })
     .await;
     let batch = items(2);
     // The receiver records the first event, then answers too late.
-    s.fake.script([Fault::Slow(Duration::from_secs(2))]);
+    s.fake.script([Fault::Slow(Duration::from_secs(5))]);
 
     let outcomes = c.push(&batch).await.unwrap();
     match &outcomes[..] {
@@ -279,7 +280,7 @@ async fn a_timeout_is_retried_and_the_duplicate_dedupes() {
             },
             PushOutcome::Done,
         ] => {
-            assert!(reason.contains("no answer within 300ms"), "{reason}")
+            assert!(reason.contains("no answer within 1s"), "{reason}")
         }
         other => panic!("expected [retry, done], got {other:?}"),
     }
@@ -302,10 +303,15 @@ async fn a_dropped_connection_is_retried() {
     let batch = items(2);
     s.fake.script([Fault::Drop]);
     let outcomes = c.push(&batch).await.unwrap();
-    assert!(
-        matches!(outcomes[0], PushOutcome::RetryLater { after: None, .. }),
-        "{outcomes:?}"
-    );
+    match &outcomes[0] {
+        PushOutcome::RetryLater {
+            after: None,
+            reason,
+        } => {
+            assert!(reason.contains("connection closed"), "{reason}")
+        }
+        other => panic!("expected a retry, got {other:?}"),
+    }
     assert_eq!(outcomes[1], PushOutcome::Done);
     assert_eq!(c.push(&batch[..1]).await.unwrap(), vec![PushOutcome::Done]);
     assert_eq!(s.fake.events().len(), 2);
@@ -353,7 +359,10 @@ async fn an_unreachable_endpoint_fails_the_whole_batch_without_leaking() {
     assert!(matches!(err, ConnectorError::Transient(_)), "{err:?}");
     assert!(err.is_retryable());
     let shown = format!("{err} {err:?} {c:?} {:?}", c.health().await);
-    assert!(shown.contains("127.0.0.1"), "{shown}");
+    assert!(
+        shown.contains("127.0.0.1") && shown.contains("could not connect"),
+        "{shown}"
+    );
     for secret in [HMAC_KEY, BEARER, "PATHTOKEN123", "QUERYTOKEN456"] {
         assert!(!shown.contains(secret), "{secret} leaked in: {shown}");
     }
@@ -417,7 +426,7 @@ async fn poll_is_empty_and_health_shows_only_the_host() {
 /// and exactly once in the deduplicated view.
 #[tokio::test]
 async fn random_faults_end_with_every_event_delivered_once() {
-    let (c, s) = setup(|cfg| cfg.timeout = Duration::from_millis(300)).await;
+    let (c, s) = setup(|cfg| cfg.timeout = Duration::from_secs(1)).await;
     s.fake.set_rates(FaultRates {
         server_error: 0.1,
         too_many_requests: 0.1,
@@ -425,7 +434,7 @@ async fn random_faults_end_with_every_event_delivered_once() {
         drop: 0.1,
         gone: 0.0,
         retry_after_secs: 0,
-        slow_for: Duration::from_secs(1),
+        slow_for: Duration::from_secs(3),
     });
     let batch = items(40);
     let mut pending: Vec<PushItem> = batch.clone();
