@@ -218,27 +218,58 @@ const COMMON_KEYS: [&str; 5] = [
     "push_linger",
 ];
 
-/// A connector's own settings, parsed by its crate.
+/// A connector's own settings, parsed and validated by its crate.
 #[derive(Clone, Debug)]
 pub enum Settings {
+    Hubspot(optout_hubspot::Config),
+    Salesforce(optout_salesforce::Config),
+    Webhook(optout_webhook::Config),
     /// Kinds whose crate is not wired into this build yet keep their table as read.
     Table(toml::Table),
 }
 
 impl Settings {
     fn parse(kind: Kind, table: toml::Table) -> Result<Settings, String> {
-        let _ = kind;
-        Ok(Settings::Table(table))
+        let value = toml::Value::Table(table);
+        let clean = |e: toml::de::Error| clean_serde(&e.to_string());
+        Ok(match kind {
+            Kind::Hubspot => {
+                Settings::Hubspot(optout_hubspot::Config::deserialize(value).map_err(clean)?)
+            }
+            Kind::Salesforce => {
+                Settings::Salesforce(optout_salesforce::Config::deserialize(value).map_err(clean)?)
+            }
+            Kind::Webhook => {
+                Settings::Webhook(optout_webhook::Config::deserialize(value).map_err(clean)?)
+            }
+            Kind::Whatsapp => match value {
+                toml::Value::Table(t) => Settings::Table(t),
+                _ => unreachable!("built from a table"),
+            },
+        })
     }
 
     /// Semantic problems: (key within the table, message).
     fn validate(&self) -> Vec<(String, String)> {
-        Vec::new()
+        match self {
+            Settings::Hubspot(c) => c.validate(),
+            Settings::Salesforce(c) => c.validate(),
+            Settings::Webhook(c) => c.validate(),
+            Settings::Table(_) => Vec::new(),
+        }
     }
 
     /// Secret references: (key within the table, reference).
     fn secrets(&self) -> Vec<(String, SecretRef)> {
-        Vec::new()
+        let list = match self {
+            Settings::Hubspot(c) => c.secrets(),
+            Settings::Salesforce(c) => c.secrets(),
+            Settings::Webhook(c) => c.secrets(),
+            Settings::Table(_) => Vec::new(),
+        };
+        list.into_iter()
+            .map(|(k, r)| (k.to_string(), r.clone()))
+            .collect()
     }
 }
 

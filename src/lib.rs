@@ -4,6 +4,8 @@
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod control;
+pub mod http;
 pub mod identity;
 pub mod import;
 pub mod metrics;
@@ -11,3 +13,4 @@ pub mod policy;
 pub mod reconcile;
 pub mod store;
 pub mod systemd;
+pub mod workers;

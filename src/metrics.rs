@@ -70,32 +70,81 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("optout");
         let observations = Family::<SourceResult, Counter>::default();
-        registry.register("observations", "Observations read, by source and result", observations.clone());
+        registry.register(
+            "observations",
+            "Observations read, by source and result",
+            observations.clone(),
+        );
         let decisions = Family::<ScopeDecision, Counter>::default();
-        registry.register("decisions", "Decision changes, by scope and new decision", decisions.clone());
+        registry.register(
+            "decisions",
+            "Decision changes, by scope and new decision",
+            decisions.clone(),
+        );
         let pushes = Family::<ConnectorOutcome, Counter>::default();
-        registry.register("pushes", "Push items, by connector and outcome (done, retry, rejected)", pushes.clone());
+        registry.register(
+            "pushes",
+            "Push items, by connector and outcome (done, retry, rejected)",
+            pushes.clone(),
+        );
         let poll_errors = Family::<ConnectorOutcome, Counter>::default();
-        registry.register("poll_errors", "Failed polls and pushes, by connector and error kind", poll_errors.clone());
+        registry.register(
+            "poll_errors",
+            "Failed polls and pushes, by connector and error kind",
+            poll_errors.clone(),
+        );
         let webhooks = Family::<SourceResult, Counter>::default();
-        registry.register("webhooks", "Webhook deliveries, by result", webhooks.clone());
+        registry.register(
+            "webhooks",
+            "Webhook deliveries, by result",
+            webhooks.clone(),
+        );
         let outbox_depth = Family::<ConnectorLabel, Gauge>::default();
-        registry.register("outbox_depth", "Pushes waiting, by connector", outbox_depth.clone());
+        registry.register(
+            "outbox_depth",
+            "Pushes waiting, by connector",
+            outbox_depth.clone(),
+        );
         let dead_letters = Family::<ConnectorLabel, Gauge>::default();
-        registry.register("dead_letters", "Pushes rejected for good, by connector", dead_letters.clone());
+        registry.register(
+            "dead_letters",
+            "Pushes rejected for good, by connector",
+            dead_letters.clone(),
+        );
         let unverified = Family::<ConnectorLabel, Gauge>::default();
-        registry.register("unverified_pushes", "Pushes not read back within unverified_after (an alarm)", unverified.clone());
-        let cursor_lag = Family::<ConnectorLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-        registry.register("cursor_lag_seconds", "Seconds since the connector last completed a poll", cursor_lag.clone());
+        registry.register(
+            "unverified_pushes",
+            "Pushes not read back within unverified_after (an alarm)",
+            unverified.clone(),
+        );
+        let cursor_lag =
+            Family::<ConnectorLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "cursor_lag_seconds",
+            "Seconds since the connector last completed a poll",
+            cursor_lag.clone(),
+        );
         let alarm = Family::<ConnectorLabel, Gauge>::default();
-        registry.register("connector_alarm", "1 when a connector needs an operator (credentials, quota, configuration)", alarm.clone());
+        registry.register(
+            "connector_alarm",
+            "1 when a connector needs an operator (credentials, quota, configuration)",
+            alarm.clone(),
+        );
         let subjects = Family::<ScopeDecision, Gauge>::default();
         registry.register("subjects", "People by scope and decision", subjects.clone());
         let buckets = || Histogram::new(exponential_buckets(0.005, 2.0, 20));
         let propagation = Family::<ConnectorLabel, Histogram>::new_with_constructor(buckets);
-        registry.register("propagation_seconds", "From the customer's act to the push being done, by target", propagation.clone());
+        registry.register(
+            "propagation_seconds",
+            "From the customer's act to the push being done, by target",
+            propagation.clone(),
+        );
         let verification = Family::<ConnectorLabel, Histogram>::new_with_constructor(buckets);
-        registry.register("verification_seconds", "From a push to the read-back that confirms it", verification.clone());
+        registry.register(
+            "verification_seconds",
+            "From a push to the read-back that confirms it",
+            verification.clone(),
+        );
         Metrics {
             registry,
             observations,
@@ -116,11 +165,15 @@ impl Metrics {
     }
 
     pub fn connector(c: &str) -> ConnectorLabel {
-        ConnectorLabel { connector: c.to_string() }
+        ConnectorLabel {
+            connector: c.to_string(),
+        }
     }
 
     pub fn observe_propagation(&self, connector: &str, d: Duration) {
-        self.propagation.get_or_create(&Self::connector(connector)).observe(d.as_secs_f64());
+        self.propagation
+            .get_or_create(&Self::connector(connector))
+            .observe(d.as_secs_f64());
     }
 
     /// Encodes the registry after `refresh` has set the gauges.

@@ -22,7 +22,7 @@ fn write_config(dir: &Path, extra_daemon: &str) -> std::path::PathBuf {
     std::fs::write(
         &path,
         format!(
-            "[daemon]\nstate_dir = \"{}\"\n{extra_daemon}\n\n[connectors.hubspot]\nkind = \"hubspot\"\npoll_interval = \"30s\"\n",
+            "[daemon]\nstate_dir = \"{}\"\n{extra_daemon}\n\n[connectors.hubspot]\nkind = \"hubspot\"\npoll_interval = \"30s\"\ntoken = {{ env = \"PATH\" }}\n",
             dir.join("state").display()
         ),
     )
@@ -82,6 +82,9 @@ fn shipped_example_passes_check_config_with_its_variables_set() {
         .arg("check-config")
         .arg(&example)
         .env("OPTOUT_GATE_TOKEN", "example")
+        .env("HUBSPOT_TOKEN", "example")
+        .env("SALESFORCE_CLIENT_SECRET", "example")
+        .env("AUTOMATIONS_WEBHOOK_SECRET", "example")
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));

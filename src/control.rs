@@ -1,0 +1,197 @@
+//! The local control interface: a Unix socket (mode 0600, path in the configuration)
+//! speaking one JSON request per line. `optout-sync status`, `resync` and, while the
+//! daemon holds the store, `lookup` go through it. Nothing listens on a network port.
+//!
+//! Requests: `{"command":"status"}`, `{"command":"resync","connector":null,"full":false}`,
+//! `{"command":"lookup","id":"+1…"}`. The daemon answers with zero or more
+//! `{"progress":"…"}` lines and one final `{"ok":true,"result":…}` or
+//! `{"ok":false,"error":"…"}` line.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Resync {
+        #[serde(default)]
+        connector: Option<String>,
+        #[serde(default)]
+        full: bool,
+    },
+    Lookup {
+        id: String,
+    },
+}
+
+/// What the daemon does with a request. Progress lines go to `progress`; the returned
+/// value (or error) is the final answer.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        request: Request,
+        progress: mpsc::Sender<String>,
+    ) -> impl std::future::Future<Output = Result<Value, String>> + Send;
+}
+
+/// Binds the socket: removes a stale socket file, refuses to steal a live one, and
+/// restricts it to the daemon's user.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use by a running daemon", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves connections until cancelled, then removes the socket file.
+pub async fn serve<H: Handler>(
+    listener: UnixListener,
+    path: PathBuf,
+    handler: std::sync::Arc<H>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let conn = tokio::select! {
+            _ = cancel.cancelled() => break,
+            c = listener.accept() => c,
+        };
+        match conn {
+            Ok((stream, _)) => {
+                let h = handler.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = session(stream, h).await {
+                        tracing::debug!(error = %e, "control connection ended with an error");
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "control socket accept failed"),
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+async fn session<H: Handler>(
+    stream: UnixStream,
+    handler: std::sync::Arc<H>,
+) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read.take(64 * 1024)).lines();
+    let Some(line) = lines.next_line().await? else {
+        return Ok(());
+    };
+    let request: Request = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = json!({"ok": false, "error": format!("bad request: {e}")});
+            write.write_all(format!("{msg}\n").as_bytes()).await?;
+            return Ok(());
+        }
+    };
+    let (tx, mut rx) = mpsc::channel::<String>(64);
+    let work = handler.handle(request, tx);
+    tokio::pin!(work);
+    let result = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            Some(p) = rx.recv() => {
+                write.write_all(format!("{}\n", json!({"progress": p})).as_bytes()).await?;
+            }
+        }
+    };
+    while let Ok(p) = rx.try_recv() {
+        write
+            .write_all(format!("{}\n", json!({"progress": p})).as_bytes())
+            .await?;
+    }
+    let last = match result {
+        Ok(v) => json!({"ok": true, "result": v}),
+        Err(e) => json!({"ok": false, "error": e}),
+    };
+    write.write_all(format!("{last}\n").as_bytes()).await?;
+    write.shutdown().await
+}
+
+use tokio::io::AsyncReadExt as _;
+
+/// Why the CLI could not talk to the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "the daemon is not running (no control socket at {0}); start it with `systemctl start optout-sync` or `optout-sync run`"
+    )]
+    NotRunning(String),
+    #[error("cannot use the control socket at {path}: {reason}")]
+    Io { path: String, reason: String },
+    #[error("{0}")]
+    Daemon(String),
+}
+
+/// Sends one request; calls `on_progress` for each progress line; returns the result.
+pub async fn request(
+    path: &Path,
+    req: &Request,
+    mut on_progress: impl FnMut(&str),
+) -> Result<Value, ClientError> {
+    let shown = path.display().to_string();
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                ClientError::NotRunning(shown.clone())
+            }
+            _ => ClientError::Io {
+                path: shown.clone(),
+                reason: e.to_string(),
+            },
+        })?;
+    let io = |e: std::io::Error| ClientError::Io {
+        path: shown.clone(),
+        reason: e.to_string(),
+    };
+    let (read, mut write) = stream.into_split();
+    let line = serde_json::to_string(req).expect("requests serialise");
+    write
+        .write_all(format!("{line}\n").as_bytes())
+        .await
+        .map_err(io)?;
+    let mut lines = BufReader::new(read).lines();
+    while let Some(line) = lines.next_line().await.map_err(io)? {
+        let v: Value = serde_json::from_str(&line)
+            .map_err(|e| ClientError::Daemon(format!("bad answer from the daemon: {e}")))?;
+        if let Some(p) = v.get("progress").and_then(Value::as_str) {
+            on_progress(p);
+            continue;
+        }
+        return match v.get("ok").and_then(Value::as_bool) {
+            Some(true) => Ok(v.get("result").cloned().unwrap_or(Value::Null)),
+            _ => Err(ClientError::Daemon(
+                v.get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown error")
+                    .to_string(),
+            )),
+        };
+    }
+    Err(ClientError::Daemon(
+        "the daemon closed the connection without an answer".into(),
+    ))
+}
