@@ -226,6 +226,8 @@ impl Client {
                     self.invalidate(session.generation).await;
                     continue;
                 }
+                // The next call starts with a fresh login rather than a known-bad session.
+                self.invalidate(session.generation).await;
                 let error = ConnectorError::Unauthorized(format!(
                     "Salesforce refused a fresh session too ({}: {}); check the run-as user, IP restrictions and the app's session policies",
                     code.as_deref().unwrap_or("401"),

@@ -440,6 +440,38 @@ impl FakeHandle {
         self.state().insert_row(object, None, fields, None, true)
     }
 
+    /// Seeds a small org for the demo: one number (+1 555 010 0001) on a Contact (in another
+    /// format), a Lead and a WhatsApp MessagingEndUser, plus unrelated records. Returns the
+    /// ids of the three records holding that number.
+    pub fn seed_demo(&self) -> Vec<String> {
+        let shared = vec![
+            self.insert(
+                "Contact",
+                json!({"FirstName": "Ana", "LastName": "Silva", "MobilePhone": "+1 (555) 010-0001"}),
+            ),
+            self.insert(
+                "Lead",
+                json!({"LastName": "Silva", "Company": "Acme", "Phone": "15550100001"}),
+            ),
+            self.insert(
+                "MessagingEndUser",
+                json!({"Name": "Ana on WhatsApp", "MessageType": "WhatsApp",
+                       "MessagingPlatformKey": "whatsapp:+15550100001",
+                       "MessagingConsentStatus": "ImplicitlyOptedIn"}),
+            ),
+        ];
+        self.insert(
+            "Contact",
+            json!({"FirstName": "Ben", "LastName": "Okafor", "Phone": "+44 20 7946 0958"}),
+        );
+        self.insert(
+            "Contact",
+            json!({"FirstName": "Chen", "LastName": "Wei", "MobilePhone": "+15550100002",
+                   "WhatsApp_Opt_Out__c": true}),
+        );
+        shared
+    }
+
     /// Creates a committed record with the given `SystemModstamp` (ties, old rows).
     pub fn insert_at(&self, object: &str, fields: Value, modstamp: Timestamp) -> String {
         self.state()

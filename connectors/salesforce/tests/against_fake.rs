@@ -179,7 +179,9 @@ async fn refused_logins_are_unauthorized_and_name_no_secret() {
     if let AuthConfig::ClientCredentials { client_secret, .. } = &mut bad.auth {
         *client_secret = org.secret("wrong", "sekrit-wrong-value");
     }
-    let err = connector(bad).poll(None).await.unwrap_err();
+    let conn = connector(bad);
+    assert!(!format!("{conn:?}").contains("sekrit"));
+    let err = conn.poll(None).await.unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, ConnectorError::Unauthorized(_)), "{msg}");
     assert!(msg.contains("invalid_client"), "{msg}");
@@ -223,6 +225,16 @@ async fn a_session_refused_after_renewal_is_unauthorized_without_a_loop() {
     assert!(matches!(err, ConnectorError::Unauthorized(_)), "{err}");
     let c = org.fake.counters();
     assert_eq!((c.token, c.unauthorized, c.query), (2, 2, 2));
+
+    // Tokens that expire at once (a zero session timeout) end the same way.
+    org.fake.refuse_sessions(false);
+    org.fake.set_token_ttl(Duration::ZERO);
+    org.fake.reset_counters();
+    let err = conn.poll(None).await.unwrap_err();
+    assert!(matches!(err, ConnectorError::Unauthorized(_)), "{err}");
+    assert_eq!(org.fake.counters().token, 2);
+    org.fake.set_token_ttl(Duration::from_secs(3600));
+    assert!(conn.poll(None).await.is_ok(), "a working session again");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -838,4 +850,152 @@ async fn health_reports_the_orgs_api_usage() {
     assert!(health.ok);
     assert!(health.detail.contains("1235/100000"), "{}", health.detail);
     assert_eq!(org.fake.counters().limits, 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// The fake's own fidelity, over raw HTTP
+
+async fn raw_token(org: &Org) -> String {
+    let opts = org.fake.options();
+    let v: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/services/oauth2/token", org.fake.base_url()))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", &opts.client_id),
+            ("client_secret", &opts.client_secret),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["instance_url"], org.fake.base_url());
+    v["access_token"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn fake_pages_and_updates_like_salesforce() {
+    let org = Org::start(FakeOptions::default()).await;
+    for i in 0..2100 {
+        org.fake.insert("Contact", contact(i));
+    }
+    let meu = org.fake.insert(
+        "MessagingEndUser",
+        json!({"MessageType": "WhatsApp", "MessagingPlatformKey": "+1"}),
+    );
+    let token = raw_token(&org).await;
+    let http = reqwest::Client::new();
+    let base = org.fake.base_url();
+    let page = |batch: Option<&'static str>| {
+        let mut r = http
+            .get(format!("{base}/services/data/v62.0/query"))
+            .bearer_auth(&token)
+            .query(&[("q", "SELECT Id FROM Contact ORDER BY Id")]);
+        if let Some(b) = batch {
+            r = r.header("Sforce-Query-Options", b);
+        }
+        async move {
+            let resp = r.send().await.unwrap();
+            assert!(
+                resp.headers()["sforce-limit-info"]
+                    .to_str()
+                    .unwrap()
+                    .starts_with("api-usage=")
+            );
+            resp.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let sizes = [
+        (None, 2000),
+        (Some("batchSize=50"), 200),
+        (Some("batchSize=700"), 700),
+        (Some("batchSize=5000"), 2000),
+    ];
+    for (header, expected) in sizes {
+        let v = page(header).await;
+        assert_eq!(
+            v["records"].as_array().unwrap().len(),
+            expected,
+            "{header:?}"
+        );
+        assert_eq!(
+            (v["totalSize"].as_u64(), v["done"].as_bool()),
+            (Some(2100), Some(false))
+        );
+    }
+
+    let patch = |body: serde_json::Value| {
+        let r = http
+            .patch(format!("{base}/services/data/v62.0/composite/sobjects"))
+            .bearer_auth(&token)
+            .json(&body);
+        async move {
+            let resp = r.send().await.unwrap();
+            (
+                resp.status().as_u16(),
+                resp.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let ids = org.fake.ids("Contact");
+    let rec = |id: &str| json!({"attributes": {"type": "Contact"}, "id": id, "WhatsApp_Opt_Out__c": true});
+    let too_many: Vec<_> = ids.iter().take(201).map(|id| rec(id)).collect();
+    let (status, body) = patch(json!({"allOrNone": false, "records": too_many})).await;
+    assert_eq!(
+        (status, body[0]["errorCode"].as_str()),
+        (400, Some("EXCEEDED_ID_LIMIT"))
+    );
+
+    // allOrNone: one bad record rolls back the good one.
+    let bad = json!({"attributes": {"type": "Contact"}, "id": ids[1], "Nope__c": 1});
+    let (status, body) = patch(json!({"allOrNone": true, "records": [rec(&ids[0]), bad]})).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body[0]["errors"][0]["statusCode"],
+        "ALL_OR_NONE_OPERATION_ROLLED_BACK"
+    );
+    assert_eq!(body[1]["errors"][0]["statusCode"], "INVALID_FIELD");
+    assert_eq!(org.fake.get(&ids[0]).unwrap()["WhatsApp_Opt_Out__c"], false);
+
+    // MessagingEndUser: the platform key is create-only, the consent picklist restricted.
+    let m = |field: &str, value: &str| json!({"attributes": {"type": "MessagingEndUser"}, "id": meu, field: value});
+    let (_, body) = patch(
+        json!({"records": [m("MessagingPlatformKey", "+2"), m("MessagingConsentStatus", "Maybe"),
+        m("MessagingConsentStatus", "OptedOut")]}),
+    )
+    .await;
+    assert_eq!(
+        body[0]["errors"][0]["statusCode"],
+        "INVALID_FIELD_FOR_INSERT_UPDATE"
+    );
+    assert_eq!(
+        body[1]["errors"][0]["statusCode"],
+        "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST"
+    );
+    assert_eq!(body[2]["success"], true);
+    assert_eq!(
+        org.fake.get(&meu).unwrap()["MessagingConsentStatus"],
+        "OptedOut"
+    );
+}
+
+#[tokio::test]
+async fn demo_seed_links_one_number_across_three_objects() {
+    let org = Org::start(FakeOptions::default()).await;
+    let holders = org.fake.seed_demo();
+    let mut config = org.client_credentials();
+    config.messaging_end_user = true;
+    let (records, _, _) = drain(&connector(config), None).await;
+    assert_eq!(records.len(), 5);
+    let digits = |p: &str| p.chars().filter(char::is_ascii_digit).collect::<String>();
+    let mut with_number: Vec<String> = records
+        .iter()
+        .filter(|r| r.phones.iter().any(|p| digits(p) == "15550100001"))
+        .map(|r| r.record.split_once('/').unwrap().1.to_string())
+        .collect();
+    with_number.sort();
+    let mut holders = holders;
+    holders.sort();
+    assert_eq!(with_number, holders);
 }
