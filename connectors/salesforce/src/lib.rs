@@ -7,7 +7,7 @@
 //!
 //! Code map: [`config`] (settings and checks), `client` (login, HTTP, error classification,
 //! API usage), `soql` (literal escaping), `records` (record ↔ snapshot and write mapping),
-//! `poll` (cursor and paging), `push` (collections batches), [`fake`] (a stateful fake org,
+//! `poll` (cursor and paging), `push` (collections batches), `fake` (a stateful fake org,
 //! feature `fake`).
 
 pub mod config;
