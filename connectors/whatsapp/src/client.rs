@@ -108,14 +108,20 @@ impl Graph {
     pub async fn send_message(&self, body: &Value) -> Reply {
         self.limiter.wait().await;
         let url = format!("{}/{}/messages", self.root, self.phone_number_id);
-        self.with_reauth(|token| self.http.post(&url).bearer_auth(token).json(body)).await
+        self.with_reauth(|token| self.http.post(&url).bearer_auth(token).json(body))
+            .await
     }
 
     /// `GET /{version}/{phone_number_id}?fields=id`: can we see our own number?
     pub async fn phone_number(&self) -> Reply {
         let url = format!("{}/{}", self.root, self.phone_number_id);
-        self.with_reauth(|token| self.http.get(&url).query(&[("fields", "id")]).bearer_auth(token))
-            .await
+        self.with_reauth(|token| {
+            self.http
+                .get(&url)
+                .query(&[("fields", "id")])
+                .bearer_auth(token)
+        })
+        .await
     }
 
     async fn with_reauth(&self, build: impl Fn(&str) -> reqwest::RequestBuilder) -> Reply {
@@ -128,7 +134,9 @@ impl Graph {
         }
         match self.token_ref.resolve() {
             Ok(fresh) if fresh != token => {
-                tracing::info!("Graph refused the access token; retrying once with the newly read one");
+                tracing::info!(
+                    "Graph refused the access token; retrying once with the newly read one"
+                );
                 *self.token.write().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
                 execute(build(fresh.expose())).await
             }
@@ -175,8 +183,14 @@ pub fn interpret(status: StatusCode, headers: &HeaderMap, text: &str) -> Reply {
             .and_then(|v| v.pointer("/messages/0/id")?.as_str().map(String::from));
         return Reply::Ok(id);
     }
-    if let Ok(ErrorBody { error: ErrorObject { code: Some(code), message, error_user_title } }) =
-        serde_json::from_str::<ErrorBody>(text)
+    if let Ok(ErrorBody {
+        error:
+            ErrorObject {
+                code: Some(code),
+                message,
+                error_user_title,
+            },
+    }) = serde_json::from_str::<ErrorBody>(text)
     {
         return Reply::Graph(GraphError {
             code,
@@ -260,7 +274,11 @@ mod tests {
             Reply::Http(_, Class::Retry)
         ));
         assert_eq!(
-            interpret(StatusCode::OK, &HeaderMap::new(), r#"{"messages":[{"id":"wamid.1"}]}"#),
+            interpret(
+                StatusCode::OK,
+                &HeaderMap::new(),
+                r#"{"messages":[{"id":"wamid.1"}]}"#
+            ),
             Reply::Ok(Some("wamid.1".into()))
         );
     }

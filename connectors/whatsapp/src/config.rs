@@ -205,7 +205,10 @@ impl Config {
         let mut p: Vec<(String, String)> = Vec::new();
         let mut add = |k: &str, m: String| p.push((k.to_string(), m));
         if self.app_secrets.is_empty() {
-            add("app_secrets", "at least one app secret is needed to verify webhook signatures".into());
+            add(
+                "app_secrets",
+                "at least one app secret is needed to verify webhook signatures".into(),
+            );
         }
         if let Err(e) = reqwest::Url::parse(&self.base_url) {
             add("base_url", format!("not a URL: {e}"));
@@ -214,10 +217,19 @@ impl Config {
         }
         let v = self.graph_version.strip_prefix('v').unwrap_or("");
         if v.is_empty() || !v.chars().all(|c| c.is_ascii_digit() || c == '.') {
-            add("graph_version", format!("expected a Graph version like \"v25.0\", got {:?}", self.graph_version));
+            add(
+                "graph_version",
+                format!(
+                    "expected a Graph version like \"v25.0\", got {:?}",
+                    self.graph_version
+                ),
+            );
         }
         if self.max_body_bytes < 1024 {
-            add("max_body_bytes", "must be at least 1024 (Meta's bodies are several KiB)".into());
+            add(
+                "max_body_bytes",
+                "must be at least 1024 (Meta's bodies are several KiB)".into(),
+            );
         }
         if self.timeout.is_zero() {
             add("timeout", "must be more than zero".into());
@@ -228,11 +240,19 @@ impl Config {
         if self.max_sends_per_second == 0 {
             add("max_sends_per_second", "must be more than zero".into());
         }
-        for (key, lists) in [("keywords.opt_out", &self.keywords.opt_out), ("keywords.opt_in", &self.keywords.opt_in)] {
+        for (key, lists) in [
+            ("keywords.opt_out", &self.keywords.opt_out),
+            ("keywords.opt_in", &self.keywords.opt_in),
+        ] {
             for (lang, words) in lists {
                 for w in words {
                     if detect::tokens(w).is_empty() {
-                        add(&format!("{key}.{lang}"), format!("keyword {w:?} has no letters or digits left after normalisation"));
+                        add(
+                            &format!("{key}.{lang}"),
+                            format!(
+                                "keyword {w:?} has no letters or digits left after normalisation"
+                            ),
+                        );
                     }
                 }
             }
@@ -244,46 +264,84 @@ impl Config {
         // wins), which is surely not what the operator meant.
         let detector = detect::Detector::new(&self.keywords);
         for w in self.keywords.opt_in.values().flatten() {
-            if detector.detect_text(w).is_some_and(|d| d.status == optout_core::Status::OptedOut) {
-                add("keywords.opt_in", format!("{w:?} is also an opt-out keyword"));
+            if detector
+                .detect_text(w)
+                .is_some_and(|d| d.status == optout_core::Status::OptedOut)
+            {
+                add(
+                    "keywords.opt_in",
+                    format!("{w:?} is also an opt-out keyword"),
+                );
             }
         }
         for id in &self.keywords.opt_in_payloads {
             if self.keywords.opt_out_payloads.contains(id) {
-                add("keywords.opt_in_payloads", format!("{id:?} is also listed in opt_out_payloads"));
+                add(
+                    "keywords.opt_in_payloads",
+                    format!("{id:?} is also listed in opt_out_payloads"),
+                );
             }
         }
         let c = &self.confirmations;
         let texts = c.effective_texts();
         if !texts.contains_key(&c.default_language) {
-            add("confirmations.default_language", format!("no texts for {:?}; add confirmations.texts.{}", c.default_language, c.default_language));
+            add(
+                "confirmations.default_language",
+                format!(
+                    "no texts for {:?}; add confirmations.texts.{}",
+                    c.default_language, c.default_language
+                ),
+            );
         }
         for (lang, t) in &c.texts {
             for (which, s) in [("opted_out", &t.opted_out), ("opted_in", &t.opted_in)] {
                 if s.trim().is_empty() {
-                    add(&format!("confirmations.texts.{lang}.{which}"), "must not be empty".into());
+                    add(
+                        &format!("confirmations.texts.{lang}.{which}"),
+                        "must not be empty".into(),
+                    );
                 } else if s.chars().count() > MAX_TEXT_CHARS {
-                    add(&format!("confirmations.texts.{lang}.{which}"), format!("longer than WhatsApp's {MAX_TEXT_CHARS} characters"));
+                    add(
+                        &format!("confirmations.texts.{lang}.{which}"),
+                        format!("longer than WhatsApp's {MAX_TEXT_CHARS} characters"),
+                    );
                 }
             }
         }
         if c.enabled {
             if self.access_token.is_none() {
-                add("access_token", "needed when confirmations.enabled = true".into());
+                add(
+                    "access_token",
+                    "needed when confirmations.enabled = true".into(),
+                );
             }
             if self.phone_number_id.trim().is_empty() {
-                add("phone_number_id", "needed when confirmations.enabled = true".into());
+                add(
+                    "phone_number_id",
+                    "needed when confirmations.enabled = true".into(),
+                );
             }
         }
-        if !self.phone_number_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-            add("phone_number_id", "must be the numeric id Meta shows for the number, not the phone number".into());
+        if !self
+            .phone_number_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            add(
+                "phone_number_id",
+                "must be the numeric id Meta shows for the number, not the phone number".into(),
+            );
         }
         p
     }
 
     /// Every secret reference, by key, for `check-config` to test.
     pub fn secrets(&self) -> Vec<(&'static str, &SecretRef)> {
-        let mut s: Vec<(&'static str, &SecretRef)> = self.app_secrets.iter().map(|r| ("app_secrets", r)).collect();
+        let mut s: Vec<(&'static str, &SecretRef)> = self
+            .app_secrets
+            .iter()
+            .map(|r| ("app_secrets", r))
+            .collect();
         s.push(("verify_token", &self.verify_token));
         if let Some(t) = &self.access_token {
             s.push(("access_token", t));
@@ -293,7 +351,11 @@ impl Config {
 
     /// `{base_url}/{graph_version}`, without a trailing slash.
     pub fn graph_root(&self) -> String {
-        format!("{}/{}", self.base_url.trim_end_matches('/'), self.graph_version)
+        format!(
+            "{}/{}",
+            self.base_url.trim_end_matches('/'),
+            self.graph_version
+        )
     }
 }
 
@@ -325,10 +387,19 @@ mod tests {
     #[test]
     fn refuses_unknown_keys_and_inline_secrets() {
         assert!(parse(&format!("{MIN}\nbogus = 1")).is_err());
-        assert!(parse(r#"app_secrets = ["inline"]
-            verify_token = { env = "V" }"#)
-        .is_err());
-        assert!(parse(&format!("{MIN}\n[confirmations]\nenabled = true\ncolour = 1")).is_err());
+        assert!(
+            parse(
+                r#"app_secrets = ["inline"]
+            verify_token = { env = "V" }"#
+            )
+            .is_err()
+        );
+        assert!(
+            parse(&format!(
+                "{MIN}\n[confirmations]\nenabled = true\ncolour = 1"
+            ))
+            .is_err()
+        );
     }
 
     #[test]

@@ -32,28 +32,69 @@ pub const DEFAULT_OPT_OUT: &[(&str, &[&str])] = &[
     (
         "en",
         &[
-            "STOP", "STOP ALL", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE",
-            "OPT OUT", "OPT-OUT", "OPTOUT", "REMOVE", "STOP PROMOTIONS",
+            "STOP",
+            "STOP ALL",
+            "STOPALL",
+            "UNSUBSCRIBE",
+            "CANCEL",
+            "END",
+            "QUIT",
+            "REVOKE",
+            "OPT OUT",
+            "OPT-OUT",
+            "OPTOUT",
+            "REMOVE",
+            "STOP PROMOTIONS",
         ],
     ),
     (
         "es",
         &[
-            "BAJA", "DAR DE BAJA", "DARME DE BAJA", "PARAR", "ALTO", "DETENER", "CANCELAR",
-            "NO MÁS", "DESUSCRIBIR", "DESUSCRIBIRME",
+            "BAJA",
+            "DAR DE BAJA",
+            "DARME DE BAJA",
+            "PARAR",
+            "ALTO",
+            "DETENER",
+            "CANCELAR",
+            "NO MÁS",
+            "DESUSCRIBIR",
+            "DESUSCRIBIRME",
         ],
     ),
     (
         "pt",
-        &["PARAR", "PARE", "SAIR", "CANCELAR", "DESCADASTRAR", "DESINSCREVER"],
+        &[
+            "PARAR",
+            "PARE",
+            "SAIR",
+            "CANCELAR",
+            "DESCADASTRAR",
+            "DESINSCREVER",
+        ],
     ),
     (
         "fr",
-        &["ARRÊT", "ARRETER", "STOPPER", "DÉSABONNER", "DÉSINSCRIRE", "ANNULER", "FIN"],
+        &[
+            "ARRÊT",
+            "ARRETER",
+            "STOPPER",
+            "DÉSABONNER",
+            "DÉSINSCRIRE",
+            "ANNULER",
+            "FIN",
+        ],
     ),
     (
         "de",
-        &["STOPP", "ABMELDEN", "BEENDEN", "KÜNDIGEN", "ABBESTELLEN", "AUSTRAGEN"],
+        &[
+            "STOPP",
+            "ABMELDEN",
+            "BEENDEN",
+            "KÜNDIGEN",
+            "ABBESTELLEN",
+            "AUSTRAGEN",
+        ],
     ),
 ];
 
@@ -69,8 +110,19 @@ pub const DEFAULT_OPT_IN: &[(&str, &[&str])] = &[
 /// business wrote: a "Cancel" button usually cancels an appointment, a "Start" button starts
 /// a flow. They are not matched against button titles or payloads.
 pub const AMBIGUOUS_FOR_BUTTONS: &[&str] = &[
-    "CANCEL", "END", "QUIT", "REMOVE", "CANCELAR", "SAIR", "ALTO", "ANNULER", "FIN", "BEENDEN",
-    "KÜNDIGEN", "START", "ALTA",
+    "CANCEL",
+    "END",
+    "QUIT",
+    "REMOVE",
+    "CANCELAR",
+    "SAIR",
+    "ALTO",
+    "ANNULER",
+    "FIN",
+    "BEENDEN",
+    "KÜNDIGEN",
+    "START",
+    "ALTA",
 ];
 
 /// Words allowed before a keyword ("please stop", "hola, baja").
@@ -84,16 +136,62 @@ const LEADING_FILLER: &[&str] = &[
 /// else: "stop by", "cancel my order", "end date" keep a non-filler word and do not match.
 const TRAILING_FILLER: &[&str] = &[
     // en
-    "PLEASE", "PLS", "PLZ", "NOW", "ME", "THANKS", "THANK", "YOU", "THANKYOU", "THX", "TY", "ALL",
-    "THIS", "FROM", "THE", "LIST", "YOUR", "MESSAGES", "MESSAGING", "TEXTS", "TEXTING", "SENDING",
-    "CONTACTING", "OK", "OKAY", "IMMEDIATELY",
+    "PLEASE",
+    "PLS",
+    "PLZ",
+    "NOW",
+    "ME",
+    "THANKS",
+    "THANK",
+    "YOU",
+    "THANKYOU",
+    "THX",
+    "TY",
+    "ALL",
+    "THIS",
+    "FROM",
+    "THE",
+    "LIST",
+    "YOUR",
+    "MESSAGES",
+    "MESSAGING",
+    "TEXTS",
+    "TEXTING",
+    "SENDING",
+    "CONTACTING",
+    "OK",
+    "OKAY",
+    "IMMEDIATELY",
     // es / pt
-    "POR", "FAVOR", "PORFA", "GRACIAS", "MENSAJES", "YA", "TODO", "TODOS", "OBRIGADO", "OBRIGADA",
-    "VALEU", "MENSAGENS", "JA",
+    "POR",
+    "FAVOR",
+    "PORFA",
+    "GRACIAS",
+    "MENSAJES",
+    "YA",
+    "TODO",
+    "TODOS",
+    "OBRIGADO",
+    "OBRIGADA",
+    "VALEU",
+    "MENSAGENS",
+    "JA",
     // fr
-    "MERCI", "SVP", "STP", "S", "IL", "VOUS", "TE", "PLAIT", "MESSAGES",
+    "MERCI",
+    "SVP",
+    "STP",
+    "S",
+    "IL",
+    "VOUS",
+    "TE",
+    "PLAIT",
+    "MESSAGES",
     // de
-    "BITTE", "DANKE", "MICH", "NACHRICHTEN", "SOFORT",
+    "BITTE",
+    "DANKE",
+    "MICH",
+    "NACHRICHTEN",
+    "SOFORT",
 ];
 
 /// Anything longer is a sentence, not a keyword with filler; skipping it keeps the hot
@@ -136,7 +234,8 @@ impl Default for Detector {
 
 impl Detector {
     pub fn new(cfg: &Keywords) -> Self {
-        let ambiguous: HashSet<Vec<String>> = AMBIGUOUS_FOR_BUTTONS.iter().map(|w| tokens(w)).collect();
+        let ambiguous: HashSet<Vec<String>> =
+            AMBIGUOUS_FOR_BUTTONS.iter().map(|w| tokens(w)).collect();
         let compile = |defaults: &[(&str, &[&str])], extra: &BTreeMap<String, Vec<String>>| {
             let mut out = Vec::new();
             if !cfg.replace_defaults {
@@ -144,7 +243,11 @@ impl Detector {
                     for w in *words {
                         let t = tokens(w);
                         let for_buttons = !ambiguous.contains(&t);
-                        out.push(Entry { tokens: t, language: lang.to_string(), for_buttons });
+                        out.push(Entry {
+                            tokens: t,
+                            language: lang.to_string(),
+                            for_buttons,
+                        });
                     }
                 }
             }
@@ -153,24 +256,41 @@ impl Detector {
                 for w in words {
                     let t = tokens(w);
                     if !t.is_empty() {
-                        out.push(Entry { tokens: t, language: lang.clone(), for_buttons: true });
+                        out.push(Entry {
+                            tokens: t,
+                            language: lang.clone(),
+                            for_buttons: true,
+                        });
                     }
                 }
             }
             // Longest first, so "STOP ALL" is reported rather than "STOP" + filler "ALL".
-            out.sort_by(|a, b| b.tokens.len().cmp(&a.tokens.len()));
+            out.sort_by_key(|e| std::cmp::Reverse(e.tokens.len()));
             out
         };
         let opt_out = compile(DEFAULT_OPT_OUT, &cfg.opt_out);
         let opt_in = compile(DEFAULT_OPT_IN, &cfg.opt_in);
         // A repeated keyword ("STOP STOP", "stop unsubscribe") is still an opt-out.
         let mut trailing: HashSet<String> = TRAILING_FILLER.iter().map(|s| s.to_string()).collect();
-        trailing.extend(opt_out.iter().filter(|e| e.tokens.len() == 1).map(|e| e.tokens[0].clone()));
+        trailing.extend(
+            opt_out
+                .iter()
+                .filter(|e| e.tokens.len() == 1)
+                .map(|e| e.tokens[0].clone()),
+        );
         Detector {
             opt_out,
             opt_in,
-            opt_out_payloads: cfg.opt_out_payloads.iter().map(|s| s.trim().to_string()).collect(),
-            opt_in_payloads: cfg.opt_in_payloads.iter().map(|s| s.trim().to_string()).collect(),
+            opt_out_payloads: cfg
+                .opt_out_payloads
+                .iter()
+                .map(|s| s.trim().to_string())
+                .collect(),
+            opt_in_payloads: cfg
+                .opt_in_payloads
+                .iter()
+                .map(|s| s.trim().to_string())
+                .collect(),
             leading: LEADING_FILLER.iter().copied().collect(),
             trailing,
         }
@@ -185,7 +305,8 @@ impl Detector {
         if t.is_empty() {
             return None;
         }
-        self.match_opt_out(&t, false).or_else(|| self.match_opt_in(&t, false))
+        self.match_opt_out(&t, false)
+            .or_else(|| self.match_opt_in(&t, false))
     }
 
     /// A tapped button: the payload id against the configured ids first, then payload and
@@ -213,18 +334,24 @@ impl Detector {
     }
 
     fn match_opt_out(&self, t: &[String], button: bool) -> Option<Detection> {
-        let start = t.iter().take_while(|w| self.leading.contains(w.as_str())).count();
+        let start = t
+            .iter()
+            .take_while(|w| self.leading.contains(w.as_str()))
+            .count();
         // Try every number of skipped filler words, so a configured keyword that starts
         // with a filler word ("PLEASE STOP") still matches.
         (0..=start).find_map(|skip| {
             let rest = &t[skip..];
-            self.opt_out.iter().filter(|e| !button || e.for_buttons).find_map(|e| {
-                let n = e.tokens.len();
-                (rest.len() >= n
-                    && rest[..n] == e.tokens[..]
-                    && rest[n..].iter().all(|w| self.trailing.contains(w)))
-                .then(|| detection(Status::OptedOut, e))
-            })
+            self.opt_out
+                .iter()
+                .filter(|e| !button || e.for_buttons)
+                .find_map(|e| {
+                    let n = e.tokens.len();
+                    (rest.len() >= n
+                        && rest[..n] == e.tokens[..]
+                        && rest[n..].iter().all(|w| self.trailing.contains(w)))
+                    .then(|| detection(Status::OptedOut, e))
+                })
         })
     }
 
@@ -261,7 +388,12 @@ pub fn tokens(s: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     for c in s.nfkd() {
-        if is_combining_mark(c) || matches!(c, '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}' | '\u{00AD}') {
+        if is_combining_mark(c)
+            || matches!(
+                c,
+                '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}' | '\u{00AD}'
+            )
+        {
             continue;
         }
         if c.is_alphanumeric() {
@@ -409,7 +541,11 @@ mod tests {
         ("bus stop", None, None),
         ("where is the bus stop", None, None),
         ("What time do you stop serving?", None, None),
-        ("How do I unsubscribe from the newsletter but keep orders?", None, None),
+        (
+            "How do I unsubscribe from the newsletter but keep orders?",
+            None,
+            None,
+        ),
         ("baja California", None, None),
         ("alto voltaje", None, None),
         ("sair de casa", None, None),
@@ -432,12 +568,22 @@ mod tests {
         let mut failures = Vec::new();
         for (text, status, lang) in TABLE {
             let got = d.detect_text(text);
-            let got_pair = (got.as_ref().map(|g| g.status), got.as_ref().and_then(|g| g.language.as_deref()));
+            let got_pair = (
+                got.as_ref().map(|g| g.status),
+                got.as_ref().and_then(|g| g.language.as_deref()),
+            );
             if got_pair != (*status, *lang) {
-                failures.push(format!("{text:?}: expected {status:?}/{lang:?}, got {got:?}"));
+                failures.push(format!(
+                    "{text:?}: expected {status:?}/{lang:?}, got {got:?}"
+                ));
             }
         }
-        assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+        assert!(
+            failures.is_empty(),
+            "{} failures:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
     }
 
     #[test]
@@ -470,7 +616,10 @@ mod tests {
         assert_eq!(out(Some("OPT_IN_MKT"), Some("Stop")), Some(Out));
         // Payload ids are exact, not normalised.
         assert_eq!(out(Some("opt_out_mkt"), Some("x")), None);
-        assert_eq!(d.detect_button(Some("OPT_OUT_MKT"), None).unwrap().language, None);
+        assert_eq!(
+            d.detect_button(Some("OPT_OUT_MKT"), None).unwrap().language,
+            None
+        );
     }
 
     #[test]
@@ -481,12 +630,22 @@ mod tests {
             ..Keywords::default()
         };
         let d = Detector::new(&extra);
-        assert_eq!(d.detect_text("basta grazie").map(|x| x.status), None, "GRAZIE is not filler");
-        assert_eq!(d.detect_text("Basta!").unwrap().language.as_deref(), Some("it"));
+        assert_eq!(
+            d.detect_text("basta grazie").map(|x| x.status),
+            None,
+            "GRAZIE is not filler"
+        );
+        assert_eq!(
+            d.detect_text("Basta!").unwrap().language.as_deref(),
+            Some("it")
+        );
         assert_eq!(d.detect_text("riprendi").unwrap().status, In);
         assert_eq!(d.detect_button(None, Some("Basta")).unwrap().status, Out);
         assert!(d.detect_text("STOP").is_some());
-        let only = Detector::new(&Keywords { replace_defaults: true, ..extra });
+        let only = Detector::new(&Keywords {
+            replace_defaults: true,
+            ..extra
+        });
         assert_eq!(only.detect_text("STOP"), None);
         assert_eq!(only.detect_text("START"), None);
         assert!(only.detect_text("basta").is_some());

@@ -25,7 +25,9 @@ pub mod webhook;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use optout_core::{Connector, ConnectorError, Cursor, Health, Page, PushItem, PushOutcome, Timestamp};
+use optout_core::{
+    Connector, ConnectorError, Cursor, Health, Page, PushItem, PushOutcome, Timestamp,
+};
 
 pub use config::{Config, Confirmations, Keywords, Texts};
 pub use detect::{Detection, Detector};
@@ -106,11 +108,25 @@ impl<I: Inbox> WhatsApp<I> {
 
 impl<I: Inbox> Connector for WhatsApp<I> {
     async fn poll(&self, cursor: Option<&Cursor>) -> Result<Page, ConnectorError> {
-        poll::poll(&self.name, self.inbox.as_ref(), &self.detector, cursor, self.config.page_size).await
+        poll::poll(
+            &self.name,
+            self.inbox.as_ref(),
+            &self.detector,
+            cursor,
+            self.config.page_size,
+        )
+        .await
     }
 
     async fn push(&self, batch: &[PushItem]) -> Result<Vec<PushOutcome>, ConnectorError> {
-        push::push(self.graph.as_ref(), &self.config.confirmations, &self.texts, batch, Timestamp::now()).await
+        push::push(
+            self.graph.as_ref(),
+            &self.config.confirmations,
+            &self.texts,
+            batch,
+            Timestamp::now(),
+        )
+        .await
     }
 
     /// With confirmations off nothing remote is used, so there is nothing to check; with
@@ -131,7 +147,10 @@ impl<I: Inbox> Connector for WhatsApp<I> {
                 ok: false,
                 detail: e.describe(),
             },
-            Reply::Http(reason, _) => Health { ok: false, detail: reason },
+            Reply::Http(reason, _) => Health {
+                ok: false,
+                detail: reason,
+            },
         }
     }
 

@@ -63,15 +63,22 @@ pub fn check_envelope(body: &[u8]) -> Result<(), BodyError> {
     })?;
     match (shape.object.as_deref(), shape.entry) {
         (Some("whatsapp_business_account"), Some(_)) => Ok(()),
-        (Some("whatsapp_business_account"), None) => Err(BodyError::NotEnvelope("no entry array".into())),
+        (Some("whatsapp_business_account"), None) => {
+            Err(BodyError::NotEnvelope("no entry array".into()))
+        }
         (other, _) => Err(BodyError::NotEnvelope(format!("object is {other:?}"))),
     }
 }
 
 /// All observations in one body, in the body's order.
-pub fn parse(body: &[u8], received_at: Timestamp, detector: &Detector) -> Result<Vec<Observation>, BodyError> {
+pub fn parse(
+    body: &[u8],
+    received_at: Timestamp,
+    detector: &Detector,
+) -> Result<Vec<Observation>, BodyError> {
     check_envelope(body)?;
-    let envelope: Envelope = serde_json::from_slice(body).map_err(|e| BodyError::NotEnvelope(e.to_string()))?;
+    let envelope: Envelope =
+        serde_json::from_slice(body).map_err(|e| BodyError::NotEnvelope(e.to_string()))?;
     let mut out = Vec::new();
     for entry in envelope.entry {
         let Ok(entry) = serde_json::from_value::<EntryRaw>(entry) else {
@@ -90,7 +97,9 @@ pub fn parse(body: &[u8], received_at: Timestamp, detector: &Detector) -> Result
                     out.extend(items(&change.value, "statuses").filter_map(|s| cx.status(s)));
                 }
                 "user_preferences" => {
-                    out.extend(items(&change.value, "user_preferences").filter_map(|p| cx.preference(p)));
+                    out.extend(
+                        items(&change.value, "user_preferences").filter_map(|p| cx.preference(p)),
+                    );
                 }
                 _ => {} // account, template and other management updates say nothing about consent
             }
@@ -119,7 +128,11 @@ struct ChangeRaw {
 }
 
 fn items<'a>(value: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> {
-    value.get(key).and_then(Value::as_array).into_iter().flatten()
+    value
+        .get(key)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
 }
 
 /// A string or a number, as Meta sends ids and timestamps either way.
@@ -265,7 +278,11 @@ impl<'a> Cx<'a> {
         match ts.as_ref().and_then(Lenient::seconds) {
             Some(s) => Timestamp::from_secs(s),
             None => {
-                tracing::warn!(item = what, id, "no readable timestamp; using the receive time");
+                tracing::warn!(
+                    item = what,
+                    id,
+                    "no readable timestamp; using the receive time"
+                );
                 self.received_at
             }
         }
@@ -309,30 +326,53 @@ impl<'a> Cx<'a> {
         }
         let identities = self.identities(text_of(&m.from), text_of(&m.from_user_id));
         if identities.is_empty() {
-            tracing::warn!(id = id.as_deref().unwrap_or(""), "skipping a message that names no sender");
+            tracing::warn!(
+                id = id.as_deref().unwrap_or(""),
+                "skipping a message that names no sender"
+            );
             return None;
         }
         let at = self.time(&m.timestamp, "message", id.as_deref().unwrap_or(""));
         let (detection, signal, evidence) = match kind.as_str() {
             "text" => {
-                let body = m.text.as_ref().and_then(|t| t.body.as_deref()).unwrap_or("");
+                let body = m
+                    .text
+                    .as_ref()
+                    .and_then(|t| t.body.as_deref())
+                    .unwrap_or("");
                 keyword(self.detector.detect_text(body), body, "text")
             }
             "button" => {
                 let b = m.button.as_ref();
                 let payload = b.and_then(|b| b.payload.as_deref());
                 let title = b.and_then(|b| b.text.as_deref());
-                button(self.detector.detect_button(payload, title), payload, title, "button")
+                button(
+                    self.detector.detect_button(payload, title),
+                    payload,
+                    title,
+                    "button",
+                )
             }
             "interactive" => {
+                // The reply object names the kind; some senders omit `interactive.type`.
                 let i = m.interactive.as_ref();
-                let sub = i.and_then(|i| i.kind.clone()).unwrap_or_else(|| "none".into());
-                match i.and_then(|i| i.button_reply.as_ref().or(i.list_reply.as_ref())) {
-                    Some(c) if matches!(sub.as_str(), "button_reply" | "list_reply") => {
+                let choice = i.and_then(|i| {
+                    (i.button_reply.as_ref().map(|c| ("button_reply", c)))
+                        .or(i.list_reply.as_ref().map(|c| ("list_reply", c)))
+                });
+                match choice {
+                    Some((sub, c)) => {
                         let (p, t) = (c.id.as_deref(), c.title.as_deref());
-                        button(self.detector.detect_button(p, t), p, t, &sub)
+                        button(self.detector.detect_button(p, t), p, t, sub)
                     }
-                    _ => (None, Signal::Inbound, format!("inbound interactive {}", short(&sub))),
+                    None => {
+                        let sub = i.and_then(|i| i.kind.as_deref()).unwrap_or("without body");
+                        (
+                            None,
+                            Signal::Inbound,
+                            format!("inbound interactive {}", short(sub)),
+                        )
+                    }
                 }
             }
             "edit" => {
@@ -343,7 +383,10 @@ impl<'a> Cx<'a> {
                     .filter(|e| e.kind.as_deref() == Some("text"))
                     .and_then(|e| e.text.as_ref()?.body.as_deref())
                     .unwrap_or("");
-                let d = self.detector.detect_text(body).filter(|d| d.status == Status::OptedOut);
+                let d = self
+                    .detector
+                    .detect_text(body)
+                    .filter(|d| d.status == Status::OptedOut);
                 keyword(d, body, "edited text")
             }
             other => (None, Signal::Inbound, format!("inbound {}", short(other))),
@@ -379,7 +422,10 @@ impl<'a> Cx<'a> {
             .find(|e| e.code.as_ref().and_then(Lenient::seconds) == Some(MARKETING_STOPPED))?;
         let id = text_of(&s.id).unwrap_or_default();
         let (wa, bsuid) = if s.recipient_type.as_deref() == Some("group") {
-            (text_of(&s.recipient_participant_id), text_of(&s.recipient_participant_user_id))
+            (
+                text_of(&s.recipient_participant_id),
+                text_of(&s.recipient_participant_user_id),
+            )
         } else {
             (text_of(&s.recipient_id), text_of(&s.recipient_user_id))
         };
@@ -455,7 +501,12 @@ fn keyword(d: Option<crate::detect::Detection>, body: &str, what: &str) -> Read 
         // The matched text is short by construction (keyword plus filler) and is the
         // evidence the audit log needs.
         Some(d) => {
-            let ev = format!("{what} {:?} matched {} ({})", short(body), d.matched, d.status);
+            let ev = format!(
+                "{what} {:?} matched {} ({})",
+                short(body),
+                d.matched,
+                d.status
+            );
             (Some(d), Signal::Keyword, ev)
         }
         // Ordinary messages stay out of the audit log: only their kind is recorded.
@@ -463,7 +514,12 @@ fn keyword(d: Option<crate::detect::Detection>, body: &str, what: &str) -> Read 
     }
 }
 
-fn button(d: Option<crate::detect::Detection>, payload: Option<&str>, title: Option<&str>, what: &str) -> Read {
+fn button(
+    d: Option<crate::detect::Detection>,
+    payload: Option<&str>,
+    title: Option<&str>,
+    what: &str,
+) -> Read {
     let ev = format!(
         "{what} payload {:?} title {:?}",
         short(payload.unwrap_or("")),
@@ -497,23 +553,42 @@ mod tests {
     }
 
     fn events(body: &[u8]) -> Vec<ConsentEvent> {
-        parse(body, Timestamp::from_secs(2_000_000_000), &Detector::default())
-            .unwrap()
-            .into_iter()
-            .map(|o| match o {
-                Observation::Event(e) => e,
-                Observation::Record(_) => panic!("records are never produced"),
-            })
-            .collect()
+        parse(
+            body,
+            Timestamp::from_secs(2_000_000_000),
+            &Detector::default(),
+        )
+        .unwrap()
+        .into_iter()
+        .map(|o| match o {
+            Observation::Event(e) => e,
+            Observation::Record(_) => panic!("records are never produced"),
+        })
+        .collect()
     }
 
     #[test]
     fn envelope_check() {
-        assert!(matches!(check_envelope(b"nope"), Err(BodyError::NotJson(_))));
-        assert!(matches!(check_envelope(b"[1,2]"), Err(BodyError::NotEnvelope(_))));
-        assert!(matches!(check_envelope(br#"{"object":"page","entry":[]}"#), Err(BodyError::NotEnvelope(_))));
-        assert!(matches!(check_envelope(br#"{"object":"whatsapp_business_account"}"#), Err(BodyError::NotEnvelope(_))));
-        assert_eq!(check_envelope(br#"{"object":"whatsapp_business_account","entry":[]}"#), Ok(()));
+        assert!(matches!(
+            check_envelope(b"nope"),
+            Err(BodyError::NotJson(_))
+        ));
+        assert!(matches!(
+            check_envelope(b"[1,2]"),
+            Err(BodyError::NotEnvelope(_))
+        ));
+        assert!(matches!(
+            check_envelope(br#"{"object":"page","entry":[]}"#),
+            Err(BodyError::NotEnvelope(_))
+        ));
+        assert!(matches!(
+            check_envelope(br#"{"object":"whatsapp_business_account"}"#),
+            Err(BodyError::NotEnvelope(_))
+        ));
+        assert_eq!(
+            check_envelope(br#"{"object":"whatsapp_business_account","entry":[]}"#),
+            Ok(())
+        );
     }
 
     #[test]
@@ -553,8 +628,14 @@ mod tests {
             }),
         );
         let ev = events(&body);
-        assert_eq!(ev[0].identities, vec![Identity::WaId("222".into()), Identity::Bsuid("US.2".into())]);
-        assert_eq!(ev[1].identities, vec![Identity::WaId("111".into()), Identity::Bsuid("US.1".into())]);
+        assert_eq!(
+            ev[0].identities,
+            vec![Identity::WaId("222".into()), Identity::Bsuid("US.2".into())]
+        );
+        assert_eq!(
+            ev[1].identities,
+            vec![Identity::WaId("111".into()), Identity::Bsuid("US.1".into())]
+        );
         assert_eq!(ev[2].identities, vec![Identity::WaId("333".into())]);
         assert_eq!(ev[2].evidence, "inbound image");
     }
@@ -577,7 +658,13 @@ mod tests {
         assert_eq!(ev[0].status, Some(Status::OptedOut));
         assert_eq!(ev[0].message_id.as_deref(), Some("wamid.A:failed"));
         assert!(!ev[0].inbound);
-        assert_eq!(ev[0].identities, vec![Identity::WaId("15551230000".into()), Identity::Bsuid("US.9".into())]);
+        assert_eq!(
+            ev[0].identities,
+            vec![
+                Identity::WaId("15551230000".into()),
+                Identity::Bsuid("US.9".into())
+            ]
+        );
     }
 
     #[test]
@@ -589,7 +676,10 @@ mod tests {
         let ev = events(&stop);
         assert_eq!(ev[0].status, Some(Status::OptedOut));
         assert_eq!(ev[0].signal, Signal::MarketingPreference);
-        assert_eq!(ev[0].message_id.as_deref(), Some("pref:US.7:stop:1731705721"));
+        assert_eq!(
+            ev[0].message_id.as_deref(),
+            Some("pref:US.7:stop:1731705721")
+        );
         assert_eq!(ev[0].identities, vec![Identity::Bsuid("US.7".into())]);
     }
 

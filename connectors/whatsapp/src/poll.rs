@@ -23,7 +23,10 @@ pub(crate) async fn poll<I: Inbox>(
     let after = match cursor {
         None => 0,
         Some(c) => c.0.trim().parse::<u64>().map_err(|_| {
-            ConnectorError::Rejected(format!("whatsapp cursor {:?} is not an inbox sequence number", c.0))
+            ConnectorError::Rejected(format!(
+                "whatsapp cursor {:?} is not an inbox sequence number",
+                c.0
+            ))
         })?,
     };
     let entries = inbox
@@ -38,12 +41,19 @@ pub(crate) async fn poll<I: Inbox>(
     let mut observations = Vec::new();
     for entry in &entries {
         match parse::parse(&entry.body, entry.received_at, detector) {
-            Ok(obs) => observations.extend(obs.into_iter().filter(|o| match o {
-                Observation::Event(e) => e.message_id.as_ref().is_none_or(|id| seen.insert(id.clone())),
-                Observation::Record(_) => true,
+            Ok(obs) => observations.extend(obs.into_iter().filter(|o| {
+                match o {
+                    Observation::Event(e) => e
+                        .message_id
+                        .as_ref()
+                        .is_none_or(|id| seen.insert(id.clone())),
+                    Observation::Record(_) => true,
+                }
             })),
             // The webhook stores only envelopes, so this means a stored body was damaged.
-            Err(e) => tracing::warn!(connector = name, seq = entry.seq, error = %e, "skipping an unreadable inbox entry"),
+            Err(e) => {
+                tracing::warn!(connector = name, seq = entry.seq, error = %e, "skipping an unreadable inbox entry")
+            }
         }
     }
     Ok(Page {

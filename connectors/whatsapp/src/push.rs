@@ -30,7 +30,9 @@ pub(crate) async fn push(
     let mut halt: Option<PushOutcome> = None;
     for item in batch {
         let Some(reply) = &item.reply else {
-            out.push(PushOutcome::Rejected { reason: NOT_A_REPLY.into() });
+            out.push(PushOutcome::Rejected {
+                reason: NOT_A_REPLY.into(),
+            });
             continue;
         };
         if !confirmations.enabled {
@@ -39,7 +41,9 @@ pub(crate) async fn push(
             continue;
         }
         if now > reply.window_ends {
-            out.push(PushOutcome::Rejected { reason: WINDOW_CLOSED.into() });
+            out.push(PushOutcome::Rejected {
+                reason: WINDOW_CLOSED.into(),
+            });
             continue;
         }
         if let Some(h) = &halt {
@@ -47,9 +51,16 @@ pub(crate) async fn push(
             continue;
         }
         let Some(graph) = graph else {
-            return Err(ConnectorError::Config("confirmations are enabled but no access_token is set".into()));
+            return Err(ConnectorError::Config(
+                "confirmations are enabled but no access_token is set".into(),
+            ));
         };
-        let text = pick_text(texts, &confirmations.default_language, reply.language.as_deref(), item.status);
+        let text = pick_text(
+            texts,
+            &confirmations.default_language,
+            reply.language.as_deref(),
+            item.status,
+        );
         let body = message_body(&reply.to, &reply.in_reply_to, text);
         let outcome = match graph.send_message(&body).await {
             Reply::Ok(_) => {
@@ -58,30 +69,49 @@ pub(crate) async fn push(
             }
             Reply::Graph(e) => match e.class() {
                 Class::Throttled => {
-                    let o = PushOutcome::RetryLater { after: e.retry_after, reason: e.describe() };
+                    let o = PushOutcome::RetryLater {
+                        after: e.retry_after,
+                        reason: e.describe(),
+                    };
                     halt = Some(o.clone());
                     o
                 }
-                Class::Retry => PushOutcome::RetryLater { after: e.retry_after, reason: e.describe() },
-                Class::Reject => PushOutcome::Rejected { reason: e.describe() },
+                Class::Retry => PushOutcome::RetryLater {
+                    after: e.retry_after,
+                    reason: e.describe(),
+                },
+                Class::Reject => PushOutcome::Rejected {
+                    reason: e.describe(),
+                },
                 class @ (Class::Unauthorized | Class::Forbidden) => {
                     if !sent_any {
                         return Err(auth_error(class, e.describe()));
                     }
-                    let o = PushOutcome::RetryLater { after: None, reason: e.describe() };
+                    let o = PushOutcome::RetryLater {
+                        after: None,
+                        reason: e.describe(),
+                    };
                     halt = Some(o.clone());
                     o
                 }
             },
             Reply::Http(reason, class) => match class {
                 Class::Reject => PushOutcome::Rejected { reason },
-                Class::Unauthorized | Class::Forbidden if !sent_any => return Err(auth_error(class, reason)),
+                Class::Unauthorized | Class::Forbidden if !sent_any => {
+                    return Err(auth_error(class, reason));
+                }
                 Class::Throttled | Class::Unauthorized | Class::Forbidden => {
-                    let o = PushOutcome::RetryLater { after: None, reason };
+                    let o = PushOutcome::RetryLater {
+                        after: None,
+                        reason,
+                    };
                     halt = Some(o.clone());
                     o
                 }
-                Class::Retry => PushOutcome::RetryLater { after: None, reason },
+                Class::Retry => PushOutcome::RetryLater {
+                    after: None,
+                    reason,
+                },
             },
         };
         out.push(outcome);

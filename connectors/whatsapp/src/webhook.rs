@@ -72,11 +72,14 @@ impl<I: Inbox> WebhookState<I> {
                 .resolve()
                 .map_err(|e| ConnectorError::Config(format!("app_secrets[{i}]: {e}")))?;
             macs.push(
-                HmacSha256::new_from_slice(secret.expose().as_bytes()).expect("HMAC takes keys of any length"),
+                HmacSha256::new_from_slice(secret.expose().as_bytes())
+                    .expect("HMAC takes keys of any length"),
             );
         }
         if macs.is_empty() {
-            return Err(ConnectorError::Config("app_secrets: at least one is needed".into()));
+            return Err(ConnectorError::Config(
+                "app_secrets: at least one is needed".into(),
+            ));
         }
         let token = config
             .verify_token
@@ -153,7 +156,11 @@ async fn receive<I: Inbox>(State(st): State<Arc<WebhookState<I>>>, req: Request)
     let received_at = Timestamp::now();
     let Some(sig) = signature(req.headers()) else {
         tracing::warn!(connector = %st.name, "webhook without a valid X-Hub-Signature-256 refused");
-        return (StatusCode::UNAUTHORIZED, "missing or malformed X-Hub-Signature-256").into_response();
+        return (
+            StatusCode::UNAUTHORIZED,
+            "missing or malformed X-Hub-Signature-256",
+        )
+            .into_response();
     };
     // Bytes honours the DefaultBodyLimit layer: a body over the limit is a 413 rejection.
     let body = match Bytes::from_request(req, &()).await {
@@ -165,10 +172,16 @@ async fn receive<I: Inbox>(State(st): State<Arc<WebhookState<I>>>, req: Request)
         return (StatusCode::FORBIDDEN, "signature mismatch").into_response();
     }
     let stored = match parse::check_envelope(&body) {
-        Ok(()) => st.inbox.append(body, received_at).await.map(|()| st.appended.notify_one()),
+        Ok(()) => st
+            .inbox
+            .append(body, received_at)
+            .await
+            .map(|()| st.appended.notify_one()),
         Err(why) => {
             tracing::warn!(connector = %st.name, reason = %why, "signed webhook body is unusable; quarantined");
-            st.inbox.quarantine(body, received_at, why.to_string()).await
+            st.inbox
+                .quarantine(body, received_at, why.to_string())
+                .await
         }
     };
     match stored {
@@ -214,9 +227,15 @@ mod tests {
         assert_eq!(signature(&h), None);
         h.insert(SIGNATURE_HEADER, HeaderValue::from_static("sha1=abcd"));
         assert_eq!(signature(&h), None);
-        h.insert(SIGNATURE_HEADER, HeaderValue::from_str(&format!("sha256={}", "zz".repeat(32))).unwrap());
+        h.insert(
+            SIGNATURE_HEADER,
+            HeaderValue::from_str(&format!("sha256={}", "zz".repeat(32))).unwrap(),
+        );
         assert_eq!(signature(&h), None);
-        h.insert(SIGNATURE_HEADER, HeaderValue::from_str(&format!("sha256={}", "0A".repeat(32))).unwrap());
+        h.insert(
+            SIGNATURE_HEADER,
+            HeaderValue::from_str(&format!("sha256={}", "0A".repeat(32))).unwrap(),
+        );
         assert_eq!(signature(&h), Some([0x0a; 32]));
     }
 }
