@@ -278,7 +278,8 @@ impl Config {
             "lastmodifieddate".to_string(),
             "hs_object_id".to_string(),
         ]);
-        props.dedup();
+        let mut seen = std::collections::HashSet::new();
+        props.retain(|p| seen.insert(p.clone()));
         props
     }
 }

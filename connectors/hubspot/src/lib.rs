@@ -52,11 +52,7 @@ impl std::fmt::Debug for HubSpot {
 impl HubSpot {
     /// Validates the configuration and resolves its secrets. No request is sent.
     pub fn new(name: &str, config: Config) -> Result<Self, ConnectorError> {
-        let problems = config.validate();
-        if !problems.is_empty() {
-            let list: Vec<String> = problems.iter().map(|(k, p)| format!("{k}: {p}")).collect();
-            return Err(ConnectorError::Config(list.join("; ")));
-        }
+        check(&config, |_| true)?;
         let resolve = |key: &str, r: &optout_core::SecretRef| {
             r.resolve()
                 .map_err(|e| ConnectorError::Config(format!("{key}: {e}")))
@@ -74,22 +70,57 @@ impl HubSpot {
             )),
             None => None,
         };
+        Ok(HubSpot::build(name, config, token, oauth))
+    }
+
+    /// Like [`HubSpot::new`] with a private-app token given rather than referenced, for the
+    /// `demo` command against the fake portal; `token` and `oauth` in `config` are ignored.
+    pub fn with_token(
+        name: &str,
+        config: Config,
+        token: optout_core::Secret,
+    ) -> Result<Self, ConnectorError> {
+        check(&config, |key| key != "token" && !key.starts_with("oauth."))?;
+        Ok(HubSpot::build(name, config, Some(token), None))
+    }
+
+    fn build(
+        name: &str,
+        config: Config,
+        token: Option<optout_core::Secret>,
+        oauth: Option<(String, optout_core::Secret, optout_core::Secret)>,
+    ) -> Self {
         let limiter = Limiter::new(
             config.requests_per_10s,
             config.search_per_second,
             config.daily_limit,
         );
         let client = Client::new(&config.base_url, config.timeout, limiter, token, oauth);
-        Ok(HubSpot {
+        HubSpot {
             name: name.to_string(),
             config,
             client,
             prepared: tokio::sync::OnceCell::new(),
-        })
+        }
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+}
+
+/// Fails with every validation problem whose key `relevant` accepts.
+fn check(config: &Config, relevant: impl Fn(&str) -> bool) -> Result<(), ConnectorError> {
+    let problems: Vec<String> = config
+        .validate()
+        .into_iter()
+        .filter(|(k, _)| relevant(k))
+        .map(|(k, p)| format!("{k}: {p}"))
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConnectorError::Config(problems.join("; ")))
     }
 }
 
@@ -126,5 +157,49 @@ impl Connector for HubSpot {
 
     fn max_batch(&self) -> usize {
         self.config.batch_size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use optout_core::SecretRef;
+
+    #[test]
+    fn construction_refuses_bad_configuration_and_unreadable_secrets() {
+        let e = HubSpot::new("hs", Config::default()).unwrap_err();
+        assert!(
+            matches!(&e, ConnectorError::Config(m) if m.contains("token")),
+            "{e}"
+        );
+
+        let missing = Config {
+            token: Some(SecretRef::Env("OPTOUT_HUBSPOT_SURELY_UNSET".into())),
+            ..Config::default()
+        };
+        let e = HubSpot::new("hs", missing).unwrap_err();
+        assert!(
+            matches!(&e, ConnectorError::Config(m) if m.contains("OPTOUT_HUBSPOT_SURELY_UNSET")),
+            "{e}"
+        );
+
+        let bad_page = Config {
+            page_size: 201,
+            ..Config::default()
+        };
+        let e =
+            HubSpot::with_token("hs", bad_page.clone(), optout_core::Secret::new("t")).unwrap_err();
+        assert!(
+            matches!(&e, ConnectorError::Config(m) if m.starts_with("page_size") && !m.contains("token")),
+            "{e}"
+        );
+        let ok = HubSpot::with_token(
+            "hs",
+            Config::default(),
+            optout_core::Secret::new("pat-na1-x"),
+        )
+        .unwrap();
+        assert_eq!(ok.max_batch(), 100);
+        assert!(!format!("{ok:?}").contains("pat-na1-x"));
     }
 }

@@ -138,9 +138,82 @@ struct Read {
     contact: Contact,
 }
 
+impl Position {
+    /// Whether this pass reported the contact already (an id at the boundary timestamp).
+    fn reported(&self, id: u64, modified: i64) -> bool {
+        match self {
+            Position::Range {
+                from,
+                exclusive: false,
+                seen,
+            } => modified == *from && seen.contains(&id),
+            Position::Range {
+                exclusive: true, ..
+            } => false,
+            Position::Tie { seen, .. } => seen.contains(&id),
+        }
+    }
+
+    /// Where the pass goes after a page of `(id, lastmodifieddate)`; `None` when the pass
+    /// is complete. `full` says the page had as many results as asked for.
+    fn after_page(self, page: &[(u64, i64)], full: bool) -> Option<Position> {
+        match self {
+            Position::Range { .. } if !full => None,
+            Position::Range {
+                from,
+                exclusive,
+                seen,
+            } => {
+                let low = page.iter().map(|r| r.1).min().unwrap_or(from);
+                let high = page.iter().map(|r| r.1).max().unwrap_or(from);
+                let mut at_high: Vec<u64> =
+                    page.iter().filter(|r| r.1 == high).map(|r| r.0).collect();
+                if low < high {
+                    return Some(Position::Range {
+                        from: high,
+                        exclusive: false,
+                        seen: at_high,
+                    });
+                }
+                // The whole page shares one timestamp, so `>= high` cannot move on: walk
+                // that timestamp by id.
+                if high == from && !exclusive {
+                    at_high.extend(seen);
+                    at_high.sort_unstable();
+                    at_high.dedup();
+                }
+                Some(Position::Tie {
+                    at: high,
+                    after_id: 0,
+                    seen: at_high,
+                })
+            }
+            Position::Tie { at, .. } if !full => Some(Position::Range {
+                from: at,
+                exclusive: true,
+                seen: Vec::new(),
+            }),
+            Position::Tie {
+                at,
+                after_id,
+                mut seen,
+            } => {
+                let last = page.iter().map(|r| r.0).max().unwrap_or(after_id);
+                // The query excludes ids up to `last` from now on.
+                seen.retain(|id| *id > last);
+                Some(Position::Tie {
+                    at,
+                    after_id: last,
+                    seen,
+                })
+            }
+        }
+    }
+}
+
 impl HubSpot {
     pub(crate) async fn poll_page(&self, cursor: Option<&Cursor>) -> Result<Page, ConnectorError> {
-        let mut st = match cursor {
+        let st = match cursor {
             None => State::full_sync(),
             Some(c) => State::decode(c)?,
         };
@@ -151,143 +224,57 @@ impl HubSpot {
             .await?
             .success()?;
         let parsed: SearchResponse = resp.json()?;
-        let page_size = self.config.page_size;
-        let full = parsed.results.len() >= page_size;
+        let full = parsed.results.len() >= self.config.page_size;
         let reads = parsed
             .results
             .into_iter()
             .map(read)
             .collect::<Result<Vec<_>, _>>()?;
 
-        let done_before = st.pass.done;
-        st.pass.started = st.pass.started.or(resp.date.map(Timestamp::millis));
-        if let Some(h) = reads.iter().map(|r| r.modified).max() {
-            st.pass.high = st.pass.high.max(h);
-        }
-
-        // Drop what this pass reported already (the ids at the boundary timestamp).
-        let fresh: Vec<&Read> = reads
+        let observations: Vec<Observation> = reads
             .iter()
-            .filter(|r| match &st.at {
-                Position::Range {
-                    from,
-                    exclusive: false,
-                    seen,
-                } => !(r.modified == *from && seen.contains(&r.id)),
-                Position::Range {
-                    exclusive: true, ..
-                } => true,
-                Position::Tie { seen, .. } => !seen.contains(&r.id),
-            })
-            .collect();
-        let observations: Vec<Observation> = fresh
-            .iter()
+            .filter(|r| !st.at.reported(r.id, r.modified))
             .map(|r| Observation::Record(self.snapshot(r)))
             .collect();
-        st.pass.done += observations.len() as u64;
+        let mut pass = st.pass;
+        pass.started = pass.started.or(resp.date.map(Timestamp::millis));
+        pass.high = reads.iter().map(|r| r.modified).fold(pass.high, i64::max);
+        if let (Position::Range { .. }, Some(t)) = (&st.at, parsed.total) {
+            // `total` counts what is left from this page on.
+            pass.total = Some(pass.done + t);
+        }
+        pass.done += observations.len() as u64;
+        let progress = Some(Progress {
+            done: pass.done,
+            total: pass.total,
+        });
 
-        let mut more = true;
-        st.at = match std::mem::replace(
-            &mut st.at,
-            Position::Range {
-                from: 0,
-                exclusive: false,
-                seen: vec![],
-            },
-        ) {
-            Position::Range {
-                from,
-                exclusive,
-                seen,
-            } => {
-                st.pass.total = parsed.total.map(|t| done_before + t);
-                if !full {
-                    more = false;
-                    Position::Range {
-                        from,
-                        exclusive,
-                        seen,
-                    }
-                } else {
-                    let low = reads.iter().map(|r| r.modified).min().unwrap_or(from);
-                    let high = reads.iter().map(|r| r.modified).max().unwrap_or(from);
-                    let at_high: Vec<u64> = reads
-                        .iter()
-                        .filter(|r| r.modified == high)
-                        .map(|r| r.id)
-                        .collect();
-                    if low == high {
-                        // The whole page shares one timestamp: walk it by id.
-                        let mut seen_at_high = at_high;
-                        if high == from && !exclusive {
-                            seen_at_high.extend(seen);
-                        }
-                        Position::Tie {
-                            at: high,
-                            after_id: 0,
-                            seen: seen_at_high,
-                        }
-                    } else {
-                        Position::Range {
-                            from: high,
-                            exclusive: false,
-                            seen: at_high,
-                        }
-                    }
-                }
-            }
-            Position::Tie {
-                at,
-                after_id,
-                mut seen,
-            } => {
-                if full {
-                    let last = reads.iter().map(|r| r.id).max().unwrap_or(after_id);
-                    // Ids up to `last` are excluded by the query from now on.
-                    seen.retain(|id| *id > last);
-                    Position::Tie {
-                        at,
-                        after_id: last,
-                        seen,
-                    }
-                } else {
-                    Position::Range {
-                        from: at,
-                        exclusive: true,
-                        seen: Vec::new(),
-                    }
-                }
+        let keys: Vec<(u64, i64)> = reads.iter().map(|r| (r.id, r.modified)).collect();
+        let (next, more) = match st.at.after_page(&keys, full) {
+            Some(at) => (State { v: st.v, at, pass }, true),
+            None => {
+                // Caught up: the next pass re-reads the overlap window (see the module doc).
+                let overlap = self.config.overlap.as_millis() as i64;
+                let from = match pass.started {
+                    Some(started) => started - overlap - DATE_RESOLUTION_MS,
+                    None => pass.high - overlap,
+                };
+                tracing::debug!(connector = %self.name, done = pass.done, next_from = from, "HubSpot pass complete");
+                (
+                    State::starting_at(
+                        from.max(0),
+                        Pass {
+                            high: pass.high,
+                            ..Pass::default()
+                        },
+                    ),
+                    false,
+                )
             }
         };
-
-        let progress = Some(Progress {
-            done: st.pass.done,
-            total: st.pass.total,
-        });
-        if !more {
-            // Caught up: the next pass re-reads the overlap window (see the module doc).
-            let overlap = self.config.overlap.as_millis() as i64;
-            let next = match st.pass.started {
-                Some(started) => started - overlap - DATE_RESOLUTION_MS,
-                None => st.pass.high - overlap,
-            };
-            let next = next.max(0);
-            tracing::debug!(
-                done = st.pass.done,
-                next_from = next,
-                "HubSpot pass complete"
-            );
-            st = State::starting_at(
-                next,
-                Pass {
-                    high: st.pass.high,
-                    ..Pass::default()
-                },
-            );
-        }
         Ok(Page {
             observations,
-            cursor: st.encode(),
+            cursor: next.encode(),
             more,
             progress,
         })
@@ -377,6 +364,60 @@ fn read(contact: Contact) -> Result<Read, ConnectorError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_page_on_one_timestamp_switches_to_an_id_walk_and_back() {
+        let start = Position::Range {
+            from: 10,
+            exclusive: false,
+            seen: vec![],
+        };
+        // A short range page ends the pass.
+        assert_eq!(start.clone().after_page(&[(1, 10)], false), None);
+        // A full page ending at 20: continue at >= 20, skipping the ids already read there.
+        let next = start
+            .after_page(&[(5, 10), (3, 20), (9, 20)], true)
+            .unwrap();
+        assert_eq!(
+            next,
+            Position::Range {
+                from: 20,
+                exclusive: false,
+                seen: vec![3, 9]
+            }
+        );
+        assert!(next.reported(9, 20) && !next.reported(9, 21) && !next.reported(4, 20));
+        // A full page entirely at 20: walk 20 by id, remembering all ids reported at 20.
+        let tie = next.after_page(&[(9, 20), (4, 20), (7, 20)], true).unwrap();
+        assert_eq!(
+            tie,
+            Position::Tie {
+                at: 20,
+                after_id: 0,
+                seen: vec![3, 4, 7, 9]
+            }
+        );
+        let tie = tie.after_page(&[(1, 20), (3, 20), (4, 20)], true).unwrap();
+        assert_eq!(
+            tie,
+            Position::Tie {
+                at: 20,
+                after_id: 4,
+                seen: vec![7, 9]
+            }
+        );
+        // The walk ends on a short page and the range goes on strictly after 20.
+        let after = tie.after_page(&[(7, 20)], false).unwrap();
+        assert_eq!(
+            after,
+            Position::Range {
+                from: 20,
+                exclusive: true,
+                seen: vec![]
+            }
+        );
+        assert!(!after.reported(7, 20));
+    }
 
     #[test]
     fn cursor_round_trips_and_refuses_garbage() {

@@ -334,14 +334,13 @@ async fn missing_scopes_and_bad_tokens_are_named() {
         "{h:?}"
     );
 
-    let wrong = secret_file("pat-na1-wrong");
-    let bad = HubSpot::new(
+    let bad = HubSpot::with_token(
         "hubspot-bad",
         optout_hubspot::Config {
             base_url: fake.base_url(),
-            token: Some(SecretRef::File(wrong.path().into())),
             ..Default::default()
         },
+        optout_core::Secret::new("pat-na1-wrong"),
     )
     .unwrap();
     let h = bad.health().await;
