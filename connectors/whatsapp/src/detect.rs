@@ -22,84 +22,26 @@ use crate::config::Keywords;
 
 /// Default opt-out keywords by language.
 ///
-/// Sources: the US FCC 2025 revocation rule (47 CFR 64.1200(a)(10)) names "stop, quit, end,
+/// Sources: the US FCC consent-revocation rules in force since April 2025 name "stop, quit, end,
 /// revoke, opt out, cancel, unsubscribe" as words that must always be honoured; the
 /// CTIA/carrier short-code keywords add STOP ALL, STOPALL, REMOVE and the OPT-OUT variants;
 /// "STOP PROMOTIONS" is the label of Meta's marketing opt-out template button; the other
 /// languages are the everyday equivalents businesses in those markets list in their templates
 /// (ARRET/STOP for French carriers, STOPP for German, BAJA for Spanish, SAIR for Portuguese).
+#[rustfmt::skip]
 pub const DEFAULT_OPT_OUT: &[(&str, &[&str])] = &[
-    (
-        "en",
-        &[
-            "STOP",
-            "STOP ALL",
-            "STOPALL",
-            "UNSUBSCRIBE",
-            "CANCEL",
-            "END",
-            "QUIT",
-            "REVOKE",
-            "OPT OUT",
-            "OPT-OUT",
-            "OPTOUT",
-            "REMOVE",
-            "STOP PROMOTIONS",
-        ],
-    ),
-    (
-        "es",
-        &[
-            "BAJA",
-            "DAR DE BAJA",
-            "DARME DE BAJA",
-            "PARAR",
-            "ALTO",
-            "DETENER",
-            "CANCELAR",
-            "NO MÁS",
-            "DESUSCRIBIR",
-            "DESUSCRIBIRME",
-        ],
-    ),
-    (
-        "pt",
-        &[
-            "PARAR",
-            "PARE",
-            "SAIR",
-            "CANCELAR",
-            "DESCADASTRAR",
-            "DESINSCREVER",
-        ],
-    ),
-    (
-        "fr",
-        &[
-            "ARRÊT",
-            "ARRETER",
-            "STOPPER",
-            "DÉSABONNER",
-            "DÉSINSCRIRE",
-            "ANNULER",
-            "FIN",
-        ],
-    ),
-    (
-        "de",
-        &[
-            "STOPP",
-            "ABMELDEN",
-            "BEENDEN",
-            "KÜNDIGEN",
-            "ABBESTELLEN",
-            "AUSTRAGEN",
-        ],
-    ),
+    ("en", &["STOP", "STOP ALL", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE",
+             "OPT OUT", "OPT-OUT", "OPTOUT", "REMOVE", "STOP PROMOTIONS"]),
+    ("es", &["BAJA", "DAR DE BAJA", "DARME DE BAJA", "PARAR", "ALTO", "DETENER", "CANCELAR",
+             "NO MÁS", "DESUSCRIBIR", "DESUSCRIBIRME"]),
+    ("pt", &["PARAR", "PARE", "SAIR", "CANCELAR", "DESCADASTRAR", "DESINSCREVER"]),
+    ("fr", &["ARRÊT", "ARRETER", "STOPPER", "DÉSABONNER", "DÉSINSCRIRE", "ANNULER", "FIN"]),
+    ("de", &["STOPP", "ABMELDEN", "BEENDEN", "KÜNDIGEN", "ABBESTELLEN", "AUSTRAGEN"]),
 ];
 
 /// Default opt-in keywords: CTIA's START and UNSTOP plus plain "subscribe" words. YES is left
 /// out on purpose: customers answer "yes" to every kind of question.
+#[rustfmt::skip]
 pub const DEFAULT_OPT_IN: &[(&str, &[&str])] = &[
     ("en", &["START", "UNSTOP", "SUBSCRIBE", "RESUBSCRIBE"]),
     ("es", &["ALTA", "SUSCRIBIRME"]),
@@ -109,23 +51,14 @@ pub const DEFAULT_OPT_IN: &[(&str, &[&str])] = &[
 /// Default keywords that are fine typed alone but too generic as a button label the
 /// business wrote: a "Cancel" button usually cancels an appointment, a "Start" button starts
 /// a flow. They are not matched against button titles or payloads.
+#[rustfmt::skip]
 pub const AMBIGUOUS_FOR_BUTTONS: &[&str] = &[
-    "CANCEL",
-    "END",
-    "QUIT",
-    "REMOVE",
-    "CANCELAR",
-    "SAIR",
-    "ALTO",
-    "ANNULER",
-    "FIN",
-    "BEENDEN",
-    "KÜNDIGEN",
-    "START",
-    "ALTA",
+    "CANCEL", "END", "QUIT", "REMOVE", "CANCELAR", "SAIR", "ALTO", "ANNULER", "FIN", "BEENDEN",
+    "KÜNDIGEN", "START", "ALTA",
 ];
 
 /// Words allowed before a keyword ("please stop", "hola, baja").
+#[rustfmt::skip]
 const LEADING_FILLER: &[&str] = &[
     "PLEASE", "PLS", "PLZ", "OK", "OKAY", "HI", "HELLO", "HEY", "POR", "FAVOR", "PORFA", "HOLA",
     "OLA", "OI", "BITTE", "HALLO", "BONJOUR", "SVP", "STP", "S", "IL", "VOUS", "TE", "PLAIT",
@@ -134,64 +67,19 @@ const LEADING_FILLER: &[&str] = &[
 /// Words allowed after a keyword ("stop please", "unsubscribe me", "stop sending me
 /// messages", "no más mensajes, gracias"). None of them can turn a keyword into something
 /// else: "stop by", "cancel my order", "end date" keep a non-filler word and do not match.
+#[rustfmt::skip]
 const TRAILING_FILLER: &[&str] = &[
     // en
-    "PLEASE",
-    "PLS",
-    "PLZ",
-    "NOW",
-    "ME",
-    "THANKS",
-    "THANK",
-    "YOU",
-    "THANKYOU",
-    "THX",
-    "TY",
-    "ALL",
-    "THIS",
-    "FROM",
-    "THE",
-    "LIST",
-    "YOUR",
-    "MESSAGES",
-    "MESSAGING",
-    "TEXTS",
-    "TEXTING",
-    "SENDING",
-    "CONTACTING",
-    "OK",
-    "OKAY",
-    "IMMEDIATELY",
+    "PLEASE", "PLS", "PLZ", "NOW", "ME", "THANKS", "THANK", "YOU", "THANKYOU", "THX", "TY", "ALL",
+    "THIS", "FROM", "THE", "LIST", "YOUR", "MESSAGES", "MESSAGING", "TEXTS", "TEXTING", "SENDING",
+    "CONTACTING", "OK", "OKAY", "IMMEDIATELY",
     // es / pt
-    "POR",
-    "FAVOR",
-    "PORFA",
-    "GRACIAS",
-    "MENSAJES",
-    "YA",
-    "TODO",
-    "TODOS",
-    "OBRIGADO",
-    "OBRIGADA",
-    "VALEU",
-    "MENSAGENS",
-    "JA",
+    "POR", "FAVOR", "PORFA", "GRACIAS", "MENSAJES", "YA", "TODO", "TODOS", "OBRIGADO", "OBRIGADA",
+    "VALEU", "MENSAGENS", "JA",
     // fr
-    "MERCI",
-    "SVP",
-    "STP",
-    "S",
-    "IL",
-    "VOUS",
-    "TE",
-    "PLAIT",
-    "MESSAGES",
+    "MERCI", "SVP", "STP", "S", "IL", "VOUS", "TE", "PLAIT",
     // de
-    "BITTE",
-    "DANKE",
-    "MICH",
-    "NACHRICHTEN",
-    "SOFORT",
+    "BITTE", "DANKE", "MICH", "NACHRICHTEN", "SOFORT",
 ];
 
 /// Anything longer is a sentence, not a keyword with filler; skipping it keeps the hot

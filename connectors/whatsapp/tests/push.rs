@@ -358,3 +358,60 @@ async fn a_dead_graph_is_retried_later_not_rejected() {
         "{out:?}"
     );
 }
+
+#[tokio::test]
+async fn the_fake_enforces_the_pair_rate_limit() {
+    let g = start_graph(GraphOptions {
+        token: ACCESS_TOKEN.into(),
+        phone_number_id: PHONE_NUMBER_ID.into(),
+        pair_interval: Some(Duration::from_secs(60)),
+        ..GraphOptions::default()
+    })
+    .await;
+    let secrets = Secrets::new();
+    let (c, _) = connector(config(&secrets, &g.base_url(), ENABLED));
+    let out = c
+        .push(&[
+            item(wa("500"), "a", Status::OptedOut, None),
+            item(wa("500"), "b", Status::OptedIn, None),
+            item(wa("501"), "c", Status::OptedOut, None),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out[0], PushOutcome::Done);
+    assert!(
+        matches!(&out[1], PushOutcome::RetryLater { reason, .. } if reason.contains("131056")),
+        "{out:?}"
+    );
+    assert_eq!(
+        out[2],
+        PushOutcome::Done,
+        "a pair limit holds back only that recipient"
+    );
+}
+
+#[test]
+fn construction_refuses_bad_config_and_unreadable_secrets() {
+    let secrets = Secrets::new();
+    let mut cfg = config(&secrets, "http://127.0.0.1:9", ENABLED);
+    cfg.access_token = None;
+    let err = optout_whatsapp::WhatsApp::new("wa", cfg, optout_whatsapp::fake::MemoryInbox::new())
+        .unwrap_err();
+    assert!(
+        matches!(&err, ConnectorError::Config(m) if m.contains("access_token")),
+        "{err:?}"
+    );
+
+    let mut cfg = config(&secrets, "http://127.0.0.1:9", "");
+    cfg.app_secrets.push(optout_core::SecretRef::File(
+        "/nonexistent/app-secret".into(),
+    ));
+    let err = optout_whatsapp::WhatsApp::new("wa", cfg, optout_whatsapp::fake::MemoryInbox::new())
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("app_secrets[2]") && msg.contains("/nonexistent/app-secret"),
+        "{msg}"
+    );
+    assert!(!msg.contains(APP_SECRET));
+}
