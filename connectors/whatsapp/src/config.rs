@@ -385,6 +385,28 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_is_valid() {
+        // The module doc's example, line for line.
+        let doc: String = include_str!("config.rs")
+            .lines()
+            .skip_while(|l| !l.starts_with("//! ```toml"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("//! ```"))
+            .map(|l| format!("{}\n", l.trim_start_matches("//!").trim_start()))
+            .collect();
+        let c = parse(&doc).unwrap();
+        assert_eq!(c.app_secrets.len(), 2);
+        assert!(c.confirmations.enabled);
+        assert_eq!(c.keywords.opt_out_payloads, vec!["OPT_OUT_BUTTON"]);
+        assert!(
+            c.confirmations.texts["en"]
+                .opted_out
+                .starts_with("You will get")
+        );
+        assert_eq!(c.validate(), vec![]);
+    }
+
+    #[test]
     fn refuses_unknown_keys_and_inline_secrets() {
         assert!(parse(&format!("{MIN}\nbogus = 1")).is_err());
         assert!(

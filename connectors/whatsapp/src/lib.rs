@@ -8,8 +8,17 @@
 //!   events ([`parse`], [`detect`]), and sends confirmation replies (`push`) through the
 //!   Graph API ([`client`]).
 //!
-//! The daemon builds one [`WhatsApp`] with its inbox, mounts [`WhatsApp::router`] on its HTTP
-//! listener, and runs the connector's poll and push workers like any other.
+//! What the daemon does with it:
+//! 1. implement [`Inbox`] on its store (append durable before returning, sequence numbers
+//!    never reused, quarantined bodies kept apart for the operator);
+//! 2. build one [`WhatsApp`] with `WhatsApp::new(name, config, inbox)` and mount
+//!    [`WhatsApp::router`] (`GET`/`POST /webhooks/whatsapp`) on its HTTP listener;
+//! 3. run the poll and push workers like any other connector, waking the poll worker on
+//!    [`WebhookState::appended`] (from [`WhatsApp::webhook`]) instead of a timer;
+//! 4. after saving a poll's cursor (the last inbox sequence number read), delete inbox
+//!    entries up to it;
+//! 5. dedupe events by `message_id` across polls: a page holds each id once, but Meta may
+//!    redeliver a body after the page that first carried it was applied.
 
 pub mod client;
 pub mod config;

@@ -263,7 +263,7 @@ struct Cx<'a> {
 impl<'a> Cx<'a> {
     fn new(value: &Value, received_at: Timestamp, detector: &'a Detector) -> Self {
         let contacts = items(value, "contacts")
-            .filter_map(|c| serde_json::from_value::<Contact>(c.clone()).ok())
+            .filter_map(|c| Contact::deserialize(c).ok())
             .collect();
         Cx {
             contacts,
@@ -310,7 +310,7 @@ impl<'a> Cx<'a> {
 
     fn message(&self, raw: &Value) -> Option<ConsentEvent> {
         let raw_id = raw.get("id").map(|v| v.to_string()).unwrap_or_default();
-        let m: Message = match serde_json::from_value(raw.clone()) {
+        let m = match Message::deserialize(raw) {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(id = %raw_id, error = %e, "skipping an unreadable message");
@@ -408,7 +408,7 @@ impl<'a> Cx<'a> {
         if raw.get("status").and_then(Value::as_str) != Some("failed") {
             return None;
         }
-        let s: StatusItem = match serde_json::from_value(raw.clone()) {
+        let s = match StatusItem::deserialize(raw) {
             Ok(s) => s,
             Err(e) => {
                 let id = raw.get("id").map(|v| v.to_string()).unwrap_or_default();
@@ -451,7 +451,7 @@ impl<'a> Cx<'a> {
     }
 
     fn preference(&self, raw: &Value) -> Option<ConsentEvent> {
-        let p: Preference = match serde_json::from_value(raw.clone()) {
+        let p = match Preference::deserialize(raw) {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "skipping an unreadable user preference");
