@@ -3,18 +3,16 @@
 //! and systemd can act on (0 ok, 1 failure, 2 bad configuration or usage).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use optout_core::{Scope, Timestamp};
+use optout_core::Timestamp;
 
 use crate::audit::{Exporter, Format};
 use crate::config::{self, Config, Kind};
-use crate::policy::Decision;
-use crate::reconcile::{Engine, Takes, subject_name};
+use crate::reconcile::{Engine, Takes};
 use crate::store::Store;
 
 const DEFAULT_CONFIG: &str = "/etc/optout-sync/optout-sync.toml";
@@ -30,6 +28,36 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the daemon: poll every connector, apply consent changes, push them to every
+    /// system, serve webhooks, the send gate and metrics. This is what the systemd unit
+    /// starts (Type=notify). Stops cleanly on SIGTERM.
+    Run {
+        #[arg(long, short, env = "OPTOUT_SYNC_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Show the running daemon's state: per connector health, last poll, cursor, errors,
+    /// outbox depth, dead letters and unverified pushes; totals of people by decision.
+    /// Exit code 1 if any connector needs attention, 3 if the daemon is not running.
+    Status {
+        #[arg(long, short, env = "OPTOUT_SYNC_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the running daemon to poll now (all connectors, or one). With --full, re-read
+    /// every record from the beginning, push corrections wherever a system disagrees with
+    /// the decision, and re-queue rejected pushes. Reports progress until done.
+    Resync {
+        /// Only this connector instance.
+        #[arg(long)]
+        connector: Option<String>,
+        /// Re-read everything and repair drift.
+        #[arg(long)]
+        full: bool,
+        #[arg(long, short, env = "OPTOUT_SYNC_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// Check a configuration file: syntax, types, schedules, and that every secret can be
     /// read. Prints every problem with file, line and column; exit code 2 if any.
     /// Use as the unit's ExecStartPre=.
@@ -89,6 +117,13 @@ fn parse_time(s: &str) -> Result<Timestamp, String> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run { config } => run(&config),
+        Command::Status { config, json } => status(&config, json),
+        Command::Resync {
+            connector,
+            full,
+            config,
+        } => resync(&config, connector, full),
         Command::CheckConfig { path } => return check_config(&path),
         Command::Lookup { id, config, json } => lookup(&config, &id, json),
         Command::Audit {
@@ -137,10 +172,172 @@ fn check_config(path: &Path) -> ExitCode {
     }
 }
 
-/// Loads and validates the configuration, turning problems into one error.
+fn init_tracing(format: crate::config::LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("OPTOUT_SYNC_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        crate::config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        crate::config::LogFormat::Text => builder.init(),
+    }
+}
+
+fn run(config_path: &Path) -> Result<ExitCode> {
+    let config = load_config(config_path)?;
+    init_tracing(config.daemon.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match rt.block_on(crate::daemon::run(config)) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "optout-sync stopped with an error"
+            );
+            Err(e)
+        }
+    }
+}
+
+/// The control socket path, from the configuration (parsed, not validated: `status`
+/// needs no secrets).
+fn socket_of(config_path: &Path) -> Result<PathBuf> {
+    let config =
+        config::load(config_path).map_err(|p| anyhow::anyhow!("bad configuration:\n{p}"))?;
+    Ok(config.daemon.control_socket)
+}
+
+fn status(config_path: &Path, json: bool) -> Result<ExitCode> {
+    let socket = socket_of(config_path)?;
+    let v = match runtime()?.block_on(crate::control::request(
+        &socket,
+        &crate::control::Request::Status,
+        |_| {},
+    )) {
+        Ok(v) => v,
+        Err(e @ crate::control::ClientError::NotRunning(_)) => {
+            eprintln!("optout-sync: {e}");
+            return Ok(ExitCode::from(3));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_status(&v);
+    }
+    let attention = v["connectors"].as_array().into_iter().flatten().any(|c| {
+        !c["alarm"].is_null()
+            || c["unverified_pushes"].as_i64().unwrap_or(0) > 0
+            || c["dead_letters"].as_i64().unwrap_or(0) > 0
+    });
+    Ok(if attention {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn print_status(v: &serde_json::Value) {
+    let s = |x: &serde_json::Value| x.as_str().unwrap_or("-").to_string();
+    println!(
+        "optout-sync {} — {} since {}",
+        s(&v["version"]),
+        if v["ready"] == true {
+            "ready"
+        } else {
+            "not ready"
+        },
+        s(&v["started"])
+    );
+    let counts = &v["subjects"];
+    let n = |k: &str| counts[k].as_i64().unwrap_or(0);
+    println!(
+        "people: {} known; all messages: {} opted out, {} opted in; marketing: {} opted out, {} opted in",
+        v["subjects_total"],
+        n("all:opted_out"),
+        n("all:opted_in"),
+        n("marketing:opted_out"),
+        n("marketing:opted_in")
+    );
+    println!(
+        "webhooks: {} waiting in the inbox, {} quarantined",
+        v["webhook_inbox"], v["quarantined_webhooks"]
+    );
+    println!();
+    println!(
+        "{:<16} {:<11} {:<8} {:<25} {:>7} {:>6} {:>5} {:>10} {:>7}",
+        "CONNECTOR", "KIND", "HEALTH", "LAST POLL", "OUTBOX", "DEAD", "UNVER", "ERRORS", ""
+    );
+    for c in v["connectors"].as_array().into_iter().flatten() {
+        let health = if !c["alarm"].is_null() {
+            "ALARM"
+        } else if c["healthy"] == true {
+            "ok"
+        } else {
+            "retrying"
+        };
+        println!(
+            "{:<16} {:<11} {:<8} {:<25} {:>7} {:>6} {:>5} {:>10}",
+            s(&c["name"]),
+            s(&c["kind"]),
+            health,
+            s(&c["last_poll_ok"]),
+            c["outbox_depth"],
+            c["dead_letters"],
+            c["unverified_pushes"],
+            format!("{}/{}", c["poll_errors"], c["push_errors"]),
+        );
+        if let Some(a) = c["alarm"].as_str() {
+            println!("    alarm: {a}");
+        }
+        if let Some(e) = c["last_error"].as_str() {
+            println!("    last error: {e}");
+        }
+        if let Some(r) = c["resync"].as_str() {
+            println!("    reading: {r}");
+        }
+        if let Some(cur) = c["cursor"].as_str() {
+            println!("    cursor: {}", crate::lookup::shorten(cur, 120));
+        }
+    }
+}
+
+fn resync(config_path: &Path, connector: Option<String>, full: bool) -> Result<ExitCode> {
+    let socket = socket_of(config_path)?;
+    let req = crate::control::Request::Resync { connector, full };
+    match runtime()?.block_on(crate::control::request(&socket, &req, |p| println!("{p}"))) {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(e @ crate::control::ClientError::NotRunning(_)) => {
+            eprintln!("optout-sync: {e}");
+            Ok(ExitCode::from(3))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Loads and validates the configuration, secrets included, turning problems into one
+/// error (`run`).
 pub fn load_config(path: &Path) -> Result<Config> {
     let c = config::load(path).map_err(|p| anyhow::anyhow!("bad configuration:\n{p}"))?;
     c.validate()
+        .map_err(|p| anyhow::anyhow!("bad configuration:\n{p}"))?;
+    Ok(c)
+}
+
+/// Loads and validates the configuration without reading secrets: the store commands
+/// need none, and an operator's shell usually lacks the service's credentials.
+fn load_config_offline(path: &Path) -> Result<Config> {
+    let c = config::load(path).map_err(|p| anyhow::anyhow!("bad configuration:\n{p}"))?;
+    c.validate_without_secrets()
         .map_err(|p| anyhow::anyhow!("bad configuration:\n{p}"))?;
     Ok(c)
 }
@@ -173,157 +370,47 @@ pub fn open_engine(config: &Config) -> Result<Engine> {
 }
 
 fn lookup(config_path: &Path, id: &str, json: bool) -> Result<ExitCode> {
-    let config = load_config(config_path)?;
-    let engine = open_engine(&config)?;
-    let store = engine.store();
-    let aliases = engine
-        .normalizer()
-        .parse_query(id)
-        .map_err(|e| anyhow::anyhow!("`{id}`: {e}"))?;
-    let mut subject = None;
-    for a in &aliases {
-        if let Some(s) = store.subject_by_alias(a.as_str())? {
-            subject = Some(s);
-            break;
+    let config = load_config_offline(config_path)?;
+    let value = match Store::open(&config.daemon.state_dir) {
+        Ok(store) => {
+            let engine = Engine::new(
+                store,
+                config.policy.to_policy(),
+                config.normalizer(),
+                targets(&config),
+            );
+            crate::lookup::lookup(&engine, id)?
         }
-    }
-    let Some(s) = subject else {
-        if json {
-            println!("{}", serde_json::json!({ "query": id, "known": false }));
-        } else {
-            println!("{id}: not known (no observation names this person; messages are allowed)");
-        }
-        return Ok(ExitCode::SUCCESS);
-    };
-    let margin = engine.policy().margin;
-    let mut records = Vec::new();
-    for (c, r) in &s.links {
-        let link = store.link(c, r)?;
-        let pending = store.outbox_entry(c, r)?;
-        let dead = store.dead_letter(c, r)?;
-        records.push(serde_json::json!({
-            "connector": c,
-            "record": r,
-            "last_seen": link.as_ref().and_then(|l| l.memory.last_seen),
-            "last_pushed": link.as_ref().and_then(|l| l.memory.last_pushed.map(|(st, _)| st)),
-            "pushed_at": link.as_ref().and_then(|l| l.pushed_at),
-            "awaiting_readback": link.as_ref().is_some_and(|l| l.awaiting_readback),
-            "pending": pending.as_ref().map(|p| serde_json::json!({"status": p.item.status, "attempts": p.attempts, "last_error": p.last_error})),
-            "dead_letter": dead.as_ref().map(|d| serde_json::json!({"status": d.item.status, "reason": d.reason, "at": d.at})),
-        }));
-    }
-    let history = store.subject_audit(&s)?;
-    if json {
-        let decisions: serde_json::Map<_, _> = Scope::EVERY
-            .iter()
-            .map(|&sc| {
-                let reg = s.consent.registers(sc);
-                (
-                    sc.as_str().to_string(),
-                    serde_json::json!({
-                        "decision": reg.decide(margin),
-                        "evidence": reg.deciding(margin),
-                        "opt_out": reg.opt_out, "opt_in": reg.opt_in,
-                    }),
+        // The running daemon holds the store: ask it.
+        Err(crate::store::StoreError::Open { reason, .. }) if reason.contains("in use") => {
+            runtime()?.block_on(async {
+                crate::control::request(
+                    &config.daemon.control_socket,
+                    &crate::control::Request::Lookup { id: id.to_string() },
+                    |_| {},
                 )
-            })
-            .collect();
-        let out = serde_json::json!({
-            "query": id, "known": true, "subject": subject_name(s.id), "aliases": s.aliases,
-            "decisions": decisions, "last_inbound": s.last_inbound, "records": records, "history": history,
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    let mut o = std::io::stdout().lock();
-    writeln!(
-        o,
-        "{id}: subject {} ({})",
-        subject_name(s.id),
-        s.aliases.join(", ")
-    )?;
-    for sc in Scope::EVERY {
-        let reg = s.consent.registers(sc);
-        let d = reg.decide(margin);
-        match reg.deciding(margin) {
-            Some(f) => writeln!(
-                o,
-                "  {:<10} {:<9} since {} — {} {} ({})",
-                sc.as_str(),
-                d.as_str(),
-                f.at,
-                f.origin(),
-                f.record,
-                f.evidence
-            )?,
-            None => writeln!(o, "  {:<10} {}", sc.as_str(), Decision::Unknown.as_str())?,
+                .await
+            })?
         }
-    }
-    if let Some(t) = s.last_inbound {
-        writeln!(
-            o,
-            "  last WhatsApp message {t}; reply window until {}",
-            t.plus(crate::reconcile::REPLY_WINDOW)
-        )?;
-    }
-    writeln!(o, "linked records:")?;
-    if records.is_empty() {
-        writeln!(o, "  (none)")?;
-    }
-    for r in &records {
-        let state = if let Some(d) = r["dead_letter"].as_object() {
-            format!(
-                "REJECTED: {} ({})",
-                d["reason"].as_str().unwrap_or(""),
-                d["status"].as_str().unwrap_or("")
-            )
-        } else if let Some(p) = r["pending"].as_object() {
-            format!(
-                "push pending: {} (attempts {}{})",
-                p["status"].as_str().unwrap_or(""),
-                p["attempts"],
-                p["last_error"]
-                    .as_str()
-                    .map(|e| format!(", last error: {e}"))
-                    .unwrap_or_default()
-            )
-        } else if r["awaiting_readback"].as_bool() == Some(true) {
-            format!(
-                "pushed {}, not yet read back",
-                r["last_pushed"].as_str().unwrap_or("")
-            )
-        } else {
-            format!("holds {}", r["last_seen"].as_str().unwrap_or("no value"))
-        };
-        writeln!(
-            o,
-            "  {:<12} {:<28} {state}",
-            r["connector"].as_str().unwrap_or(""),
-            r["record"].as_str().unwrap_or("")
-        )?;
-    }
-    writeln!(o, "history:")?;
-    for a in &history {
-        writeln!(
-            o,
-            "  {} {:<17} {:<12} {}{}{}{}",
-            a.stored_at,
-            a.kind.as_str(),
-            a.source,
-            a.status.map(|s| format!("{s} ")).unwrap_or_default(),
-            a.scope.map(|s| format!("[{s}] ")).unwrap_or_default(),
-            a.evidence.clone().unwrap_or_default(),
-            a.reason
-                .as_ref()
-                .map(|r| format!(" — {r}"))
-                .unwrap_or_default(),
-        )?;
+        Err(e) => return Err(e.into()),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        crate::lookup::print(&mut std::io::stdout().lock(), id, &value)?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// A small runtime for commands that talk to the daemon.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
 fn audit_export(config_path: &Path, since: Option<Timestamp>, format: Format) -> Result<ExitCode> {
-    let config = load_config(config_path)?;
+    let config = load_config_offline(config_path)?;
     let store = Store::open(&config.daemon.state_dir)?;
     let out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut exporter = Exporter::new(format, out)?;
@@ -345,7 +432,7 @@ fn audit_export(config_path: &Path, since: Option<Timestamp>, format: Format) ->
 }
 
 fn import(config_path: &Path, file: &Path) -> Result<ExitCode> {
-    let config = load_config(config_path)?;
+    let config = load_config_offline(config_path)?;
     let engine = open_engine(&config)?;
     let input: Box<dyn std::io::Read> = if file == Path::new("-") {
         Box::new(std::io::stdin().lock())

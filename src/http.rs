@@ -80,13 +80,15 @@ struct BatchRequest {
 
 const MAX_BATCH: usize = 1000;
 
-fn authorize(s: &HttpState, headers: &HeaderMap) -> Result<(), Response> {
+fn authorize(s: &HttpState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let Some(token) = &s.gate_token else {
-        return Err((
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"error": "the send gate is off: set daemon.gate_token"})),
-        )
-            .into_response());
+        return Err(Box::new(
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": "the send gate is off: set daemon.gate_token"})),
+            )
+                .into_response(),
+        ));
     };
     let given = headers
         .get(header::AUTHORIZATION)
@@ -96,12 +98,14 @@ fn authorize(s: &HttpState, headers: &HeaderMap) -> Result<(), Response> {
     if constant_time_eq(given.as_bytes(), token.expose().as_bytes()) {
         Ok(())
     } else {
-        Err((
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            Json(json!({"error": "missing or wrong bearer token"})),
-        )
-            .into_response())
+        Err(Box::new(
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                Json(json!({"error": "missing or wrong bearer token"})),
+            )
+                .into_response(),
+        ))
     }
 }
 
@@ -162,7 +166,7 @@ async fn gate_one(
     Query(q): Query<GateQuery>,
 ) -> Response {
     if let Err(r) = authorize(&s, &headers) {
-        return r;
+        return *r;
     }
     let category = q.category.unwrap_or_else(|| "marketing".into());
     let engine = s.engine.clone();
@@ -183,7 +187,7 @@ async fn gate_batch(
     body: Result<Json<BatchRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     if let Err(r) = authorize(&s, &headers) {
-        return r;
+        return *r;
     }
     let Json(req) = match body {
         Ok(b) => b,

@@ -41,6 +41,10 @@ pub enum Takes {
     Nothing,
 }
 
+/// How long a push may take to show in reads (HubSpot's search index lags) before a
+/// record still holding the old value is pushed again.
+pub const READBACK_GRACE: Duration = Duration::from_secs(120);
+
 /// Displayed subject id.
 pub fn subject_name(id: u64) -> String {
     format!("s{id}")

@@ -184,17 +184,33 @@ fn clear_alarm(ctx: &WorkerContext, status: &StatusCell, name: &str) {
     }
 }
 
+/// Called after each page is stored (WhatsApp: drop inbox entries up to the cursor).
+pub type PageHook = Arc<dyn Fn(&Page) + Send + Sync>;
+
+/// What a poll worker needs besides its connector.
+pub struct PollSettings {
+    pub name: String,
+    pub status: StatusCell,
+    pub triggers: mpsc::Receiver<Trigger>,
+    pub schedule: Schedule,
+    pub full_resync: Option<Schedule>,
+    pub after_page: Option<PageHook>,
+}
+
 /// The poll worker of one connector instance.
 pub async fn poll_worker<C: Connector>(
-    name: String,
     connector: Arc<C>,
     ctx: Arc<WorkerContext>,
-    status: StatusCell,
-    mut triggers: mpsc::Receiver<Trigger>,
-    schedule: Schedule,
-    full_resync: Option<Schedule>,
-    after_page: Option<Arc<dyn Fn(&Page) + Send + Sync>>,
+    settings: PollSettings,
 ) {
+    let PollSettings {
+        name,
+        status,
+        mut triggers,
+        schedule,
+        full_resync,
+        after_page,
+    } = settings;
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(300));
     // Poll once at start: a first run reads everything; later runs catch up.
     let mut pending: Option<Trigger> = Some(Trigger::Incremental { done: None });
@@ -292,10 +308,11 @@ pub async fn poll_worker<C: Connector>(
                         }
                     }
                     if !page.more {
-                        let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
-                        s.last_poll_ok = Some(Timestamp::now());
-                        s.resync = None;
-                        drop(s);
+                        {
+                            let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+                            s.last_poll_ok = Some(Timestamp::now());
+                            s.resync = None;
+                        }
                         clear_alarm(&ctx, &status, &name);
                         if full {
                             tracing::info!(connector = %name, pages, records, "full resync finished");

@@ -1,0 +1,192 @@
+//! `lookup`: everything known of one person, as JSON (for `--json` and the control
+//! socket) and as text for people. Read-only: a lookup never creates a subject.
+
+use std::io::Write;
+
+use optout_core::Scope;
+use serde_json::{Value, json};
+
+use crate::policy::Decision;
+use crate::reconcile::{Engine, REPLY_WINDOW, subject_name};
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error("`{0}`: {1}")]
+    BadId(String, String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub fn lookup(engine: &Engine, id: &str) -> Result<Value, LookupError> {
+    let store = engine.store();
+    let aliases = engine
+        .normalizer()
+        .parse_query(id)
+        .map_err(|e| LookupError::BadId(id.to_string(), e))?;
+    let mut subject = None;
+    for a in &aliases {
+        if let Some(s) = store.subject_by_alias(a.as_str())? {
+            subject = Some(s);
+            break;
+        }
+    }
+    let Some(s) = subject else {
+        return Ok(json!({ "query": id, "known": false }));
+    };
+    let margin = engine.policy().margin;
+    let mut records = Vec::new();
+    for (c, r) in &s.links {
+        let link = store.link(c, r)?;
+        let pending = store.outbox_entry(c, r)?;
+        let dead = store.dead_letter(c, r)?;
+        records.push(json!({
+            "connector": c,
+            "record": r,
+            "last_seen": link.as_ref().and_then(|l| l.memory.last_seen),
+            "last_pushed": link.as_ref().and_then(|l| l.memory.last_pushed.map(|(st, _)| st)),
+            "pushed_at": link.as_ref().and_then(|l| l.pushed_at),
+            "awaiting_readback": link.as_ref().is_some_and(|l| l.awaiting_readback),
+            "pending": pending.as_ref().map(|p| json!({"status": p.item.status, "attempts": p.attempts, "last_error": p.last_error})),
+            "dead_letter": dead.as_ref().map(|d| json!({"status": d.item.status, "reason": d.reason, "at": d.at})),
+        }));
+    }
+    let decisions: serde_json::Map<_, _> = Scope::EVERY
+        .iter()
+        .map(|&sc| {
+            let reg = s.consent.registers(sc);
+            (
+                sc.as_str().to_string(),
+                json!({
+                    "decision": reg.decide(margin),
+                    "evidence": reg.deciding(margin),
+                    "opt_out": reg.opt_out,
+                    "opt_in": reg.opt_in,
+                }),
+            )
+        })
+        .collect();
+    Ok(json!({
+        "query": id,
+        "known": true,
+        "subject": subject_name(s.id),
+        "aliases": s.aliases,
+        "decisions": decisions,
+        "last_inbound": s.last_inbound,
+        "records": records,
+        "history": store.subject_audit(&s)?,
+    }))
+}
+
+/// Prints a lookup result for people.
+pub fn print(o: &mut impl Write, id: &str, v: &Value) -> std::io::Result<()> {
+    if v["known"] != true {
+        return writeln!(
+            o,
+            "{id}: not known (no observation names this person; messages are allowed)"
+        );
+    }
+    let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+    let aliases: Vec<String> = v["aliases"]
+        .as_array()
+        .map(|a| a.iter().map(s).collect())
+        .unwrap_or_default();
+    writeln!(
+        o,
+        "{id}: subject {} ({})",
+        s(&v["subject"]),
+        aliases.join(", ")
+    )?;
+    for sc in Scope::EVERY {
+        let d = &v["decisions"][sc.as_str()];
+        match d["evidence"].as_object() {
+            Some(f) => writeln!(
+                o,
+                "  {:<10} {:<9} since {} — {}:{} {} ({})",
+                sc.as_str(),
+                s(&d["decision"]),
+                ts(&f["at"]),
+                s(&f["source"]),
+                s(&f["signal"]),
+                s(&f["record"]),
+                s(&f["evidence"]),
+            )?,
+            None => writeln!(o, "  {:<10} {}", sc.as_str(), Decision::Unknown.as_str())?,
+        }
+    }
+    if let Some(t) = v["last_inbound"].as_i64() {
+        let t = optout_core::Timestamp(t);
+        writeln!(
+            o,
+            "  last WhatsApp message {t}; reply window until {}",
+            t.plus(REPLY_WINDOW)
+        )?;
+    }
+    writeln!(o, "linked records:")?;
+    let records = v["records"].as_array().cloned().unwrap_or_default();
+    if records.is_empty() {
+        writeln!(o, "  (none)")?;
+    }
+    for r in &records {
+        let state = if let Some(d) = r["dead_letter"].as_object() {
+            format!("REJECTED: {} ({})", s(&d["reason"]), s(&d["status"]))
+        } else if let Some(p) = r["pending"].as_object() {
+            let err = p["last_error"]
+                .as_str()
+                .map(|e| format!(", last error: {e}"))
+                .unwrap_or_default();
+            format!(
+                "push pending: {} (attempts {}{err})",
+                s(&p["status"]),
+                p["attempts"]
+            )
+        } else if r["awaiting_readback"] == true {
+            format!("pushed {}, not yet read back", s(&r["last_pushed"]))
+        } else {
+            format!("holds {}", r["last_seen"].as_str().unwrap_or("no value"))
+        };
+        writeln!(
+            o,
+            "  {:<12} {:<28} {state}",
+            s(&r["connector"]),
+            s(&r["record"])
+        )?;
+    }
+    writeln!(o, "history:")?;
+    for a in v["history"].as_array().cloned().unwrap_or_default() {
+        let opt = |k: &str| a[k].as_str().map(|x| format!("{x} ")).unwrap_or_default();
+        writeln!(
+            o,
+            "  {} {:<17} {:<12} {}{}{}{}",
+            ts(&a["stored_at"]),
+            s(&a["kind"]),
+            s(&a["source"]),
+            opt("status"),
+            a["scope"]
+                .as_str()
+                .map(|x| format!("[{x}] "))
+                .unwrap_or_default(),
+            s(&a["evidence"]),
+            a["reason"]
+                .as_str()
+                .map(|r| format!(" — {r}"))
+                .unwrap_or_default(),
+        )?;
+    }
+    Ok(())
+}
+
+fn ts(v: &Value) -> String {
+    v.as_i64()
+        .map(|t| optout_core::Timestamp(t).to_rfc3339())
+        .unwrap_or_default()
+}
+
+/// At most `max` characters of `s`, control characters dropped.
+pub fn shorten(s: &str, max: usize) -> String {
+    let mut out: String = s.chars().filter(|c| !c.is_control()).take(max).collect();
+    if s.chars().count() > max {
+        out.push('…');
+    }
+    out
+}

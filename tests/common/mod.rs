@@ -1,0 +1,127 @@
+//! Helpers for tests that run the real `optout-sync` binary as a child process against
+//! the connectors' fakes on 127.0.0.1.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::net::UnixDatagram;
+use tokio::process::{Child, Command};
+
+pub const GATE_TOKEN: &str = "gate-token-for-tests";
+
+/// A running daemon with its systemd notification socket.
+pub struct Daemon {
+    pub child: Child,
+    pub notify: UnixDatagram,
+    pub addr: String,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+/// Writes `config` into `dir` and starts the daemon with `env`, waiting for READY=1.
+pub async fn start(dir: &Path, config: &str, env: &[(&str, String)]) -> Daemon {
+    let config_path = dir.join("optout-sync.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let notify_path = dir.join(format!("notify-{}.sock", rand_suffix()));
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    let log = dir.join(format!("daemon-{}.log", rand_suffix()));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_optout-sync"));
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config_path)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("OPTOUT_SYNC_LOG", "info,optout_sync=debug")
+        .env("OPTOUT_GATE_TOKEN", GATE_TOKEN)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().unwrap();
+    let mut d = Daemon {
+        child,
+        notify,
+        addr: String::new(),
+        config: config_path,
+        socket: dir.join("control.sock"),
+        log,
+    };
+    let mut ready = false;
+    while !ready || d.addr.is_empty() {
+        let msg = d.next_notification(Duration::from_secs(60)).await;
+        for line in msg.lines() {
+            if line == "READY=1" {
+                ready = true;
+            }
+            if let Some(rest) = line.strip_prefix("STATUS=running; listening on ") {
+                d.addr = rest.to_string();
+            }
+        }
+    }
+    d
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed) + u64::from(std::process::id()) * 1000
+}
+
+impl Daemon {
+    /// The next sd_notify datagram, or a panic with the daemon's log.
+    pub async fn next_notification(&mut self, within: Duration) -> String {
+        let mut buf = vec![0u8; 4096];
+        match tokio::time::timeout(within, self.notify.recv(&mut buf)).await {
+            Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+            _ => panic!("no notification from the daemon; log:\n{}", self.log_text()),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("running") as i32;
+        // SAFETY: kill(2) with a pid we own and a valid signal number.
+        unsafe { kill(pid, 15) };
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the daemon stops within its deadline")
+            .unwrap()
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        optout_sync::control::request(&self.socket, &optout_sync::control::Request::Status, |_| {})
+            .await
+            .unwrap()
+    }
+}
+
+unsafe extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
+/// Waits until `check` holds, re-checking every 50 ms; panics with `what` after `within`.
+pub async fn eventually(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
