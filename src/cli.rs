@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use optout_core::Timestamp;
 
 use crate::audit::{Exporter, Format};
-use crate::config::{self, Config, Kind};
+use crate::config::{self, Config, Settings};
 use crate::reconcile::{Engine, Takes};
 use crate::store::Store;
 
@@ -348,10 +348,11 @@ pub fn targets(config: &Config) -> BTreeMap<String, Takes> {
         .connectors
         .iter()
         .map(|c| {
-            let takes = match c.common.kind {
-                Kind::Hubspot | Kind::Salesforce => Takes::Records,
-                Kind::Whatsapp => Takes::Replies,
-                Kind::Webhook => Takes::Events,
+            let takes = match &c.settings {
+                Settings::Hubspot(_) | Settings::Salesforce(_) => Takes::Records,
+                Settings::Whatsapp(w) if w.confirmations.enabled => Takes::Replies,
+                Settings::Whatsapp(_) => Takes::Nothing,
+                Settings::Webhook(_) => Takes::Events,
             };
             (c.name.clone(), takes)
         })

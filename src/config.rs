@@ -221,11 +221,10 @@ const COMMON_KEYS: [&str; 5] = [
 /// A connector's own settings, parsed and validated by its crate.
 #[derive(Clone, Debug)]
 pub enum Settings {
+    Whatsapp(optout_whatsapp::Config),
     Hubspot(optout_hubspot::Config),
     Salesforce(optout_salesforce::Config),
     Webhook(optout_webhook::Config),
-    /// Kinds whose crate is not wired into this build yet keep their table as read.
-    Table(toml::Table),
 }
 
 impl Settings {
@@ -242,30 +241,29 @@ impl Settings {
             Kind::Webhook => {
                 Settings::Webhook(optout_webhook::Config::deserialize(value).map_err(clean)?)
             }
-            Kind::Whatsapp => match value {
-                toml::Value::Table(t) => Settings::Table(t),
-                _ => unreachable!("built from a table"),
-            },
+            Kind::Whatsapp => {
+                Settings::Whatsapp(optout_whatsapp::Config::deserialize(value).map_err(clean)?)
+            }
         })
     }
 
     /// Semantic problems: (key within the table, message).
     fn validate(&self) -> Vec<(String, String)> {
         match self {
+            Settings::Whatsapp(c) => c.validate(),
             Settings::Hubspot(c) => c.validate(),
             Settings::Salesforce(c) => c.validate(),
             Settings::Webhook(c) => c.validate(),
-            Settings::Table(_) => Vec::new(),
         }
     }
 
     /// Secret references: (key within the table, reference).
     fn secrets(&self) -> Vec<(String, SecretRef)> {
         let list = match self {
+            Settings::Whatsapp(c) => c.secrets(),
             Settings::Hubspot(c) => c.secrets(),
             Settings::Salesforce(c) => c.secrets(),
             Settings::Webhook(c) => c.secrets(),
-            Settings::Table(_) => Vec::new(),
         };
         list.into_iter()
             .map(|(k, r)| (k.to_string(), r.clone()))

@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ConnectorConfig, Kind, Settings};
 use crate::control::{self, Request};
+use crate::inbox::StoreInbox;
 use crate::metrics::{Metrics, ScopeDecision};
 use crate::reconcile::{Engine, Takes};
 use crate::systemd::Notifier;
@@ -72,6 +73,7 @@ pub async fn run(config: Config) -> Result<()> {
     let targets = crate::cli::targets(&config);
     let mut statuses = BTreeMap::new();
     let mut triggers = BTreeMap::new();
+    let mut webhook_routes = None;
     for c in &config.connectors {
         let status: StatusCell = Arc::new(Mutex::new(ConnectorStatus {
             name: c.name.clone(),
@@ -104,11 +106,38 @@ pub async fn run(config: Config) -> Result<()> {
                 optout_webhook::WebhookConnector::new(&c.name, s.clone()).context(what)?,
                 None,
             ),
-            Settings::Table(_) => anyhow::bail!(
-                "connector {} of kind {} is not supported by this build",
-                c.name,
-                c.common.kind.as_str()
-            ),
+            Settings::Whatsapp(s) => {
+                let inbox = Arc::new(StoreInbox {
+                    store: engine.store().clone(),
+                    metrics: metrics.clone(),
+                });
+                let wa = optout_whatsapp::WhatsApp::new(&c.name, s.clone(), inbox).context(what)?;
+                webhook_routes = Some(wa.router());
+                // Each stored webhook wakes the poll worker: an opt-out never waits for a tick.
+                let appended = wa.webhook().appended();
+                let wake = tx.clone();
+                let stop = cancel.clone();
+                tracker.spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = appended.notified() => {
+                                let _ = wake.try_send(Trigger::Incremental { done: None });
+                            }
+                        }
+                    }
+                });
+                // Applied bodies leave the inbox (their cursor is saved already).
+                let store = engine.store().clone();
+                let trim: PageHook = Arc::new(move |page: &optout_core::Page| {
+                    if let Ok(seq) = page.cursor.0.parse::<u64>()
+                        && let Err(e) = store.inbox_trim(seq)
+                    {
+                        tracing::warn!(error = %e, "cannot trim the webhook inbox; will retry after the next page");
+                    }
+                });
+                spawn.start(wa, Some(trim))
+            }
         }
         statuses.insert(c.name.clone(), status);
         triggers.insert(c.name.clone(), tx);
@@ -138,7 +167,10 @@ pub async fn run(config: Config) -> Result<()> {
         ready: ready.clone(),
         refresh: Arc::new(move |m: &Metrics| d.refresh_metrics(m)),
     });
-    let app = crate::http::router(http_state);
+    let mut app = crate::http::router(http_state);
+    if let Some(routes) = webhook_routes {
+        app = app.merge(routes);
+    }
     let listener = tokio::net::TcpListener::bind(config.daemon.listen)
         .await
         .with_context(|| format!("binding the HTTP listener on {}", config.daemon.listen))?;

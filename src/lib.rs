@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod http;
 pub mod identity;
 pub mod import;
+pub mod inbox;
 pub mod lookup;
 pub mod metrics;
 pub mod policy;

@@ -83,6 +83,8 @@ fn shipped_example_passes_check_config_with_its_variables_set() {
         .arg(&example)
         .env("OPTOUT_GATE_TOKEN", "example")
         .env("HUBSPOT_TOKEN", "example")
+        .env("WHATSAPP_APP_SECRET", "example")
+        .env("WHATSAPP_VERIFY_TOKEN", "example")
         .env("SALESFORCE_CLIENT_SECRET", "example")
         .env("AUTOMATIONS_WEBHOOK_SECRET", "example")
         .output()

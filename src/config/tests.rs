@@ -14,6 +14,8 @@ accept_opt_ins_from = ["whatsapp"]
 
 [connectors.whatsapp]
 kind = "whatsapp"
+app_secrets = [{ env = "PATH" }]
+verify_token = { env = "PATH" }
 
 [connectors.crm-eu]
 kind = "hubspot"
@@ -69,7 +71,7 @@ fn unknown_connector_kind_and_common_keys() {
         text.contains("connectors.crm-eu.kind") && text.contains("zendesk"),
         "{text}"
     );
-    assert!(text.starts_with("test.toml:15:8: "), "{text}");
+    assert!(text.starts_with("test.toml:17:8: "), "{text}");
 }
 
 #[test]
@@ -80,7 +82,7 @@ fn bad_cron_and_conflicting_schedules() {
     ));
     let text = p.to_string();
     assert_eq!(p.problems.len(), 2, "{text}");
-    assert!(text.contains("test.toml:18:20: connectors.crm-eu.full_resync_cron: `every night` is not a cron expression"), "{text}");
+    assert!(text.contains("test.toml:20:20: connectors.crm-eu.full_resync_cron: `every night` is not a cron expression"), "{text}");
     assert!(
         text.contains("connectors.crm-eu.poll_cron: set poll_interval or poll_cron, not both"),
         "{text}"
@@ -140,7 +142,7 @@ fn every_semantic_problem_is_reported_at_once() {
         .replace("\"GB\"", "\"Atlantis\"")
         .replace("\"/var/lib/optout-sync\"", "\"relative/dir\"")
         .replace("[\"whatsapp\"]", "[\"whatsapp\", \"zapier\"]")
-        + "[connectors.wa2]\nkind = \"whatsapp\"\n";
+        + "[connectors.wa2]\nkind = \"whatsapp\"\napp_secrets = [{ env = \"PATH\" }]\nverify_token = { env = \"PATH\" }\n";
     let p = problems(&src);
     let keys: Vec<_> = p.problems.iter().map(|p| p.key.as_str()).collect();
     assert_eq!(
