@@ -580,7 +580,8 @@ impl Store {
         received_at: Timestamp,
         body: &[u8],
     ) -> Result<u64, StoreError> {
-        let seq = self.db.generate_id()?;
+        // Sequence numbers start at 1: a cursor of 0 means "nothing read yet".
+        let seq = self.db.generate_id()? + 1;
         let rec = InboxRecord {
             received_at,
             body: body.to_vec(),

@@ -261,6 +261,16 @@ fn sigkill_during_writes_keeps_whole_pages_only() {
     }
 }
 
+#[tokio::test]
+async fn inbox_sequence_numbers_start_above_zero() {
+    // A cursor of 0 means "nothing read"; an entry numbered 0 would never be read.
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let seq = s.inbox_append(Timestamp::now(), b"{}").await.unwrap();
+    assert!(seq > 0);
+    assert_eq!(s.inbox_after(0, 10).unwrap().len(), 1);
+}
+
 #[test]
 fn counts_follow_decisions() {
     let dir = tempfile::tempdir().unwrap();
@@ -273,4 +283,159 @@ fn counts_follow_decisions() {
         e.store().counts().unwrap(),
         vec![("all:opted_out".to_string(), PAGE as i64)]
     );
+}
+
+/// The writer half of the inbox crash test: runs only as a child process.
+#[test]
+fn crash_child_inbox_writer() {
+    let Ok(dir) = std::env::var("OPTOUT_CRASH_INBOX_DIR") else {
+        return;
+    };
+    let store = Store::open(Path::new(&dir)).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for n in 0u64.. {
+            let seq = store
+                .inbox_append(Timestamp::now(), format!("body {n}").as_bytes())
+                .await
+                .unwrap();
+            println!("acked {seq}");
+        }
+    });
+}
+
+/// Every webhook body acknowledged (appended and flushed) survives a SIGKILL.
+#[test]
+fn acknowledged_inbox_entries_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut acked: Vec<u64> = Vec::new();
+    for round in 0..5u64 {
+        let mut child = Command::new(&exe)
+            .args([
+                "--exact",
+                "store::tests::crash_child_inbox_writer",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("OPTOUT_CRASH_INBOX_DIR", dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let stop_after = 1 + (round * 7) % 13;
+        let mut n = 0;
+        while let Some(Ok(line)) = lines.next() {
+            if let Some(seq) = line.strip_prefix("acked ") {
+                acked.push(seq.parse().unwrap());
+                n += 1;
+                if n >= stop_after {
+                    break;
+                }
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let present: Vec<u64> = store
+            .inbox_after(0, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        for seq in &acked {
+            assert!(
+                present.contains(seq),
+                "round {round}: acknowledged inbox entry {seq} lost; present: {present:?}"
+            );
+        }
+    }
+}
+
+/// The writer half of the concurrent crash test: webhook appends while pages are applied.
+#[test]
+fn crash_child_concurrent_writer() {
+    let Ok(dir) = std::env::var("OPTOUT_CRASH_CONC_DIR") else {
+        return;
+    };
+    let e = std::sync::Arc::new(crash_engine(Path::new(&dir)));
+    let e2 = e.clone();
+    std::thread::spawn(move || {
+        for n in 0.. {
+            e2.apply_page(
+                "crm",
+                &page(n % 1000),
+                Some(&n.to_string()),
+                Timestamp::now(),
+            )
+            .unwrap();
+        }
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for n in 0u64.. {
+            let seq = e
+                .store()
+                .inbox_append(Timestamp::now(), format!("body {n}").as_bytes())
+                .await
+                .unwrap();
+            println!("acked {seq}");
+        }
+    });
+}
+
+/// Acknowledged webhook bodies survive SIGKILL while other threads commit pages.
+#[test]
+fn acknowledged_inbox_entries_survive_sigkill_under_concurrent_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut acked: Vec<u64> = Vec::new();
+    for round in 0..20u64 {
+        let mut child = Command::new(&exe)
+            .args([
+                "--exact",
+                "store::tests::crash_child_concurrent_writer",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("OPTOUT_CRASH_CONC_DIR", dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let stop_after = 1 + (round * 7) % 13;
+        let mut n = 0;
+        while let Some(Ok(line)) = lines.next() {
+            if let Some(seq) = line.strip_prefix("acked ") {
+                acked.push(seq.parse().unwrap());
+                n += 1;
+                if n >= stop_after {
+                    break;
+                }
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let present: Vec<u64> = store
+            .inbox_after(0, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        let lost: Vec<_> = acked.iter().filter(|s| !present.contains(s)).collect();
+        assert!(
+            lost.is_empty(),
+            "round {round}: acknowledged inbox entries lost: {lost:?} of {}",
+            acked.len()
+        );
+    }
 }

@@ -82,8 +82,30 @@ impl Daemon {
         }
     }
 
+    /// This daemon's log, preceded by the logs of earlier daemons on the same directory.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let dir = self.log.parent().expect("log in a directory");
+        let mut logs: Vec<_> = std::fs::read_dir(dir)
+            .map(|r| {
+                r.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name()
+                            .is_some_and(|n| n.to_string_lossy().starts_with("daemon-"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        logs.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+        logs.iter()
+            .map(|p| {
+                format!(
+                    "--- {}\n{}",
+                    p.file_name().unwrap().to_string_lossy(),
+                    std::fs::read_to_string(p).unwrap_or_default()
+                )
+            })
+            .collect()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -99,6 +121,20 @@ impl Daemon {
             .await
             .expect("the daemon stops within its deadline")
             .unwrap()
+    }
+
+    /// Like [`eventually`], with the daemon's log in the failure message.
+    pub async fn until(&self, what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + within;
+        while !check().await {
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for: {what}; daemon log:\n{}",
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub async fn status(&self) -> serde_json::Value {
