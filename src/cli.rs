@@ -35,6 +35,10 @@ enum Command {
         #[arg(long, short, env = "OPTOUT_SYNC_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Run everything on this machine against fakes of WhatsApp, HubSpot, Salesforce and
+    /// an automation webhook: seed records, send a signed "STOP", and show what happened in
+    /// each system and how long it took. Needs no credentials and no setup.
+    Demo,
     /// Show the running daemon's state: per connector health, last poll, cursor, errors,
     /// outbox depth, dead letters and unverified pushes; totals of people by decision.
     /// Exit code 1 if any connector needs attention, 3 if the daemon is not running.
@@ -118,6 +122,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config } => run(&config),
+        Command::Demo => demo(),
         Command::Status { config, json } => status(&config, json),
         Command::Resync {
             connector,
@@ -205,6 +210,23 @@ fn run(config_path: &Path) -> Result<ExitCode> {
             Err(e)
         }
     }
+}
+
+fn demo() -> Result<ExitCode> {
+    use tracing_subscriber::EnvFilter;
+    // Quiet by default: the demo prints its own story; OPTOUT_SYNC_LOG=info shows the logs.
+    let filter =
+        EnvFilter::try_from_env("OPTOUT_SYNC_LOG").unwrap_or_else(|_| EnvFilter::new("error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut out = std::io::stdout();
+    rt.block_on(crate::demo::demo(&mut out))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The control socket path, from the configuration (parsed, not validated: `status`

@@ -45,7 +45,18 @@ pub struct Daemon {
     pub started: Timestamp,
 }
 
+/// Runs until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<()> {
+    run_until(config, wait_for_stop(), None).await
+}
+
+/// Runs until `stop` completes; sends the HTTP listener's address on `bound_tx` once ready
+/// (the demo and tests run the daemon in-process).
+pub async fn run_until(
+    config: Config,
+    stop: impl std::future::Future<Output = ()>,
+    bound_tx: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+) -> Result<()> {
     let notifier = Notifier::from_env();
     let started = Timestamp::now();
     let engine = Arc::new(crate::cli::open_engine(&config)?);
@@ -205,7 +216,10 @@ pub async fn run(config: Config) -> Result<()> {
         cancel.clone(),
     ));
 
-    wait_for_stop().await;
+    if let Some(tx) = bound_tx {
+        let _ = tx.send(bound);
+    }
+    stop.await;
     notifier.stopping();
     notifier.status("stopping");
     ready.store(false, Ordering::Release);

@@ -198,3 +198,25 @@ fn help_describes_every_command() {
         assert!(t.contains(cmd), "{t}");
     }
 }
+
+#[test]
+fn demo_shows_the_opt_out_reaching_every_system() {
+    let o = bin().arg("demo").output().unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    for needle in [
+        "signed webhook acknowledged",
+        "send gate: 14155552671 blocked for every category",
+        "HubSpot      contact 1 (Ada Lovelace): whatsapp_consent = opted_out",
+        "HubSpot      contact 2 (A. Lovelace): whatsapp_consent = opted_out",
+        "Salesforce   Contact",
+        "Salesforce   Lead",
+        "MessagingConsentStatus = OptedOut",
+        "automations  signed event consent.changed: all opted_out",
+        "WhatsApp     one confirmation reply to 14155552671",
+        "another person, untouched: true",
+        "outbox empty: true",
+    ] {
+        assert!(t.contains(needle), "missing {needle:?} in:\n{t}");
+    }
+}
