@@ -310,7 +310,20 @@ secret = {{ file = "{hook_secret}" }}
             "\nnot every system showed the opt-out within 30 s; see `optout-sync status`"
         )?;
     }
-    let status = control::request(&socket, &Request::Status, |_| {}).await?;
+    // The systems show the writes a moment before the daemon has recorded the outcomes.
+    let settle = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        let s = control::request(&socket, &Request::Status, |_| {}).await?;
+        let empty = s["connectors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|c| c["outbox_depth"] == 0);
+        if empty || Instant::now() > settle {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     writeln!(
         out,
         "\nstatus: {} person opted out of all messages; outbox empty: {}",
