@@ -307,26 +307,22 @@ fn crash_child_inbox_writer() {
     });
 }
 
-/// Every webhook body acknowledged (appended and flushed) survives a SIGKILL.
-#[test]
-fn acknowledged_inbox_entries_survive_sigkill() {
+/// Runs `child` (a test of this binary printing `acked <seq>` per acknowledged append)
+/// `rounds` times, SIGKILLs it after a varying number of acknowledgements, and checks that
+/// every acknowledged inbox entry is present after each reopen.
+fn acked_inbox_entries_survive_kills(child: &str, env: &str, rounds: u64) {
     let dir = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
     let mut acked: Vec<u64> = Vec::new();
-    for round in 0..5u64 {
-        let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "store::tests::crash_child_inbox_writer",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("OPTOUT_CRASH_INBOX_DIR", dir.path())
+    for round in 0..rounds {
+        let mut proc = Command::new(&exe)
+            .args(["--exact", child, "--nocapture", "--test-threads=1"])
+            .env(env, dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut lines = BufReader::new(proc.stdout.take().unwrap()).lines();
         let stop_after = 1 + (round * 7) % 13;
         let mut n = 0;
         while let Some(Ok(line)) = lines.next() {
@@ -338,8 +334,8 @@ fn acknowledged_inbox_entries_survive_sigkill() {
                 }
             }
         }
-        child.kill().unwrap();
-        child.wait().unwrap();
+        proc.kill().unwrap(); // SIGKILL
+        proc.wait().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let present: Vec<u64> = store
             .inbox_after(0, usize::MAX)
@@ -347,13 +343,23 @@ fn acknowledged_inbox_entries_survive_sigkill() {
             .into_iter()
             .map(|(s, _)| s)
             .collect();
-        for seq in &acked {
-            assert!(
-                present.contains(seq),
-                "round {round}: acknowledged inbox entry {seq} lost; present: {present:?}"
-            );
-        }
+        let lost: Vec<_> = acked.iter().filter(|s| !present.contains(s)).collect();
+        assert!(
+            lost.is_empty(),
+            "round {round}: acknowledged inbox entries lost: {lost:?} of {}",
+            acked.len()
+        );
     }
+}
+
+/// Every webhook body acknowledged (appended and flushed) survives a SIGKILL.
+#[test]
+fn acknowledged_inbox_entries_survive_sigkill() {
+    acked_inbox_entries_survive_kills(
+        "store::tests::crash_child_inbox_writer",
+        "OPTOUT_CRASH_INBOX_DIR",
+        5,
+    );
 }
 
 /// The writer half of the concurrent crash test: webhook appends while pages are applied.
@@ -394,48 +400,9 @@ fn crash_child_concurrent_writer() {
 /// Acknowledged webhook bodies survive SIGKILL while other threads commit pages.
 #[test]
 fn acknowledged_inbox_entries_survive_sigkill_under_concurrent_writes() {
-    let dir = tempfile::tempdir().unwrap();
-    let exe = std::env::current_exe().unwrap();
-    let mut acked: Vec<u64> = Vec::new();
-    for round in 0..20u64 {
-        let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "store::tests::crash_child_concurrent_writer",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("OPTOUT_CRASH_CONC_DIR", dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let stop_after = 1 + (round * 7) % 13;
-        let mut n = 0;
-        while let Some(Ok(line)) = lines.next() {
-            if let Some(seq) = line.strip_prefix("acked ") {
-                acked.push(seq.parse().unwrap());
-                n += 1;
-                if n >= stop_after {
-                    break;
-                }
-            }
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let present: Vec<u64> = store
-            .inbox_after(0, usize::MAX)
-            .unwrap()
-            .into_iter()
-            .map(|(s, _)| s)
-            .collect();
-        let lost: Vec<_> = acked.iter().filter(|s| !present.contains(s)).collect();
-        assert!(
-            lost.is_empty(),
-            "round {round}: acknowledged inbox entries lost: {lost:?} of {}",
-            acked.len()
-        );
-    }
+    acked_inbox_entries_survive_kills(
+        "store::tests::crash_child_concurrent_writer",
+        "OPTOUT_CRASH_CONC_DIR",
+        20,
+    );
 }

@@ -20,13 +20,16 @@ pub fn client(timeout: Duration) -> reqwest::Client {
         .expect("a TLS backend is compiled in")
 }
 
-/// `Retry-After` in seconds (the HTTP-date form is not used by these vendors).
+/// `Retry-After`, in either form HTTP allows: delay-seconds or an HTTP-date (RFC 7231;
+/// a date in the past means "now"). Capped at a day.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    v.parse::<f64>()
-        .ok()
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(|s| Duration::from_secs_f64(s.min(86_400.0)))
+    if let Ok(s) = v.parse::<f64>() {
+        return (s.is_finite() && s >= 0.0).then(|| Duration::from_secs_f64(s.min(86_400.0)));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let wait = at.timestamp_millis() - chrono::Utc::now().timestamp_millis();
+    Some(Duration::from_millis(wait.clamp(0, 86_400_000) as u64))
 }
 
 /// A transport failure (connect, timeout, reset, truncated body) is always transient.
@@ -87,6 +90,21 @@ mod tests {
         assert_eq!(retry_after(&h), None);
         h.insert(RETRY_AFTER, HeaderValue::from_static("3"));
         assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::ZERO), "a date in the past");
+        let soon = (chrono::Utc::now() + chrono::Duration::seconds(120)).to_rfc2822();
+        h.insert(RETRY_AFTER, HeaderValue::from_str(&soon).unwrap());
+        let d = retry_after(&h).unwrap();
+        assert!(
+            d > Duration::from_secs(110) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
+        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h), None);
+        h.insert(RETRY_AFTER, HeaderValue::from_static("3"));
         let e = classify_status(StatusCode::TOO_MANY_REQUESTS, &h, "");
         assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
         assert!(classify_status(StatusCode::BAD_GATEWAY, &h, "").is_retryable());

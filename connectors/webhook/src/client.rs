@@ -136,7 +136,7 @@ impl Sender {
 
 async fn classify(mut response: Response) -> Delivery {
     let status = response.status();
-    let after = retry_after(response.headers());
+    let after = optout_core::http::retry_after(response.headers());
     // Read (a bounded part of) the body even on success, so the connection can be reused.
     let mut body = Vec::new();
     while body.len() < BODY_LIMIT {
@@ -171,16 +171,6 @@ async fn classify(mut response: Response) -> Delivery {
 
 /// `Retry-After` as seconds (the core's reading) or as an HTTP date, which webhook
 /// receivers also send; at most a day.
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(d) = optout_core::http::retry_after(headers) {
-        return Some(d);
-    }
-    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    let at = chrono::DateTime::parse_from_rfc2822(value.trim()).ok()?;
-    let wait = at.timestamp_millis() - Timestamp::now().millis();
-    Some(Duration::from_millis(wait.clamp(0, 86_400_000) as u64))
-}
-
 fn transport(e: &reqwest::Error, timeout: Duration) -> Delivery {
     let unreachable = e.is_connect();
     let what = if e.is_timeout() {
@@ -203,36 +193,5 @@ fn transport(e: &reqwest::Error, timeout: Duration) -> Delivery {
     Delivery::Transport {
         reason,
         unreachable,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use reqwest::header::RETRY_AFTER;
-
-    #[test]
-    fn reads_retry_after_in_both_forms() {
-        let mut h = HeaderMap::new();
-        assert_eq!(retry_after(&h), None);
-        h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
-        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
-        let soon = chrono::Utc::now() + chrono::Duration::seconds(120);
-        h.insert(
-            RETRY_AFTER,
-            HeaderValue::from_str(&soon.to_rfc2822()).unwrap(),
-        );
-        let d = retry_after(&h).unwrap();
-        assert!(
-            d > Duration::from_secs(110) && d <= Duration::from_secs(120),
-            "{d:?}"
-        );
-        h.insert(
-            RETRY_AFTER,
-            HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"),
-        );
-        assert_eq!(retry_after(&h), Some(Duration::ZERO));
-        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
-        assert_eq!(retry_after(&h), None);
     }
 }
