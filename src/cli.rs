@@ -321,6 +321,9 @@ fn print_status(v: &serde_json::Value) {
         if let Some(a) = c["alarm"].as_str() {
             println!("    alarm: {a}");
         }
+        if c["health"]["ok"] == false {
+            println!("    health check: {}", s(&c["health"]["detail"]));
+        }
         if let Some(e) = c["last_error"].as_str() {
             println!("    last error: {e}");
         }

@@ -290,6 +290,12 @@ impl Spawn<'_> {
                 settings,
             ));
         }
+        self.tracker.spawn(workers::health_worker(
+            name.clone(),
+            connector.clone(),
+            self.status.clone(),
+            self.ctx.cancel.clone(),
+        ));
         self.tracker.spawn(workers::push_worker(
             name,
             connector,
@@ -374,11 +380,11 @@ impl Daemon {
                 let s = cell.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let lag = s.last_poll_ok.map(|t| Timestamp::now().since(t).as_secs());
                 json!({
-                    "name": s.name, "kind": s.kind, "healthy": s.healthy && s.alarm.is_none(),
+                    "name": s.name, "kind": s.kind, "healthy": s.healthy && s.alarm.is_none() && s.health.as_ref().is_none_or(|h| h.ok),
                     "alarm": s.alarm, "last_poll_ok": s.last_poll_ok.map(|t| t.to_rfc3339()),
                     "poll_lag_seconds": lag, "last_push_ok": s.last_push_ok.map(|t| t.to_rfc3339()),
                     "cursor": s.cursor, "poll_errors": s.poll_errors, "push_errors": s.push_errors,
-                    "last_error": s.last_error, "resync": s.resync,
+                    "last_error": s.last_error, "resync": s.resync, "health": s.health,
                     "outbox_depth": depth.get(name).copied().unwrap_or(0),
                     "dead_letters": dead.get(name).copied().unwrap_or(0),
                     "unverified_pushes": unverified.get(name).copied().unwrap_or(0),

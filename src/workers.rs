@@ -77,6 +77,9 @@ pub struct ConnectorStatus {
     pub alarm: Option<String>,
     /// Progress of a running full resync.
     pub resync: Option<String>,
+    /// The connector's own health check (credentials, reachability), refreshed every few
+    /// minutes.
+    pub health: Option<optout_core::Health>,
 }
 
 pub type StatusCell = Arc<Mutex<ConnectorStatus>>;
@@ -499,6 +502,32 @@ pub async fn push_worker<C: Connector>(
                     tracing::error!(connector = %name, error = %se, "cannot defer pushes");
                 }
             }
+        }
+    }
+}
+
+/// How often each connector's own health check runs.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(300);
+
+/// Runs the connector's health check at start and every few minutes, for `status`.
+pub async fn health_worker<C: Connector>(
+    name: String,
+    connector: Arc<C>,
+    status: StatusCell,
+    cancel: CancellationToken,
+) {
+    loop {
+        let h = tokio::select! {
+            h = connector.health() => h,
+            _ = cancel.cancelled() => return,
+        };
+        if !h.ok {
+            tracing::warn!(connector = %name, detail = %h.detail, "health check failed");
+        }
+        status.lock().unwrap_or_else(|p| p.into_inner()).health = Some(h);
+        tokio::select! {
+            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+            _ = cancel.cancelled() => return,
         }
     }
 }

@@ -203,6 +203,10 @@ async fn crm_opt_out_reaches_every_system_the_gate_status_and_metrics_then_full_
     let s = d.status().await;
     assert_eq!(s["subjects"]["all:opted_out"], 1, "{s}");
     assert_eq!(s["ready"], true);
+    for c in s["connectors"].as_array().unwrap() {
+        assert_eq!(c["health"]["ok"], true, "{c}");
+        assert_eq!(c["healthy"], true, "{c}");
+    }
     let metrics = http
         .get(d.url("/metrics"))
         .send()
