@@ -258,6 +258,19 @@ pub struct Store {
     db: sled::Db,
     trees: Vec<Tree>,
     path: PathBuf,
+    group: std::sync::Arc<GroupCommit>,
+}
+
+/// Group commit for webhook appends: many concurrent appends share one flush to disk
+/// instead of queueing one fsync each.
+#[derive(Default)]
+struct GroupCommit {
+    /// Tickets handed out after a write (one per write that must become durable).
+    written: std::sync::atomic::AtomicU64,
+    /// Every ticket up to this one is on disk.
+    flushed: std::sync::atomic::AtomicU64,
+    /// One flush at a time; waiters find their write already covered when they get it.
+    lock: tokio::sync::Mutex<()>,
 }
 
 impl Store {
@@ -309,6 +322,7 @@ impl Store {
             db,
             trees,
             path: dir.to_path_buf(),
+            group: Default::default(),
         };
         store.check_schema()?;
         Ok(store)
@@ -380,6 +394,22 @@ impl Store {
     /// Flushes everything written so far to disk.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Makes a write that has already happened durable, sharing the flush with concurrent
+    /// callers: a flush that starts after our write covers it, so whoever gets the lock
+    /// after someone else flushed past our ticket returns at once.
+    async fn commit_write(&self) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let ticket = self.group.written.fetch_add(1, SeqCst) + 1;
+        let _guard = self.group.lock.lock().await;
+        if self.group.flushed.load(SeqCst) >= ticket {
+            return Ok(());
+        }
+        let upto = self.group.written.load(SeqCst);
+        self.db.flush_async().await?;
+        self.group.flushed.fetch_max(upto, SeqCst);
         Ok(())
     }
 
@@ -588,7 +618,7 @@ impl Store {
             reason: None,
         };
         self.trees[INBOX].insert(seq.to_be_bytes(), encode(&rec))?;
-        self.flush().await?;
+        self.commit_write().await?;
         Ok(seq)
     }
 
@@ -606,7 +636,7 @@ impl Store {
             reason: Some(reason.to_string()),
         };
         self.trees[QUARANTINE].insert(seq.to_be_bytes(), encode(&rec))?;
-        self.flush().await?;
+        self.commit_write().await?;
         Ok(())
     }
 
