@@ -1,0 +1,1300 @@
+//! Bad input of every kind, against the real daemon (a child process) and the connectors'
+//! fakes on 127.0.0.1: each gets a clear refusal, a quarantine or a visible rejection —
+//! never a crash, a hang, a stall or a silent loss — and no secret ever shows.
+//!
+//! - WhatsApp webhooks: unsigned and mis-signed bodies, oversized bodies, malformed JSON and
+//!   JSON that is no WhatsApp envelope, unknown payload types and fields, invalid `wa_id`s
+//!   and BSUIDs, hostile strings in every field, a 1 MB text message. Afterwards the daemon
+//!   is healthy and a normal STOP still reaches HubSpot.
+//! - CRM data with hostile names, phones and field values, and Salesforce record ids that
+//!   hold `'` and `\` (the SOQL that resumes after an expired query locator is built from an
+//!   id): polling neither crashes nor stalls and the opt-out reaches every record.
+//! - Malformed configuration files: `check-config` locates each problem and exits 2; `run`
+//!   refuses the same file without a panic.
+//! - A damaged store or one of an unknown schema version: `run` refuses clearly and does not
+//!   start afresh.
+//! - Secrets: distinctive secret values, trace-level logs, auth failures, expired tokens,
+//!   wrong tokens; no value appears in the log, `status`, `/metrics` or any CLI output.
+//!
+//! Run with `cargo test --test bad_input`. Everything is sized for CI (about 30 s on two
+//! cores); there is no larger variant.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{Daemon, GATE_TOKEN, eventually};
+use optout_core::Timestamp;
+use optout_whatsapp::fake::envelope::{self, Who};
+use optout_whatsapp::fake::{GraphOptions, WebhookSender, sign, start_graph};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const WITHIN: Duration = Duration::from_secs(30);
+
+/// Hostile strings put in every field the daemon reads: SQL and SOQL quoting, control
+/// characters, bidirectional overrides, zero-width and non-characters, emoji sequences,
+/// format-string and template syntax.
+const HOSTILE: &[&str] = &[
+    "Robert'); DROP TABLE contacts;--",
+    r#"O'Brien \' \\ ' "quoted" \"#,
+    "\u{0}\u{1}\u{7}\u{8}\u{1b}[31mred\r\n\t\u{7f}\u{85}",
+    "\u{202E}\u{200F}evil\u{202C}\u{200E}\u{2066}x\u{2069}",
+    "\u{FEFF}\u{200B}\u{FFFF}\u{10FFFF}\u{FFFD}",
+    "🙂👨‍👩‍👧‍👦🏳️‍🌈🇺🇸",
+    "%s%n%x {0} ${jndi:ldap://127.0.0.1/a} {{7*7}} <script>alert(1)</script>",
+    "' OR Id != '",
+];
+
+fn hostile_joined() -> String {
+    HOSTILE.join(" | ")
+}
+
+fn now_s() -> i64 {
+    Timestamp::now().millis() / 1000
+}
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_optout-sync"));
+    c.env_remove("OPTOUT_SYNC_CONFIG")
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("OPTOUT_SYNC_LOG");
+    c
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Starts the daemon like `common::start`, with this log filter and environment (the gate
+/// token variable included), waiting for READY=1 and the listening address.
+async fn start_with(dir: &Path, config: &str, env: &[(&str, String)], log: &str) -> Daemon {
+    use tokio::net::UnixDatagram;
+    let config_path = dir.join("optout-sync.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let notify_path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&notify_path);
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    let log_path = dir.join("daemon-0.log");
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_optout-sync"));
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config_path)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("OPTOUT_SYNC_LOG", log)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut d = Daemon {
+        child: cmd.spawn().unwrap(),
+        notify,
+        addr: String::new(),
+        config: config_path,
+        socket: dir.join("control.sock"),
+        log: log_path,
+    };
+    let mut ready = false;
+    while !ready || d.addr.is_empty() {
+        let msg = d.next_notification(Duration::from_secs(60)).await;
+        for line in msg.lines() {
+            ready |= line == "READY=1";
+            if let Some(rest) = line.strip_prefix("STATUS=running; listening on ") {
+                d.addr = rest.to_string();
+            }
+        }
+    }
+    d
+}
+
+async fn gate(d: &Daemon, token: &str, id: &str, category: &str) -> Value {
+    let r = reqwest::Client::new()
+        .get(d.url(&format!("/v1/consent/{id}?category={category}")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "gate answered {}", r.status());
+    r.json().await.unwrap()
+}
+
+async fn metrics(d: &Daemon) -> String {
+    reqwest::get(d.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of one metric line (`name{labels} value`), 0 when absent.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn connector<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["connectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no connector {name} in {status}"))
+}
+
+// ---------------------------------------------------------------------------------------
+// WhatsApp webhooks
+
+const WA_SECRET: &str = "meta-app-secret-for-bad-input";
+/// The person whose HubSpot contact the final, normal STOP must reach.
+const WA_NORMAL: &str = "14155552671";
+/// Sends the hostile-but-valid STOP.
+const WA_HOSTILE_STOP: &str = "14155552672";
+/// Sends hostile text that is no keyword.
+const WA_HOSTILE_TEXT: &str = "14155552673";
+/// Sends the 1 MB message.
+const WA_BIG: &str = "14155552674";
+/// Sends unknown payload types and fields.
+const WA_UNKNOWN: &str = "14155552675";
+/// Whose STOPs only ever arrive unsigned, mis-signed or oversized.
+const WA_REFUSED: &str = "14155552676";
+
+fn whatsapp_config(dir: &Path, hubspot: &str, graph: &str) -> String {
+    format!(
+        r#"
+[daemon]
+state_dir = "{state}"
+listen = "127.0.0.1:0"
+control_socket = "{sock}"
+gate_token = {{ env = "OPTOUT_GATE_TOKEN" }}
+shutdown_timeout = "5s"
+
+[connectors.whatsapp]
+kind = "whatsapp"
+app_secrets = [{{ env = "WA_APP_SECRET" }}]
+verify_token = {{ env = "WA_VERIFY" }}
+access_token = {{ env = "WA_TOKEN" }}
+phone_number_id = "106540352242922"
+base_url = "{graph}"
+
+[connectors.hubspot]
+kind = "hubspot"
+poll_interval = "200ms"
+base_url = "{hubspot}"
+token = {{ env = "HS_TOKEN" }}
+overlap = "1s"
+"#,
+        state = dir.join("state").display(),
+        sock = dir.join("control.sock").display(),
+    )
+}
+
+/// A `messages` change with exactly these message objects and no `contacts` (so each
+/// message names exactly the identities written in it).
+fn messages(items: Vec<Value>) -> Vec<u8> {
+    envelope::wrap("messages", json!({ "messages": items }))
+}
+
+fn text_message(from: Value, id: &str, body: &str) -> Value {
+    json!({"from": from, "id": id, "timestamp": now_s().to_string(), "type": "text", "text": {"body": body}})
+}
+
+fn deeply_nested() -> Vec<u8> {
+    format!(
+        r#"{{"object":"whatsapp_business_account","entry":[{}{}]}}"#,
+        "[".repeat(5000),
+        "]".repeat(5000)
+    )
+    .into_bytes()
+}
+
+struct Intake {
+    http: reqwest::Client,
+    url: String,
+}
+
+impl Intake {
+    async fn post(&self, body: &[u8], signature: Option<&[u8]>) -> reqwest::Result<StatusCode> {
+        let mut req = self
+            .http
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .body(body.to_vec());
+        if let Some(s) = signature {
+            req = req.header(
+                "X-Hub-Signature-256",
+                reqwest::header::HeaderValue::from_bytes(s).unwrap(),
+            );
+        }
+        Ok(req.send().await?.status())
+    }
+
+    async fn signed(&self, body: &[u8]) -> StatusCode {
+        self.post(body, Some(sign(WA_SECRET, body).as_bytes()))
+            .await
+            .unwrap()
+    }
+}
+
+/// Waits until every stored webhook has been processed (the inbox is trimmed after each
+/// page is applied).
+async fn inbox_drained(d: &Daemon) {
+    d.until("the webhook inbox is drained", WITHIN, async || {
+        d.status().await["webhook_inbox"] == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whatsapp_intake_refuses_quarantines_or_survives_every_kind_of_bad_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let hs = optout_hubspot::fake::start(optout_hubspot::fake::FakeOptions {
+        limits: optout_hubspot::fake::Limits::off(),
+        ..Default::default()
+    })
+    .await;
+    let graph = start_graph(GraphOptions::default()).await;
+    let contact = hs.create_contact(&[("firstname", HOSTILE[1]), ("phone", "+1 415 555 2671")]);
+    let env = vec![
+        ("WA_APP_SECRET", WA_SECRET.to_string()),
+        ("WA_VERIFY", "verify-me".to_string()),
+        ("WA_TOKEN", "fake-access-token".to_string()),
+        ("HS_TOKEN", optout_hubspot::fake::TOKEN.to_string()),
+    ];
+    let mut d = common::start(
+        dir.path(),
+        &whatsapp_config(dir.path(), &hs.base_url(), &graph.base_url()),
+        &env,
+    )
+    .await;
+    let intake = Intake {
+        // No connection reuse: the server may close a connection after refusing a body early.
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap(),
+        url: d.url("/webhooks/whatsapp"),
+    };
+
+    // 1. Unsigned and mis-signed: refused before anything is stored.
+    let stop = envelope::text(&Who::wa(WA_REFUSED), "wamid.REFUSED", now_s(), "STOP");
+    let good = sign(WA_SECRET, &stop);
+    let hex = good.strip_prefix("sha256=").unwrap();
+    let other_body = envelope::text(&Who::wa(WA_REFUSED), "wamid.OTHER", now_s(), "STOP");
+    let sha1_like = format!("sha1={}", &hex[..40]);
+    let cases: Vec<(&str, Option<Vec<u8>>, u16)> = vec![
+        ("no signature", None, 401),
+        ("empty signature", Some(b"".to_vec()), 401),
+        (
+            "signed with another secret",
+            Some(sign("not-the-app-secret", &stop).into_bytes()),
+            403,
+        ),
+        (
+            "the signature of another body",
+            Some(sign(WA_SECRET, &other_body).into_bytes()),
+            403,
+        ),
+        (
+            "truncated signature",
+            Some(good[..good.len() - 2].as_bytes().to_vec()),
+            401,
+        ),
+        (
+            "signature one digit too long",
+            Some(format!("{good}0").into_bytes()),
+            401,
+        ),
+        (
+            "bare hex without prefix",
+            Some(hex.as_bytes().to_vec()),
+            401,
+        ),
+        (
+            "not hex",
+            Some(format!("sha256={}", "zz".repeat(32)).into_bytes()),
+            401,
+        ),
+        ("sha1= prefix", Some(sha1_like.into_bytes()), 401),
+        (
+            "sha1= prefix on the right digest",
+            Some(format!("sha1={hex}").into_bytes()),
+            401,
+        ),
+        (
+            "non-ASCII bytes",
+            Some([b"sha256=".as_slice(), &[0xff; 64]].concat()),
+            401,
+        ),
+        (
+            "one flipped digit",
+            Some(
+                format!(
+                    "sha256={}{}",
+                    if hex.starts_with('0') { '1' } else { '0' },
+                    &hex[1..]
+                )
+                .into_bytes(),
+            ),
+            403,
+        ),
+    ];
+    for (what, sig, want) in &cases {
+        let got = intake.post(&stop, sig.as_deref()).await.unwrap();
+        assert_eq!(got.as_u16(), *want, "{what}");
+    }
+
+    // 2. Oversized (over the default 1 MiB), correctly signed: 413, or the connection is
+    //    closed before the client finished sending.
+    let huge = envelope::text(
+        &Who::wa(WA_REFUSED),
+        "wamid.HUGE",
+        now_s(),
+        &"STOP ".repeat((1 << 20) / 5 + 10),
+    );
+    assert!(huge.len() > 1 << 20);
+    match intake
+        .post(&huge, Some(sign(WA_SECRET, &huge).as_bytes()))
+        .await
+    {
+        Ok(s) => assert_eq!(s, 413),
+        Err(e) => assert!(e.is_request() || e.is_body(), "{e}"),
+    }
+
+    // 3. Signed bodies that are not WhatsApp envelopes: quarantined and acknowledged.
+    let unusable: Vec<Vec<u8>> = vec![
+        b"{not json".to_vec(),
+        b"".to_vec(),
+        b"null".to_vec(),
+        b"42".to_vec(),
+        b"\"whatsapp_business_account\"".to_vec(),
+        b"[]".to_vec(),
+        b"[{\"object\":\"whatsapp_business_account\",\"entry\":[]}]".to_vec(),
+        br#"{"object":"page","entry":[]}"#.to_vec(),
+        br#"{"entry":[]}"#.to_vec(),
+        br#"{"object":"whatsapp_business_account"}"#.to_vec(),
+        br#"{"object":"whatsapp_business_account","entry":"nope"}"#.to_vec(),
+        br#"{"object":"whatsapp_business_account","entry":{}}"#.to_vec(),
+        br#"{"object":"whatsapp_business_account","entry":[]} trailing"#.to_vec(),
+        br#"{"object":["whatsapp_business_account"],"entry":[]}"#.to_vec(),
+        b"\xff\xfe{\"object\":\"whatsapp_business_account\",\"entry\":[]}".to_vec(),
+        b"<?xml version=\"1.0\"?><object>whatsapp_business_account</object>".to_vec(),
+        format!(
+            r#"{{"object":"whatsapp_business_account","entry":[],"x":"{}"}}"#,
+            "\u{0}"
+        )
+        .into_bytes(),
+    ];
+    for (i, body) in unusable.iter().enumerate() {
+        assert_eq!(
+            intake.signed(body).await,
+            200,
+            "unusable body #{i} is acknowledged so Meta stops retrying"
+        );
+    }
+    let quarantined = unusable.len();
+    d.until("every unusable body is quarantined", WITHIN, async || {
+        d.status().await["quarantined_webhooks"] == quarantined
+    })
+    .await;
+
+    // 4. Valid envelopes with payloads the daemon does not know, and unknown fields at
+    //    every level: stored, read, and no consent change.
+    let wa_unknown = json!(WA_UNKNOWN);
+    let strange: Vec<Vec<u8>> = vec![
+        br#"{"object":"whatsapp_business_account","entry":[]}"#.to_vec(),
+        envelope::wrap("account_update", json!({"event": "VERIFIED_ACCOUNT", "ban_info": {"x": [1, 2]}})),
+        envelope::wrap("message_template_status_update", json!({"event": "APPROVED", "message_template_id": 1})),
+        envelope::wrap("messages_v99", json!({"messages": [text_message(wa_unknown.clone(), "wamid.U0", "hello")]})),
+        messages(vec![
+            json!({"from": WA_UNKNOWN, "id": "wamid.U1", "timestamp": now_s(), "type": "reaction", "reaction": {"message_id": "wamid.X", "emoji": "🛑"}}),
+            json!({"from": WA_UNKNOWN, "id": "wamid.U2", "timestamp": now_s(), "type": "sticker", "sticker": {"id": "1", "animated": true}}),
+            json!({"from": WA_UNKNOWN, "id": "wamid.U3", "timestamp": now_s(), "type": "holographic_v7", "holographic_v7": {"depth": 3}}),
+            json!({"from": WA_UNKNOWN, "id": "wamid.U4", "timestamp": now_s(), "type": "text", "text": {"body": "hello", "future": true}, "future_field": {"nested": [null]}}),
+            json!({"from": WA_UNKNOWN, "id": "wamid.U5", "timestamp": now_s(), "type": "text"}),
+            json!({"from": WA_UNKNOWN, "id": "wamid.U6", "timestamp": now_s(), "type": "text", "text": "STOP as a bare string"}),
+            json!({"from": WA_UNKNOWN, "id": "wamid.U7", "timestamp": now_s(), "type": "interactive", "interactive": {"type": "nfm_reply", "nfm_reply": {"response_json": "{}"}}}),
+            json!({"from": WA_UNKNOWN, "id": "wamid.U8", "timestamp": now_s(), "type": "button", "button": {"payload": 7, "text": ["x"]}}),
+            json!("a message that is a string"),
+            json!(null),
+            json!([1, 2, 3]),
+        ]),
+        envelope::wrap(
+            "messages",
+            json!({"statuses": [
+                {"id": "wamid.S1", "status": "read", "timestamp": now_s(), "recipient_id": WA_UNKNOWN, "pricing": {"new": 1}},
+                {"id": "wamid.S2", "status": "failed", "timestamp": now_s(), "recipient_id": WA_UNKNOWN, "errors": [{"code": 131026, "title": "undeliverable"}]},
+                {"id": "wamid.S3", "status": "failed", "recipient_id": WA_UNKNOWN, "errors": "not an array"},
+                {"id": "wamid.S4", "status": "teleported", "recipient_id": WA_UNKNOWN}
+            ], "errors": [{"code": 1, "title": "value-level error"}]}),
+        ),
+        envelope::wrap(
+            "user_preferences",
+            json!({"user_preferences": [
+                {"wa_id": WA_UNKNOWN, "category": "utility_messages", "value": "stop", "timestamp": now_s()},
+                {"wa_id": WA_UNKNOWN, "category": "marketing_messages", "value": "pause_for_a_while", "timestamp": now_s()},
+                {"wa_id": WA_UNKNOWN, "category": "marketing_messages", "value": ["stop"], "timestamp": now_s()}
+            ]}),
+        ),
+        serde_json::to_vec(&json!({
+            "object": "whatsapp_business_account",
+            "future_top_level": {"a": 1},
+            "entry": [
+                {"id": "1", "changes": "not an array"},
+                {"id": "2"},
+                "an entry that is a string",
+                {"id": "3", "time": 1, "changes": [
+                    {"field": 42, "value": {}},
+                    {"value": {"messages": []}},
+                    {"field": "messages", "value": "a string value"},
+                    {"field": "messages", "value": {"messages": "not an array", "contacts": {"x": 1}}},
+                    {"field": "messages", "future_change_field": true, "value": {
+                        "messaging_product": "whatsapp", "future_value_field": [1],
+                        "contacts": [{"wa_id": WA_UNKNOWN, "profile": {"name": "x", "future": 1}, "future_contact_field": 2}],
+                        "messages": [text_message(wa_unknown.clone(), "wamid.U9", "thanks for the update")]
+                    }}
+                ]}
+            ]
+        }))
+        .unwrap(),
+    ];
+    for (i, body) in strange.iter().enumerate() {
+        assert_eq!(intake.signed(body).await, 200, "strange envelope #{i}");
+    }
+    // An entry nested 5,000 levels deep passes the intake's shape check and is stored;
+    // the reader refuses it (serde's recursion limit) without a stack overflow and goes on.
+    // (That it is not quarantined is a bug: see `deeply_nested_envelope_is_quarantined`.)
+    assert_eq!(intake.signed(&deeply_nested()).await, 200);
+    inbox_drained(&d).await;
+
+    // 5. Invalid identities, hostile ones included: each STOP is refused as an identity and
+    //    audited, nothing else happens.
+    let bad_ids: Vec<Value> = vec![
+        json!("abc"),
+        json!("12345"),
+        json!("1234567890123456"),
+        json!("'; DROP TABLE subjects;--"),
+        json!("1415555\u{7}2671"),
+        json!("\u{0}"),
+        json!("9".repeat(300)),
+        json!(12),
+        json!(r#"\' \\ '"#),
+    ];
+    let n_bad_wa = bad_ids.len();
+    let mut items: Vec<Value> = bad_ids
+        .into_iter()
+        .enumerate()
+        .map(|(i, from)| text_message(from, &format!("wamid.BADID{i}"), "STOP"))
+        .collect();
+    let bad_bsuids = [
+        "US.1'; DROP TABLE aliases;--",
+        "\u{202E}US.13491208655302741918",
+        "US",
+        "US.1349\u{0}",
+    ];
+    for (i, b) in bad_bsuids.iter().enumerate() {
+        items.push(json!({"from_user_id": b, "id": format!("wamid.BADB{i}"), "timestamp": now_s(), "type": "text", "text": {"body": "STOP"}}));
+    }
+    // Named nobody at all, or with an id of the wrong type: skipped, not guessed.
+    items.push(text_message(json!(""), "wamid.NOBODY", "STOP"));
+    items.push(text_message(
+        json!({"wa_id": WA_UNKNOWN}),
+        "wamid.OBJ",
+        "STOP",
+    ));
+    let rejected_identities = n_bad_wa + bad_bsuids.len();
+    assert_eq!(intake.signed(&messages(items)).await, 200);
+    // A user preference and a failed status naming invalid identities.
+    assert_eq!(
+        intake
+            .signed(&envelope::user_preference(
+                &Who::wa("not-a-number"),
+                "stop",
+                now_s()
+            ))
+            .await,
+        200
+    );
+    assert_eq!(
+        intake
+            .signed(&envelope::failed_status(
+                &Who::bsuid("no dot here"),
+                "wamid.F1",
+                now_s(),
+                131050
+            ))
+            .await,
+        200
+    );
+    let rejected_identities = rejected_identities + 2;
+    inbox_drained(&d).await;
+    let m = metrics(&d).await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"optout_observations_total{source="whatsapp",result="identity_rejected"}"#
+        ),
+        rejected_identities as f64,
+        "{m}"
+    );
+
+    // 6. Hostile strings in every field of an ordinary message: no consent change.
+    let mut hostile_items = Vec::new();
+    for (i, h) in HOSTILE.iter().enumerate() {
+        hostile_items.push(json!({
+            "from": WA_HOSTILE_TEXT, "id": format!("wamid.{h}.{i}"), "timestamp": h,
+            "type": "text", "text": {"body": format!("{h} {}", hostile_joined())},
+            "context": {"from": h, "id": h}
+        }));
+        hostile_items.push(json!({
+            "from": WA_HOSTILE_TEXT, "id": format!("wamid.btn.{i}"), "timestamp": now_s(),
+            "type": "button", "button": {"payload": h, "text": h}
+        }));
+        hostile_items.push(json!({
+            "from": WA_HOSTILE_TEXT, "id": format!("wamid.int.{i}"), "timestamp": now_s(),
+            "type": "interactive", "interactive": {"type": h, "list_reply": {"id": h, "title": h, "description": h}}
+        }));
+    }
+    let body = envelope::wrap(
+        "messages",
+        json!({
+            "metadata": {"display_phone_number": HOSTILE[0], "phone_number_id": HOSTILE[2]},
+            "contacts": [{"wa_id": WA_HOSTILE_TEXT, "profile": {"name": hostile_joined()}}],
+            "messages": hostile_items
+        }),
+    );
+    assert_eq!(intake.signed(&body).await, 200);
+    // A lone surrogate escape: valid JSON syntax, but no valid string.
+    let surrogate = format!(
+        r#"{{"object":"whatsapp_business_account","entry":[{{"id":"1","changes":[{{"field":"messages","value":{{"messages":[{{"from":"{WA_HOSTILE_TEXT}","id":"wamid.SURR","timestamp":"{}","type":"text","text":{{"body":"\ud800 \udfff"}}}}]}}}}]}}]}}"#,
+        now_s()
+    );
+    assert_eq!(intake.signed(surrogate.as_bytes()).await, 200);
+
+    // 7. A 1 MB text message. The intake's bound is max_body_bytes (1 MiB by default): a body
+    //    within it is accepted, stored and read like any message — a long text is no
+    //    keyword, so it changes nothing — without holding up what comes after it.
+    let big_text: String = "I have a question about my order, please call me back. "
+        .chars()
+        .cycle()
+        .take(1_000_000)
+        .collect();
+    let big = envelope::text(&Who::wa(WA_BIG), "wamid.BIG", now_s(), &big_text);
+    assert!(big.len() < 1 << 20 && big.len() > 1_000_000);
+    assert_eq!(intake.signed(&big).await, 200);
+
+    // 8. A STOP whose every other field is hostile is still a STOP.
+    let body = envelope::wrap(
+        "messages",
+        json!({
+            "metadata": {"display_phone_number": HOSTILE[3], "phone_number_id": HOSTILE[1]},
+            "contacts": [{"wa_id": WA_HOSTILE_STOP, "profile": {"name": hostile_joined()}}],
+            "messages": [{
+                "from": WA_HOSTILE_STOP, "id": format!("wamid.{}", hostile_joined()),
+                "timestamp": "'; DROP TABLE audit;--", "type": "text", "text": {"body": "STOP"},
+                "context": {"id": HOSTILE[0]}, "referral": {"headline": HOSTILE[2]}
+            }]
+        }),
+    );
+    assert_eq!(intake.signed(&body).await, 200);
+    inbox_drained(&d).await;
+
+    // Nothing but the hostile STOP changed consent.
+    assert_eq!(
+        gate(&d, GATE_TOKEN, &format!("+{WA_HOSTILE_STOP}"), "utility").await["allowed"],
+        false
+    );
+    for (who, what) in [
+        (WA_HOSTILE_TEXT, "hostile text"),
+        (WA_BIG, "the 1 MB message"),
+        (WA_UNKNOWN, "unknown payloads"),
+    ] {
+        for category in ["utility", "marketing"] {
+            let v = gate(&d, GATE_TOKEN, &format!("+{who}"), category).await;
+            assert_eq!(v["allowed"], true, "{what} changed consent: {v}");
+        }
+    }
+    let v = gate(&d, GATE_TOKEN, &format!("+{WA_REFUSED}"), "utility").await;
+    assert_eq!(v["known"], false, "a refused body was applied: {v}");
+    let status = d.status().await;
+    assert_eq!(status["subjects"]["all:opted_out"], 1, "{status}");
+    assert_eq!(
+        status["subjects"]["marketing:opted_out"]
+            .as_i64()
+            .unwrap_or(0),
+        0,
+        "{status}"
+    );
+    assert_eq!(status["quarantined_webhooks"], quarantined, "{status}");
+
+    // 9. Still healthy, and a normal STOP still goes end to end.
+    let http = reqwest::Client::new();
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(
+            http.get(d.url(path)).send().await.unwrap().status(),
+            200,
+            "{path}"
+        );
+    }
+    assert_eq!(status["ready"], true);
+    let sender = WebhookSender::new(d.url("/webhooks/whatsapp"), WA_SECRET);
+    let delivery = sender
+        .deliver(&envelope::text(
+            &Who::wa(WA_NORMAL),
+            "wamid.NORMAL",
+            now_s(),
+            "STOP",
+        ))
+        .await;
+    assert!(delivery.delivered, "{:?}", delivery.attempts);
+    d.until("the normal STOP reaches HubSpot", WITHIN, async || {
+        hs.property(&contact, "whatsapp_consent").as_deref() == Some("opted_out")
+    })
+    .await;
+    assert_eq!(
+        gate(&d, GATE_TOKEN, "+14155552671", "marketing").await["allowed"],
+        false
+    );
+    let m = metrics(&d).await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"optout_webhooks_total{source="whatsapp",result="quarantined"}"#
+        ),
+        quarantined as f64,
+        "{m}"
+    );
+    let log = d.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+
+    // The audit log records each refused identity, with its evidence free of control
+    // characters, and every line of the export is valid JSON despite the hostile input.
+    let status = d.terminate().await;
+    assert!(status.success(), "exit {status:?}; log:\n{}", d.log_text());
+    let out = bin()
+        .args(["audit", "export", "--format", "jsonl", "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let entries: Vec<Value> = String::from_utf8(out.stdout)
+        .expect("the export is UTF-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let rejected: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["kind"] == "identity_rejected")
+        .collect();
+    assert_eq!(rejected.len(), rejected_identities, "{rejected:#?}");
+    for e in &rejected {
+        assert!(!e["reason"].as_str().unwrap_or("").is_empty(), "{e}");
+        let evidence = e["evidence"].as_str().unwrap_or("");
+        assert!(!evidence.chars().any(char::is_control), "{e}");
+        assert!(evidence.chars().count() <= 65, "bounded: {e}");
+    }
+    assert!(
+        rejected
+            .iter()
+            .any(|e| e["evidence"] == "'; DROP TABLE subjects;--"),
+        "{rejected:#?}"
+    );
+}
+
+/// A stored body that the shape check lets through but the reader cannot use must be
+/// quarantined (visible in `status`) like any other unusable body, not dropped with a log
+/// line; and one unreadable message must not take a valid STOP in the same body with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: bodies that pass check_envelope but fail parse are dropped by the poll, not quarantined; a STOP beside a lone surrogate is lost"]
+async fn deeply_nested_envelope_is_quarantined_and_a_stop_beside_a_lone_surrogate_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let hs = optout_hubspot::fake::start(optout_hubspot::fake::FakeOptions {
+        limits: optout_hubspot::fake::Limits::off(),
+        ..Default::default()
+    })
+    .await;
+    let graph = start_graph(GraphOptions::default()).await;
+    let env = vec![
+        ("WA_APP_SECRET", WA_SECRET.to_string()),
+        ("WA_VERIFY", "verify-me".to_string()),
+        ("WA_TOKEN", "fake-access-token".to_string()),
+        ("HS_TOKEN", optout_hubspot::fake::TOKEN.to_string()),
+    ];
+    let d = common::start(
+        dir.path(),
+        &whatsapp_config(dir.path(), &hs.base_url(), &graph.base_url()),
+        &env,
+    )
+    .await;
+    let intake = Intake {
+        http: reqwest::Client::new(),
+        url: d.url("/webhooks/whatsapp"),
+    };
+    // One STOP, and in the same body a message from someone else whose text holds a lone
+    // surrogate escape (no valid string; serde_json refuses it).
+    let body = format!(
+        r#"{{"object":"whatsapp_business_account","entry":[{{"id":"1","changes":[{{"field":"messages","value":{{"messages":[{{"from":"{WA_NORMAL}","id":"wamid.S","timestamp":"{t}","type":"text","text":{{"body":"STOP"}}}},{{"from":"{WA_BIG}","id":"wamid.L","timestamp":"{t}","type":"text","text":{{"body":"\ud83d"}}}}]}}}}]}}]}}"#,
+        t = now_s()
+    );
+    assert_eq!(intake.signed(body.as_bytes()).await, 200);
+    assert_eq!(intake.signed(&deeply_nested()).await, 200);
+    inbox_drained(&d).await;
+    let blocked =
+        gate(&d, GATE_TOKEN, &format!("+{WA_NORMAL}"), "utility").await["allowed"] == false;
+    let status = d.status().await;
+    assert!(
+        blocked || status["quarantined_webhooks"] == 2,
+        "the STOP was neither applied nor its body quarantined: {status}"
+    );
+    assert_eq!(
+        status["quarantined_webhooks"].as_u64().unwrap() + u64::from(blocked),
+        2,
+        "the nested body is not quarantined: {status}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// CRM data
+
+const PHONE: &str = "+1 415 555 2671";
+/// Held by the Salesforce row read only after the query locator expired.
+const PHONE_LATE: &str = "+1 415 555 2680";
+/// Held by a HubSpot contact created as opted out after the first sync.
+const PHONE_NEW: &str = "+1 415 555 2681";
+
+fn crm_config(dir: &Path, hs: &str, sf: &str) -> String {
+    format!(
+        r#"
+[daemon]
+state_dir = "{state}"
+listen = "127.0.0.1:0"
+control_socket = "{sock}"
+gate_token = {{ env = "OPTOUT_GATE_TOKEN" }}
+shutdown_timeout = "5s"
+
+[connectors.hubspot]
+kind = "hubspot"
+poll_interval = "200ms"
+base_url = "{hs}"
+token = {{ env = "HS_TOKEN" }}
+overlap = "1s"
+
+[connectors.salesforce]
+kind = "salesforce"
+poll_interval = "200ms"
+login_url = "{sf}"
+auth = {{ flow = "client_credentials", client_id = "fake-client-id", client_secret = {{ env = "SF_SECRET" }} }}
+overlap = "1s"
+page_size = 200
+messaging_end_user = true
+"#,
+        state = dir.join("state").display(),
+        sock = dir.join("control.sock").display(),
+    )
+}
+
+fn sf_opted_out(sf: &optout_salesforce::fake::FakeHandle, id: &str) -> bool {
+    sf.get(id)
+        .is_some_and(|v| v["WhatsApp_Opt_Out__c"] == json!(true))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_crm_records_neither_crash_nor_stall_polling_and_quoted_names_get_the_opt_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let hs = optout_hubspot::fake::start(optout_hubspot::fake::FakeOptions {
+        limits: optout_hubspot::fake::Limits::off(),
+        ..Default::default()
+    })
+    .await;
+    let sf = optout_salesforce::fake::start(optout_salesforce::fake::FakeOptions::default()).await;
+    let ten_kb = |s: &str| s.chars().cycle().take(10_000).collect::<String>();
+    let quotes = r"O'Brien \' \\ ' \";
+
+    // HubSpot: hostile names, phones and consent values around valid contacts.
+    let hs_valid = hs.create_contact(&[("firstname", "Ada"), ("phone", PHONE)]);
+    let hs_hostile_same_person = hs.create_contact(&[
+        ("firstname", HOSTILE[0]),
+        ("lastname", &ten_kb(quotes)),
+        ("phone", "'; DROP TABLE contacts;--"),
+        ("mobilephone", PHONE),
+        ("hs_whatsapp_phone_number", HOSTILE[2]),
+        ("whatsapp_consent_source", HOSTILE[3]),
+    ]);
+    let hs_garbage_consent = hs.create_contact(&[
+        ("firstname", &hostile_joined()),
+        ("phone", &"9".repeat(10_000)),
+        ("mobilephone", "+1 415\u{0} 555 2671"),
+        ("whatsapp_consent", "opted_out'; --"),
+        ("whatsapp_consent_changed_at", "yesterday\u{0}"),
+    ]);
+    hs.create_contact(&[
+        ("lastname", HOSTILE[4]),
+        ("phone", "+1 415 555 26"),
+        ("mobilephone", "☎️ 🙂"),
+        ("hs_whatsapp_phone_number", &ten_kb("\u{202E}1")),
+        ("whatsapp_consent", &ten_kb("opted_out")),
+    ]);
+    let hs_late = hs.create_contact(&[("firstname", "Late"), ("phone", PHONE_LATE)]);
+
+    // Salesforce: the same kinds of values, and names with quotes and backslashes on the
+    // records the opt-out must reach.
+    let sf_contact = sf.insert(
+        "Contact",
+        json!({"FirstName": ten_kb(HOSTILE[2]), "LastName": quotes, "Phone": "'; DELETE FROM Contact WHERE Id != '",
+               "MobilePhone": PHONE, "WhatsApp_Consent_Source__c": HOSTILE[6]}),
+    );
+    let sf_lead = sf.insert(
+        "Lead",
+        json!({"LastName": HOSTILE[2], "Company": r"Acme \'s ' OR Name LIKE '%", "Phone": "(415) 555-2671"}),
+    );
+    let sf_meu = sf.insert(
+        "MessagingEndUser",
+        json!({"Name": r"Ana O'Hara \\ 'on' WhatsApp \", "MessageType": "WhatsApp",
+               "MessagingPlatformKey": "whatsapp:+14155552671", "MessagingConsentStatus": "ImplicitlyOptedIn"}),
+    );
+    let sf_garbage = sf.insert(
+        "Contact",
+        json!({"LastName": ten_kb(quotes), "Phone": ten_kb("5"), "MobilePhone": HOSTILE[3],
+               "Email": HOSTILE[0], "WhatsApp_Consent_Changed_At__c": "not a time"}),
+    );
+    // 250 rows on one SystemModstamp whose ids hold quotes and backslashes: the first query
+    // returns 200 of them; when its locator expires the next query resumes after the last
+    // id read, a SOQL literal built from data. The last row (by id) holds an opt-out.
+    let at = Timestamp::now().minus(Duration::from_secs(3600));
+    let ids: Vec<String> = (0..250).map(|i| format!(r"003'\{i:03}'\")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let mut fields = json!({"LastName": format!("{quotes}{i}")});
+        if i == ids.len() - 1 {
+            fields["MobilePhone"] = json!(PHONE_LATE);
+            fields["WhatsApp_Opt_Out__c"] = json!(true);
+        }
+        sf.insert_with_id("Contact", id, fields, at);
+    }
+    // Every data call answers after a second, so the test can expire the locator while the
+    // daemon's `query more` waits.
+    sf.set_faults(optout_salesforce::fake::Faults {
+        slow_rate: 1.0,
+        slow_delay: Duration::from_secs(1),
+        ..Default::default()
+    });
+
+    let env = vec![
+        ("HS_TOKEN", optout_hubspot::fake::TOKEN.to_string()),
+        ("SF_SECRET", "fake-client-secret".to_string()),
+    ];
+    let d = common::start(
+        dir.path(),
+        &crm_config(dir.path(), &hs.base_url(), &sf.base_url()),
+        &env,
+    )
+    .await;
+    d.until("the daemon asks for the second page", WITHIN, async || {
+        sf.counters().query_more > 0
+    })
+    .await;
+    sf.expire_locators();
+    d.until("the expired locator is noticed", WITHIN, async || {
+        d.log_text()
+            .contains("query locator expired; resuming after the last row read")
+    })
+    .await;
+    sf.set_faults(optout_salesforce::fake::Faults::default());
+
+    // The row after the resume point was read: its opt-out reaches HubSpot.
+    d.until(
+        "the opt-out read after the resumed query reaches HubSpot",
+        WITHIN,
+        async || hs.property(&hs_late, "whatsapp_consent").as_deref() == Some("opted_out"),
+    )
+    .await;
+    d.until("both CRMs polled", WITHIN, async || {
+        let s = d.status().await;
+        ["hubspot", "salesforce"]
+            .iter()
+            .all(|c| !connector(&s, c)["last_poll_ok"].is_null())
+    })
+    .await;
+
+    // An agent records the opt-out on the ordinary HubSpot contact.
+    hs.edit_contact(
+        &hs_valid,
+        &[
+            ("whatsapp_consent", "opted_out"),
+            (
+                "whatsapp_consent_changed_at",
+                &Timestamp::now().to_rfc3339(),
+            ),
+        ],
+    );
+    // And a new contact arrives already opted out: polling goes on past the hostile rows.
+    let hs_new = hs.create_contact(&[
+        ("firstname", HOSTILE[1]),
+        ("phone", PHONE_NEW),
+        ("whatsapp_consent", "opted_out"),
+    ]);
+    d.until(
+        "the opt-out reaches every record of the person, quoted names included",
+        WITHIN,
+        async || {
+            sf_opted_out(&sf, &sf_contact)
+                && sf_opted_out(&sf, &sf_lead)
+                && sf.get(&sf_meu).unwrap()["MessagingConsentStatus"] == "OptedOut"
+                && hs
+                    .property(&hs_hostile_same_person, "whatsapp_consent")
+                    .as_deref()
+                    == Some("opted_out")
+        },
+    )
+    .await;
+    d.until("the new opted-out contact is read", WITHIN, async || {
+        gate(&d, GATE_TOKEN, "+14155552681", "utility").await["allowed"] == false
+    })
+    .await;
+    let _ = hs_new;
+
+    // Records with no valid number of an opted-out person are left alone.
+    assert!(!sf_opted_out(&sf, &sf_garbage));
+    assert_eq!(
+        hs.property(&hs_garbage_consent, "whatsapp_consent")
+            .as_deref(),
+        Some("opted_out'; --")
+    );
+    for (i, id) in ids.iter().enumerate().take(ids.len() - 1) {
+        assert!(!sf_opted_out(&sf, id), "row {i} was touched");
+    }
+    // A garbage consent value is no opt-out.
+    let v = gate(&d, GATE_TOKEN, "+14155552671", "utility").await;
+    assert_eq!(v["allowed"], false, "{v}");
+
+    d.until("every push is done", WITHIN, async || {
+        let s = d.status().await;
+        ["hubspot", "salesforce"]
+            .iter()
+            .all(|c| connector(&s, c)["outbox_depth"] == 0)
+    })
+    .await;
+    let s = d.status().await;
+    for c in ["hubspot", "salesforce"] {
+        let c = connector(&s, c);
+        assert_eq!(c["dead_letters"], 0, "{c}");
+        assert!(c["alarm"].is_null(), "{c}");
+    }
+    assert_eq!(s["ready"], true);
+    let log = d.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(!log.contains("MALFORMED_QUERY"), "{log}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Configuration files
+
+const BASE_CONFIG: &str = r#"[daemon]
+state_dir = "STATE"
+listen = "127.0.0.1:0"
+control_socket = "SOCKET"
+gate_token = { env = "T_GATE" }
+
+[connectors.whatsapp]
+kind = "whatsapp"
+app_secrets = [{ env = "T_WA" }]
+verify_token = { env = "T_WA" }
+
+[connectors.hubspot]
+kind = "hubspot"
+poll_interval = "30s"
+full_resync_cron = "0 0 3 * * Sun"
+token = { env = "T_HS" }
+
+[connectors.salesforce]
+kind = "salesforce"
+login_url = "https://example.my.salesforce.com"
+auth = { flow = "client_credentials", client_id = "id", client_secret = { env = "T_SF" } }
+
+[connectors.automations]
+kind = "webhook"
+url = "https://automations.example.com/hook"
+secret = { env = "T_HOOK" }
+"#;
+
+const CONFIG_ENV: [(&str, &str); 5] = [
+    ("T_GATE", "gate-value"),
+    ("T_WA", "wa-value"),
+    ("T_HS", "hs-value"),
+    ("T_SF", "sf-value"),
+    ("T_HOOK", "hook-value"),
+];
+
+/// Runs a command to its end; panics if it is still running after `within` (a daemon that
+/// started although it should have refused).
+fn run_to_exit(cmd: &mut Command, within: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("still running after {within:?}: {}", text(&out));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn no_panic(out: &str) {
+    for needle in ["panicked", "stack backtrace", "RUST_BACKTRACE"] {
+        assert!(!out.contains(needle), "{needle} in:\n{out}");
+    }
+}
+
+#[test]
+fn malformed_configuration_is_located_by_check_config_and_refused_by_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = BASE_CONFIG
+        .replace("STATE", &dir.path().join("state").display().to_string())
+        .replace(
+            "SOCKET",
+            &dir.path().join("control.sock").display().to_string(),
+        );
+    let open_secret = dir.path().join("open-secret");
+    std::fs::write(&open_secret, "file-secret-value\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&open_secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let path = dir.path().join("optout-sync.toml");
+    let check = |config: &str| {
+        std::fs::write(&path, config).unwrap();
+        let check = bin()
+            .arg("check-config")
+            .arg(&path)
+            .envs(CONFIG_ENV)
+            .output()
+            .unwrap();
+        let run = run_to_exit(
+            bin().args(["run", "--config"]).arg(&path).envs(CONFIG_ENV),
+            Duration::from_secs(30),
+        );
+        (check, run)
+    };
+
+    let (good, _) = {
+        std::fs::write(&path, &base).unwrap();
+        (
+            bin()
+                .arg("check-config")
+                .arg(&path)
+                .envs(CONFIG_ENV)
+                .output()
+                .unwrap(),
+            (),
+        )
+    };
+    assert!(good.status.success(), "{}", text(&good));
+    assert!(text(&good).contains("ok (4 connectors)"), "{}", text(&good));
+
+    let file = path.display().to_string();
+    // (what, the file, lines every output must hold). Locations are file:line:column of the
+    // offending key or value.
+    let cases: Vec<(&str, String, Vec<String>)> = vec![
+        (
+            "unknown key",
+            base.replace(
+                "listen = \"127.0.0.1:0\"",
+                "listen = \"127.0.0.1:0\"\nlisten_port = 8080",
+            ),
+            vec![format!(
+                "{file}:4:1: unknown field `listen_port`, expected one of `state_dir`"
+            )],
+        ),
+        (
+            "unknown key in a connector",
+            base.replace(
+                "token = { env = \"T_HS\" }",
+                "token = { env = \"T_HS\" }\ntokn = 1",
+            ),
+            vec![format!(
+                "{file}:17:8: connectors.hubspot.tokn: unknown field `tokn`"
+            )],
+        ),
+        (
+            "wrong type",
+            base.replace("poll_interval = \"30s\"", "poll_interval = 30"),
+            vec![format!(
+                "{file}:14:17: connectors.hubspot.poll_interval: invalid type: integer `30`, expected a duration"
+            )],
+        ),
+        (
+            "inline secret",
+            base.replace(
+                "gate_token = { env = \"T_GATE\" }",
+                "gate_token = \"inline-gate-value\"",
+            ),
+            vec![format!(
+                "{file}:5:14: secrets must not be written in the configuration file; use {{ env = \"NAME\" }}"
+            )],
+        ),
+        (
+            "inline secret in a connector",
+            base.replace("token = { env = \"T_HS\" }", "token = \"inline-hs-value\""),
+            vec![
+                format!("{file}:"),
+                ": connectors.hubspot".into(),
+                "secrets must not be written in the configuration file".into(),
+            ],
+        ),
+        (
+            "missing environment variable",
+            base.replace("T_SF", "T_SURELY_UNSET_SF"),
+            vec![format!(
+                "{file}:21:73: connectors.salesforce.auth.client_secret: environment variable T_SURELY_UNSET_SF is not set"
+            )],
+        ),
+        (
+            "bad cron",
+            base.replace("0 0 3 * * Sun", "every sunday at 3"),
+            vec![format!(
+                "{file}:15:20: connectors.hubspot.full_resync_cron: `every sunday at 3` is not a cron expression"
+            )],
+        ),
+        (
+            "world-readable secret file",
+            base.replace(
+                "token = { env = \"T_HS\" }",
+                &format!("token = {{ file = \"{}\" }}", open_secret.display()),
+            ),
+            vec![format!(
+                "{file}:16:9: connectors.hubspot.token: secret file {} is readable by group or others (mode 644); run chmod 600 on it",
+                open_secret.display()
+            )],
+        ),
+        (
+            "unknown connector kind",
+            base.replace("kind = \"webhook\"", "kind = \"zapier\""),
+            vec![format!(
+                "{file}:24:8: connectors.automations.kind: unknown variant `zapier`, expected one of `whatsapp`, `hubspot`, `salesforce`, `webhook`"
+            )],
+        ),
+        (
+            "salesforce auth without flow",
+            base.replace("flow = \"client_credentials\", ", ""),
+            vec![
+                format!("{file}:"),
+                ": connectors.salesforce".into(),
+                "missing field `flow`".into(),
+            ],
+        ),
+        (
+            "salesforce auth with an unknown flow",
+            base.replace("flow = \"client_credentials\"", "flow = \"password\""),
+            vec![
+                format!("{file}:"),
+                ": connectors.salesforce".into(),
+                "unknown variant `password`, expected `client_credentials` or `jwt_bearer`".into(),
+            ],
+        ),
+        (
+            "not TOML at all",
+            base.replace("[connectors.hubspot]", "[connectors.hubspot"),
+            vec![format!("{file}:12:")],
+        ),
+    ];
+    for (what, config, expect) in &cases {
+        let (check, run) = check(config);
+        let c = text(&check);
+        assert_eq!(check.status.code(), Some(2), "{what}: {c}");
+        assert!(c.contains("1 problem found"), "{what}: {c}");
+        let r = String::from_utf8_lossy(&run.stderr).to_string();
+        assert!(!run.status.success(), "{what}: run started: {}", text(&run));
+        assert!(r.contains("bad configuration"), "{what}: {r}");
+        for line in expect {
+            assert!(
+                c.contains(line.as_str()),
+                "{what}: check-config lacks {line:?}:\n{c}"
+            );
+            assert!(
+                r.contains(line.as_str()),
+                "{what}: run lacks {line:?}:\n{r}"
+            );
+        }
+        no_panic(&c);
+        no_panic(&text(&run));
+        for value in ["inline-gate-value", "inline-hs-value", "file-secret-value"] {
+            assert!(
+                !c.contains(value) && !r.contains(value),
+                "{what} repeats a secret"
+            );
+        }
+        assert!(
+            !dir.path().join("state").exists(),
+            "{what}: run created the store before refusing"
+        );
+    }
+}
+
+/// Every problem names the key it is about and points at it, also inside a connector's own
+/// table (README: `file:line:column: key: message`).
+#[test]
+#[ignore = "bug: problems inside a connector's own settings are located at the table header and name no key"]
+fn connector_settings_problems_name_and_locate_their_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = BASE_CONFIG
+        .replace("STATE", &dir.path().join("state").display().to_string())
+        .replace(
+            "SOCKET",
+            &dir.path().join("control.sock").display().to_string(),
+        );
+    let path = dir.path().join("optout-sync.toml");
+    let file = path.display().to_string();
+    for (config, expect) in [
+        (
+            base.replace("token = { env = \"T_HS\" }", "token = \"inline-hs-value\""),
+            format!("{file}:16:9: connectors.hubspot.token: secrets must not be written"),
+        ),
+        (
+            base.replace(
+                "token = { env = \"T_HS\" }",
+                "token = { env = \"T_HS\" }\npage_size = \"big\"",
+            ),
+            format!("{file}:17:13: connectors.hubspot.page_size: invalid type"),
+        ),
+        (
+            base.replace("flow = \"client_credentials\", ", ""),
+            format!("{file}:21:8: connectors.salesforce.auth: missing field `flow`"),
+        ),
+        (
+            base.replace(
+                "gate_token = { env = \"T_GATE\" }",
+                "gate_token = \"inline-gate-value\"",
+            ),
+            format!("{file}:5:14: daemon.gate_token: secrets must not be written"),
+        ),
+    ] {
+        std::fs::write(&path, &config).unwrap();
+        let out = bin()
+            .arg("check-config")
+            .arg(&path)
+            .envs(CONFIG_ENV)
+            .output()
+            .unwrap();
+        assert!(
+            text(&out).contains(&expect),
+            "want {expect:?} in:\n{}",
+            text(&out)
+        );
+    }
+}
