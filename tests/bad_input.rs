@@ -1298,3 +1298,278 @@ fn connector_settings_problems_name_and_locate_their_key() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// A damaged store
+
+/// Every file under `dir`, with its bytes.
+fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// Every (tree, key) → value of a sled database, opened directly.
+fn contents(dir: &Path) -> BTreeMap<(Vec<u8>, Vec<u8>), Vec<u8>> {
+    let db = sled::open(dir).unwrap();
+    let mut out = BTreeMap::new();
+    for name in db.tree_names() {
+        for kv in db.open_tree(&name).unwrap().iter() {
+            let (k, v) = kv.unwrap();
+            out.insert((name.to_vec(), k.to_vec()), v.to_vec());
+        }
+    }
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for (p, bytes) in files(from) {
+        let dest = to.join(p.strip_prefix(from).unwrap());
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::write(dest, bytes).unwrap();
+    }
+}
+
+fn store_config(dir: &Path, state: &Path) -> PathBuf {
+    let path = dir.join(format!(
+        "{}.toml",
+        state.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::write(
+        &path,
+        format!(
+            "[daemon]\nstate_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\ncontrol_socket = \"{}\"\n\n[connectors.hubspot]\nkind = \"hubspot\"\npoll_interval = \"1h\"\nbase_url = \"http://127.0.0.1:9\"\ntoken = {{ env = \"PATH\" }}\n",
+            state.display(),
+            dir.join("control.sock").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A store with content: two imported opt-outs.
+fn seeded_store(dir: &Path) -> PathBuf {
+    let state = dir.join("pristine");
+    let config = store_config(dir, &state);
+    let csv = dir.join("list.csv");
+    std::fs::write(
+        &csv,
+        "phone,status,time\n+14155552671,opted_out,2024-05-01T10:00:00Z\n+14155552672,opted_out,2024-05-02T10:00:00Z\n",
+    )
+    .unwrap();
+    let o = bin()
+        .args(["import", "--config"])
+        .arg(&config)
+        .arg(&csv)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        state.join("db").exists(),
+        "sled's layout changed: {:?}",
+        files(&state).keys()
+    );
+    state
+}
+
+/// Runs the daemon on `state` (expected to refuse) and returns its output.
+fn refused_run(dir: &Path, state: &Path) -> String {
+    let config = store_config(dir, state);
+    let out = run_to_exit(
+        bin().args(["run", "--config"]).arg(&config),
+        Duration::from_secs(30),
+    );
+    let t = text(&out);
+    assert!(
+        !out.status.success(),
+        "the daemon started on a damaged store:\n{t}"
+    );
+    no_panic(&t);
+    t
+}
+
+/// Overwrites `len` bytes of `file` at `at` (clamped to the file) with seeded garbage.
+fn scribble(file: &Path, at: usize, len: usize, seed: u64) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let at = at.min(bytes.len().saturating_sub(len));
+    let mut x = seed.max(1);
+    for b in bytes.iter_mut().skip(at).take(len) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(file, bytes).unwrap();
+}
+
+#[test]
+fn a_damaged_or_future_store_is_refused_clearly_and_never_started_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let pristine = seeded_store(dir.path());
+
+    // An unknown schema version, written with sled directly.
+    let future = dir.path().join("future");
+    copy_dir(&pristine, &future);
+    {
+        let db = sled::open(&future).unwrap();
+        let meta = db.open_tree("meta").unwrap();
+        assert_eq!(
+            meta.get("schema_version").unwrap().as_deref(),
+            Some(&b"1"[..]),
+            "the store's meta tree changed"
+        );
+        meta.insert("schema_version", "2").unwrap();
+        db.flush().unwrap();
+    }
+    let before = contents(&future);
+    for attempt in 0..2 {
+        let t = refused_run(dir.path(), &future);
+        assert!(
+            t.contains("has schema version 2, this build understands 1; refusing to start"),
+            "attempt {attempt}: {t}"
+        );
+        assert!(t.contains(&future.display().to_string()), "{t}");
+    }
+    // The store commands refuse it the same way.
+    let o = bin()
+        .args(["audit", "export", "--config"])
+        .arg(store_config(dir.path(), &future))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("schema version 2"), "{}", text(&o));
+    no_panic(&text(&o));
+    // Not a single key was changed, added or removed.
+    assert!(
+        before.len() > 5,
+        "the seeded store is too small: {before:?}"
+    );
+    assert!(
+        contents(&future) == before,
+        "the refused store's contents changed"
+    );
+
+    // Garbage over sled's data, a truncated log, a deleted log: each refused as corrupt,
+    // on every attempt (a refused start must not leave a fresh, empty store behind).
+    let db_len = std::fs::metadata(pristine.join("db")).unwrap().len() as usize;
+    type Damage = Box<dyn Fn(&Path)>;
+    // (Garbage in the middle of the log is not refused: see
+    // `garbage_in_the_middle_of_the_log_is_refused_not_forgotten`.)
+    let damages: Vec<(&str, Damage)> = vec![
+        (
+            "garbage over the whole log",
+            Box::new(move |s: &Path| scribble(&s.join("db"), 0, db_len, 11)),
+        ),
+        (
+            "log truncated to nothing",
+            Box::new(|s: &Path| std::fs::write(s.join("db"), b"").unwrap()),
+        ),
+        (
+            "log deleted",
+            Box::new(|s: &Path| std::fs::remove_file(s.join("db")).unwrap()),
+        ),
+    ];
+    for (i, (what, damage)) in damages.iter().enumerate() {
+        let state = dir.path().join(format!("damaged-{i}"));
+        copy_dir(&pristine, &state);
+        damage(&state);
+        for attempt in 0..2 {
+            let t = refused_run(dir.path(), &state);
+            assert!(
+                t.contains("the store is corrupt"),
+                "{what}, attempt {attempt}: {t}"
+            );
+            assert!(t.contains("restore it from a backup"), "{what}: {t}");
+            assert!(t.contains(&state.display().to_string()), "{what}: {t}");
+        }
+        assert!(
+            state.join("optout-sync.store").exists(),
+            "{what}: the marker is gone"
+        );
+        let o = bin()
+            .args(["lookup", "--config"])
+            .arg(store_config(dir.path(), &state))
+            .arg("+14155552671")
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{what}: lookup read a damaged store");
+        assert!(
+            text(&o).contains("the store is corrupt"),
+            "{what}: {}",
+            text(&o)
+        );
+    }
+
+    // The undamaged copy still opens with its data.
+    let o = bin()
+        .args(["lookup", "--json", "--config"])
+        .arg(store_config(dir.path(), &pristine))
+        .arg("+14155552672")
+        .output()
+        .unwrap();
+    let v: Value =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
+    assert_eq!(v["decisions"]["all"]["decision"], "opted_out", "{v}");
+}
+
+/// Damage in the middle of sled's log is taken by sled for a torn write at the end: it
+/// keeps the prefix (which holds the schema version) and drops the rest. The daemon must
+/// notice that data is missing rather than run on, allowing messages to people who opted
+/// out.
+#[test]
+#[ignore = "bug: garbage in the middle of the store's log silently drops every later write; the daemon starts without the opt-outs"]
+fn garbage_in_the_middle_of_the_log_is_refused_not_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = seeded_store(dir.path());
+    let db_len = std::fs::metadata(state.join("db")).unwrap().len() as usize;
+    scribble(&state.join("db"), db_len / 2, 256, 7);
+    let o = bin()
+        .args(["lookup", "--json", "--config"])
+        .arg(store_config(dir.path(), &state))
+        .arg("+14155552672")
+        .output()
+        .unwrap();
+    if o.status.success() {
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(
+            v["decisions"]["all"]["decision"], "opted_out",
+            "the store opened without the imported opt-out: {v}"
+        );
+    } else {
+        assert!(text(&o).contains("the store is corrupt"), "{}", text(&o));
+    }
+}
+
+/// A refused start leaves the damaged store exactly as it found it, so that whatever can
+/// still be recovered from it (by an operator or a backup tool) is not overwritten.
+#[test]
+#[ignore = "bug: opening a damaged store lets sled rewrite its files before the refusal"]
+fn a_refused_start_leaves_the_store_files_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let pristine = seeded_store(dir.path());
+    let db_len = std::fs::metadata(pristine.join("db")).unwrap().len() as usize;
+    let damaged = dir.path().join("damaged");
+    copy_dir(&pristine, &damaged);
+    scribble(&damaged.join("db"), 0, db_len, 11);
+    let before = files(&damaged);
+    refused_run(dir.path(), &damaged);
+    let after = files(&damaged);
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>(),
+        "files added or removed"
+    );
+    for (p, bytes) in &before {
+        assert!(after[p] == *bytes, "{} was rewritten", p.display());
+    }
+}
