@@ -54,7 +54,8 @@ pub fn check_envelope(body: &[u8]) -> Result<(), BodyError> {
         object: Option<String>,
         entry: Option<Vec<IgnoredAny>>,
     }
-    let shape: Shape = serde_json::from_slice(body).map_err(|e| {
+    let body = repair_surrogates(body);
+    let shape: Shape = serde_json::from_slice(&body).map_err(|e| {
         if e.is_data() {
             BodyError::NotEnvelope(e.to_string())
         } else {
@@ -70,6 +71,55 @@ pub fn check_envelope(body: &[u8]) -> Result<(), BodyError> {
     }
 }
 
+/// Replaces `\uXXXX` escapes of unpaired UTF-16 surrogates with `\uFFFD`.
+///
+/// Such an escape is valid JSON syntax but no string can hold it, so serde refuses the
+/// whole body: one customer's broken emoji would otherwise hide another customer's STOP in
+/// the same webhook. Paired surrogates (real emoji) and every other byte are kept.
+pub fn repair_surrogates(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    fn unit(b: &[u8], at: usize) -> Option<u16> {
+        if b.get(at) != Some(&b'\\') || b.get(at + 1) != Some(&b'u') {
+            return None;
+        }
+        let hex = std::str::from_utf8(b.get(at + 2..at + 6)?).ok()?;
+        u16::from_str_radix(hex, 16).ok()
+    }
+    let is_high = |u: u16| (0xD800..0xDC00).contains(&u);
+    let is_low = |u: u16| (0xDC00..0xE000).contains(&u);
+    let mut out: Option<Vec<u8>> = None;
+    let mut i = 0;
+    while i < body.len() {
+        if body[i] != b'\\' {
+            if let Some(o) = out.as_mut() {
+                o.push(body[i]);
+            }
+            i += 1;
+            continue;
+        }
+        // An escape: `\uXXXX` (6 bytes) or a two-byte one such as `\\` or `\"`.
+        let len = match unit(body, i) {
+            Some(u) if is_high(u) && unit(body, i + 6).is_some_and(is_low) => 12,
+            Some(u) if is_high(u) || is_low(u) => {
+                let o = out.get_or_insert_with(|| body[..i].to_vec());
+                o.extend_from_slice(b"\\uFFFD");
+                i += 6;
+                continue;
+            }
+            Some(_) => 6,
+            None => 2,
+        };
+        let end = (i + len).min(body.len());
+        if let Some(o) = out.as_mut() {
+            o.extend_from_slice(&body[i..end]);
+        }
+        i = end;
+    }
+    match out {
+        Some(v) => std::borrow::Cow::Owned(v),
+        None => std::borrow::Cow::Borrowed(body),
+    }
+}
+
 /// All observations in one body, in the body's order.
 pub fn parse(
     body: &[u8],
@@ -77,8 +127,9 @@ pub fn parse(
     detector: &Detector,
 ) -> Result<Vec<Observation>, BodyError> {
     check_envelope(body)?;
+    let body = repair_surrogates(body);
     let envelope: Envelope =
-        serde_json::from_slice(body).map_err(|e| BodyError::NotEnvelope(e.to_string()))?;
+        serde_json::from_slice(&body).map_err(|e| BodyError::NotEnvelope(e.to_string()))?;
     let mut out = Vec::new();
     for entry in envelope.entry {
         let Ok(entry) = serde_json::from_value::<EntryRaw>(entry) else {
@@ -545,6 +596,32 @@ fn short(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn lone_surrogate_escapes_are_replaced_and_pairs_kept() {
+        let fix =
+            |s: &str| String::from_utf8(repair_surrogates(s.as_bytes()).into_owned()).unwrap();
+        assert_eq!(fix(r#"{"a":"\ud83d"}"#), r#"{"a":"\uFFFD"}"#);
+        assert_eq!(fix(r#"{"a":"x\udc00y"}"#), r#"{"a":"x\uFFFDy"}"#);
+        assert_eq!(
+            fix(r#"{"a":"\ud83d\ude00"}"#),
+            r#"{"a":"\ud83d\ude00"}"#,
+            "a real emoji"
+        );
+        assert_eq!(
+            fix(r#"{"a":"\\ud83d"}"#),
+            r#"{"a":"\\ud83d"}"#,
+            "an escaped backslash, not an escape"
+        );
+        assert_eq!(fix(r#"{"a":"\u00e9\"q"}"#), r#"{"a":"\u00e9\"q"}"#);
+        assert!(matches!(
+            repair_surrogates(b"{}"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        let v: serde_json::Value = serde_json::from_str(&fix(r#"{"a":"\ud83d!"}"#)).unwrap();
+        assert_eq!(v["a"], "\u{fffd}!");
+    }
+
     use super::*;
     use serde_json::json;
 

@@ -50,9 +50,25 @@ pub(crate) async fn poll<I: Inbox>(
                     Observation::Record(_) => true,
                 }
             })),
-            // The webhook stores only envelopes, so this means a stored body was damaged.
+            // The intake's check is lighter than the full parse (deeply nested bodies pass
+            // it): a body that still cannot be read goes to the quarantine, where the
+            // operator sees it, rather than vanishing. If even that fails, the page fails
+            // and is read again.
             Err(e) => {
-                tracing::warn!(connector = name, seq = entry.seq, error = %e, "skipping an unreadable inbox entry")
+                tracing::warn!(connector = name, seq = entry.seq, error = %e, "unreadable inbox entry quarantined");
+                inbox
+                    .quarantine(
+                        entry.body.clone(),
+                        entry.received_at,
+                        format!("unreadable at poll: {e}"),
+                    )
+                    .await
+                    .map_err(|q| {
+                        ConnectorError::Transient(format!(
+                            "cannot quarantine inbox entry {}: {q}",
+                            entry.seq
+                        ))
+                    })?;
             }
         }
     }
