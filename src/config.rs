@@ -230,22 +230,14 @@ pub enum Settings {
 }
 
 impl Settings {
-    fn parse(kind: Kind, table: toml::Table) -> Result<Settings, String> {
+    /// Parses a connector's own keys; an error names the key (dotted, within the table).
+    fn parse(kind: Kind, table: toml::Table) -> Result<Settings, (String, String)> {
         let value = toml::Value::Table(table);
-        let clean = |e: toml::de::Error| clean_serde(&e.to_string());
         Ok(match kind {
-            Kind::Hubspot => {
-                Settings::Hubspot(optout_hubspot::Config::deserialize(value).map_err(clean)?)
-            }
-            Kind::Salesforce => {
-                Settings::Salesforce(optout_salesforce::Config::deserialize(value).map_err(clean)?)
-            }
-            Kind::Webhook => {
-                Settings::Webhook(optout_webhook::Config::deserialize(value).map_err(clean)?)
-            }
-            Kind::Whatsapp => {
-                Settings::Whatsapp(optout_whatsapp::Config::deserialize(value).map_err(clean)?)
-            }
+            Kind::Whatsapp => Settings::Whatsapp(located(value)?),
+            Kind::Hubspot => Settings::Hubspot(located(value)?),
+            Kind::Salesforce => Settings::Salesforce(located(value)?),
+            Kind::Webhook => Settings::Webhook(located(value)?),
         })
     }
 
@@ -368,10 +360,12 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, Problems> {
                 common,
                 settings,
             }),
-            Err(msg) => {
-                let key = unknown_field_key(&msg)
-                    .map(|f| path_of(&f))
-                    .unwrap_or(format!("connectors.{name}"));
+            Err((key, msg)) => {
+                let key = if key.is_empty() {
+                    format!("connectors.{name}")
+                } else {
+                    path_of(&key)
+                };
                 problems.push(locator.problem(&key, msg));
             }
         }
@@ -385,6 +379,30 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, Problems> {
         policy: raw.policy,
         connectors,
         source: source.to_string(),
+    })
+}
+
+/// Deserialises a connector's table, keeping the path of the key that failed (the table was
+/// detached from the file, so toml itself can no longer say where).
+fn located<T: serde::de::DeserializeOwned>(value: toml::Value) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let msg = clean_serde(&e.inner().to_string());
+        let mut path: Vec<String> = e
+            .path()
+            .iter()
+            .filter_map(|seg| match seg {
+                serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                serde_path_to_error::Segment::Seq { .. }
+                | serde_path_to_error::Segment::Enum { .. } => None,
+                serde_path_to_error::Segment::Unknown => None,
+            })
+            .collect();
+        if let Some(field) = unknown_field_key(&msg)
+            && path.last() != Some(&field)
+        {
+            path.push(field);
+        }
+        (path.join("."), msg)
     })
 }
 

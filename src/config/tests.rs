@@ -170,3 +170,33 @@ fn shipped_example_passes_with_its_variables_set() {
         }
     }
 }
+
+#[test]
+fn problems_inside_a_connectors_own_settings_name_and_locate_their_key() {
+    let p = problems(&GOOD.replace("\ntoken = { env = \"PATH\" }", "\ntoken = \"pat-inline\""));
+    let text = p.to_string();
+    assert!(
+        text.contains("test.toml:21:9: connectors.crm-eu.token: secrets must not be written"),
+        "{text}"
+    );
+    assert!(!text.contains("pat-inline"));
+    let p = problems(&GOOD.replace(
+        "\ntoken = { env = \"PATH\" }",
+        "\ntoken = { env = \"PATH\" }\noverlap = 5",
+    ));
+    assert!(
+        p.to_string()
+            .contains("test.toml:22:11: connectors.crm-eu.overlap: invalid type"),
+        "{p}"
+    );
+    let p = problems(
+        &(GOOD.to_string()
+            + "[connectors.sf]\nkind = \"salesforce\"\nlogin_url = \"https://x.my.salesforce.com\"\nauth = { client_id = \"a\", client_secret = { env = \"PATH\" } }\n"),
+    );
+    assert!(
+        p.to_string()
+            .contains("connectors.sf.auth: missing field `flow`"),
+        "{p}"
+    );
+    assert!(p.to_string().starts_with("test.toml:25:8: "), "{p}");
+}
