@@ -466,6 +466,7 @@ fn import(config_path: &Path, file: &Path) -> Result<ExitCode> {
         Box::new(std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?)
     };
     let report = crate::import::import(&engine, input, Timestamp::now())?;
+    engine.store().save_high_water()?;
     for (line, why) in &report.bad {
         eprintln!("{}:{line}: {why}", file.display());
     }

@@ -31,6 +31,8 @@ use crate::workers::{
 
 /// Default poll interval of CRM connectors when the configuration sets none.
 const DEFAULT_CRM_INTERVAL: Duration = Duration::from_secs(30);
+/// How often the store's high-water mark is recorded (see `Store::save_high_water`).
+const HIGH_WATER_INTERVAL: Duration = Duration::from_secs(30);
 /// WhatsApp is woken by each webhook; this tick only catches a missed wake-up.
 const WHATSAPP_SAFETY_TICK: Duration = Duration::from_secs(5);
 
@@ -205,6 +207,21 @@ pub async fn run_until(
         cancel.clone(),
     ));
 
+    // Remember how far the audit log reaches, so a store damaged later is noticed.
+    let (store, watch) = (engine.store().clone(), cancel.clone());
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(HIGH_WATER_INTERVAL) => {}
+                _ = watch.cancelled() => return,
+            }
+            let s = store.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.save_high_water()).await {
+                tracing::warn!(error = %e, "cannot record the store's high-water mark");
+            }
+        }
+    });
+
     ready.store(true, Ordering::Release);
     tracing::info!(listen = %bound, control = %socket_path.display(), connectors = config.connectors.len(), "optout-sync is ready");
     notifier.ready();
@@ -234,6 +251,7 @@ pub async fn run_until(
         tracing::warn!(deadline = ?deadline, "shutdown deadline reached; unfinished pushes stay in the outbox for the next start");
     }
     engine.store().flush().await?;
+    engine.store().save_high_water()?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -340,6 +340,7 @@ impl Store {
                         expected: SCHEMA_VERSION,
                     });
                 }
+                self.check_high_water()?;
             }
             None => {
                 let has_data = self.trees.iter().any(|t| !t.is_empty());
@@ -366,6 +367,58 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The last audit sequence number known to be on disk, from the marker file.
+    fn marker_high_water(&self) -> Option<u64> {
+        let text = std::fs::read_to_string(self.path.join(MARKER)).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("audit_high ")?.trim().parse().ok())
+    }
+
+    fn last_audit_seq(&self) -> Result<Option<u64>, StoreError> {
+        match self.trees[AUDIT].last()? {
+            Some((k, _)) => Ok(Some(u64_of(&k)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// sled recovers a damaged log by dropping everything after the damage, silently. The
+    /// marker file remembers how far the audit log (append-only, every write durable)
+    /// reached; a store that now ends before that has lost acknowledged data.
+    fn check_high_water(&self) -> Result<(), StoreError> {
+        let Some(expected) = self.marker_high_water() else {
+            return Ok(());
+        };
+        let found = self.last_audit_seq()?;
+        if found.is_none_or(|f| f < expected) {
+            return Err(StoreError::Corrupt(format!(
+                "{}: the audit log ended at entry {expected} when last checked but now ends at {}; the store lost data it had acknowledged (a damaged disk or file?); restore it from a backup",
+                self.path.display(),
+                found.map(|f| f.to_string()).unwrap_or("nothing".into())
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records in the marker file how far the audit log reaches, for the check above.
+    /// Called periodically and at shutdown; every audit entry is already durable, so the
+    /// mark never runs ahead of the disk.
+    pub fn save_high_water(&self) -> Result<(), StoreError> {
+        let Some(seq) = self.last_audit_seq()? else {
+            return Ok(());
+        };
+        if self.marker_high_water() == Some(seq) {
+            return Ok(());
+        }
+        let io = |e: std::io::Error| StoreError::Io(format!("cannot write the store marker: {e}"));
+        let tmp = self.path.join(format!("{MARKER}.tmp"));
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        use std::io::Write as _;
+        write!(f, "schema {SCHEMA_VERSION}\naudit_high {seq}\n").map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, self.path.join(MARKER)).map_err(io)?;
+        Ok(())
     }
 
     /// Runs `f` as one atomic transaction over every tree. `durable` flushes to disk

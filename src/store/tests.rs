@@ -437,3 +437,25 @@ async fn concurrent_appends_are_all_stored() {
     assert_eq!(s.inbox_len(), 400);
     assert!(s.group.flushed.load(std::sync::atomic::Ordering::SeqCst) >= 400);
 }
+
+#[test]
+fn a_store_that_lost_acknowledged_entries_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let e = crash_engine(dir.path());
+        e.apply_page("crm", &page(0), Some("0"), Timestamp::now())
+            .unwrap();
+        e.store().save_high_water().unwrap();
+        // The mark is idempotent and a reopen with everything present is fine.
+        e.store().save_high_water().unwrap();
+    }
+    let s = Store::open(dir.path()).unwrap();
+    // Simulate sled dropping the tail of its log: the last audit entries vanish.
+    let last = s.trees[AUDIT].last().unwrap().unwrap().0;
+    s.trees[AUDIT].remove(last).unwrap();
+    s.flush_blocking().unwrap();
+    drop(s);
+    let err = Store::open(dir.path()).err().expect("refused");
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+    assert!(err.to_string().contains("lost data"), "{err}");
+}
