@@ -16,8 +16,9 @@
 //! - Secrets: distinctive secret values, trace-level logs, auth failures, expired tokens,
 //!   wrong tokens; no value appears in the log, `status`, `/metrics` or any CLI output.
 //!
-//! Run with `cargo test --test bad_input`. Everything is sized for CI (about 30 s on two
-//! cores); there is no larger variant.
+//! Run with `cargo test --test bad_input` (about 10 s; 15 s with three copies running at
+//! once on two cores). Everything is sized for CI; there is no larger variant. The tests
+//! marked `#[ignore = "bug: …"]` show defects still open: `-- --ignored` runs them.
 
 mod common;
 
@@ -26,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{Daemon, GATE_TOKEN, eventually};
+use common::{Daemon, GATE_TOKEN};
 use optout_core::Timestamp;
 use optout_whatsapp::fake::envelope::{self, Who};
 use optout_whatsapp::fake::{GraphOptions, WebhookSender, sign, start_graph};
@@ -473,10 +474,12 @@ async fn whatsapp_intake_refuses_quarantines_or_survives_every_kind_of_bad_body(
         assert_eq!(intake.signed(body).await, 200, "strange envelope #{i}");
     }
     // An entry nested 5,000 levels deep passes the intake's shape check and is stored;
-    // the reader refuses it (serde's recursion limit) without a stack overflow and goes on.
-    // (That it is not quarantined is a bug: see `deeply_nested_envelope_is_quarantined`.)
+    // the reader refuses it (serde's recursion limit) without a stack overflow, quarantines
+    // it and goes on.
     assert_eq!(intake.signed(&deeply_nested()).await, 200);
     inbox_drained(&d).await;
+    let quarantined = quarantined + 1;
+    assert_eq!(d.status().await["quarantined_webhooks"], quarantined);
 
     // 5. Invalid identities, hostile ones included: each STOP is refused as an identity and
     //    audited, nothing else happens.
@@ -575,7 +578,8 @@ async fn whatsapp_intake_refuses_quarantines_or_survives_every_kind_of_bad_body(
         }),
     );
     assert_eq!(intake.signed(&body).await, 200);
-    // A lone surrogate escape: valid JSON syntax, but no valid string.
+    // A lone surrogate escape: valid JSON syntax, but no valid string (read with the broken
+    // character replaced).
     let surrogate = format!(
         r#"{{"object":"whatsapp_business_account","entry":[{{"id":"1","changes":[{{"field":"messages","value":{{"messages":[{{"from":"{WA_HOSTILE_TEXT}","id":"wamid.SURR","timestamp":"{}","type":"text","text":{{"body":"\ud800 \udfff"}}}}]}}}}]}}]}}"#,
         now_s()
@@ -712,11 +716,11 @@ async fn whatsapp_intake_refuses_quarantines_or_survives_every_kind_of_bad_body(
     );
 }
 
-/// A stored body that the shape check lets through but the reader cannot use must be
-/// quarantined (visible in `status`) like any other unusable body, not dropped with a log
-/// line; and one unreadable message must not take a valid STOP in the same body with it.
+/// A stored body that the shape check lets through but the reader cannot use is quarantined
+/// (visible in `status`) like any other unusable body, not dropped with a log line; and a
+/// broken string in one message (a lone surrogate escape, which serde_json refuses) does
+/// not take a valid STOP in the same body with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: bodies that pass check_envelope but fail parse are dropped by the poll, not quarantined; a STOP beside a lone surrogate is lost"]
 async fn deeply_nested_envelope_is_quarantined_and_a_stop_beside_a_lone_surrogate_counts() {
     let dir = tempfile::tempdir().unwrap();
     let hs = optout_hubspot::fake::start(optout_hubspot::fake::FakeOptions {
@@ -750,17 +754,26 @@ async fn deeply_nested_envelope_is_quarantined_and_a_stop_beside_a_lone_surrogat
     assert_eq!(intake.signed(body.as_bytes()).await, 200);
     assert_eq!(intake.signed(&deeply_nested()).await, 200);
     inbox_drained(&d).await;
-    let blocked =
-        gate(&d, GATE_TOKEN, &format!("+{WA_NORMAL}"), "utility").await["allowed"] == false;
-    let status = d.status().await;
-    assert!(
-        blocked || status["quarantined_webhooks"] == 2,
-        "the STOP was neither applied nor its body quarantined: {status}"
-    );
+    let v = gate(&d, GATE_TOKEN, &format!("+{WA_NORMAL}"), "utility").await;
     assert_eq!(
-        status["quarantined_webhooks"].as_u64().unwrap() + u64::from(blocked),
-        2,
+        v["allowed"], false,
+        "the STOP beside the broken string was lost: {v}"
+    );
+    let v = gate(&d, GATE_TOKEN, &format!("+{WA_BIG}"), "utility").await;
+    assert_eq!(v["allowed"], true, "{v}");
+    let status = d.status().await;
+    assert_eq!(
+        status["quarantined_webhooks"], 1,
         "the nested body is not quarantined: {status}"
+    );
+    let m = metrics(&d).await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"optout_webhooks_total{source="whatsapp",result="quarantined"}"#
+        ),
+        1.0,
+        "{m}"
     );
 }
 
@@ -881,11 +894,11 @@ async fn hostile_crm_records_neither_crash_nor_stall_polling_and_quoted_names_ge
         }
         sf.insert_with_id("Contact", id, fields, at);
     }
-    // Every data call answers after a second, so the test can expire the locator while the
+    // Every data call answers after 1.5 s, so the test can expire the locator while the
     // daemon's `query more` waits.
     sf.set_faults(optout_salesforce::fake::Faults {
         slow_rate: 1.0,
-        slow_delay: Duration::from_secs(1),
+        slow_delay: Duration::from_millis(1500),
         ..Default::default()
     });
 
@@ -1249,7 +1262,6 @@ fn malformed_configuration_is_located_by_check_config_and_refused_by_run() {
 /// Every problem names the key it is about and points at it, also inside a connector's own
 /// table (README: `file:line:column: key: message`).
 #[test]
-#[ignore = "bug: problems inside a connector's own settings are located at the table header and name no key"]
 fn connector_settings_problems_name_and_locate_their_key() {
     let dir = tempfile::tempdir().unwrap();
     let base = BASE_CONFIG
@@ -1277,11 +1289,8 @@ fn connector_settings_problems_name_and_locate_their_key() {
             format!("{file}:21:8: connectors.salesforce.auth: missing field `flow`"),
         ),
         (
-            base.replace(
-                "gate_token = { env = \"T_GATE\" }",
-                "gate_token = \"inline-gate-value\"",
-            ),
-            format!("{file}:5:14: daemon.gate_token: secrets must not be written"),
+            base.replace("flow = \"client_credentials\"", "flow = \"password\""),
+            format!("{file}:21:17: connectors.salesforce.auth.flow: unknown variant `password`"),
         ),
     ] {
         std::fs::write(&path, &config).unwrap();
@@ -1297,6 +1306,40 @@ fn connector_settings_problems_name_and_locate_their_key() {
             text(&out)
         );
     }
+}
+
+/// The same for the daemon's own secret: an inline `gate_token` names its key.
+#[test]
+#[ignore = "bug: an inline daemon.gate_token is located but its problem names no key"]
+fn an_inline_gate_token_names_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("optout-sync.toml");
+    let config = BASE_CONFIG
+        .replace("STATE", &dir.path().join("state").display().to_string())
+        .replace(
+            "SOCKET",
+            &dir.path().join("control.sock").display().to_string(),
+        )
+        .replace(
+            "gate_token = { env = \"T_GATE\" }",
+            "gate_token = \"inline-gate-value\"",
+        );
+    std::fs::write(&path, config).unwrap();
+    let out = bin()
+        .arg("check-config")
+        .arg(&path)
+        .envs(CONFIG_ENV)
+        .output()
+        .unwrap();
+    let want = format!(
+        "{}:5:14: daemon.gate_token: secrets must not be written",
+        path.display()
+    );
+    assert!(
+        text(&out).contains(&want),
+        "want {want:?} in:\n{}",
+        text(&out)
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1319,9 +1362,26 @@ fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     out
 }
 
+/// Opens a sled database directly. sled's flusher thread lets go of the file lock a moment
+/// after the last handle is dropped, so an earlier handle of this process may still hold it.
+fn open_sled(dir: &Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match sled::open(dir) {
+            Ok(db) => return db,
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("opening {}: {e}", dir.display()),
+        }
+    }
+}
+
 /// Every (tree, key) → value of a sled database, opened directly.
-fn contents(dir: &Path) -> BTreeMap<(Vec<u8>, Vec<u8>), Vec<u8>> {
-    let db = sled::open(dir).unwrap();
+fn contents(db: &sled::Db) -> BTreeMap<(Vec<u8>, Vec<u8>), Vec<u8>> {
     let mut out = BTreeMap::new();
     for name in db.tree_names() {
         for kv in db.open_tree(&name).unwrap().iter() {
@@ -1420,8 +1480,8 @@ fn a_damaged_or_future_store_is_refused_clearly_and_never_started_afresh() {
     // An unknown schema version, written with sled directly.
     let future = dir.path().join("future");
     copy_dir(&pristine, &future);
-    {
-        let db = sled::open(&future).unwrap();
+    let before = {
+        let db = open_sled(&future);
         let meta = db.open_tree("meta").unwrap();
         assert_eq!(
             meta.get("schema_version").unwrap().as_deref(),
@@ -1430,8 +1490,8 @@ fn a_damaged_or_future_store_is_refused_clearly_and_never_started_afresh() {
         );
         meta.insert("schema_version", "2").unwrap();
         db.flush().unwrap();
-    }
-    let before = contents(&future);
+        contents(&db)
+    };
     for attempt in 0..2 {
         let t = refused_run(dir.path(), &future);
         assert!(
@@ -1455,7 +1515,7 @@ fn a_damaged_or_future_store_is_refused_clearly_and_never_started_afresh() {
         "the seeded store is too small: {before:?}"
     );
     assert!(
-        contents(&future) == before,
+        contents(&open_sled(&future)) == before,
         "the refused store's contents changed"
     );
 
@@ -1463,9 +1523,13 @@ fn a_damaged_or_future_store_is_refused_clearly_and_never_started_afresh() {
     // on every attempt (a refused start must not leave a fresh, empty store behind).
     let db_len = std::fs::metadata(pristine.join("db")).unwrap().len() as usize;
     type Damage = Box<dyn Fn(&Path)>;
-    // (Garbage in the middle of the log is not refused: see
-    // `garbage_in_the_middle_of_the_log_is_refused_not_forgotten`.)
+    // Garbage in the middle of the log is the subtle one: sled takes it for a torn write at
+    // the end, keeps the prefix (schema version included) and drops the rest.
     let damages: Vec<(&str, Damage)> = vec![
+        (
+            "garbage in the middle of the log",
+            Box::new(move |s: &Path| scribble(&s.join("db"), db_len / 2, 256, 7)),
+        ),
         (
             "garbage over the whole log",
             Box::new(move |s: &Path| scribble(&s.join("db"), 0, db_len, 11)),
@@ -1522,34 +1586,6 @@ fn a_damaged_or_future_store_is_refused_clearly_and_never_started_afresh() {
     assert_eq!(v["decisions"]["all"]["decision"], "opted_out", "{v}");
 }
 
-/// Damage in the middle of sled's log is taken by sled for a torn write at the end: it
-/// keeps the prefix (which holds the schema version) and drops the rest. The daemon must
-/// notice that data is missing rather than run on, allowing messages to people who opted
-/// out.
-#[test]
-#[ignore = "bug: garbage in the middle of the store's log silently drops every later write; the daemon starts without the opt-outs"]
-fn garbage_in_the_middle_of_the_log_is_refused_not_forgotten() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = seeded_store(dir.path());
-    let db_len = std::fs::metadata(state.join("db")).unwrap().len() as usize;
-    scribble(&state.join("db"), db_len / 2, 256, 7);
-    let o = bin()
-        .args(["lookup", "--json", "--config"])
-        .arg(store_config(dir.path(), &state))
-        .arg("+14155552672")
-        .output()
-        .unwrap();
-    if o.status.success() {
-        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-        assert_eq!(
-            v["decisions"]["all"]["decision"], "opted_out",
-            "the store opened without the imported opt-out: {v}"
-        );
-    } else {
-        assert!(text(&o).contains("the store is corrupt"), "{}", text(&o));
-    }
-}
-
 /// A refused start leaves the damaged store exactly as it found it, so that whatever can
 /// still be recovered from it (by an operator or a backup tool) is not overwritten.
 #[test]
@@ -1572,4 +1608,394 @@ fn a_refused_start_leaves_the_store_files_untouched() {
     for (p, bytes) in &before {
         assert!(after[p] == *bytes, "{} was rewritten", p.display());
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Secrets
+
+/// Distinctive values for every secret the daemon holds (variable, value).
+const SECRETS: [(&str, &str); 11] = [
+    ("S_GATE", "gatetok-Qx7Ra1-secret"),
+    ("S_HS_TOKEN", "pat-na1-Hx4Kp9-secret"),
+    ("S_HS_CLIENT", "hsclient-Zr5Lm3-secret"),
+    ("S_HS_REFRESH", "hsrefresh-Wq2Jn8-secret"),
+    ("S_SF_SECRET", "sfclient-Vb6Tc4-secret"),
+    ("S_SF_WRONG", "sfwrong-Pm9Ye2-secret"),
+    ("S_WA_APP", "waapp-Nd3Fs7-secret"),
+    ("S_WA_VERIFY", "waverify-Kt8Gb5-secret"),
+    ("S_WA_TOKEN", "watoken-Jc1Uh6-secret"),
+    ("S_HOOK", "hookhmac-Ly4Ei9-secret"),
+    ("S_HOOK_BEARER", "hookbearer-Ao2Wd7-secret"),
+];
+/// In the automation webhook's URL, which only ever shows its host.
+const URL_KEY: &str = "urlkey-Mf6Rx3-secret";
+
+fn secret(name: &str) -> &'static str {
+    SECRETS.iter().find(|(k, _)| *k == name).unwrap().1
+}
+
+/// Every secret value, the issued access tokens (prefixes of the fakes' token formats) and
+/// a distinctive fragment of each value, found anywhere in `haystack`.
+fn leaks(haystack: &str) -> Vec<String> {
+    let mut needles: Vec<&str> = SECRETS.iter().map(|(_, v)| *v).collect();
+    // The middle fragment of each value: a secret shown in part is still a leak.
+    needles.extend(SECRETS.iter().map(|(_, v)| v.rsplit('-').nth(1).unwrap()));
+    needles.extend([
+        URL_KEY,
+        "Mf6Rx3",
+        "fake-access-",       // HubSpot OAuth access tokens
+        "00DFK0000000001!AR", // Salesforce sessions
+    ]);
+    needles
+        .into_iter()
+        .filter(|n| haystack.contains(n))
+        .map(String::from)
+        .collect()
+}
+
+fn secrets_config(
+    dir: &Path,
+    hs: &str,
+    hs_oauth: &str,
+    sf: &str,
+    graph: &str,
+    hook: &str,
+) -> String {
+    format!(
+        r#"
+[daemon]
+state_dir = "{state}"
+listen = "127.0.0.1:0"
+control_socket = "{sock}"
+gate_token = {{ env = "S_GATE" }}
+shutdown_timeout = "5s"
+unverified_after = "1m"
+
+[connectors.whatsapp]
+kind = "whatsapp"
+app_secrets = [{{ env = "S_WA_APP" }}]
+verify_token = {{ env = "S_WA_VERIFY" }}
+access_token = {{ env = "S_WA_TOKEN" }}
+phone_number_id = "106540352242922"
+base_url = "{graph}"
+[connectors.whatsapp.confirmations]
+enabled = true
+
+[connectors.hubspot]
+kind = "hubspot"
+poll_interval = "200ms"
+base_url = "{hs}"
+token = {{ env = "S_HS_TOKEN" }}
+overlap = "1s"
+
+[connectors.hubspot_oauth]
+kind = "hubspot"
+poll_interval = "200ms"
+base_url = "{hs_oauth}"
+oauth = {{ client_id = "oauth-client", client_secret = {{ env = "S_HS_CLIENT" }}, refresh_token = {{ env = "S_HS_REFRESH" }} }}
+overlap = "1s"
+
+[connectors.salesforce]
+kind = "salesforce"
+poll_interval = "200ms"
+login_url = "{sf}"
+auth = {{ flow = "client_credentials", client_id = "fake-client-id", client_secret = {{ env = "S_SF_SECRET" }} }}
+overlap = "1s"
+
+[connectors.salesforce_wrong]
+kind = "salesforce"
+poll_interval = "200ms"
+login_url = "{sf}"
+auth = {{ flow = "client_credentials", client_id = "fake-client-id", client_secret = {{ env = "S_SF_WRONG" }} }}
+
+[connectors.automations]
+kind = "webhook"
+url = "{hook}?key={URL_KEY}"
+secret = {{ env = "S_HOOK" }}
+bearer_token = {{ env = "S_HOOK_BEARER" }}
+"#,
+        state = dir.join("state").display(),
+        sock = dir.join("control.sock").display(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_appears_in_logs_status_metrics_or_cli_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let hs = optout_hubspot::fake::start(optout_hubspot::fake::FakeOptions {
+        token: Some(secret("S_HS_TOKEN").into()),
+        limits: optout_hubspot::fake::Limits::off(),
+        ..Default::default()
+    })
+    .await;
+    let hs_oauth = optout_hubspot::fake::start(optout_hubspot::fake::FakeOptions {
+        token: None,
+        oauth: Some(optout_hubspot::fake::FakeOAuth {
+            client_id: "oauth-client".into(),
+            client_secret: secret("S_HS_CLIENT").into(),
+            refresh_token: secret("S_HS_REFRESH").into(),
+            expires_in: Duration::from_secs(1800),
+        }),
+        limits: optout_hubspot::fake::Limits::off(),
+        ..Default::default()
+    })
+    .await;
+    let sf = optout_salesforce::fake::start(optout_salesforce::fake::FakeOptions {
+        client_secret: secret("S_SF_SECRET").into(),
+        ..Default::default()
+    })
+    .await;
+    let graph = start_graph(GraphOptions {
+        token: secret("S_WA_TOKEN").into(),
+        ..Default::default()
+    })
+    .await;
+    let hook = optout_webhook::fake::start(optout_webhook::fake::FakeOptions {
+        secret: secret("S_HOOK").as_bytes().to_vec(),
+        ..Default::default()
+    })
+    .await;
+    let hs_a = hs.create_contact(&[("phone", PHONE)]);
+    let hs_b = hs.create_contact(&[("phone", "+1 415 555 2672")]);
+    let oa_a = hs_oauth.create_contact(&[("phone", PHONE)]);
+    let oa_b = hs_oauth.create_contact(&[("phone", "+1 415 555 2672")]);
+    let sf_a = sf.insert("Contact", json!({"LastName": "A", "Phone": PHONE}));
+    let sf_b = sf.insert(
+        "Contact",
+        json!({"LastName": "B", "Phone": "+1 415 555 2672"}),
+    );
+
+    // The detector finds a whole value and a fragment of one.
+    assert_eq!(
+        leaks(&format!("token={} ", secret("S_HS_TOKEN"))),
+        ["pat-na1-Hx4Kp9-secret", "Hx4Kp9"]
+    );
+    assert_eq!(leaks("Bearer fake-access-3"), ["fake-access-"]);
+    let env: Vec<(&str, String)> = SECRETS.iter().map(|(k, v)| (*k, v.to_string())).collect();
+    let log = "debug,optout_sync=trace,optout_hubspot=trace,optout_salesforce=trace,optout_whatsapp=trace,optout_webhook=trace";
+    let config = secrets_config(
+        dir.path(),
+        &hs.base_url(),
+        &hs_oauth.base_url(),
+        &sf.base_url(),
+        &graph.base_url(),
+        &hook.url(),
+    );
+    let mut d = start_with(dir.path(), &config, &env, log).await;
+    let mut seen = String::new(); // every output to search at the end
+    d.until("the first polls", WITHIN, async || {
+        let s = d.status().await;
+        ["hubspot", "hubspot_oauth", "salesforce"]
+            .iter()
+            .all(|c| !connector(&s, c)["last_poll_ok"].is_null())
+    })
+    .await;
+    d.until(
+        "the wrong Salesforce secret is refused",
+        WITHIN,
+        async || !connector(&d.status().await, "salesforce_wrong")["last_error"].is_null(),
+    )
+    .await;
+
+    // The send gate: no token, a wrong token, the right one.
+    let http = reqwest::Client::new();
+    let url = d.url("/v1/consent/+14155552671?category=marketing");
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 401);
+    let r = http
+        .get(&url)
+        .bearer_auth("wrong-gate-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    seen += &r.text().await.unwrap();
+    let r = http
+        .get(&url)
+        .bearer_auth(secret("S_GATE"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    seen += &r.text().await.unwrap();
+
+    // Meta's handshake with the right and a wrong verify token; unsigned and mis-signed
+    // webhooks.
+    let wh = d.url("/webhooks/whatsapp");
+    let r = http
+        .get(format!(
+            "{wh}?hub.mode=subscribe&hub.verify_token={}&hub.challenge=4242",
+            secret("S_WA_VERIFY")
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "4242");
+    let r = http
+        .get(format!(
+            "{wh}?hub.mode=subscribe&hub.verify_token=guess&hub.challenge=4242"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    seen += &r.text().await.unwrap();
+    let stop = envelope::text(&Who::wa(WA_NORMAL), "wamid.SEC1", now_s(), "STOP");
+    for sig in [None, Some(sign("guessed-secret", &stop))] {
+        let mut req = http.post(&wh).body(stop.clone());
+        if let Some(s) = sig {
+            req = req.header("X-Hub-Signature-256", s);
+        }
+        let r = req.send().await.unwrap();
+        assert!(r.status() == 401 || r.status() == 403);
+        seen += &r.text().await.unwrap();
+    }
+
+    // A signed STOP: a confirmation through Graph (the access token), pushes to both
+    // portals, Salesforce and the automation webhook (HMAC and bearer token).
+    let sender = WebhookSender::new(wh.clone(), secret("S_WA_APP"));
+    assert!(sender.deliver(&stop).await.delivered);
+    d.until("the STOP reaches every system", WITHIN, async || {
+        graph.sent().len() == 1
+            && hs.property(&hs_a, "whatsapp_consent").as_deref() == Some("opted_out")
+            && hs_oauth.property(&oa_a, "whatsapp_consent").as_deref() == Some("opted_out")
+            && sf_opted_out(&sf, &sf_a)
+            && hook.events().iter().any(|e| e.status == "opted_out")
+    })
+    .await;
+    let delivery = &hook.deliveries()[0];
+    assert_eq!(
+        delivery.headers.get("authorization").map(String::as_str),
+        Some(format!("Bearer {}", secret("S_HOOK_BEARER")).as_str()),
+        "the bearer token is sent"
+    );
+
+    // Expired tokens: renewed, and the next opt-out still goes everywhere.
+    hs_oauth.expire_access_tokens();
+    sf.expire_tokens();
+    let (hs_tokens, sf_tokens) = (hs_oauth.counts().token, sf.counters().token);
+    hs.edit_contact(&hs_b, &[("whatsapp_consent", "opted_out")]);
+    d.until(
+        "the second opt-out after token expiry",
+        WITHIN,
+        async || {
+            hs_oauth.property(&oa_b, "whatsapp_consent").as_deref() == Some("opted_out")
+                && sf_opted_out(&sf, &sf_b)
+        },
+    )
+    .await;
+    assert!(hs_oauth.counts().token > hs_tokens, "no OAuth refresh");
+    assert!(sf.counters().token > sf_tokens, "no Salesforce login");
+
+    // CLI commands while everything works.
+    let cli = |args: &[&str]| {
+        let o = bin()
+            .args(args)
+            .arg("--config")
+            .arg(&d.config)
+            .output()
+            .unwrap();
+        text(&o)
+    };
+    seen += &cli(&["resync", "--connector", "hubspot"]);
+    seen += &cli(&["lookup", PHONE]);
+    seen += &cli(&["lookup", "--json", PHONE]);
+
+    // Credentials refused mid-run: the OAuth app is uninstalled, Salesforce refuses every
+    // session, Graph no longer accepts the access token.
+    hs_oauth.revoke_refresh_token();
+    hs_oauth.expire_access_tokens();
+    sf.refuse_sessions(true);
+    graph.set_token("a-rotated-token");
+    let stop2 = envelope::text(&Who::wa("14155552673"), "wamid.SEC2", now_s(), "STOP");
+    assert!(sender.deliver(&stop2).await.delivered);
+    d.until("every refusal is noticed", WITHIN, async || {
+        let s = d.status().await;
+        graph.errors_returned(190) > 0
+            && ["hubspot_oauth", "salesforce"].iter().all(|c| {
+                !connector(&s, c)["last_error"].is_null() || !connector(&s, c)["alarm"].is_null()
+            })
+    })
+    .await;
+
+    // What operators and scrapers see.
+    seen += &cli(&["status"]);
+    let status_json = cli(&["status", "--json"]);
+    let v: Value =
+        serde_json::from_str(&status_json[..status_json.rfind('}').map(|i| i + 1).unwrap_or(0)])
+            .unwrap_or_else(|e| panic!("{e}: {status_json}"));
+    assert!(
+        !connector(&v, "salesforce_wrong")["last_error"].is_null(),
+        "{v}"
+    );
+    seen += &status_json;
+    seen += &d.status().await.to_string();
+    let m = metrics(&d).await;
+    assert!(m.contains("optout_poll_errors_total"), "{m}");
+    seen += &m;
+
+    // check-config and run on broken copies of the configuration.
+    let broken = dir.path().join("broken.toml");
+    let open_file = dir.path().join("open-secret");
+    std::fs::write(&open_file, format!("{}\n", secret("S_SF_SECRET"))).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&open_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for bad in [
+        config.replace(
+            "token = { env = \"S_HS_TOKEN\" }",
+            &format!("token = \"{}\"", secret("S_HS_TOKEN")),
+        ),
+        config.replace(
+            "gate_token = { env = \"S_GATE\" }",
+            &format!("gate_token = \"{}\"", secret("S_GATE")),
+        ),
+        config.replace(
+            "client_secret = { env = \"S_SF_SECRET\" }",
+            &format!("client_secret = {{ file = \"{}\" }}", open_file.display()),
+        ),
+        config.replace("S_WA_TOKEN", "S_UNSET_VARIABLE"),
+        config.replace(
+            "verify_token = { env = \"S_WA_VERIFY\" }",
+            &format!("verify_token = {}", secret("S_WA_VERIFY")),
+        ),
+    ] {
+        std::fs::write(&broken, &bad).unwrap();
+        let o = bin()
+            .arg("check-config")
+            .arg(&broken)
+            .envs(env.iter().cloned())
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        seen += &text(&o);
+        let o = run_to_exit(
+            bin()
+                .args(["run", "--config"])
+                .arg(&broken)
+                .envs(env.iter().cloned()),
+            Duration::from_secs(30),
+        );
+        assert!(!o.status.success());
+        seen += &text(&o);
+    }
+
+    let status = d.terminate().await;
+    assert!(status.success(), "exit {status:?}");
+    let daemon_log = d.log_text();
+    // The log really is at debug/trace level and covers every connector.
+    for needle in [
+        "DEBUG",
+        "SELECT ",
+        "hubspot_oauth",
+        "salesforce_wrong",
+        "automations",
+    ] {
+        assert!(daemon_log.contains(needle), "no {needle} in the log");
+    }
+    let found = leaks(&daemon_log);
+    assert!(
+        found.is_empty(),
+        "secrets {found:?} in the daemon log:\n{daemon_log}"
+    );
+    let found = leaks(&seen);
+    assert!(found.is_empty(), "secrets {found:?} in outputs:\n{seen}");
 }
