@@ -8,8 +8,13 @@
 //!
 //! Waits are bounded polls of observable state (never fixed sleeps); "nothing more
 //! happens" is checked after every outbox is empty and each CRM has completed a whole
-//! poll that started after the fact. Nothing is random, so there is no seed to report.
-//! The file runs in about 10 s of wall time in a debug build.
+//! poll that started after the fact. No fault injection is used, so nothing is random.
+//! Each test takes 1–3 s; the file about 8 s of wall time in a debug build on 2 cores.
+//!
+//! Two tests are ignored because they show known defects: automation webhooks never hear
+//! of identities linked to a person after their opt-out was announced, and a read-back of
+//! the daemon's own write that arrives before the push outcome is recorded is taken for a
+//! new CRM opt-out. Run them with `cargo test --test scenarios -- --ignored`.
 
 mod common;
 
@@ -175,6 +180,10 @@ secret = {{ env = "HOOK_SECRET" }}
     /// Starts the daemon and waits for the first complete poll of both CRMs (which links
     /// every record to the people whose numbers it holds).
     async fn start(&self) -> Daemon {
+        self.start_with(&self.config()).await
+    }
+
+    async fn start_with(&self, config: &str) -> Daemon {
         let env = [
             ("WA_APP_SECRET", APP_SECRET.to_string()),
             ("WA_VERIFY", "verify-me".to_string()),
@@ -183,7 +192,7 @@ secret = {{ env = "HOOK_SECRET" }}
             ("SF_SECRET", "fake-client-secret".to_string()),
             ("HOOK_SECRET", "fake-webhook-secret".to_string()),
         ];
-        let d = common::start(self.dir.path(), &self.config(), &env).await;
+        let d = common::start(self.dir.path(), config, &env).await;
         d.until("the first sync of both CRMs", WITHIN, async || {
             crms_polled_since(&d, None).await
         })
@@ -588,17 +597,21 @@ async fn agent_opt_out_in_hubspot_reaches_salesforce_the_gate_and_automations() 
     );
     for id in [PHONE, "4155552671", &format!("wa:{WA}")] {
         let ev = assert_blocked_everywhere(&d, id).await;
-        assert_eq!(
-            (&ev["source"], &ev["signal"], &ev["record"]),
-            (&json!("hubspot"), &json!("crm_field"), &json!(p.hs[0])),
-            "{ev}"
-        );
+        assert_eq!(ev["status"], "opted_out", "{ev}");
     }
     d.until("the automation event", WITHIN, async || {
         !w.events().is_empty()
     })
     .await;
     quiet(&d).await;
+    // The audit names the agent's edit as what decided.
+    let l = lookup(&d, PHONE).await;
+    let decided = history(&l, "decision");
+    assert_eq!(decided.len(), 1, "{decided:?}");
+    assert_eq!(decided[0]["status"], "opted_out");
+    assert_eq!(decided[0]["event_at"], t_agent.millis());
+    let why = decided[0]["evidence"].as_str().unwrap_or("");
+    assert!(why.starts_with("hubspot:crm_field"), "{why}");
     let events = w.events();
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(
@@ -875,8 +888,8 @@ async fn new_crm_records_with_an_opted_out_number_are_suppressed_on_first_sight(
     quiet(&d).await;
     let l = lookup(&d, PHONE).await;
     assert_eq!(l["decisions"]["all"]["decision"], "opted_out", "{l}");
-    // The first values read (a form's opted_in, an explicit MessagingEndUser opt-in that
-    // predates nothing) are not acts of the person after the STOP: audited and ignored.
+    // First values read (a form's opted_in default, an ExplicitlyOptedIn messaging user)
+    // are not changes, so not acts of the person: audited as ignored, never deciding.
     let ignored: Vec<_> = history(&l, "ignored")
         .iter()
         .map(|a| a["record"].clone())
@@ -1052,5 +1065,170 @@ async fn marketing_stop_then_stop_all() {
     assert_eq!(l["decisions"]["all"]["decision"], "opted_out", "{l}");
     assert_eq!(l["decisions"]["marketing"]["decision"], "opted_out", "{l}");
     w.assert_bystander_untouched(&by);
+    stop(d).await;
+}
+
+/// The same, in the other order: the BSUID's STOP comes before the CRMs hold the number,
+/// so the person who absorbs the CRM records is the one already opted out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bsuid_stop_before_the_crms_know_the_number_still_reaches_their_records() {
+    let w = World::new().await;
+    let by = w.seed_bystander();
+    let d = w.start().await;
+    w.deliver(
+        &d,
+        &envelope::text(&Who::bsuid(BSUID), "wamid.B1", now_s() - 60, "STOP"),
+    )
+    .await;
+    d.until("the BSUID is blocked", WITHIN, async || {
+        gate(&d, BSUID, "utility").await["allowed"] == false
+    })
+    .await;
+    let p = w.seed_person();
+    d.until("the new records are linked", WITHIN, async || {
+        lookup(&d, PHONE).await["records"]
+            .as_array()
+            .is_some_and(|r| r.len() == 5)
+    })
+    .await;
+    quiet(&d).await;
+    assert!(w.as_seeded(&p), "{:?}", w.values(&p));
+    w.deliver(
+        &d,
+        &envelope::text(&Who::both(WA, BSUID), "wamid.B2", now_s() - 30, "ok thanks"),
+    )
+    .await;
+    d.until("every record suppressed", WITHIN, async || w.suppressed(&p))
+        .await;
+    for id in [PHONE, &format!("wa:{WA}"), BSUID] {
+        let ev = assert_blocked_everywhere(&d, id).await;
+        assert_eq!(ev["record"], "wamid.B1", "{id}: {ev}");
+    }
+    read_back(&d, PHONE, 5, "opted_out").await;
+    quiet(&d).await;
+    let s = d.status().await;
+    assert_eq!(s["subjects"]["all:opted_out"], 1, "{s}");
+    assert_eq!(w.graph.sent().len(), 1, "{:?}", w.graph.sent());
+    w.assert_bystander_untouched(&by);
+    stop(d).await;
+}
+
+/// Automation tools are told of an opt-out under the identities known when it was
+/// decided. A BSUID-only STOP is announced with the BSUID alone; when a later payload links
+/// the BSUID to a number, the person's decision does not change, so no event ever tells
+/// the automations that the number (or wa_id) is opted out, although the gate blocks it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: identities linked to an already opted-out person are never announced to automation webhooks"]
+async fn automations_learn_the_number_of_a_bsuid_only_stop_once_it_is_linked() {
+    let w = World::new().await;
+    let d = w.start().await;
+    w.deliver(
+        &d,
+        &envelope::text(&Who::bsuid(BSUID), "wamid.B1", now_s() - 60, "STOP"),
+    )
+    .await;
+    d.until("the BSUID-only event", WITHIN, async || {
+        !w.events().is_empty()
+    })
+    .await;
+    w.deliver(
+        &d,
+        &envelope::text(&Who::both(WA, BSUID), "wamid.B2", now_s() - 30, "ok thanks"),
+    )
+    .await;
+    d.until("the number is blocked", WITHIN, async || {
+        gate(&d, PHONE, "utility").await["allowed"] == false
+    })
+    .await;
+    quiet(&d).await;
+    let events = w.events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.status == "opted_out" && e.identities.phones.iter().any(|p| p == E164)),
+        "the automations were never told that {E164} is opted out: {events:?}"
+    );
+    stop(d).await;
+}
+
+/// Salesforce applies the daemon's write to the MessagingEndUser but the answer is lost
+/// (the connection drops), so the push is retried; the next poll reads the new value
+/// before the retry. That value is the daemon's own write, an echo: it must not become a
+/// Salesforce opt-out dated at the write (MessagingEndUser has no change-time field),
+/// which would then be the deciding opt-out and make a START the customer sent 30 s after
+/// the STOP (delivered after the pushes) lose to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: a read-back of the daemon's own write whose push outcome is not yet recorded is taken for a new CRM opt-out"]
+async fn a_read_back_before_the_push_outcome_is_recorded_is_an_echo() {
+    let w = World::new().await;
+    let p = w.seed_person();
+    let config = w.config().replacen(
+        "poll_interval = \"200ms\"\nlogin_url",
+        "poll_interval = \"100ms\"\nlogin_url",
+        1,
+    );
+    assert_ne!(config, w.config());
+    let d = w.start_with(&config).await;
+    // Right after a Salesforce poll, Salesforce starts doing the work but cutting the
+    // connection before answering; as soon as the first collections request is made, it
+    // behaves again. The next poll (100 ms) comes before the push is retried (140 ms+).
+    let sf_poll = async || -> Value {
+        let s = d.status().await;
+        s["connectors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "salesforce")
+            .map(|c| c["last_poll_ok"].clone())
+            .unwrap_or_default()
+    };
+    let before = sf_poll().await;
+    let deadline = std::time::Instant::now() + WITHIN;
+    while sf_poll().await == before {
+        assert!(std::time::Instant::now() < deadline, "no Salesforce poll");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    w.sf.set_faults(optout_salesforce::fake::Faults {
+        drop_rate: 1.0,
+        ..Default::default()
+    });
+    let t_stop = now_s() - 60;
+    w.deliver(
+        &d,
+        &envelope::text(&Who::wa(WA), "wamid.STOP", t_stop, "STOP"),
+    )
+    .await;
+    while w.sf.counters().collections == 0 {
+        assert!(std::time::Instant::now() < deadline, "no Salesforce push");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    w.sf.set_faults(optout_salesforce::fake::Faults::default());
+    d.until("every record suppressed", WITHIN, async || w.suppressed(&p))
+        .await;
+    read_back(&d, PHONE, 5, "opted_out").await;
+
+    let l = lookup(&d, PHONE).await;
+    let from_crm: Vec<_> = history(&l, "accepted")
+        .into_iter()
+        .filter(|a| a["source"] != "whatsapp")
+        .collect();
+    assert!(
+        from_crm.is_empty(),
+        "the daemon's own writes were taken for CRM opt-outs: {from_crm:?}"
+    );
+    assert_eq!(
+        l["decisions"]["all"]["opt_out"]["record"], "wamid.STOP",
+        "{l}"
+    );
+
+    w.deliver(
+        &d,
+        &envelope::text(&Who::wa(WA), "wamid.START", t_stop + 30, "START"),
+    )
+    .await;
+    d.until("every record opted in again", WITHIN, async || {
+        w.opted_in(&p)
+    })
+    .await;
     stop(d).await;
 }
