@@ -315,18 +315,28 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, Problems> {
         file: path.to_path_buf(),
         problems,
     };
-    let raw: RawConfig = toml::from_str(source).map_err(|e| {
-        let (line, column) = e
-            .span()
-            .map(|s| locator.line_col(s.start))
-            .unwrap_or((1, 1));
-        fail(vec![Problem {
-            key: String::new(),
-            line,
-            column,
-            message: e.message().trim().to_string(),
-        }])
-    })?;
+    let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(source))
+        .map_err(|e| {
+            let key = e.path().to_string();
+            let e = e.into_inner();
+            let (line, column) = e
+                .span()
+                .map(|s| locator.line_col(s.start))
+                .unwrap_or((1, 1));
+            let key = if key == "." { String::new() } else { key };
+            // An unknown key's path is its table; name the key itself.
+            let key = match unknown_field_key(e.message()) {
+                Some(f) if key.is_empty() => f,
+                Some(f) if !key.ends_with(&f) => format!("{key}.{f}"),
+                _ => key,
+            };
+            fail(vec![Problem {
+                key,
+                line,
+                column,
+                message: e.message().trim().to_string(),
+            }])
+        })?;
     let mut problems = Vec::new();
     let mut connectors = Vec::new();
     for (name, mut table) in raw.connectors {
