@@ -1,5 +1,1785 @@
-//! Benchmark harness (see BENCHMARKS.md). Placeholder until the harness lands.
+//! Benchmark harness: prints figures (latency percentiles, throughput, requests per batch,
+//! memory, start-up time); it asserts nothing. BENCHMARKS.md holds the latest figures and
+//! explains the method.
+//!
+//! ```sh
+//! cargo bench --bench bench                       # every benchmark, full sizes (~15 min)
+//! cargo bench --bench bench -- intake requests    # only the named benchmarks
+//! cargo bench --bench bench -- --quick            # small sizes: seconds, for iterating
+//! ```
+//!
+//! Benchmarks: `propagation`, `requests`, `intake`, `resync`, `store` (in that order).
+//! `store` needs the store `resync` leaves behind; selected alone it runs `resync` first.
+//!
+//! The daemon is the real release binary (`target/release/optout-sync`, built by cargo
+//! for this bench) started as a child process with a generated configuration, exactly as
+//! systemd would start it (READY=1 on a notify socket). The fakes of HubSpot, Salesforce
+//! and the load generators run in this process, on 127.0.0.1. Seeded randomness: the same
+//! customers, numbers and arrival times on every run.
+
+#[path = "bench/hubstub.rs"]
+mod hubstub;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use optout_core::Timestamp;
+use optout_whatsapp::fake::envelope::{self, Who};
+use serde_json::{Value, json};
+use tokio::net::UnixDatagram;
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_optout-sync");
+const APP_SECRET: &str = "bench-meta-app-secret";
+const GATE_TOKEN: &str = "bench-gate-token";
+/// Production's default log level: the daemon logs every decision and push at `info`.
+const LOG_LEVEL: &str = "info";
+
+// ---------------------------------------------------------------------------------------
+// Sizes and arguments
+
+#[derive(Clone, Debug)]
+struct Sizes {
+    /// Opt-outs measured per propagation scenario, after `prop_warmup` unmeasured ones.
+    prop_n: usize,
+    prop_warmup: usize,
+    /// Suppressions pushed per system in the request-count benchmark.
+    requests_n: usize,
+    /// Webhooks per concurrency level in the intake benchmark.
+    intake_n: usize,
+    intake_concurrency: Vec<usize>,
+    /// Contacts in the bulk resync (indexed stand-in) and in the HubSpot fake itself.
+    resync_n: usize,
+    resync_fake_n: usize,
+    /// Daemon restarts on the big store, and send-gate queries on it.
+    store_restarts: usize,
+    gate_queries: usize,
+}
+
+impl Sizes {
+    fn full() -> Sizes {
+        Sizes {
+            prop_n: 1_000,
+            prop_warmup: 50,
+            requests_n: 10_000,
+            intake_n: 20_000,
+            intake_concurrency: vec![1, 16, 64],
+            resync_n: 1_000_000,
+            resync_fake_n: 100_000,
+            store_restarts: 3,
+            gate_queries: 2_000,
+        }
+    }
+
+    fn quick() -> Sizes {
+        Sizes {
+            prop_n: 100,
+            prop_warmup: 10,
+            requests_n: 1_000,
+            intake_n: 2_000,
+            intake_concurrency: vec![1, 16, 64],
+            resync_n: 20_000,
+            resync_fake_n: 5_000,
+            store_restarts: 2,
+            gate_queries: 200,
+        }
+    }
+}
+
+const ALL: [&str; 5] = ["propagation", "requests", "intake", "resync", "store"];
 
 fn main() {
-    println!("benchmark harness not written yet");
+    let mut quick = false;
+    let mut selected: Vec<String> = Vec::new();
+    for a in std::env::args().skip(1) {
+        match a.as_str() {
+            "--quick" => quick = true,
+            // cargo passes --bench to every bench executable.
+            "--bench" => {}
+            "-h" | "--help" => {
+                println!(
+                    "usage: cargo bench --bench bench -- [--quick] [{}]",
+                    ALL.join("|")
+                );
+                return;
+            }
+            name if ALL.contains(&name) => selected.push(name.to_string()),
+            other => {
+                eprintln!("unknown argument {other:?}; benchmarks: {}", ALL.join(", "));
+                std::process::exit(2);
+            }
+        }
+    }
+    if selected.is_empty() {
+        selected = ALL.iter().map(|s| s.to_string()).collect();
+    }
+    let sizes = if quick { Sizes::quick() } else { Sizes::full() };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(run(selected, sizes, quick));
+}
+
+async fn run(selected: Vec<String>, sizes: Sizes, quick: bool) {
+    println!(
+        "# optout-sync benchmarks{}\n",
+        if quick { " (--quick sizes)" } else { "" }
+    );
+    machine();
+    println!(
+        "daemon binary: `{BIN}` (release build), run as a child process; fakes and load generators in the harness process; log level `{LOG_LEVEL}`\n"
+    );
+    let mut big_store: Option<BigStore> = None;
+    for name in ALL {
+        if !selected.iter().any(|s| s == name) {
+            continue;
+        }
+        let started = Instant::now();
+        match name {
+            "propagation" => propagation(&sizes).await,
+            "requests" => requests(&sizes).await,
+            "intake" => intake(&sizes).await,
+            "resync" => big_store = Some(resync(&sizes).await),
+            "store" => {
+                let store = match big_store.take() {
+                    Some(s) => s,
+                    None => {
+                        println!(
+                            "(`store` needs the store a bulk resync leaves: running `resync` first)\n"
+                        );
+                        resync(&sizes).await
+                    }
+                };
+                store_bench(&sizes, store).await;
+            }
+            _ => unreachable!(),
+        }
+        println!(
+            "_{name} took {:.0} s; load average at its end: {}_\n",
+            started.elapsed().as_secs_f64(),
+            loadavg()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Machine and process figures
+
+fn machine() {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(str::trim)
+        .unwrap_or("?")
+        .to_string();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|k| k.parse::<u64>().ok())
+        .map(|kb| format!("{:.1} GiB", kb as f64 / (1 << 20) as f64))
+        .unwrap_or_else(|| "?".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let cmd = |program: &str, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_else(|| "?".into())
+    };
+    let rustc = cmd("rustc", &["--version"]);
+    let commit = cmd("git", &["rev-parse", "--short", "HEAD"]);
+    let dirty = cmd(
+        "git",
+        &[
+            "status",
+            "--porcelain",
+            "--",
+            "src",
+            "connectors",
+            "Cargo.toml",
+        ],
+    );
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("| machine | |\n|---|---|");
+    println!(
+        "| date (UTC) | {} |",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M")
+    );
+    println!("| CPUs (nproc) | {cpus} |");
+    println!("| CPU model | {model} |");
+    println!("| memory | {mem} |");
+    println!("| kernel | {kernel} |");
+    println!("| rustc | {rustc} |");
+    println!(
+        "| commit | {commit}{} |",
+        if dirty.is_empty() {
+            ""
+        } else {
+            " (with uncommitted changes to the product)"
+        }
+    );
+    println!("| load average at start | {} |\n", loadavg());
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn header(title: &str, what: &str) {
+    println!("## {title}\n");
+    println!("load average at start: {}\n", loadavg());
+    println!("{what}\n");
+}
+
+/// A `VmRSS`/`VmHWM`-style line of /proc/<pid>/status, in MiB.
+fn proc_mib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|k| k.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// User + system CPU seconds a process has used (clock ticks are 1/100 s on Linux).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+fn dir_bytes(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let mut apparent = 0;
+    let mut allocated = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                apparent += m.len();
+                allocated += m.blocks() * 512;
+            }
+        }
+    }
+    (apparent, allocated)
+}
+
+// ---------------------------------------------------------------------------------------
+// Statistics and output
+
+/// Nearest-rank percentile of sorted values.
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v
+}
+
+/// `[n, p50, p90, p99, max]` of latencies in milliseconds.
+fn dist_row(label: &str, v: Vec<f64>) -> Vec<String> {
+    let s = sorted(v);
+    vec![
+        label.to_string(),
+        s.len().to_string(),
+        format!("{:.1}", pct(&s, 50.0)),
+        format!("{:.1}", pct(&s, 90.0)),
+        format!("{:.1}", pct(&s, 99.0)),
+        format!("{:.1}", s.last().copied().unwrap_or(f64::NAN)),
+    ]
+}
+
+fn table(headers: &[&str], rows: &[Vec<String>]) {
+    println!("| {} |", headers.join(" | "));
+    println!(
+        "|{}|",
+        headers.iter().map(|_| "---").collect::<Vec<_>>().join("|")
+    );
+    for r in rows {
+        println!("| {} |", r.join(" | "));
+    }
+    println!();
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// A small seeded generator (splitmix64): the same sequence on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Customers: distinct, valid US numbers written the way each system writes them
+
+const AREAS: [u16; 12] = [212, 213, 305, 312, 415, 510, 617, 646, 702, 718, 917, 206];
+
+/// Customer `i` of a population (`offset` separates populations of one run).
+#[derive(Clone, Debug)]
+struct Customer {
+    area: u16,
+    exchange: u16,
+    line: u16,
+}
+
+impl Customer {
+    fn new(i: usize) -> Customer {
+        let j = i / AREAS.len();
+        Customer {
+            area: AREAS[i % AREAS.len()],
+            exchange: 201 + (j / 10_000) as u16 * 3 % 700,
+            line: (j % 10_000) as u16,
+        }
+    }
+
+    /// As an agent typed it in HubSpot.
+    fn hubspot(&self) -> String {
+        format!("+1 {}-{}-{:04}", self.area, self.exchange, self.line)
+    }
+
+    /// As it sits in Salesforce: national format, no country code.
+    fn salesforce(&self) -> String {
+        format!("({}) {}-{:04}", self.area, self.exchange, self.line)
+    }
+
+    /// WhatsApp's `wa_id`.
+    fn wa_id(&self) -> String {
+        format!("1{}{}{:04}", self.area, self.exchange, self.line)
+    }
+}
+
+/// Every generated number must be one the daemon accepts, or the figures mean nothing.
+fn check_customers(range: std::ops::Range<usize>) {
+    let n = optout_sync::identity::Normalizer::new(
+        optout_sync::identity::Normalizer::parse_region("US").expect("US"),
+    );
+    let step = (range.len() / 500).max(1);
+    let mut seen = std::collections::HashSet::new();
+    for i in range.step_by(step) {
+        let c = Customer::new(i);
+        let a = n.phone(&c.hubspot()).expect("valid generated number");
+        let b = n.phone(&c.salesforce()).expect("valid generated number");
+        assert_eq!(a, b, "one number in two formats");
+        assert!(seen.insert(a), "distinct numbers");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The daemon as a child process
+
+struct Daemon {
+    child: Child,
+    pid: u32,
+    notify: UnixDatagram,
+    addr: String,
+    socket: PathBuf,
+    log: PathBuf,
+    /// Spawn to READY=1.
+    ready_after: Duration,
+}
+
+static SPAWNS: AtomicUsize = AtomicUsize::new(0);
+
+fn env_vars() -> Vec<(&'static str, String)> {
+    vec![
+        ("OPTOUT_GATE_TOKEN", GATE_TOKEN.into()),
+        ("OPTOUT_SYNC_LOG", LOG_LEVEL.into()),
+        ("WA_APP_SECRET", APP_SECRET.into()),
+        ("WA_VERIFY", "bench-verify".into()),
+        ("HS_TOKEN", optout_hubspot::fake::TOKEN.into()),
+        ("SF_SECRET", "fake-client-secret".into()),
+    ]
+}
+
+/// Writes `config` in `dir` and starts the daemon; returns at READY=1.
+async fn spawn_daemon(dir: &Path, config: &str) -> Daemon {
+    let n = SPAWNS.fetch_add(1, Ordering::Relaxed);
+    let config_path = dir.join("optout-sync.toml");
+    std::fs::write(&config_path, config).expect("write config");
+    let notify_path = dir.join(format!("notify-{n}.sock"));
+    let _ = std::fs::remove_file(&notify_path);
+    let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
+    let log = dir.join(format!("daemon-{n}.log"));
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config_path)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .envs(env_vars())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .kill_on_drop(true);
+    let spawned = Instant::now();
+    let child = cmd.spawn().expect("spawn optout-sync");
+    let pid = child.id().expect("pid");
+    let mut d = Daemon {
+        child,
+        pid,
+        notify,
+        addr: String::new(),
+        socket: dir.join("control.sock"),
+        log,
+        ready_after: Duration::ZERO,
+    };
+    let mut ready = false;
+    let mut buf = vec![0u8; 4096];
+    while !ready || d.addr.is_empty() {
+        let got = tokio::time::timeout(Duration::from_secs(300), d.notify.recv(&mut buf)).await;
+        let Ok(Ok(len)) = got else {
+            panic!("the daemon did not get ready; log:\n{}", d.log_tail());
+        };
+        for line in String::from_utf8_lossy(&buf[..len]).lines() {
+            if line == "READY=1" {
+                ready = true;
+                d.ready_after = spawned.elapsed();
+            }
+            if let Some(rest) = line.strip_prefix("STATUS=running; listening on ") {
+                d.addr = rest.to_string();
+            }
+        }
+    }
+    d
+}
+
+impl Daemon {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    fn rss(&self) -> f64 {
+        proc_mib(self.pid, "VmRSS:")
+    }
+
+    fn hwm(&self) -> f64 {
+        proc_mib(self.pid, "VmHWM:")
+    }
+
+    fn cpu(&self) -> f64 {
+        cpu_secs(self.pid)
+    }
+
+    async fn status(&self) -> Value {
+        optout_sync::control::request(&self.socket, &optout_sync::control::Request::Status, |_| {})
+            .await
+            .unwrap_or_else(|e| panic!("status: {e}; log:\n{}", self.log_tail()))
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
+    /// Waits (polling every 100 ms) until every named connector finished a poll.
+    async fn synced(&self, names: &[&str], within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let s = self.status().await;
+            let done = s["connectors"].as_array().is_some_and(|cs| {
+                names.iter().all(|n| {
+                    cs.iter()
+                        .any(|c| c["name"] == *n && !c["last_poll_ok"].is_null())
+                })
+            });
+            if done {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("first sync not done: {s}\nlog:\n{}", self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM; returns how long the daemon took to exit.
+    async fn terminate(mut self) -> Duration {
+        let t = Instant::now();
+        // SAFETY: kill(2) on our own child with a valid signal number.
+        unsafe { kill(self.pid as i32, 15) };
+        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .expect("the daemon stops")
+            .expect("exit status");
+        if !status.success() {
+            println!(
+                "(daemon exited with {status}; log tail:\n{}\n)",
+                self.log_tail()
+            );
+        }
+        t.elapsed()
+    }
+}
+
+unsafe extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
+/// Sum of every sample of a metric family whose labels contain `labels`.
+fn metric_sum(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// How many of these customers the send gate does NOT block (1,000 per batch request).
+async fn not_blocked(d: &Daemon, customers: impl Iterator<Item = usize>) -> usize {
+    let client = reqwest::Client::new();
+    let ids: Vec<String> = customers
+        .map(|i| format!("+{}", Customer::new(i).wa_id()))
+        .collect();
+    let mut open = 0;
+    for chunk in ids.chunks(1000) {
+        let v: Value = client
+            .post(d.url("/v1/consent/batch"))
+            .bearer_auth(GATE_TOKEN)
+            .json(&json!({ "category": "marketing", "ids": chunk }))
+            .send()
+            .await
+            .expect("gate batch")
+            .json()
+            .await
+            .expect("gate batch json");
+        open += v["results"].as_array().map_or(chunk.len(), |r| {
+            r.iter().filter(|x| x["allowed"] != false).count()
+        });
+    }
+    open
+}
+
+fn daemon_section(dir: &Path) -> String {
+    format!(
+        r#"[daemon]
+state_dir = "{state}"
+listen = "127.0.0.1:0"
+control_socket = "{sock}"
+gate_token = {{ env = "OPTOUT_GATE_TOKEN" }}
+shutdown_timeout = "20s"
+"#,
+        state = dir.join("state").display(),
+        sock = dir.join("control.sock").display(),
+    )
+}
+
+fn whatsapp_section() -> String {
+    r#"
+[connectors.whatsapp]
+kind = "whatsapp"
+app_secrets = [{ env = "WA_APP_SECRET" }]
+verify_token = { env = "WA_VERIFY" }
+"#
+    .to_string()
+}
+
+/// The daemon's client-side limiter is opened wide: these runs measure the daemon, not
+/// HubSpot's published limits (which would cap a 1M resync at 5 searches a second).
+fn hubspot_section(base: &str, poll: &str) -> String {
+    format!(
+        r#"
+[connectors.hubspot]
+kind = "hubspot"
+poll_interval = "{poll}"
+base_url = "{base}"
+token = {{ env = "HS_TOKEN" }}
+requests_per_10s = 1000000
+search_per_second = 1000
+"#
+    )
+}
+
+fn salesforce_section(base: &str, poll: &str) -> String {
+    format!(
+        r#"
+[connectors.salesforce]
+kind = "salesforce"
+poll_interval = "{poll}"
+login_url = "{base}"
+auth = {{ flow = "client_credentials", client_id = "fake-client-id", client_secret = {{ env = "SF_SECRET" }} }}
+"#
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// The two CRM fakes seeded with one record per customer
+
+struct Crms {
+    hubspot: Arc<optout_hubspot::fake::FakeHandle>,
+    salesforce: Arc<optout_salesforce::fake::FakeHandle>,
+    /// Per customer: (HubSpot contact id, Salesforce Contact id).
+    ids: Vec<(String, String)>,
+}
+
+async fn crms(n: usize) -> Crms {
+    use optout_hubspot::fake as hf;
+    let hubspot = hf::start(hf::FakeOptions {
+        limits: hf::Limits::off(),
+        ..Default::default()
+    })
+    .await;
+    let salesforce = optout_salesforce::fake::start(optout_salesforce::fake::FakeOptions {
+        api_limit: 1_000_000_000,
+        ..Default::default()
+    })
+    .await;
+    let customers: Vec<Customer> = (0..n).map(Customer::new).collect();
+    let hs_ids = hubspot.create_contacts(customers.iter().enumerate().map(|(i, c)| {
+        hf::NewContact::new()
+            .with("firstname", &format!("Customer{i}"))
+            .with("phone", &c.hubspot())
+    }));
+    let ids = customers
+        .iter()
+        .zip(hs_ids)
+        .enumerate()
+        .map(|(i, (c, hs))| {
+            let sf = salesforce.insert(
+                "Contact",
+                json!({"LastName": format!("Customer{i}"), "Phone": c.salesforce()}),
+            );
+            (hs, sf)
+        })
+        .collect();
+    Crms {
+        hubspot: Arc::new(hubspot),
+        salesforce: Arc::new(salesforce),
+        ids,
+    }
+}
+
+impl Crms {
+    fn hs_opted_out(&self, id: &str) -> bool {
+        self.hubspot.property(id, "whatsapp_consent").as_deref() == Some("opted_out")
+    }
+
+    fn sf_opted_out(&self, id: &str) -> bool {
+        self.salesforce
+            .get(id)
+            .is_some_and(|v| v["WhatsApp_Opt_Out__c"] == json!(true))
+    }
+
+    /// WhatsApp + HubSpot + Salesforce; `linger` overrides the CRMs' `push_linger`.
+    fn config(&self, dir: &Path, poll: &str, linger: Option<&str>) -> String {
+        let extra = linger
+            .map(|l| format!("push_linger = \"{l}\"\n"))
+            .unwrap_or_default();
+        format!(
+            "{}{}{}{extra}{}{extra}",
+            daemon_section(dir),
+            whatsapp_section(),
+            hubspot_section(&self.hubspot.base_url(), poll),
+            salesforce_section(&self.salesforce.base_url(), poll)
+        )
+    }
+}
+
+fn stop_body(c: &Customer, message_id: &str) -> Vec<u8> {
+    envelope::text(
+        &Who::wa(&c.wa_id()),
+        message_id,
+        Timestamp::now().millis() / 1000,
+        "STOP",
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Propagation latency
+
+#[derive(Clone, Default)]
+struct Track {
+    sent: Option<Instant>,
+    ack: Option<Instant>,
+    acked_ok: bool,
+    hs: Option<Instant>,
+    sf: Option<Instant>,
+}
+
+async fn propagation(sizes: &Sizes) {
+    header(
+        "1. Opt-out propagation latency",
+        &format!(
+            "A signed WhatsApp STOP webhook per customer, one every 10–20 ms (seeded uniform), each a different customer whose number is on a HubSpot contact and a Salesforce Contact. Latency from just before the webhook is sent until the HubSpot fake's `whatsapp_consent` and the Salesforce fake's `WhatsApp_Opt_Out__c` show the opt-out, watched every 1 ms from a dedicated thread. {} measured opt-outs after {} unmeasured warm-up ones. Daemon: real binary, WhatsApp + HubSpot + Salesforce connectors, polls every 5 s, default `push_linger` (10 ms). Times in ms.",
+            sizes.prop_n, sizes.prop_warmup
+        ),
+    );
+    for (label, delay, linger) in [
+        ("fakes answer at once", Duration::ZERO, None),
+        ("fakes answer after 80 ms", Duration::from_millis(80), None),
+        (
+            "fakes answer at once, `push_linger = \"0s\"` (where the floor comes from)",
+            Duration::ZERO,
+            Some("0s"),
+        ),
+    ] {
+        let rows = propagation_run(sizes, delay, linger).await;
+        println!("### {label}\n");
+        table(&["latency (ms)", "n", "p50", "p90", "p99", "max"], &rows.0);
+        println!("{}\n", rows.1);
+    }
+}
+
+/// Returns (table rows, notes).
+async fn propagation_run(
+    sizes: &Sizes,
+    delay: Duration,
+    linger: Option<&str>,
+) -> (Vec<Vec<String>>, String) {
+    let total = sizes.prop_warmup + sizes.prop_n;
+    check_customers(0..total);
+    let crms = crms(total).await;
+    if !delay.is_zero() {
+        crms.hubspot.set_faults(optout_hubspot::fake::Faults {
+            slow_rate: 1.0,
+            slow_by: delay,
+            ..Default::default()
+        });
+        crms.salesforce.set_faults(optout_salesforce::fake::Faults {
+            slow_rate: 1.0,
+            slow_delay: delay,
+            ..Default::default()
+        });
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = spawn_daemon(dir.path(), &crms.config(dir.path(), "5s", linger)).await;
+    d.synced(&["hubspot", "salesforce"], Duration::from_secs(120))
+        .await;
+
+    let mut rng = Rng(0x0b70_u64.wrapping_add(delay.as_millis() as u64));
+    let mut order: Vec<usize> = (0..total).collect();
+    rng.shuffle(&mut order);
+    let tracks = Arc::new(Mutex::new(vec![Track::default(); total]));
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // The watcher: every 1 ms, checks the customers sent and not yet confirmed.
+    let watcher = {
+        let tracks = tracks.clone();
+        let stop = stop.clone();
+        let hubspot = crms.hubspot.clone();
+        let salesforce = crms.salesforce.clone();
+        let ids: Vec<(String, String)> = order.iter().map(|&i| crms.ids[i].clone()).collect();
+        std::thread::spawn(move || {
+            let mut checks = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let pending: Vec<(usize, bool, bool)> = tracks
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, t)| t.sent.is_some() && (t.hs.is_none() || t.sf.is_none()))
+                    .map(|(k, t)| (k, t.hs.is_none(), t.sf.is_none()))
+                    .collect();
+                let mut seen = Vec::new();
+                for (k, need_hs, need_sf) in pending {
+                    let (hs_id, sf_id) = &ids[k];
+                    let hs = need_hs
+                        && hubspot.property(hs_id, "whatsapp_consent").as_deref()
+                            == Some("opted_out");
+                    let sf = need_sf
+                        && salesforce
+                            .get(sf_id)
+                            .is_some_and(|v| v["WhatsApp_Opt_Out__c"] == json!(true));
+                    if hs || sf {
+                        seen.push((k, hs, sf, Instant::now()));
+                    }
+                }
+                {
+                    let mut t = tracks.lock().unwrap();
+                    for (k, hs, sf, at) in seen {
+                        if hs {
+                            t[k].hs = Some(at);
+                        }
+                        if sf {
+                            t[k].sf = Some(at);
+                        }
+                    }
+                }
+                checks += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            checks
+        })
+    };
+
+    let sender = Arc::new(
+        optout_whatsapp::fake::WebhookSender::new(d.url("/webhooks/whatsapp"), APP_SECRET)
+            .with_retries(1, Duration::from_millis(10)),
+    );
+    let cpu0 = d.cpu();
+    let started = tokio::time::Instant::now();
+    let mut at = started;
+    let mut sends = Vec::new();
+    for (k, &i) in order.iter().enumerate() {
+        tokio::time::sleep_until(at).await;
+        at += Duration::from_micros(10_000 + rng.below(10_001));
+        let tracks = tracks.clone();
+        let sender = sender.clone();
+        sends.push(tokio::spawn(async move {
+            // Built at send time: Meta stamps the message when the customer sends it.
+            let body = stop_body(&Customer::new(i), &format!("wamid.prop{i}"));
+            tracks.lock().unwrap()[k].sent = Some(Instant::now());
+            let delivery = sender.deliver(&body).await;
+            let mut t = tracks.lock().unwrap();
+            t[k].ack = Some(Instant::now());
+            t[k].acked_ok = delivery.delivered;
+        }));
+    }
+    let send_secs = started.elapsed().as_secs_f64();
+    for s in sends {
+        let _ = s.await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let done = tracks
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|t| t.hs.is_some() && t.sf.is_some());
+        if done || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let checks = watcher.join().expect("watcher");
+    let daemon_cpu = d.cpu() - cpu0;
+    let metrics = d.metrics().await;
+    let rss = d.rss();
+    d.terminate().await;
+
+    let t = tracks.lock().unwrap().clone();
+    let measured = &t[sizes.prop_warmup..];
+    let lat = |f: &dyn Fn(&Track) -> Option<Instant>| -> Vec<f64> {
+        measured
+            .iter()
+            .filter_map(|x| Some(ms(f(x)?.duration_since(x.sent?))))
+            .collect()
+    };
+    let both = lat(&|x| Some(x.hs?.max(x.sf?)));
+    let rows = vec![
+        dist_row("webhook acknowledged (200)", lat(&|x| x.ack)),
+        dist_row("HubSpot contact shows opted_out", lat(&|x| x.hs)),
+        dist_row("Salesforce Contact shows opted out", lat(&|x| x.sf)),
+        dist_row("**both CRMs confirmed**", both),
+    ];
+    let unconfirmed = measured
+        .iter()
+        .filter(|x| x.hs.is_none() || x.sf.is_none())
+        .count();
+    let refused = t.iter().filter(|x| !x.acked_ok).count();
+    let mean = |c: &str| {
+        let sum = metric_sum(&metrics, "optout_propagation_seconds_sum", c);
+        let n = metric_sum(&metrics, "optout_propagation_seconds_count", c);
+        sum / n * 1000.0
+    };
+    let notes = format!(
+        "sent {total} over {send_secs:.1} s; not confirmed within 120 s: {unconfirmed}; webhooks not acknowledged: {refused}; watcher passes: {checks}; daemon CPU during the run: {daemon_cpu:.1} s; daemon RSS at the end: {rss:.0} MiB; the daemon's own `optout_propagation_seconds` mean (event time, 1 s resolution, → push done): HubSpot {:.0} ms, Salesforce {:.0} ms",
+        mean("connector=\"hubspot\""),
+        mean("connector=\"salesforce\""),
+    );
+    (rows, notes)
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Requests per 10,000 pushed suppressions
+
+async fn requests(sizes: &Sizes) {
+    let n = sizes.requests_n;
+    header(
+        &format!("2. Requests per {n} pushed suppressions"),
+        &format!(
+            "Each scenario seeds fresh fakes and a fresh daemon (WhatsApp + HubSpot + Salesforce, polls every 5 s, HubSpot `batch_size` 100, Salesforce `batch_size` 200). Counters are reset after the first sync; the run ends when every targeted record shows the opt-out. Minimum: {} HubSpot batch updates (100 per request), {} Salesforce collections requests (200 per request).",
+            n.div_ceil(100),
+            n.div_ceil(200)
+        ),
+    );
+    let mut rows = Vec::new();
+    rows.extend(requests_webhooks(n, None).await);
+    rows.extend(requests_webhooks(n, Some("250ms")).await);
+    rows.extend(requests_agents(n).await);
+    table(
+        &[
+            "scenario",
+            "system",
+            "push requests",
+            "minimum",
+            "over minimum",
+            "records pushed",
+            "poll requests",
+            "time to the last confirmation",
+        ],
+        &rows,
+    );
+}
+
+fn over(count: u64, min: usize) -> String {
+    format!("{:+.1} %", (count as f64 / min as f64 - 1.0) * 100.0)
+}
+
+/// Polls `remaining` (which drops what is done) every 200 ms until it is empty or has not
+/// shrunk for `stalled`.
+async fn wait_all(what: &str, stalled: Duration, mut remaining: impl FnMut() -> usize) {
+    let mut last = (usize::MAX, Instant::now());
+    loop {
+        let left = remaining();
+        if left == 0 {
+            return;
+        }
+        if left < last.0 {
+            last = (left, Instant::now());
+        } else if last.1.elapsed() > stalled {
+            println!(
+                "(gave up waiting for: {what}; {left} left, none done for {} s)",
+                stalled.as_secs()
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// n STOP webhooks, 16 at a time: both CRMs get n suppressions.
+async fn requests_webhooks(n: usize, linger: Option<&str>) -> Vec<Vec<String>> {
+    check_customers(0..n);
+    let crms = crms(n).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = spawn_daemon(dir.path(), &crms.config(dir.path(), "5s", linger)).await;
+    d.synced(&["hubspot", "salesforce"], Duration::from_secs(300))
+        .await;
+    crms.hubspot.reset_counts();
+    crms.salesforce.reset_counters();
+    let t = Instant::now();
+    let bodies: Vec<Vec<u8>> = (0..n)
+        .map(|i| stop_body(&Customer::new(i), &format!("wamid.req{i}")))
+        .collect();
+    let acks = load(&d.url("/webhooks/whatsapp"), bodies, 16).await;
+    let sent_secs = t.elapsed().as_secs_f64();
+    let mut remaining: Vec<usize> = (0..n).collect();
+    // Counters as of the last confirmation: polls while waiting on a lost one don't count.
+    let mut done_at = Instant::now();
+    let mut hc = crms.hubspot.counts();
+    let mut sc = crms.salesforce.counters();
+    wait_all("every record suppressed", Duration::from_secs(30), || {
+        let before = remaining.len();
+        remaining.retain(|&i| {
+            let (hs, sf) = &crms.ids[i];
+            !(crms.hs_opted_out(hs) && crms.sf_opted_out(sf))
+        });
+        if remaining.len() < before {
+            done_at = Instant::now();
+            hc = crms.hubspot.counts();
+            sc = crms.salesforce.counters();
+        }
+        remaining.len()
+    })
+    .await;
+    let all = done_at - t;
+    d.terminate().await;
+    let label = format!(
+        "{n} WhatsApp STOPs, push_linger {} (16 concurrent senders; all acknowledged in {sent_secs:.1} s, {} not 200; {} customers never suppressed)",
+        linger.unwrap_or("10ms (default)"),
+        acks.iter().filter(|a| a.1 != 200).count(),
+        remaining.len()
+    );
+    vec![
+        vec![
+            label.clone(),
+            "HubSpot".into(),
+            hc.batch_update.to_string(),
+            n.div_ceil(100).to_string(),
+            over(hc.batch_update, n.div_ceil(100)),
+            "—".into(),
+            format!("{} searches", hc.search),
+            format!("{:.1} s", all.as_secs_f64()),
+        ],
+        vec![
+            label,
+            "Salesforce".into(),
+            sc.collections.to_string(),
+            n.div_ceil(200).to_string(),
+            over(sc.collections, n.div_ceil(200)),
+            sc.collection_records.to_string(),
+            format!("{} queries + {} query-more", sc.query, sc.query_more),
+            format!("{:.1} s", all.as_secs_f64()),
+        ],
+    ]
+}
+
+/// Agents record n opt-outs in HubSpot (pushed to Salesforce) and n others in Salesforce
+/// (pushed to HubSpot), all at once.
+async fn requests_agents(n: usize) -> Vec<Vec<String>> {
+    let linger = None;
+    check_customers(0..2 * n);
+    let crms = crms(2 * n).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = spawn_daemon(dir.path(), &crms.config(dir.path(), "5s", linger)).await;
+    d.synced(&["hubspot", "salesforce"], Duration::from_secs(300))
+        .await;
+    crms.hubspot.reset_counts();
+    crms.salesforce.reset_counters();
+    let t = Instant::now();
+    let now = Timestamp::now().to_rfc3339();
+    for (hs, _) in &crms.ids[..n] {
+        crms.hubspot.edit_contact(
+            hs,
+            &[
+                ("whatsapp_consent", "opted_out"),
+                ("whatsapp_consent_changed_at", &now),
+            ],
+        );
+    }
+    for (_, sf) in &crms.ids[n..] {
+        crms.salesforce.update(
+            sf,
+            json!({"WhatsApp_Opt_Out__c": true, "WhatsApp_Consent_Changed_At__c": now}),
+        );
+    }
+    let mut remaining: Vec<usize> = (0..2 * n).collect();
+    let mut done_at = Instant::now();
+    wait_all("every record suppressed", Duration::from_secs(60), || {
+        let before = remaining.len();
+        remaining.retain(|&i| {
+            let (hs, sf) = &crms.ids[i];
+            !(crms.hs_opted_out(hs) && crms.sf_opted_out(sf))
+        });
+        if remaining.len() < before {
+            done_at = Instant::now();
+        }
+        remaining.len()
+    })
+    .await;
+    let all = done_at - t;
+    let hc = crms.hubspot.counts();
+    let sc = crms.salesforce.counters();
+    d.terminate().await;
+    vec![
+        vec![
+            format!("{n} agent edits in Salesforce → HubSpot"),
+            "HubSpot".into(),
+            hc.batch_update.to_string(),
+            n.div_ceil(100).to_string(),
+            over(hc.batch_update, n.div_ceil(100)),
+            "—".into(),
+            format!("{} searches", hc.search),
+            format!("{:.1} s", all.as_secs_f64()),
+        ],
+        vec![
+            format!("{n} agent edits in HubSpot → Salesforce"),
+            "Salesforce".into(),
+            sc.collections.to_string(),
+            n.div_ceil(200).to_string(),
+            over(sc.collections, n.div_ceil(200)),
+            sc.collection_records.to_string(),
+            format!("{} queries + {} query-more", sc.query, sc.query_more),
+            format!("{:.1} s", all.as_secs_f64()),
+        ],
+    ]
+}
+
+// ---------------------------------------------------------------------------------------
+// Load generator: signed webhooks over N keep-alive connections
+
+/// Posts every body (pre-signed) with `concurrency` workers; returns (latency, status) per
+/// body, in completion order. Status 0 is a transport error.
+async fn load(url: &str, bodies: Vec<Vec<u8>>, concurrency: usize) -> Vec<(Duration, u16)> {
+    let signed: Arc<Vec<(bytes::Bytes, String)>> = Arc::new(
+        bodies
+            .into_iter()
+            .map(|b| {
+                let sig = optout_whatsapp::fake::sign(APP_SECRET, &b);
+                (bytes::Bytes::from(b), sig)
+            })
+            .collect(),
+    );
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (client, next, signed, url) = (
+            client.clone(),
+            next.clone(),
+            signed.clone(),
+            url.to_string(),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((body, sig)) = signed.get(i) else {
+                    return out;
+                };
+                let t = Instant::now();
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("x-hub-signature-256", sig)
+                    .body(body.clone())
+                    .send()
+                    .await;
+                let status = match r {
+                    Ok(r) => {
+                        let s = r.status().as_u16();
+                        let _ = r.bytes().await;
+                        s
+                    }
+                    Err(_) => 0,
+                };
+                out.push((t.elapsed(), status));
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.expect("load worker"));
+    }
+    all
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Webhook intake
+
+async fn intake(sizes: &Sizes) {
+    header(
+        "4. Webhook intake",
+        &format!(
+            "Signed STOP webhooks (each a different customer, ~600 bytes) posted over keep-alive HTTP/1.1 connections by a reqwest load generator in the harness (bodies signed beforehand), {} per concurrency level, to a daemon with only the WhatsApp connector (no CRM pushes). A 200 means the body is flushed to disk. \"applied\" is until the daemon has also read every body back and recorded the decisions (its inbox empty again). Generator and daemon share the machine's CPUs.",
+            sizes.intake_n
+        ),
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = format!("{}{}", daemon_section(dir.path()), whatsapp_section());
+    let d = spawn_daemon(dir.path(), &config).await;
+    let mut rows = Vec::new();
+    let mut offset = 0usize;
+    for &c in &sizes.intake_concurrency {
+        let n = sizes.intake_n;
+        let bodies: Vec<Vec<u8>> = (offset..offset + n)
+            .map(|i| stop_body(&Customer::new(i), &format!("wamid.in{i}")))
+            .collect();
+        offset += n;
+        let cpu_d = d.cpu();
+        let cpu_h = cpu_secs(std::process::id());
+        let t = Instant::now();
+        let res = load(&d.url("/webhooks/whatsapp"), bodies, c).await;
+        let wall = t.elapsed();
+        let cpu_d = d.cpu() - cpu_d;
+        let cpu_h = cpu_secs(std::process::id()) - cpu_h;
+        // Until the daemon has applied everything it acknowledged.
+        loop {
+            let s = d.status().await;
+            if s["webhook_inbox"] == 0 || t.elapsed() > Duration::from_secs(600) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let applied = t.elapsed();
+        let ok = res.iter().filter(|r| r.1 == 200).count();
+        let lost = not_blocked(&d, offset - n..offset).await;
+        let lat = sorted(res.iter().filter(|r| r.1 == 200).map(|r| ms(r.0)).collect());
+        rows.push(vec![
+            c.to_string(),
+            format!("{ok} / {}", res.len()),
+            format!("**{:.0}**", ok as f64 / wall.as_secs_f64()),
+            format!("{:.2}", pct(&lat, 50.0)),
+            format!("{:.2}", pct(&lat, 90.0)),
+            format!("**{:.2}**", pct(&lat, 99.0)),
+            format!("{:.2}", lat.last().copied().unwrap_or(f64::NAN)),
+            format!("{:.0}", n as f64 / applied.as_secs_f64()),
+            lost.to_string(),
+            format!("{cpu_d:.1} / {cpu_h:.1}"),
+        ]);
+    }
+    let s = d.status().await;
+    let rss = d.rss();
+    let hwm = d.hwm();
+    d.terminate().await;
+    table(
+        &[
+            "connections",
+            "200s",
+            "acknowledged / s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "max ms",
+            "applied / s",
+            "acknowledged but not applied",
+            "CPU s daemon / generator",
+        ],
+        &rows,
+    );
+    println!(
+        "subjects opted out at the end: {}; daemon RSS {rss:.0} MiB (peak {hwm:.0} MiB)\n",
+        s["subjects"]["all:opted_out"]
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Bulk resync, and the raw store ceiling
+
+/// What a bulk resync leaves for the store benchmark.
+struct BigStore {
+    dir: tempfile::TempDir,
+    config: String,
+    /// Keeps the HubSpot stand-in alive for the daemon's polls after restarts.
+    _stub: hubstub::HubStub,
+    n: usize,
+}
+
+fn stub_contacts(n: usize) -> Vec<hubstub::StubContact> {
+    // One distinct modification time per contact, all at least an hour ago; one in fifty
+    // carries an existing opt-out.
+    let base = Timestamp::now().millis() - 3_600_000 - n as i64;
+    (0..n)
+        .map(|i| {
+            let c = Customer::new(i);
+            let mut props = vec![
+                ("firstname", format!("Customer{i}")),
+                ("phone", c.hubspot()),
+            ];
+            if i % 50 == 0 {
+                props.push(("whatsapp_consent", "opted_out".to_string()));
+            }
+            hubstub::StubContact {
+                id: i as u64 + 1,
+                modified: base + i as i64,
+                props,
+            }
+        })
+        .collect()
+}
+
+struct ResyncFigures {
+    secs: f64,
+    hwm: f64,
+    rss_samples: Vec<(f64, f64)>,
+    daemon_cpu: f64,
+    harness_cpu: f64,
+    searches: u64,
+}
+
+/// Starts a daemon with only the HubSpot connector at `base` and measures its first sync
+/// (a full read: the store is empty) of `n` contacts.
+async fn timed_resync(dir: &Path, config: &str, n: usize) -> (Daemon, ResyncFigures) {
+    let cpu_h = cpu_secs(std::process::id());
+    let t = Instant::now();
+    let d = spawn_daemon(dir, config).await;
+    let mut samples = Vec::new();
+    let mut last_print = Instant::now();
+    loop {
+        let m = d.metrics().await;
+        let read = metric_sum(&m, "optout_observations_total", "source=\"hubspot\"");
+        samples.push((t.elapsed().as_secs_f64(), d.rss()));
+        if read >= n as f64 {
+            break;
+        }
+        if last_print.elapsed() > Duration::from_secs(60) {
+            println!(
+                "(… {read:.0} of {n} after {:.0} s, RSS {:.0} MiB)",
+                t.elapsed().as_secs_f64(),
+                d.rss()
+            );
+            last_print = Instant::now();
+        }
+        if t.elapsed() > Duration::from_secs(3600) {
+            println!("(gave up after an hour at {read} records)");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let fig = ResyncFigures {
+        secs,
+        hwm: d.hwm(),
+        rss_samples: samples,
+        daemon_cpu: d.cpu(),
+        harness_cpu: cpu_secs(std::process::id()) - cpu_h,
+        searches: 0,
+    };
+    (d, fig)
+}
+
+async fn resync(sizes: &Sizes) -> BigStore {
+    let n = sizes.resync_n;
+    header(
+        &format!("3. Full resync of {n} HubSpot contacts"),
+        &format!(
+            "A daemon with an empty store and only a HubSpot connector (limiter opened wide, as with `Limits::off()`) reads every contact: search pages of 200, each applied in one durable store transaction. Each contact has one distinct number; one in fifty carries an existing opt-out. Timed from spawn until `/metrics` counts every contact observed (sampled every 0.25 s, with the daemon's RSS). The HubSpot fake scans and sorts every contact on each search, so at this size it would measure itself (its page time is timed below): the pages come from an indexed stand-in with the same wire format (`benches/bench/hubstub.rs`); the same sync against the fake itself, at a size it can serve, is the second row."
+        ),
+    );
+    check_customers(0..n);
+    let stub = hubstub::start(stub_contacts(n)).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = format!(
+        "{}{}",
+        daemon_section(dir.path()),
+        hubspot_section(&stub.base_url(), "1h")
+    );
+    let (d, mut fig) = timed_resync(dir.path(), &config, n).await;
+    fig.searches = stub.counts().0;
+    let status = d.status().await;
+    d.terminate().await;
+    let stats = tree_stats(&dir.path().join("state"));
+
+    // The same sync against the HubSpot fake, at a size it can serve.
+    let fake = fake_resync(sizes.resync_fake_n).await;
+
+    // The raw ceiling: the same number of records written straight into sled.
+    let raw = raw_sled(n, &stats, false);
+    let raw_tx = raw_sled(n, &stats, true);
+
+    let rate = n as f64 / fig.secs;
+    let flat = memory_flatness(&fig.rss_samples);
+    table(
+        &[
+            "run",
+            "records",
+            "time s",
+            "records / s",
+            "vs raw ceiling",
+            "peak RSS (VmHWM) MiB",
+            "CPU s daemon / harness",
+            "search requests",
+        ],
+        &[
+            vec![
+                "**daemon ← indexed stand-in**".into(),
+                n.to_string(),
+                format!("{:.1}", fig.secs),
+                format!("**{rate:.0}**"),
+                format!("**{:.0} %**", rate / raw.rate * 100.0),
+                format!("**{:.0}**", fig.hwm),
+                format!("{:.1} / {:.1}", fig.daemon_cpu, fig.harness_cpu),
+                fig.searches.to_string(),
+            ],
+            vec![
+                "daemon ← HubSpot fake".into(),
+                fake.n.to_string(),
+                format!("{:.1}", fake.fig.secs),
+                format!("{:.0}", fake.n as f64 / fake.fig.secs),
+                "—".into(),
+                format!("{:.0}", fake.fig.hwm),
+                format!("{:.1} / {:.1}", fake.fig.daemon_cpu, fake.fig.harness_cpu),
+                fake.fig.searches.to_string(),
+            ],
+            vec![
+                "raw sled: plain inserts, flush per 200 records (ceiling)".into(),
+                n.to_string(),
+                format!("{:.1}", raw.secs),
+                format!("{:.0}", raw.rate),
+                "100 %".into(),
+                format!("+{:.0} (harness RSS growth)", raw.hwm_delta),
+                "—".into(),
+                "—".into(),
+            ],
+            vec![
+                "raw sled: one transaction over the trees per 200 records, flushed".into(),
+                n.to_string(),
+                format!("{:.1}", raw_tx.secs),
+                format!("{:.0}", raw_tx.rate),
+                format!("{:.0} %", raw_tx.rate / raw.rate * 100.0),
+                format!("+{:.0} (harness RSS growth)", raw_tx.hwm_delta),
+                "—".into(),
+                "—".into(),
+            ],
+        ],
+    );
+    println!(
+        "HubSpot fake, one search page of 200 (lastmodifieddate ≥ t, sorted) timed directly: {:.1} ms at {} contacts, {:.1} ms at {} contacts; a {n}-contact sync needs {} pages.\n",
+        fake.page_ms.0,
+        fake.page_ms.1,
+        fake.page_ms.2,
+        fake.page_ms.3,
+        n.div_ceil(200)
+    );
+    println!("Daemon RSS during the stand-in resync (MiB, sampled every 0.25 s): {flat}\n");
+    println!(
+        "Store after the resync: subjects {}, decisions {}; per tree (entries, average key + value bytes): {}\n",
+        status["subjects_total"],
+        status["subjects"],
+        stats
+            .iter()
+            .filter(|t| t.entries > 0)
+            .map(|t| format!(
+                "{} {} ({:.0} + {:.0})",
+                t.name,
+                t.entries,
+                t.key_bytes as f64 / t.entries as f64,
+                t.value_bytes as f64 / t.entries as f64
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    BigStore {
+        dir,
+        config,
+        _stub: stub,
+        n,
+    }
+}
+
+fn memory_flatness(samples: &[(f64, f64)]) -> String {
+    if samples.is_empty() {
+        return "no samples".into();
+    }
+    let at = |frac: f64| {
+        let i = ((samples.len() - 1) as f64 * frac).round() as usize;
+        samples[i]
+    };
+    let points: Vec<String> = [0.1, 0.25, 0.5, 0.75, 1.0]
+        .iter()
+        .map(|&f| {
+            let (t, r) = at(f);
+            format!("{r:.0} at {t:.0} s")
+        })
+        .collect();
+    let max = samples.iter().map(|s| s.1).fold(0.0, f64::max);
+    format!("{}; max {max:.0}", points.join(", "))
+}
+
+struct FakeResync {
+    n: usize,
+    fig: ResyncFigures,
+    /// (ms per page, at contacts, ms per page, at contacts)
+    page_ms: (f64, usize, f64, usize),
+}
+
+async fn fake_resync(n: usize) -> FakeResync {
+    use optout_hubspot::fake as hf;
+    let hubspot = hf::start(hf::FakeOptions {
+        limits: hf::Limits::off(),
+        ..Default::default()
+    })
+    .await;
+    let contacts = stub_contacts(n);
+    let half = n / 2;
+    let seed = |cs: &[hubstub::StubContact]| {
+        hubspot.create_contacts(cs.iter().map(|c| {
+            c.props
+                .iter()
+                .fold(hf::NewContact::new(), |nc, (k, v)| nc.with(k, v))
+                .modified_at(c.modified)
+        }));
+    };
+    seed(&contacts[..half]);
+    let page_half = time_fake_page(&hubspot.base_url()).await;
+    seed(&contacts[half..]);
+    let page_full = time_fake_page(&hubspot.base_url()).await;
+    hubspot.reset_counts();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = format!(
+        "{}{}",
+        daemon_section(dir.path()),
+        hubspot_section(&hubspot.base_url(), "1h")
+    );
+    let (d, mut fig) = timed_resync(dir.path(), &config, n).await;
+    fig.searches = hubspot.counts().search;
+    d.terminate().await;
+    FakeResync {
+        n,
+        fig,
+        page_ms: (page_half, half, page_full, n),
+    }
+}
+
+/// Median of five search requests for the first page of a full read.
+async fn time_fake_page(base: &str) -> f64 {
+    let client = reqwest::Client::new();
+    let body = json!({
+        "filterGroups": [{ "filters": [{ "propertyName": "lastmodifieddate", "operator": "GTE", "value": "0" }] }],
+        "sorts": [{ "propertyName": "lastmodifieddate", "direction": "ASCENDING" }],
+        "properties": ["phone", "mobilephone", "hs_whatsapp_phone_number", "whatsapp_consent", "whatsapp_consent_changed_at", "whatsapp_consent_source", "lastmodifieddate", "hs_object_id"],
+        "limit": 200,
+    });
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let r = client
+            .post(format!("{base}/crm/v3/objects/contacts/search"))
+            .bearer_auth(optout_hubspot::fake::TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("search");
+        let _ = r.bytes().await;
+        times.push(ms(t.elapsed()));
+    }
+    pct(&sorted(times), 50.0)
+}
+
+struct TreeStat {
+    name: String,
+    entries: u64,
+    key_bytes: u64,
+    value_bytes: u64,
+}
+
+/// Entries and bytes per tree of a (closed) store.
+fn tree_stats(state: &Path) -> Vec<TreeStat> {
+    let db = sled::Config::new()
+        .path(state)
+        .cache_capacity(64 << 20)
+        .open()
+        .expect("open the store read-only for statistics");
+    let mut out = Vec::new();
+    for name in db.tree_names() {
+        let tree = db.open_tree(&name).expect("tree");
+        let mut s = TreeStat {
+            name: String::from_utf8_lossy(&name).into_owned(),
+            entries: 0,
+            key_bytes: 0,
+            value_bytes: 0,
+        };
+        for (k, v) in tree.iter().flatten() {
+            s.entries += 1;
+            s.key_bytes += k.len() as u64;
+            s.value_bytes += v.len() as u64;
+        }
+        out.push(s);
+    }
+    out
+}
+
+struct RawFigures {
+    secs: f64,
+    rate: f64,
+    hwm_delta: f64,
+}
+
+/// Writes `n` records into a fresh sled database (same settings as the store) with, per
+/// record, as many entries of the same average sizes in as many trees as the daemon's
+/// resync wrote; flushed once per 200 records (the daemon's page). `tx` groups each 200
+/// records in one transaction over those trees, like the daemon's page transaction.
+fn raw_sled(n: usize, stats: &[TreeStat], tx: bool) -> RawFigures {
+    // Per-record trees: those holding at least a tenth of an entry per record.
+    let shapes: Vec<(String, usize, usize, f64)> = stats
+        .iter()
+        .filter(|t| t.entries as f64 >= n as f64 * 0.1 && t.name != "__sled__default")
+        .map(|t| {
+            (
+                t.name.clone(),
+                (t.key_bytes as f64 / t.entries as f64).round() as usize,
+                (t.value_bytes as f64 / t.entries as f64).round() as usize,
+                t.entries as f64 / n as f64,
+            )
+        })
+        .collect();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = sled::Config::new()
+        .path(dir.path())
+        .mode(sled::Mode::HighThroughput)
+        .cache_capacity(64 << 20)
+        .open()
+        .expect("open raw sled");
+    let trees: Vec<sled::Tree> = shapes
+        .iter()
+        .map(|s| db.open_tree(&s.0).expect("tree"))
+        .collect();
+    let hwm0 = proc_mib(std::process::id(), "VmRSS:");
+    let mut rng = Rng(0x5_1ed);
+    let key = |i: u64, len: usize, salt: u8| {
+        let mut k = vec![salt; len.max(8)];
+        k[..8].copy_from_slice(&i.to_be_bytes());
+        k
+    };
+    let mut next_key = vec![0u64; shapes.len()];
+    let t = Instant::now();
+    let mut i = 0;
+    let mut carry = vec![0.0f64; shapes.len()];
+    while i < n {
+        let end = (i + 200).min(n);
+        // Entries per tree for this page (fractional counts carried over).
+        let mut writes: Vec<(usize, Vec<u8>, Vec<u8>)> = Vec::new();
+        for (ti, s) in shapes.iter().enumerate() {
+            carry[ti] += s.3 * (end - i) as f64;
+            let count = carry[ti].floor() as usize;
+            carry[ti] -= count as f64;
+            for _ in 0..count {
+                let mut v = vec![0u8; s.2];
+                for b in v.iter_mut().step_by(8) {
+                    *b = rng.next() as u8;
+                }
+                next_key[ti] += 1;
+                writes.push((ti, key(next_key[ti], s.1, ti as u8), v));
+            }
+        }
+        if tx {
+            use sled::Transactional;
+            let r: sled::transaction::TransactionResult<()> =
+                trees.as_slice().transaction(|view| {
+                    for (ti, k, v) in &writes {
+                        view[*ti].insert(k.as_slice(), v.as_slice())?;
+                    }
+                    view[0].flush();
+                    Ok(())
+                });
+            r.expect("raw transaction");
+        } else {
+            for (ti, k, v) in writes {
+                trees[ti].insert(k, v).expect("raw insert");
+            }
+            db.flush().expect("flush");
+        }
+        i = end;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    RawFigures {
+        secs,
+        rate: n as f64 / secs,
+        hwm_delta: proc_mib(std::process::id(), "VmRSS:") - hwm0,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. The store with 1,000,000 subjects: size, RSS, start-up
+
+async fn store_bench(sizes: &Sizes, big: BigStore) {
+    let n = big.n;
+    header(
+        &format!("5. Store with {n} subjects: size on disk, RSS, start-up"),
+        &format!(
+            "The store the resync left ({n} subjects, each with an alias and a HubSpot link), restarted {} times with the same configuration. Start-up is spawn → READY=1 on the notify socket. RSS is VmRSS right after READY and after 10 s idle (one incremental poll, which finds nothing); peak is VmHWM. Then {} send-gate queries (`GET /v1/consent/{{phone}}`, one connection, sequential, random known customers) and one `status` over the control socket.",
+            sizes.store_restarts, sizes.gate_queries
+        ),
+    );
+    let state = big.dir.path().join("state");
+    let (apparent, allocated) = dir_bytes(&state);
+    let mut rows = Vec::new();
+    let mut rng = Rng(0x6a7e);
+    let client = reqwest::Client::new();
+    for run in 1..=sizes.store_restarts {
+        let d = spawn_daemon(big.dir.path(), &big.config).await;
+        let ready = d.ready_after;
+        let rss_ready = d.rss();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let rss_idle = d.rss();
+        let mut lat = Vec::new();
+        let mut blocked = 0;
+        for _ in 0..sizes.gate_queries {
+            let i = rng.below(n as u64) as usize;
+            let c = Customer::new(i);
+            let t = Instant::now();
+            let v: Value = client
+                .get(d.url(&format!(
+                    "/v1/consent/+1{}{}{:04}?category=marketing",
+                    c.area, c.exchange, c.line
+                )))
+                .bearer_auth(GATE_TOKEN)
+                .send()
+                .await
+                .expect("gate")
+                .json()
+                .await
+                .expect("gate json");
+            lat.push(ms(t.elapsed()));
+            if v["allowed"] == false {
+                blocked += 1;
+            }
+        }
+        let t = Instant::now();
+        let s = d.status().await;
+        let status_ms = ms(t.elapsed());
+        let hwm = d.hwm();
+        let stop = d.terminate().await;
+        let lat = sorted(lat);
+        rows.push(vec![
+            run.to_string(),
+            format!("**{:.0}**", ms(ready)),
+            format!("{rss_ready:.0}"),
+            format!("**{rss_idle:.0}**"),
+            format!("{hwm:.0}"),
+            format!(
+                "{:.2} / {:.2} ({blocked} blocked)",
+                pct(&lat, 50.0),
+                pct(&lat, 99.0)
+            ),
+            format!("{status_ms:.0} ({} subjects)", s["subjects_total"]),
+            format!("{:.0}", ms(stop)),
+        ]);
+    }
+    let (apparent2, allocated2) = dir_bytes(&state);
+    table(
+        &[
+            "restart",
+            "spawn → READY ms",
+            "RSS at READY MiB",
+            "RSS after 10 s MiB",
+            "peak MiB",
+            "gate p50 / p99 ms",
+            "`status` ms",
+            "SIGTERM → exit ms",
+        ],
+        &rows,
+    );
+    println!(
+        "Size on disk: {:.0} MiB apparent, {:.0} MiB allocated after the resync; {:.0} / {:.0} MiB after the restarts ({:.0} bytes per subject allocated).\n",
+        apparent as f64 / (1 << 20) as f64,
+        allocated as f64 / (1 << 20) as f64,
+        apparent2 as f64 / (1 << 20) as f64,
+        allocated2 as f64 / (1 << 20) as f64,
+        allocated2 as f64 / n as f64
+    );
 }
