@@ -181,8 +181,11 @@ fn init_tracing(format: crate::config::LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_env("OPTOUT_SYNC_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal: under systemd, escape codes would land in the journal.
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         crate::config::LogFormat::Json => builder

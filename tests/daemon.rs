@@ -397,3 +397,15 @@ async fn notifies_ready_then_stopping_and_refuses_a_second_instance() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("not running"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_to_a_file_carry_no_terminal_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fakes().await;
+    let mut d = common::start(dir.path(), &config(dir.path(), &f, "5s"), &env()).await;
+    let status = d.terminate().await;
+    assert!(status.success());
+    let log = std::fs::read_to_string(&d.log).unwrap();
+    assert!(log.contains("optout-sync is ready"), "{log}");
+    assert!(!log.contains('\u{1b}'), "escape codes in a log that is not a terminal:\n{log}");
+}
