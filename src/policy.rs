@@ -295,6 +295,11 @@ pub struct RecordMemory {
     pub last_seen: Option<Status>,
     /// The value (and change time) the daemon last wrote to it.
     pub last_pushed: Option<(Status, Timestamp)>,
+    /// The value the daemon is writing now (an outbox entry not yet done): the push may
+    /// have reached the record before its outcome was recorded. Not stored; filled from
+    /// the outbox at judging time.
+    #[serde(skip)]
+    pub pending: Option<Status>,
 }
 
 /// What one observation amounts to.
@@ -340,7 +345,8 @@ pub fn judge_record(
     if last_seen == Some(value) {
         return Judgement::Unchanged;
     }
-    if last_pushed.map(|(s, _)| s) == Some(value) {
+    let pending = memory.and_then(|m| m.pending);
+    if last_pushed.map(|(s, _)| s) == Some(value) || pending == Some(value) {
         return Judgement::Echo(value);
     }
     if value == Status::OptedIn && last_seen.is_none() {

@@ -20,7 +20,7 @@ use optout_core::{
 
 use crate::audit::{AuditEntry, AuditKind};
 use crate::identity::{Alias, Normalizer};
-use crate::policy::{self, Decision, Fact, Judgement, PolicyConfig};
+use crate::policy::{self, Decision, Fact, Judgement, PolicyConfig, RecordMemory};
 use crate::store::{
     DeadLetter, LinkRecord, OutboxEntry, Store, StoreError, SubjectRecord, TxResult, Txn,
 };
@@ -365,6 +365,8 @@ struct PageTx<'e, 't, 'tx> {
     before: HashMap<u64, [(Scope, Decision); 2]>,
     /// Records read in this page (their values may disagree with the decision).
     touched_records: BTreeSet<(String, String)>,
+    /// Subjects that gained identities in this page (automation tools must learn them).
+    new_aliases: BTreeSet<u64>,
     /// Accepted keyword/button facts of this page that may earn a confirmation:
     /// message id → (subject, recipient, language).
     confirmable: HashMap<String, (u64, Identity, Option<String>)>,
@@ -381,6 +383,7 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
             subjects: BTreeMap::new(),
             before: HashMap::new(),
             touched_records: BTreeSet::new(),
+            new_aliases: BTreeSet::new(),
             confirmable: HashMap::new(),
             report: ApplyReport::default(),
         }
@@ -454,11 +457,18 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
             self.merge(target, other)?;
         }
         let subject = self.subjects.get_mut(&target).expect("loaded");
+        let known_before = !subject.aliases.is_empty();
         for a in aliases {
             if !subject.aliases.iter().any(|x| x == a.as_str()) {
                 subject.aliases.push(a.as_str().to_string());
                 self.tx.put_alias(a.as_str(), target)?;
+                if known_before {
+                    self.new_aliases.insert(target);
+                }
             }
+        }
+        if ids.len() > 1 {
+            self.new_aliases.insert(target);
         }
         Ok(target)
     }
@@ -662,7 +672,22 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
         }
         link.subjects = ids.clone();
         link.phones = phones;
-        let memory = existing.as_ref().map(|l| l.memory);
+        // A push of ours may have reached the record before its outcome was recorded.
+        let pending = self
+            .tx
+            .outbox(connector, &snap.record)?
+            .map(|e| e.item.status);
+        let memory = match (existing.as_ref(), pending) {
+            (Some(l), _) => Some(RecordMemory {
+                pending,
+                ..l.memory
+            }),
+            (None, Some(_)) => Some(RecordMemory {
+                pending,
+                ..RecordMemory::default()
+            }),
+            (None, None) => None,
+        };
         match policy::judge_record(
             memory.as_ref(),
             snap,
@@ -786,6 +811,18 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
                         && f.source == self.connector
                     {
                         self.confirmation(id, f, to_id, lang)?;
+                    }
+                }
+            }
+            // A person already decided on who gained identities (a BSUID linked to a
+            // number): automation tools hear the decision again, under every identity.
+            if self.new_aliases.contains(&id) {
+                for (scope, d) in after {
+                    let changed = before.iter().any(|(sc, b)| *sc == scope && *b != d);
+                    if !changed
+                        && let Some(f) = s.consent.registers(scope).deciding(margin).cloned()
+                    {
+                        self.event_pushes(&s, scope, d, &f)?;
                     }
                 }
             }

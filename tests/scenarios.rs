@@ -1118,7 +1118,6 @@ async fn bsuid_stop_before_the_crms_know_the_number_still_reaches_their_records(
 /// the BSUID to a number, the person's decision does not change, so no event ever tells
 /// the automations that the number (or wa_id) is opted out, although the gate blocks it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: identities linked to an already opted-out person are never announced to automation webhooks"]
 async fn automations_learn_the_number_of_a_bsuid_only_stop_once_it_is_linked() {
     let w = World::new().await;
     let d = w.start().await;
@@ -1158,7 +1157,6 @@ async fn automations_learn_the_number_of_a_bsuid_only_stop_once_it_is_linked() {
 /// which would then be the deciding opt-out and make a START the customer sent 30 s after
 /// the STOP (delivered after the pushes) lose to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a read-back of the daemon's own write whose push outcome is not yet recorded is taken for a new CRM opt-out"]
 async fn a_read_back_before_the_push_outcome_is_recorded_is_an_echo() {
     let w = World::new().await;
     let p = w.seed_person();

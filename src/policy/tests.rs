@@ -177,7 +177,7 @@ fn record_changes_echoes_and_first_sight() {
     // Same value as last seen: unchanged.
     let seen_out = RecordMemory {
         last_seen: Some(Status::OptedOut),
-        last_pushed: None,
+        ..Default::default()
     };
     assert_eq!(
         judge_record(
@@ -193,6 +193,7 @@ fn record_changes_echoes_and_first_sight() {
     let pushed = RecordMemory {
         last_seen: Some(Status::OptedIn),
         last_pushed: Some((Status::OptedOut, Timestamp::from_secs(30))),
+        ..Default::default()
     };
     assert_eq!(
         judge_record(
@@ -209,6 +210,7 @@ fn record_changes_echoes_and_first_sight() {
     let ours = RecordMemory {
         last_seen: Some(Status::OptedOut),
         last_pushed: Some((Status::OptedOut, Timestamp::from_secs(30))),
+        ..Default::default()
     };
     match judge_record(
         Some(&ours),
@@ -242,7 +244,7 @@ fn future_times_are_clamped_and_opt_ins_can_be_refused() {
     let now = Timestamp::from_secs(1_000);
     let seen_out = RecordMemory {
         last_seen: Some(Status::OptedOut),
-        last_pushed: None,
+        ..Default::default()
     };
     match judge_record(
         Some(&seen_out),
@@ -377,4 +379,41 @@ fn any_opted_out_subject_suppresses_a_shared_record() {
         Status::OptedIn
     );
     assert_eq!(desired_record_value([&Consent::default()], MARGIN), None);
+}
+
+#[test]
+fn a_read_back_of_a_write_in_flight_is_an_echo() {
+    // The daemon is writing opted_out (outbox entry pending); the record already shows it,
+    // with no change-time field: that is our own write, not a CRM opt-out dated now.
+    let now = Timestamp::from_secs(1_000);
+    let writing = RecordMemory {
+        last_seen: Some(Status::OptedIn),
+        pending: Some(Status::OptedOut),
+        ..Default::default()
+    };
+    assert_eq!(
+        judge_record(
+            Some(&writing),
+            &snap(Some(Status::OptedOut), None, 999),
+            "salesforce",
+            now,
+            &cfg()
+        ),
+        Judgement::Echo(Status::OptedOut)
+    );
+    // A value other than the one being written is still a change.
+    let writing_in = RecordMemory {
+        pending: Some(Status::OptedIn),
+        ..writing
+    };
+    assert!(matches!(
+        judge_record(
+            Some(&writing_in),
+            &snap(Some(Status::OptedOut), None, 999),
+            "salesforce",
+            now,
+            &cfg()
+        ),
+        Judgement::Fact(_)
+    ));
 }

@@ -39,10 +39,18 @@ pub struct Identities {
 }
 
 /// The event id of an item: the same decision (subject, scope, status and event time)
-/// always gets the same id, and a later decision a different one.
+/// under the same identities always gets the same id, so receivers can drop retries; a
+/// later decision, or the same decision re-announced because the person gained an identity
+/// (a BSUID linked to a number), gets a different one.
 pub fn event_id(item: &PushItem) -> String {
+    use sha2::{Digest, Sha256};
+    let mut names: Vec<String> = item.identities.iter().map(|i| format!("{i:?}")).collect();
+    names.sort();
+    names.dedup();
+    let digest = Sha256::digest(names.join("\n"));
+    let tag: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
     format!(
-        "{}:{}:{}:{}",
+        "{}:{}:{}:{}:{tag}",
         item.subject,
         item.scope,
         item.status,
@@ -106,7 +114,7 @@ mod tests {
             json,
             serde_json::json!({
                 "type": "consent.changed",
-                "id": "s12:all:opted_out:1751920037947",
+                "id": "s12:all:opted_out:1751920037947:9a2a49ed",
                 "subject": "s12",
                 "scope": "all",
                 "status": "opted_out",
@@ -130,5 +138,14 @@ mod tests {
             ..item.clone()
         };
         assert_ne!(event_id(&item), event_id(&reopt));
+        // The same identities in another order: the same event; one more identity: a new one.
+        let mut shuffled = item.clone();
+        shuffled.identities.reverse();
+        assert_eq!(event_id(&item), event_id(&shuffled));
+        let mut linked = item.clone();
+        linked
+            .identities
+            .push(Identity::WaId("5215551234567".into()));
+        assert_ne!(event_id(&item), event_id(&linked));
     }
 }
