@@ -11,10 +11,10 @@
 //! poll that started after the fact. No fault injection is used, so nothing is random.
 //! Each test takes 1–3 s; the file about 8 s of wall time in a debug build on 2 cores.
 //!
-//! Two tests are ignored because they show known defects: automation webhooks never hear
-//! of identities linked to a person after their opt-out was announced, and a read-back of
-//! the daemon's own write that arrives before the push outcome is recorded is taken for a
-//! new CRM opt-out. Run them with `cargo test --test scenarios -- --ignored`.
+//! The last two tests guard against regressions of defects these scenarios found: a person
+//! who gains identities after their opt-out was announced must be announced again to the
+//! automations, and a read-back of the daemon's own write that arrives before the push
+//! outcome is recorded is an echo, not a new CRM opt-out.
 
 mod common;
 
@@ -597,7 +597,11 @@ async fn agent_opt_out_in_hubspot_reaches_salesforce_the_gate_and_automations() 
     );
     for id in [PHONE, "4155552671", &format!("wa:{WA}")] {
         let ev = assert_blocked_everywhere(&d, id).await;
-        assert_eq!(ev["status"], "opted_out", "{ev}");
+        assert_eq!(
+            (&ev["source"], &ev["signal"], &ev["record"]),
+            (&json!("hubspot"), &json!("crm_field"), &json!(p.hs[0])),
+            "the gate cites the agent's edit, not the daemon's own writes read back: {ev}"
+        );
     }
     d.until("the automation event", WITHIN, async || {
         !w.events().is_empty()
@@ -1109,14 +1113,21 @@ async fn bsuid_stop_before_the_crms_know_the_number_still_reaches_their_records(
     let s = d.status().await;
     assert_eq!(s["subjects"]["all:opted_out"], 1, "{s}");
     assert_eq!(w.graph.sent().len(), 1, "{:?}", w.graph.sent());
+    let events = w.events();
+    assert!(
+        events.iter().any(|e| e.status == "opted_out"
+            && e.identities.phones.iter().any(|p| p == E164)
+            && e.identities.bsuids.iter().any(|b| b == BSUID)),
+        "the automations never heard the number with the BSUID: {events:?}"
+    );
     w.assert_bystander_untouched(&by);
     stop(d).await;
 }
 
-/// Automation tools are told of an opt-out under the identities known when it was
-/// decided. A BSUID-only STOP is announced with the BSUID alone; when a later payload links
-/// the BSUID to a number, the person's decision does not change, so no event ever tells
-/// the automations that the number (or wa_id) is opted out, although the gate blocks it.
+/// A BSUID-only STOP is announced to the automations with the BSUID alone. When a later
+/// payload links the BSUID to a number, the decision does not change, but the automations
+/// must still learn that the number and the wa_id are opted out: the decision is announced
+/// again under every identity, with a new event id (receivers drop repeated ids).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn automations_learn_the_number_of_a_bsuid_only_stop_once_it_is_linked() {
     let w = World::new().await;
@@ -1141,12 +1152,26 @@ async fn automations_learn_the_number_of_a_bsuid_only_stop_once_it_is_linked() {
     .await;
     quiet(&d).await;
     let events = w.events();
-    assert!(
-        events
-            .iter()
-            .any(|e| e.status == "opted_out" && e.identities.phones.iter().any(|p| p == E164)),
-        "the automations were never told that {E164} is opted out: {events:?}"
+    let linked = events
+        .iter()
+        .find(|e| e.identities.phones.iter().any(|p| p == E164))
+        .unwrap_or_else(|| panic!("the automations were never told of {E164}: {events:?}"));
+    assert_eq!(
+        (linked.scope.as_str(), linked.status.as_str()),
+        ("all", "opted_out"),
+        "{linked:?}"
     );
+    assert_eq!(linked.identities.wa_ids, [WA], "{linked:?}");
+    assert_eq!(linked.identities.bsuids, [BSUID], "{linked:?}");
+    assert_eq!(
+        events.len(),
+        2,
+        "one announcement per identity set: {events:?}"
+    );
+    assert_ne!(events[0].id, events[1].id);
+    assert_eq!(events[0].subject, events[1].subject, "{events:?}");
+    assert_eq!(events[0].changed_at, events[1].changed_at, "{events:?}");
+    assert_eq!(w.graph.sent().len(), 1, "{:?}", w.graph.sent());
     stop(d).await;
 }
 
