@@ -9,7 +9,7 @@
 //! Waits are bounded polls of observable state (never fixed sleeps); "nothing more
 //! happens" is checked after every outbox is empty and each CRM has completed a whole
 //! poll that started after the fact. No fault injection is used, so nothing is random.
-//! Each test takes 1–3 s; the file about 8 s of wall time in a debug build on 2 cores.
+//! Each test takes 1–3 s; the file about 9 s of wall time in a debug build on 2 cores.
 //!
 //! The last two tests guard against regressions of defects these scenarios found: a person
 //! who gains identities after their opt-out was announced must be announced again to the
