@@ -349,7 +349,9 @@ pub fn judge_record(
     if last_pushed.map(|(s, _)| s) == Some(value) || pending == Some(value) {
         return Judgement::Echo(value);
     }
-    if value == Status::OptedIn && last_seen.is_none() {
+    // A first value of opted_in is not an act; but if the daemon wrote the record before
+    // (and no read showed it yet), the earlier value is known and this is a change.
+    if value == Status::OptedIn && last_seen.is_none() && last_pushed.is_none() {
         return Judgement::InitialOptIn;
     }
     // The companion change-time field is trusted only when someone other than us set it:

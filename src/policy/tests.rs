@@ -417,3 +417,27 @@ fn a_read_back_of_a_write_in_flight_is_an_echo() {
         Judgement::Fact(_)
     ));
 }
+
+#[test]
+fn an_opt_in_after_our_write_on_a_never_read_record_is_a_change() {
+    // Read blank, then suppressed by the daemon, then set to opted_in by an agent before
+    // any read showed our value: the earlier value is known, so this is an act.
+    let now = Timestamp::from_secs(1_000);
+    let written = RecordMemory {
+        last_pushed: Some((Status::OptedOut, Timestamp::from_secs(10))),
+        ..Default::default()
+    };
+    match judge_record(
+        Some(&written),
+        &snap(Some(Status::OptedIn), Some(500), 501),
+        "hubspot",
+        now,
+        &cfg(),
+    ) {
+        Judgement::Fact(f) => assert_eq!(
+            (f.status, f.at),
+            (Status::OptedIn, Timestamp::from_secs(500))
+        ),
+        other => panic!("{other:?}"),
+    }
+}
