@@ -407,5 +407,8 @@ async fn logs_to_a_file_carry_no_terminal_colour_codes() {
     assert!(status.success());
     let log = std::fs::read_to_string(&d.log).unwrap();
     assert!(log.contains("optout-sync is ready"), "{log}");
-    assert!(!log.contains('\u{1b}'), "escape codes in a log that is not a terminal:\n{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "escape codes in a log that is not a terminal:\n{log}"
+    );
 }
