@@ -1,0 +1,731 @@
+//! Every remote system misbehaving at once, at configured rates, while opt-outs pour in;
+//! and the cost of it compared with the same workload fault-free.
+//!
+//! The workload: `n` customers, each number held by one HubSpot contact and one Salesforce
+//! Contact. Most opt out by a signed WhatsApp STOP, delivered by a Meta-like sender one at a
+//! time as fast as the daemon acknowledges; a seeded 5 % opt out by an agent's edit in
+//! HubSpot, interleaved. The daemon must suppress every record in both CRMs and announce
+//! every decision to an automation webhook receiver.
+//!
+//! The faults, by [`Mix`] (the fault-free run has the same workload and configuration):
+//! - whole requests (`crm_outages_…`, run in CI): HubSpot's 10-second window and
+//!   per-second search limit set below what the daemon is configured to use (150 per 10 s,
+//!   4 searches a second), so the fake really answers 429s, with `Retry-After` for the
+//!   window; 5 % 503s, 3 % connections dropped mid-body, 3 % answers slower than the
+//!   connector's 2 s timeout; OAuth access tokens expired at each quarter of the sending and
+//!   once after it. Salesforce: 5 % 503s, 3 % connections cut after the work was done, 3 %
+//!   truncated JSON after the work was done, 3 % answers slower than the 2 s timeout;
+//!   sessions expired like HubSpot's tokens.
+//! - all (`every_fault_at_once_…`): those, plus per-record failures: 2 % of the records of
+//!   each Salesforce collections update refused with `UNABLE_TO_LOCK_ROW`, and the automation
+//!   receiver's 4 % 500s, 4 % 429s with `Retry-After: 1`, 2 % answers slower than the 2 s
+//!   timeout (the event is recorded first, so a duplicate follows) and 3 % dropped
+//!   connections. Ignored for now: the push worker's back-off grows with every batch that
+//!   is not entirely done, so retried records wait minutes and the run does not converge in
+//!   its time (`one_429_per_batch_…` shows it in isolation).
+//!
+//! What must hold in both runs: every record suppressed in both fakes, every decision
+//! delivered to the receiver (deduplicated by event id), the send gate blocking every
+//! number, the outbox and the webhook inbox empty, no dead letter, no alarm.
+//!
+//! No retry storm: per system, `requests(faulty) ≤ 2 × requests(fault-free) + idle polls of
+//! the longer run + 100`. Why this bound: a fault costs the request it hit and, when it hits
+//! a push, one repeat of that batch, so at fault rates of about 15 % per request the work
+//! grows by well under a half; retried entries go out in batches of their own, which at most
+//! doubles the number of push requests. Polling is paced by the clock, not by the work: each
+//! CRM polls every `POLL` when idle, so a run that takes longer because it waited out
+//! `Retry-After`s and back-offs may spend `extra seconds / POLL × 2` more requests on polls
+//! (a poll with an overlap window can take two requests); the constant covers token
+//! refreshes and health checks. A storm (retrying at once, or ignoring `Retry-After`)
+//! multiplies requests by far more than this. Token refreshes are bounded too: five
+//! expiries may cost a few refreshes each, not one per request.
+//!
+//! Sizes: CI runs 1,000 opt-outs per run (fault-free then faulty, about 35 s together in a
+//! debug build). The full run is 10,000 opt-outs per run:
+//!
+//! ```sh
+//! OPTOUT_FULL=1 cargo test --test faults -- --nocapture
+//! ```
+//!
+//! The fakes' fault dice are seeded; `OPTOUT_SEED=<u64>` changes this test's seeded choices
+//! (which customers opt out in HubSpot, and the fakes' seeds).
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::GATE_TOKEN;
+use optout_hubspot::fake as hsfake;
+use optout_salesforce::fake as sffake;
+use optout_webhook::fake as hookfake;
+use optout_whatsapp::fake::WebhookSender;
+use optout_whatsapp::fake::envelope::{self, Who};
+use serde_json::{Value, json};
+
+const APP_SECRET: &str = "meta-app-secret-for-fault-tests";
+const DEFAULT_SEED: u64 = 0xfa17_5eed_2026;
+/// The CRMs' poll interval.
+const POLL: Duration = Duration::from_secs(1);
+
+/// A small seeded generator (splitmix64).
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn chance(&mut self, p: f64) -> bool {
+        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+}
+
+/// The `wa_id` of customer `i`: +1 415 230-0000 onwards (valid US numbers).
+fn wa_id(i: usize) -> String {
+    format!("1415{:03}{:04}", 230 + i / 10_000, i % 10_000)
+}
+
+fn config(dir: &Path, hubspot: &str, salesforce: &str, hook: &str) -> String {
+    format!(
+        r#"
+[daemon]
+state_dir = "{state}"
+listen = "127.0.0.1:0"
+control_socket = "{sock}"
+gate_token = {{ env = "OPTOUT_GATE_TOKEN" }}
+shutdown_timeout = "5s"
+
+[connectors.whatsapp]
+kind = "whatsapp"
+app_secrets = [{{ env = "WA_APP_SECRET" }}]
+verify_token = {{ env = "WA_VERIFY" }}
+
+[connectors.hubspot]
+kind = "hubspot"
+poll_interval = "{poll}ms"
+push_linger = "50ms"
+base_url = "{hubspot}"
+overlap = "1s"
+requests_per_10s = 150
+search_per_second = 4
+timeout = "2s"
+[connectors.hubspot.oauth]
+client_id = "hs-client"
+client_secret = {{ env = "HS_CLIENT_SECRET" }}
+refresh_token = {{ env = "HS_REFRESH" }}
+
+[connectors.salesforce]
+kind = "salesforce"
+poll_interval = "{poll}ms"
+push_linger = "50ms"
+login_url = "{salesforce}"
+auth = {{ flow = "client_credentials", client_id = "fake-client-id", client_secret = {{ env = "SF_SECRET" }} }}
+overlap = "1s"
+timeout = "2s"
+
+[connectors.automations]
+kind = "webhook"
+push_linger = "50ms"
+url = "{hook}"
+secret = {{ env = "HOOK_SECRET" }}
+timeout = "2s"
+"#,
+        state = dir.join("state").display(),
+        sock = dir.join("control.sock").display(),
+        poll = POLL.as_millis(),
+    )
+}
+
+fn env() -> Vec<(&'static str, String)> {
+    vec![
+        ("WA_APP_SECRET", APP_SECRET.into()),
+        ("WA_VERIFY", "verify-me".into()),
+        ("HS_CLIENT_SECRET", "hs-client-secret".into()),
+        ("HS_REFRESH", "hs-refresh-token".into()),
+        ("SF_SECRET", "fake-client-secret".into()),
+        ("HOOK_SECRET", "fake-webhook-secret".into()),
+    ]
+}
+
+/// What one run cost, per system.
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    elapsed: Duration,
+    hubspot: hsfake::Counts,
+    salesforce: sffake::Counters,
+    hook: hookfake::Counters,
+    /// Automation deliveries accepted, duplicates included.
+    hook_deliveries: usize,
+}
+
+impl Figures {
+    fn hubspot_requests(&self) -> u64 {
+        let c = self.hubspot;
+        c.search + c.batch_update + c.other
+    }
+
+    fn salesforce_requests(&self) -> u64 {
+        let c = self.salesforce;
+        c.query + c.query_more + c.collections + c.limits
+    }
+}
+
+fn connectors(status: &Value) -> Vec<Value> {
+    status["connectors"].as_array().cloned().unwrap_or_default()
+}
+
+/// `Ok` when nobody is left, else who is left (at most ten) and how they opted out.
+fn missing(left: &[usize], origin: impl Fn(usize) -> &'static str) -> Result<(), String> {
+    if left.is_empty() {
+        return Ok(());
+    }
+    let some: Vec<String> = left
+        .iter()
+        .take(10)
+        .map(|i| format!("#{i} {} ({})", wa_id(*i), origin(*i)))
+        .collect();
+    Err(format!("{} left, e.g. {}", left.len(), some.join(", ")))
+}
+
+/// Waits until `check` passes, re-checking every 100 ms; on timeout panics with what is
+/// still wrong and the end of the daemon's log.
+async fn converge(
+    d: &common::Daemon,
+    what: &str,
+    within: Duration,
+    mut check: impl AsyncFnMut() -> Result<(), String>,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let problem = match check().await {
+            Ok(()) => return,
+            Err(p) => p,
+        };
+        if tokio::time::Instant::now() > deadline {
+            let log = d.log_text();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(300)..].join("\n");
+            panic!("timed out waiting for: {what}: {problem}\nend of the daemon log:\n{tail}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs the workload against fresh fakes and a fresh daemon; returns what it cost once
+/// everything has converged.
+async fn run(n: usize, seed: u64, mix: Mix, within: Duration) -> Figures {
+    let faulty = mix != Mix::None;
+    let label = if faulty { "faulty" } else { "fault-free" };
+    let mut rng = Rng(seed);
+    let in_hubspot: Vec<bool> = (0..n).map(|_| rng.chance(0.05)).collect();
+    let norm = optout_sync::identity::Normalizer::new(
+        optout_sync::identity::Normalizer::parse_region("US").unwrap(),
+    );
+    let phones: Vec<String> = (0..n)
+        .map(|i| {
+            norm.phone(&format!("+{}", wa_id(i)))
+                .expect("a valid number")
+        })
+        .collect();
+
+    let hs = hsfake::start(hsfake::FakeOptions {
+        token: None,
+        oauth: Some(hsfake::FakeOAuth {
+            client_id: "hs-client".into(),
+            client_secret: "hs-client-secret".into(),
+            refresh_token: "hs-refresh-token".into(),
+            expires_in: Duration::from_secs(1800),
+        }),
+        limits: hsfake::Limits::off(),
+        ..Default::default()
+    })
+    .await;
+    let sf = sffake::start(sffake::FakeOptions {
+        seed: seed | 1,
+        ..Default::default()
+    })
+    .await;
+    let hook = hookfake::start(hookfake::FakeOptions {
+        seed,
+        ..Default::default()
+    })
+    .await;
+    let hs_ids = hs.create_contacts((0..n).map(|i| {
+        let w = wa_id(i);
+        hsfake::NewContact::new()
+            .with("firstname", &format!("C{i}"))
+            .with("phone", &format!("({}) {}-{}", &w[1..4], &w[4..7], &w[7..]))
+    }));
+    let sf_ids: Vec<String> = (0..n)
+        .map(|i| {
+            let w = wa_id(i);
+            sf.insert(
+                "Contact",
+                json!({"LastName": format!("C{i}"), "MobilePhone": format!("+1{}", &w[1..]), "WhatsApp_Opt_Out__c": false}),
+            )
+        })
+        .collect();
+    if mix != Mix::None {
+        // Limits below the daemon's configured 150 per 10 s and 4 searches a second: the
+        // fake answers real 429s (with `Retry-After` for the window) whenever it bursts.
+        hs.set_limits(hsfake::Limits {
+            per_window: Some(100),
+            window: Duration::from_secs(10),
+            search_per_second: Some(2),
+            daily: None,
+        });
+        hs.set_faults(hsfake::Faults {
+            error_rate: 0.05,
+            drop_rate: 0.03,
+            slow_rate: 0.03,
+            slow_by: Duration::from_secs(3),
+            ..Default::default()
+        });
+        sf.set_faults(sffake::Faults {
+            server_error_rate: 0.05,
+            drop_rate: 0.03,
+            malformed_rate: 0.03,
+            slow_rate: 0.03,
+            slow_delay: Duration::from_secs(3),
+            lock_rate: 0.0,
+        });
+    }
+    if mix == Mix::All {
+        sf.set_faults(sffake::Faults {
+            server_error_rate: 0.05,
+            drop_rate: 0.03,
+            malformed_rate: 0.03,
+            slow_rate: 0.03,
+            slow_delay: Duration::from_secs(3),
+            lock_rate: 0.02,
+        });
+        hook.set_rates(hookfake::FaultRates {
+            server_error: 0.04,
+            too_many_requests: 0.04,
+            retry_after_secs: 1,
+            slow: 0.02,
+            slow_for: Duration::from_secs(3),
+            drop: 0.03,
+            gone: 0.0,
+        });
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &hs.base_url(), &sf.base_url(), &hook.url());
+    let started = Instant::now();
+    let d = common::start(dir.path(), &cfg, &env()).await;
+    d.until(
+        &format!("{label}: the first sync of both CRMs"),
+        Duration::from_secs(120),
+        async || {
+            connectors(&d.status().await)
+                .iter()
+                .filter(|c| c["kind"] == "hubspot" || c["kind"] == "salesforce")
+                .all(|c| !c["last_poll_ok"].is_null())
+        },
+    )
+    .await;
+
+    // The opt-outs, in customer order: a Meta-like sender delivers each STOP (one at a
+    // time, as fast as the daemon acknowledges), and agents edit HubSpot for some.
+    let now_s = optout_core::Timestamp::now().millis() / 1000;
+    let sender = WebhookSender::new(d.url("/webhooks/whatsapp"), APP_SECRET)
+        .with_retries(5, Duration::from_millis(50));
+    for i in 0..n {
+        if in_hubspot[i] {
+            let at = optout_core::Timestamp::now().to_rfc3339();
+            assert!(hs.edit_contact(
+                &hs_ids[i],
+                &[
+                    ("whatsapp_consent", "opted_out"),
+                    ("whatsapp_consent_changed_at", &at),
+                ],
+            ));
+        } else {
+            let body = envelope::text(
+                &Who::wa(&wa_id(i)),
+                &format!("wamid.FAULT{i:06}"),
+                now_s,
+                "STOP",
+            );
+            let delivery = sender.deliver(&body).await;
+            assert!(delivery.delivered, "{i}: {:?}", delivery.attempts);
+        }
+        // Tokens and sessions expire at each quarter of the sending.
+        if faulty && (i + 1) % (n / 4) == 0 {
+            hs.expire_access_tokens();
+            sf.expire_tokens();
+        }
+    }
+    let sending = started.elapsed();
+    if faulty {
+        hs.expire_access_tokens();
+        sf.expire_tokens();
+    }
+
+    let http = reqwest::Client::new();
+    let gate_url = d.url("/v1/consent/batch");
+    let origin = |i: usize| {
+        if in_hubspot[i] {
+            "HubSpot edit"
+        } else {
+            "WhatsApp STOP"
+        }
+    };
+    converge(
+        &d,
+        &format!("{label}: every HubSpot contact suppressed"),
+        within,
+        async || {
+            let left: Vec<usize> = (0..n)
+                .filter(|i| {
+                    hs.property(&hs_ids[*i], "whatsapp_consent").as_deref() != Some("opted_out")
+                })
+                .collect();
+            missing(&left, origin)
+        },
+    )
+    .await;
+    converge(
+        &d,
+        &format!("{label}: every Salesforce Contact suppressed"),
+        within,
+        async || {
+            let left: Vec<usize> = (0..n)
+                .filter(|i| {
+                    !sf.get(&sf_ids[*i])
+                        .is_some_and(|v| v["WhatsApp_Opt_Out__c"] == json!(true))
+                })
+                .collect();
+            missing(&left, origin)
+        },
+    )
+    .await;
+    converge(
+        &d,
+        &format!("{label}: every decision announced to the automation webhook"),
+        within,
+        async || {
+            let told: HashSet<String> = hook
+                .events()
+                .into_iter()
+                .filter(|e| e.status == "opted_out" && e.scope == "all")
+                .flat_map(|e| e.identities.phones)
+                .collect();
+            let left: Vec<usize> = (0..n).filter(|i| !told.contains(&phones[*i])).collect();
+            missing(&left, origin)
+        },
+    )
+    .await;
+    converge(
+        &d,
+        &format!("{label}: the outbox is empty"),
+        within,
+        async || {
+            let s = d.status().await;
+            if connectors(&s).iter().all(|c| c["outbox_depth"] == 0) {
+                Ok(())
+            } else {
+                Err(s.to_string())
+            }
+        },
+    )
+    .await;
+    let figures = Figures {
+        elapsed: started.elapsed(),
+        hubspot: hs.counts(),
+        salesforce: sf.counters(),
+        hook: hook.counters(),
+        hook_deliveries: hook.deliveries().len(),
+    };
+
+    // Nothing lost, nothing rejected, nobody alarmed; the gate blocks every number.
+    let s = d.status().await;
+    for c in connectors(&s) {
+        assert_eq!(c["dead_letters"], 0, "{label}: {c}");
+        assert!(c["alarm"].is_null(), "{label}: {c}");
+    }
+    assert_eq!(s["subjects"]["all:opted_out"], n, "{label}: {s}");
+    assert_eq!(s["webhook_inbox"], 0, "{label}: {s}");
+    assert_eq!(hook.events().len(), n, "{label}: one event per decision");
+    for chunk in phones.chunks(1000) {
+        let v: Value = http
+            .post(&gate_url)
+            .bearer_auth(GATE_TOKEN)
+            .json(&json!({"category": "marketing", "ids": chunk}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let results = v["results"].as_array().unwrap();
+        assert_eq!(results.len(), chunk.len());
+        assert!(
+            results.iter().all(|r| r["allowed"] == false),
+            "{label}: the gate lets someone through"
+        );
+    }
+    if faulty {
+        // The faults really happened.
+        assert!(figures.hubspot.rate_limited > 0, "{figures:?}");
+        assert!(figures.hubspot.faults > 0, "{figures:?}");
+        assert!(figures.hubspot.unauthorized > 0, "{figures:?}");
+        assert!(figures.salesforce.unauthorized > 0, "{figures:?}");
+        // Both CRMs' workers met failures and retried (the status counts them).
+        for c in connectors(&s) {
+            if c["kind"] == "hubspot" || c["kind"] == "salesforce" {
+                let errors =
+                    c["poll_errors"].as_u64().unwrap() + c["push_errors"].as_u64().unwrap();
+                assert!(errors > 0, "{label}: {c}");
+            }
+        }
+        assert!(mix != Mix::All || figures.hook.faults > 0, "{figures:?}");
+    }
+    eprintln!(
+        "{label}: {n} opt-outs sent in {:.1}s, converged after {:.1}s\n  hubspot {:?}\n  salesforce {:?}\n  hook {:?}, {} deliveries",
+        sending.as_secs_f64(),
+        figures.elapsed.as_secs_f64(),
+        figures.hubspot,
+        figures.salesforce,
+        figures.hook,
+        figures.hook_deliveries,
+    );
+    let mut d = d;
+    let exit = d.terminate().await;
+    assert!(exit.success(), "{label}: exit {exit:?}");
+    figures
+}
+
+/// Which faults a run injects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mix {
+    None,
+    /// Faults that fail a whole request: HubSpot's 429s, 5xx, drops, timeouts and expired
+    /// tokens; Salesforce's 5xx, drops, malformed JSON, timeouts and expired sessions.
+    WholeRequests,
+    /// All of those, plus per-record failures: Salesforce's `UNABLE_TO_LOCK_ROW` and every
+    /// fault of the automation receiver (each event is its own request in a batch).
+    All,
+}
+
+fn sizes() -> (usize, u64) {
+    let full = std::env::var_os("OPTOUT_FULL").is_some();
+    let seed = std::env::var("OPTOUT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(DEFAULT_SEED);
+    (if full { 10_000 } else { 1_000 }, seed)
+}
+
+/// Runs the workload fault-free, then with `mix`; asserts the request bound.
+async fn compare(mix: Mix) {
+    let (n, seed) = sizes();
+    eprintln!("faults: {n} opt-outs per run, {mix:?}, OPTOUT_SEED={seed}");
+    let within = Duration::from_secs(if n > 5_000 { 900 } else { 120 });
+    let clean = run(n, seed, Mix::None, within).await;
+    let faulty = run(n, seed, mix, within).await;
+
+    let extra = faulty.elapsed.saturating_sub(clean.elapsed);
+    let idle_polls = (extra.as_secs_f64() / POLL.as_secs_f64()).ceil() as u64 * 2;
+    let bound = |fault_free: u64| 2 * fault_free + idle_polls + 100;
+    let checks = [
+        (
+            "HubSpot",
+            clean.hubspot_requests(),
+            faulty.hubspot_requests(),
+        ),
+        (
+            "Salesforce",
+            clean.salesforce_requests(),
+            faulty.salesforce_requests(),
+        ),
+        (
+            "automation webhook",
+            clean.hook.hook_requests,
+            faulty.hook.hook_requests,
+        ),
+    ];
+    for (system, fault_free, with_faults) in checks {
+        eprintln!(
+            "{system}: {with_faults} requests with faults, {fault_free} without (bound {})",
+            bound(fault_free)
+        );
+        assert!(
+            with_faults <= bound(fault_free),
+            "{system}: {with_faults} requests with faults against {fault_free} without: a retry storm"
+        );
+    }
+    // Tokens: five expiries cost about one refresh each (a few more when a poll and a push
+    // meet the expired token at once), not one per request.
+    assert!(
+        faulty.hubspot.token <= clean.hubspot.token + 15,
+        "{faulty:?}"
+    );
+    assert!(
+        faulty.salesforce.token <= clean.salesforce.token + 15,
+        "{faulty:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crm_outages_rate_limits_and_expired_tokens_converge_without_loss_or_retry_storm() {
+    compare(Mix::WholeRequests).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: one retried record in a push batch keeps the connector's back-off growing (no reset), so retries wait up to 5 min"]
+async fn every_fault_at_once_converges_without_loss_or_retry_storm() {
+    compare(Mix::All).await;
+}
+
+/// Concurrent deliveries, no faults at all: every acknowledged STOP must be applied. The
+/// inbox numbers a webhook before writing it, so a poll can read a later number first,
+/// move its cursor past one still being written, and that STOP is never read (then trimmed
+/// away or left in the inbox). With 16 concurrent senders a few in a thousand are lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: concurrent webhook appends become visible out of sequence order; the inbox cursor skips an acknowledged STOP"]
+async fn concurrently_acknowledged_stops_are_all_applied() {
+    const N: usize = 2_000;
+    const CONCURRENT: usize = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        r#"
+[daemon]
+state_dir = "{state}"
+listen = "127.0.0.1:0"
+control_socket = "{sock}"
+gate_token = {{ env = "OPTOUT_GATE_TOKEN" }}
+
+[connectors.whatsapp]
+kind = "whatsapp"
+app_secrets = [{{ env = "WA_APP_SECRET" }}]
+verify_token = {{ env = "WA_VERIFY" }}
+"#,
+        state = dir.path().join("state").display(),
+        sock = dir.path().join("control.sock").display(),
+    );
+    let mut d = common::start(dir.path(), &cfg, &env()).await;
+    let now_s = optout_core::Timestamp::now().millis() / 1000;
+    let mut tasks = Vec::new();
+    for k in 0..CONCURRENT {
+        let sender = WebhookSender::new(d.url("/webhooks/whatsapp"), APP_SECRET);
+        tasks.push(tokio::spawn(async move {
+            for i in (k..N).step_by(CONCURRENT) {
+                let body = envelope::text(
+                    &Who::wa(&wa_id(i)),
+                    &format!("wamid.C{i:06}"),
+                    now_s,
+                    "STOP",
+                );
+                let delivery = sender.deliver(&body).await;
+                assert!(delivery.delivered, "{i}: {:?}", delivery.attempts);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Every STOP was acknowledged; each must become a decision and leave the inbox.
+    converge(
+        &d,
+        "every acknowledged STOP applied",
+        Duration::from_secs(60),
+        async || {
+            let s = d.status().await;
+            if s["subjects"]["all:opted_out"] == N && s["webhook_inbox"] == 0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} of {N} opted out, {} webhooks left in the inbox",
+                    s["subjects"]["all:opted_out"], s["webhook_inbox"]
+                ))
+            }
+        },
+    )
+    .await;
+    assert!(d.terminate().await.success());
+}
+
+/// A healthy receiver that answers 429 (`Retry-After: 1`) to exactly one event of each
+/// batch of 50, the last one sent, so nothing else is held back. Every batch makes progress,
+/// yet the push worker resets its back-off only after an entirely done batch: each batch
+/// doubles the delay given to its one retried event (about 0.2 s × 2^(k-1) for the k-th),
+/// so after sixteen batches retried events wait minutes although the receiver asked for
+/// one second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: one retried record in a push batch keeps the connector's back-off growing (no reset), so retries wait up to 5 min"]
+async fn one_429_per_batch_delays_the_retried_event_by_about_its_retry_after() {
+    const N: usize = 800;
+    let hook = hookfake::start(hookfake::FakeOptions::default()).await;
+    // A zero-length slow answer is a plain 200 (the event is recorded).
+    let ok = hookfake::Fault::Slow(Duration::ZERO);
+    let limited = hookfake::Fault::TooManyRequests {
+        retry_after_secs: 1,
+    };
+    for _ in 0..N / 50 {
+        hook.script(std::iter::repeat_n(ok.clone(), 49).chain([limited.clone()]));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A long linger: every STOP is in the outbox before the first batch goes, so the
+    // batches go out back to back, 50 events each.
+    let cfg = format!(
+        r#"
+[daemon]
+state_dir = "{state}"
+listen = "127.0.0.1:0"
+control_socket = "{sock}"
+gate_token = {{ env = "OPTOUT_GATE_TOKEN" }}
+
+[connectors.whatsapp]
+kind = "whatsapp"
+app_secrets = [{{ env = "WA_APP_SECRET" }}]
+verify_token = {{ env = "WA_VERIFY" }}
+
+[connectors.automations]
+kind = "webhook"
+url = "{url}"
+secret = {{ env = "HOOK_SECRET" }}
+push_linger = "15s"
+"#,
+        state = dir.path().join("state").display(),
+        sock = dir.path().join("control.sock").display(),
+        url = hook.url(),
+    );
+    let mut d = common::start(dir.path(), &cfg, &env()).await;
+    let sender = WebhookSender::new(d.url("/webhooks/whatsapp"), APP_SECRET);
+    let now_s = optout_core::Timestamp::now().millis() / 1000;
+    for i in 0..N {
+        let body = envelope::text(
+            &Who::wa(&wa_id(i)),
+            &format!("wamid.R{i:06}"),
+            now_s,
+            "STOP",
+        );
+        assert!(sender.deliver(&body).await.delivered);
+    }
+    // The batches go after the linger; the retried events after their second and one more
+    // linger: about 25 s from here. With the back-off growing, the last wait minutes.
+    converge(
+        &d,
+        "every event delivered",
+        Duration::from_secs(45),
+        async || {
+            let got = hook.events().len();
+            if got == N {
+                Ok(())
+            } else {
+                Err(format!("{got} of {N} events delivered"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(hook.counters().faults as usize, N, "the script was used up");
+    assert!(d.terminate().await.success());
+}
