@@ -271,6 +271,8 @@ struct GroupCommit {
     flushed: std::sync::atomic::AtomicU64,
     /// One flush at a time; waiters find their write already covered when they get it.
     lock: tokio::sync::Mutex<()>,
+    /// Serialises numbering and inserting inbox entries (never held across an await).
+    append_order: std::sync::Mutex<()>,
 }
 
 impl Store {
@@ -663,14 +665,26 @@ impl Store {
         received_at: Timestamp,
         body: &[u8],
     ) -> Result<u64, StoreError> {
-        // Sequence numbers start at 1: a cursor of 0 means "nothing read yet".
-        let seq = self.db.generate_id()? + 1;
         let rec = InboxRecord {
             received_at,
             body: body.to_vec(),
             reason: None,
         };
-        self.trees[INBOX].insert(seq.to_be_bytes(), encode(&rec))?;
+        let value = encode(&rec);
+        let seq = {
+            // Numbering and inserting under one lock makes entries visible in sequence
+            // order: otherwise a poll could read number 6, move its cursor past 5 while 5
+            // is still being written, and never read that acknowledged webhook.
+            let _order = self
+                .group
+                .append_order
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            // Sequence numbers start at 1: a cursor of 0 means "nothing read yet".
+            let seq = self.db.generate_id()? + 1;
+            self.trees[INBOX].insert(seq.to_be_bytes(), value)?;
+            seq
+        };
         self.commit_write().await?;
         Ok(seq)
     }

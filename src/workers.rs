@@ -426,6 +426,15 @@ pub async fn push_worker<C: Connector>(
         let n = name.clone();
         match result {
             Ok(outcomes) if outcomes.len() == items.len() => {
+                // A batch in which anything went through shows the target works: items
+                // to retry start again from the shortest delay (or their Retry-After).
+                // Only batches that made no progress at all grow the back-off.
+                let progressed = outcomes
+                    .iter()
+                    .any(|o| !matches!(o, optout_core::PushOutcome::RetryLater { .. }));
+                if progressed {
+                    backoff.reset();
+                }
                 let delay = backoff.next_delay(None);
                 let results: Vec<_> = keys
                     .iter()
@@ -462,14 +471,8 @@ pub async fn push_worker<C: Connector>(
                         }
                     }
                 }
-                let all_done = results
-                    .iter()
-                    .all(|(_, _, o)| matches!(o, optout_core::PushOutcome::Done));
                 match blocking(move || engine.complete_pushes(&n, &results, delay, now)).await {
                     Ok(_) => {
-                        if all_done {
-                            backoff.reset();
-                        }
                         status
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())

@@ -580,7 +580,6 @@ async fn crm_outages_rate_limits_and_expired_tokens_converge_without_loss_or_ret
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: one retried record in a push batch keeps the connector's back-off growing (no reset), so retries wait up to 5 min"]
 async fn every_fault_at_once_converges_without_loss_or_retry_storm() {
     compare(Mix::All).await;
 }
@@ -590,7 +589,6 @@ async fn every_fault_at_once_converges_without_loss_or_retry_storm() {
 /// move its cursor past one still being written, and that STOP is never read (then trimmed
 /// away or left in the inbox). With 16 concurrent senders a few in a thousand are lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: concurrent webhook appends become visible out of sequence order; the inbox cursor skips an acknowledged STOP"]
 async fn concurrently_acknowledged_stops_are_all_applied() {
     const N: usize = 2_000;
     const CONCURRENT: usize = 16;
@@ -660,7 +658,6 @@ verify_token = {{ env = "WA_VERIFY" }}
 /// so after sixteen batches retried events wait minutes although the receiver asked for
 /// one second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: one retried record in a push batch keeps the connector's back-off growing (no reset), so retries wait up to 5 min"]
 async fn one_429_per_batch_delays_the_retried_event_by_about_its_retry_after() {
     const N: usize = 800;
     let hook = hookfake::start(hookfake::FakeOptions::default()).await;
