@@ -11,6 +11,12 @@
 //! Benchmarks: `propagation`, `requests`, `intake`, `resync`, `store` (in that order).
 //! `store` needs the store `resync` leaves behind; selected alone it runs `resync` first.
 //!
+//! Environment: `BENCH_RESYNC_N=200000` changes the resync size (default 1,000,000, or
+//! 20,000 with `--quick`); `BENCH_PERF_DIR=/some/dir` attaches `perf record -g` to the
+//! daemon during the resync and each intake level and leaves `<name>.perf.data` there
+//! (read with `perf report -i`); `BENCH_DAEMON_ENV="MALLOC_ARENA_MAX=2"` adds environment
+//! variables (space-separated `K=V`) to every daemon the harness starts.
+//!
 //! The daemon is the real release binary (`target/release/optout-sync`, built by cargo
 //! for this bench) started as a child process with a generated configuration, exactly as
 //! systemd would start it (READY=1 on a notify socket). The fakes of HubSpot, Salesforce
@@ -92,6 +98,10 @@ impl Sizes {
 const ALL: [&str; 5] = ["propagation", "requests", "intake", "resync", "store"];
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some(RAW_SLED_ARG) {
+        raw_sled_child();
+        return;
+    }
     let mut quick = false;
     let mut selected: Vec<String> = Vec::new();
     for a in std::env::args().skip(1) {
@@ -116,7 +126,13 @@ fn main() {
     if selected.is_empty() {
         selected = ALL.iter().map(|s| s.to_string()).collect();
     }
-    let sizes = if quick { Sizes::quick() } else { Sizes::full() };
+    let mut sizes = if quick { Sizes::quick() } else { Sizes::full() };
+    if let Some(n) = std::env::var("BENCH_RESYNC_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        sizes.resync_n = n;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -132,8 +148,12 @@ async fn run(selected: Vec<String>, sizes: Sizes, quick: bool) {
     );
     machine();
     println!(
-        "daemon binary: `{BIN}` (release build), run as a child process; fakes and load generators in the harness process; log level `{LOG_LEVEL}`\n"
+        "daemon binary: `{BIN}` (release build), run as a child process; fakes and load generators in the harness process; log level `{LOG_LEVEL}`"
     );
+    if let Ok(extra) = std::env::var("BENCH_DAEMON_ENV") {
+        println!("daemon environment added: `{extra}`");
+    }
+    println!();
     let mut big_store: Option<BigStore> = None;
     for name in ALL {
         if !selected.iter().any(|s| s == name) {
@@ -458,6 +478,12 @@ async fn spawn_daemon(dir: &Path, config: &str) -> Daemon {
         .arg(&config_path)
         .env("NOTIFY_SOCKET", &notify_path)
         .envs(env_vars())
+        .envs(
+            std::env::var("BENCH_DAEMON_ENV")
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('=')),
+        )
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log file"))
         .kill_on_drop(true);
@@ -573,6 +599,51 @@ impl Daemon {
 
 unsafe extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
+}
+
+/// `perf record -g` attached to a process while it lives, when `BENCH_PERF_DIR` is set.
+struct Perf(Option<std::process::Child>);
+
+fn perf_attach(pid: u32, name: &str) -> Perf {
+    let Ok(dir) = std::env::var("BENCH_PERF_DIR") else {
+        return Perf(None);
+    };
+    let out = Path::new(&dir).join(format!("{name}.perf.data"));
+    let child = std::process::Command::new("perf")
+        .args([
+            "record",
+            "-F",
+            "199",
+            "--call-graph",
+            "dwarf,16384",
+            "-p",
+            &pid.to_string(),
+            "-o",
+        ])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    match child {
+        Ok(c) => {
+            println!("(perf recording the daemon into {})\n", out.display());
+            Perf(Some(c))
+        }
+        Err(e) => {
+            println!("(perf not available: {e})\n");
+            Perf(None)
+        }
+    }
+}
+
+impl Perf {
+    fn stop(self) {
+        if let Some(mut c) = self.0 {
+            // SAFETY: SIGINT to our own child; perf writes its file and exits.
+            unsafe { kill(c.id() as i32, 2) };
+            let _ = c.wait();
+        }
+    }
 }
 
 /// Sum of every sample of a metric family whose labels contain `labels`.
@@ -1222,9 +1293,11 @@ async fn intake(sizes: &Sizes) {
         offset += n;
         let cpu_d = d.cpu();
         let cpu_h = cpu_secs(std::process::id());
+        let perf = perf_attach(d.pid, &format!("intake-{c}"));
         let t = Instant::now();
         let res = load(&d.url("/webhooks/whatsapp"), bodies, c).await;
         let wall = t.elapsed();
+        perf.stop();
         let cpu_d = d.cpu() - cpu_d;
         let cpu_h = cpu_secs(std::process::id()) - cpu_h;
         // Until the daemon has applied everything it acknowledged.
@@ -1255,6 +1328,7 @@ async fn intake(sizes: &Sizes) {
     let s = d.status().await;
     let rss = d.rss();
     let hwm = d.hwm();
+    let threads = proc_mib(d.pid, "Threads:") * 1024.0;
     d.terminate().await;
     table(
         &[
@@ -1272,7 +1346,7 @@ async fn intake(sizes: &Sizes) {
         &rows,
     );
     println!(
-        "subjects opted out at the end: {}; daemon RSS {rss:.0} MiB (peak {hwm:.0} MiB)\n",
+        "subjects opted out at the end: {}; daemon RSS {rss:.0} MiB (peak {hwm:.0} MiB), {threads:.0} threads\n",
         s["subjects"]["all:opted_out"]
     );
 }
@@ -1323,10 +1397,11 @@ struct ResyncFigures {
 
 /// Starts a daemon with only the HubSpot connector at `base` and measures its first sync
 /// (a full read: the store is empty) of `n` contacts.
-async fn timed_resync(dir: &Path, config: &str, n: usize) -> (Daemon, ResyncFigures) {
+async fn timed_resync(dir: &Path, config: &str, n: usize, name: &str) -> (Daemon, ResyncFigures) {
     let cpu_h = cpu_secs(std::process::id());
     let t = Instant::now();
     let d = spawn_daemon(dir, config).await;
+    let perf = perf_attach(d.pid, name);
     let mut samples = Vec::new();
     let mut last_print = Instant::now();
     loop {
@@ -1351,6 +1426,11 @@ async fn timed_resync(dir: &Path, config: &str, n: usize) -> (Daemon, ResyncFigu
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let secs = t.elapsed().as_secs_f64();
+    perf.stop();
+    println!(
+        "({name}: daemon threads at the end: {:.0})\n",
+        proc_mib(d.pid, "Threads:") * 1024.0
+    );
     let fig = ResyncFigures {
         secs,
         hwm: d.hwm(),
@@ -1378,7 +1458,7 @@ async fn resync(sizes: &Sizes) -> BigStore {
         daemon_section(dir.path()),
         hubspot_section(&stub.base_url(), "1h")
     );
-    let (d, mut fig) = timed_resync(dir.path(), &config, n).await;
+    let (d, mut fig) = timed_resync(dir.path(), &config, n, "resync").await;
     fig.searches = stub.counts().0;
     let status = d.status().await;
     d.terminate().await;
@@ -1388,8 +1468,8 @@ async fn resync(sizes: &Sizes) -> BigStore {
     let fake = fake_resync(sizes.resync_fake_n).await;
 
     // The raw ceiling: the same number of records written straight into sled.
-    let raw = raw_sled(n, &stats, false);
-    let raw_tx = raw_sled(n, &stats, true);
+    let raw = raw_sled(n, &stats, false).await;
+    let raw_tx = raw_sled(n, &stats, true).await;
 
     let rate = n as f64 / fig.secs;
     let flat = memory_flatness(&fig.rss_samples);
@@ -1431,7 +1511,7 @@ async fn resync(sizes: &Sizes) -> BigStore {
                 format!("{:.1}", raw.secs),
                 format!("{:.0}", raw.rate),
                 "100 %".into(),
-                format!("+{:.0} (harness RSS growth)", raw.hwm_delta),
+                format!("{:.0}", raw.hwm),
                 "—".into(),
                 "—".into(),
             ],
@@ -1441,7 +1521,7 @@ async fn resync(sizes: &Sizes) -> BigStore {
                 format!("{:.1}", raw_tx.secs),
                 format!("{:.0}", raw_tx.rate),
                 format!("{:.0} %", raw_tx.rate / raw.rate * 100.0),
-                format!("+{:.0} (harness RSS growth)", raw_tx.hwm_delta),
+                format!("{:.0}", raw_tx.hwm),
                 "—".into(),
                 "—".into(),
             ],
@@ -1456,6 +1536,11 @@ async fn resync(sizes: &Sizes) -> BigStore {
         n.div_ceil(200)
     );
     println!("Daemon RSS during the stand-in resync (MiB, sampled every 0.25 s): {flat}\n");
+    println!(
+        "Raw sled RSS during its loop (plain inserts): {}; with transactions: {}\n",
+        memory_flatness(&raw.samples),
+        memory_flatness(&raw_tx.samples)
+    );
     println!(
         "Store after the resync: subjects {}, decisions {}; per tree (entries, average key + value bytes): {}\n",
         status["subjects_total"],
@@ -1535,7 +1620,7 @@ async fn fake_resync(n: usize) -> FakeResync {
         daemon_section(dir.path()),
         hubspot_section(&hubspot.base_url(), "1h")
     );
-    let (d, mut fig) = timed_resync(dir.path(), &config, n).await;
+    let (d, mut fig) = timed_resync(dir.path(), &config, n, "resync-fake").await;
     fig.searches = hubspot.counts().search;
     d.terminate().await;
     FakeResync {
@@ -1606,24 +1691,81 @@ fn tree_stats(state: &Path) -> Vec<TreeStat> {
 struct RawFigures {
     secs: f64,
     rate: f64,
-    hwm_delta: f64,
+    hwm: f64,
+    samples: Vec<(f64, f64)>,
 }
 
 /// Writes `n` records into a fresh sled database (same settings as the store) with, per
 /// record, as many entries of the same average sizes in as many trees as the daemon's
 /// resync wrote; flushed once per 200 records (the daemon's page). `tx` groups each 200
 /// records in one transaction over those trees, like the daemon's page transaction.
-fn raw_sled(n: usize, stats: &[TreeStat], tx: bool) -> RawFigures {
+async fn raw_sled(n: usize, stats: &[TreeStat], tx: bool) -> RawFigures {
     // Per-record trees: those holding at least a tenth of an entry per record.
-    let shapes: Vec<(String, usize, usize, f64)> = stats
+    let shapes: Vec<Value> = stats
         .iter()
         .filter(|t| t.entries as f64 >= n as f64 * 0.1 && t.name != "__sled__default")
         .map(|t| {
-            (
-                t.name.clone(),
+            json!([
+                t.name,
                 (t.key_bytes as f64 / t.entries as f64).round() as usize,
                 (t.value_bytes as f64 / t.entries as f64).round() as usize,
                 t.entries as f64 / n as f64,
+            ])
+        })
+        .collect();
+    // In a child process of this harness, so that its peak RSS is sled's alone.
+    let out = Command::new(std::env::current_exe().expect("own path"))
+        .arg(RAW_SLED_ARG)
+        .env(
+            "BENCH_RAW",
+            json!({ "n": n, "tx": tx, "shapes": shapes }).to_string(),
+        )
+        .output()
+        .await
+        .expect("raw sled child");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "raw sled child: {e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let secs = v["secs"].as_f64().unwrap_or(f64::NAN);
+    RawFigures {
+        secs,
+        rate: n as f64 / secs,
+        hwm: v["hwm"].as_f64().unwrap_or(f64::NAN),
+        samples: v["samples"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
+            .collect(),
+    }
+}
+
+const RAW_SLED_ARG: &str = "__raw_sled";
+
+/// The child's side: writes the records described by `BENCH_RAW` into a fresh sled
+/// database (same settings as the store) with, per record, as many entries of the same
+/// average sizes in as many trees as the daemon's resync wrote; flushed once per 200
+/// records (the daemon's page). With `tx`, each 200 records are one transaction over
+/// those trees, like the daemon's page transaction. Prints JSON: secs, hwm, samples.
+fn raw_sled_child() {
+    let spec: Value =
+        serde_json::from_str(&std::env::var("BENCH_RAW").expect("BENCH_RAW")).expect("spec");
+    let n = spec["n"].as_u64().expect("n") as usize;
+    let tx = spec["tx"].as_bool().unwrap_or(false);
+    let shapes: Vec<(String, usize, usize, f64)> = spec["shapes"]
+        .as_array()
+        .expect("shapes")
+        .iter()
+        .map(|s| {
+            (
+                s[0].as_str().unwrap_or("t").to_string(),
+                s[1].as_u64().unwrap_or(8) as usize,
+                s[2].as_u64().unwrap_or(0) as usize,
+                s[3].as_f64().unwrap_or(1.0),
             )
         })
         .collect();
@@ -1638,7 +1780,6 @@ fn raw_sled(n: usize, stats: &[TreeStat], tx: bool) -> RawFigures {
         .iter()
         .map(|s| db.open_tree(&s.0).expect("tree"))
         .collect();
-    let hwm0 = proc_mib(std::process::id(), "VmRSS:");
     let mut rng = Rng(0x5_1ed);
     let key = |i: u64, len: usize, salt: u8| {
         let mut k = vec![salt; len.max(8)];
@@ -1646,9 +1787,11 @@ fn raw_sled(n: usize, stats: &[TreeStat], tx: bool) -> RawFigures {
         k
     };
     let mut next_key = vec![0u64; shapes.len()];
+    let mut samples = Vec::new();
     let t = Instant::now();
     let mut i = 0;
     let mut carry = vec![0.0f64; shapes.len()];
+    let pid = std::process::id();
     while i < n {
         let end = (i + 200).min(n);
         // Entries per tree for this page (fractional counts carried over).
@@ -1683,14 +1826,17 @@ fn raw_sled(n: usize, stats: &[TreeStat], tx: bool) -> RawFigures {
             }
             db.flush().expect("flush");
         }
+        if i % (n / 20).max(200) < 200 {
+            samples.push(json!([t.elapsed().as_secs_f64(), proc_mib(pid, "VmRSS:")]));
+        }
         i = end;
     }
     let secs = t.elapsed().as_secs_f64();
-    RawFigures {
-        secs,
-        rate: n as f64 / secs,
-        hwm_delta: proc_mib(std::process::id(), "VmRSS:") - hwm0,
-    }
+    samples.push(json!([secs, proc_mib(pid, "VmRSS:")]));
+    println!(
+        "{}",
+        json!({ "secs": secs, "hwm": proc_mib(pid, "VmHWM:"), "samples": samples })
+    );
 }
 
 // ---------------------------------------------------------------------------------------
