@@ -3,7 +3,7 @@
 //! explains the method.
 //!
 //! ```sh
-//! cargo bench --bench bench                       # every benchmark, full sizes (~15 min)
+//! cargo bench --bench bench                       # every benchmark, full sizes (~6 min)
 //! cargo bench --bench bench -- intake requests    # only the named benchmarks
 //! cargo bench --bench bench -- --quick            # small sizes: seconds, for iterating
 //! ```
@@ -1446,9 +1446,7 @@ async fn resync(sizes: &Sizes) -> BigStore {
     let n = sizes.resync_n;
     header(
         &format!("3. Full resync of {n} HubSpot contacts"),
-        &format!(
-            "A daemon with an empty store and only a HubSpot connector (limiter opened wide, as with `Limits::off()`) reads every contact: search pages of 200, each applied in one durable store transaction. Each contact has one distinct number; one in fifty carries an existing opt-out. Timed from spawn until `/metrics` counts every contact observed (sampled every 0.25 s, with the daemon's RSS). The HubSpot fake scans and sorts every contact on each search, so at this size it would measure itself (its page time is timed below): the pages come from an indexed stand-in with the same wire format (`benches/bench/hubstub.rs`); the same sync against the fake itself, at a size it can serve, is the second row."
-        ),
+        "A daemon with an empty store and only a HubSpot connector (limiter opened wide, as with `Limits::off()`) reads every contact: search pages of 200, each applied in one durable store transaction. Each contact has one distinct number; one in fifty carries an existing opt-out. Timed from spawn until `/metrics` counts every contact observed (sampled every 0.25 s, with the daemon's RSS). The HubSpot fake scans and sorts every contact on each search, so at this size it would measure itself (its page time is timed below): the pages come from an indexed stand-in with the same wire format (`benches/bench/hubstub.rs`); the same sync against the fake itself, at a size it can serve, is the second row. The raw ceiling writes the same records straight into sled in a child process.",
     );
     check_customers(0..n);
     let stub = hubstub::start(stub_contacts(n)).await;
