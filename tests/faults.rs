@@ -193,6 +193,10 @@ fn missing(left: &[usize], origin: impl Fn(usize) -> &'static str) -> Result<(),
     Err(format!("{} left, e.g. {}", left.len(), some.join(", ")))
 }
 
+/// The fault runs are heavy (thousands of requests with injected delays); on a 2-core
+/// machine they run one at a time so their deadlines measure the daemon, not the queue.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Waits until `check` passes, re-checking every 100 ms; on timeout panics with what is
 /// still wrong and the end of the daemon's log.
 async fn converge(
@@ -576,11 +580,13 @@ async fn compare(mix: Mix) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crm_outages_rate_limits_and_expired_tokens_converge_without_loss_or_retry_storm() {
+    let _serial = SERIAL.lock().await;
     compare(Mix::WholeRequests).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fault_at_once_converges_without_loss_or_retry_storm() {
+    let _serial = SERIAL.lock().await;
     compare(Mix::All).await;
 }
 
@@ -590,6 +596,7 @@ async fn every_fault_at_once_converges_without_loss_or_retry_storm() {
 /// away or left in the inbox). With 16 concurrent senders a few in a thousand are lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrently_acknowledged_stops_are_all_applied() {
+    let _serial = SERIAL.lock().await;
     const N: usize = 2_000;
     const CONCURRENT: usize = 16;
     let dir = tempfile::tempdir().unwrap();
@@ -659,6 +666,7 @@ verify_token = {{ env = "WA_VERIFY" }}
 /// one second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_429_per_batch_delays_the_retried_event_by_about_its_retry_after() {
+    let _serial = SERIAL.lock().await;
     const N: usize = 800;
     let hook = hookfake::start(hookfake::FakeOptions::default()).await;
     // A zero-length slow answer is a plain 200 (the event is recorded).

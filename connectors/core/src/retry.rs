@@ -36,12 +36,15 @@ impl Backoff {
         Backoff::new(Duration::from_millis(200), Duration::from_secs(300))
     }
 
-    /// The delay before the next attempt; at least `hint` when the vendor gave one.
+    /// The delay before the next attempt. When the vendor said how long to wait (a
+    /// `Retry-After`, a quota reset), that is the delay, plus a tenth (at most a second) so
+    /// many clients do not return at the same instant; honoured hints do not advance the
+    /// exponential state, so a run of rate limits does not inflate the delay of the next,
+    /// unrelated failure.
     pub fn next_delay(&mut self, hint: Option<Duration>) -> Duration {
-        let computed = self.inner.next_backoff().unwrap_or(self.max);
         match hint {
-            Some(h) => h.max(computed.min(h + Duration::from_secs(1))),
-            None => computed,
+            Some(h) => h + (h / 10).min(Duration::from_secs(1)),
+            None => self.inner.next_backoff().unwrap_or(self.max),
         }
     }
 
@@ -64,6 +67,15 @@ mod tests {
             assert!(b.next_delay(None) <= Duration::from_millis(2600));
         }
         assert!(b.next_delay(Some(Duration::from_secs(10))) >= Duration::from_secs(10));
+        b.reset();
+        // Honoured hints leave the exponential state alone.
+        for _ in 0..20 {
+            assert_eq!(
+                b.next_delay(Some(Duration::from_secs(2))),
+                Duration::from_millis(2200)
+            );
+        }
+        assert!(b.next_delay(None) <= Duration::from_millis(130));
         b.reset();
         assert!(b.next_delay(None) <= Duration::from_millis(130));
     }
