@@ -409,17 +409,21 @@ impl Daemon {
                 })
             })
             .collect();
-        let subjects: serde_json::Map<String, Value> = store
-            .counts()
-            .unwrap_or_default()
+        let counts = store.counts().unwrap_or_default();
+        let people = counts
+            .iter()
+            .find(|(k, _)| k == crate::reconcile::PEOPLE)
+            .map_or(0, |(_, v)| *v);
+        let subjects: serde_json::Map<String, Value> = counts
             .into_iter()
+            .filter(|(k, _)| k.contains(':'))
             .map(|(k, v)| (k, json!(v)))
             .collect();
         json!({
             "version": env!("CARGO_PKG_VERSION"),
             "ready": self.ready.load(Ordering::Acquire),
             "started": self.started.to_rfc3339(),
-            "subjects_total": store.subject_count(),
+            "subjects_total": people,
             "subjects": subjects,
             "webhook_inbox": store.inbox_len(),
             "quarantined_webhooks": store.quarantine_len(),

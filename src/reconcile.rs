@@ -45,6 +45,10 @@ pub enum Takes {
 /// record still holding the old value is pushed again.
 pub const READBACK_GRACE: Duration = Duration::from_secs(120);
 
+/// The counter of live subjects (people), kept with the decision totals so `status` need
+/// not scan the store.
+pub const PEOPLE: &str = "people";
+
 /// Displayed subject id.
 pub fn subject_name(id: u64) -> String {
     format!("s{id}")
@@ -443,6 +447,7 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
             Some(&id) => id,
             None => {
                 let id = self.tx.new_id()?;
+                self.tx.count(PEOPLE, 1)?;
                 let s = SubjectRecord {
                     id,
                     created_at: self.now,
@@ -525,6 +530,7 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
                 ],
             );
         }
+        self.tx.count(PEOPLE, -1)?;
         let mut a = AuditEntry::new(AuditKind::Merged, self.connector, self.now);
         a.subject = Some(subject_name(target));
         a.reason = Some(format!(

@@ -317,6 +317,15 @@ fn bsuid_only_stop_links_to_phone_later_and_new_contacts_are_suppressed_on_first
         "merging keeps the decision; the phone subject had none"
     );
     assert_eq!(pending(&e, HUBSPOT).len(), 1);
+    let people = e
+        .store()
+        .counts()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k == PEOPLE)
+        .unwrap()
+        .1;
+    assert_eq!(people, 1, "two subjects merged into one person");
     let by_phone = e
         .store()
         .subject_by_alias("p:+14155552671")

@@ -254,9 +254,10 @@ fn sigkill_during_writes_keeps_whole_pages_only() {
                 cursor + 1
             );
         }
+        let n = ((cursor + 1) * PAGE) as i64;
         assert_eq!(
             e.store().counts().unwrap(),
-            vec![("all:opted_out".to_string(), ((cursor + 1) * PAGE) as i64)]
+            vec![("all:opted_out".to_string(), n), ("people".to_string(), n)]
         );
     }
 }
@@ -281,7 +282,10 @@ fn counts_follow_decisions() {
     assert_eq!(r.decisions.len(), PAGE);
     assert_eq!(
         e.store().counts().unwrap(),
-        vec![("all:opted_out".to_string(), PAGE as i64)]
+        vec![
+            ("all:opted_out".to_string(), PAGE as i64),
+            ("people".to_string(), PAGE as i64)
+        ]
     );
 }
 
