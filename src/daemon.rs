@@ -49,7 +49,10 @@ pub struct Daemon {
 
 /// Runs until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<()> {
-    run_until(config, wait_for_stop(), None).await
+    // The handlers are installed now, before READY=1: a SIGTERM that follows READY at once
+    // must stop the daemon cleanly, not kill it with the default action.
+    let stop = stop_signals()?;
+    run_until(config, stop, None).await
 }
 
 /// Runs until `stop` completes; sends the HTTP listener's address on `bound_tx` once ready
@@ -256,19 +259,22 @@ pub async fn run_until(
     Ok(())
 }
 
-/// Waits for SIGTERM or SIGINT; logs SIGHUP (not a reload).
-async fn wait_for_stop() {
+/// Installs the signal handlers and returns a future that completes on SIGTERM or SIGINT;
+/// SIGHUP is logged (not a reload).
+fn stop_signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-    loop {
-        tokio::select! {
-            _ = term.recv() => return,
-            _ = int.recv() => return,
-            _ = hup.recv() => tracing::warn!("SIGHUP ignored: configuration reload is not supported; restart the service to apply changes (nothing is lost)"),
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    Ok(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = int.recv() => return,
+                _ = hup.recv() => tracing::warn!("SIGHUP ignored: configuration reload is not supported; restart the service to apply changes (nothing is lost)"),
+            }
         }
-    }
+    })
 }
 
 struct Spawn<'a> {
