@@ -6,7 +6,8 @@
 //! value for the same key replaces the pending one), `dead` (rejected pushes), `audit`
 //! (append-only), `subject_audit` (subject → audit sequence index), `inbox` and
 //! `quarantine` (webhook bodies), `seen` (dedup keys of delivered messages), `counts`
-//! (decision totals) and `meta` (schema version).
+//! (decision totals and people), `unverified` (pushes not yet read back) and `meta`
+//! (schema version).
 //!
 //! Every value starts with a one-byte format version followed by JSON. Changes that must
 //! happen together go through [`Store::transaction`], which commits them atomically and,
@@ -219,7 +220,7 @@ fn prefix(connector: &str) -> Vec<u8> {
 
 // ---- the store ------------------------------------------------------------------------
 
-const TREES: [&str; 15] = [
+const TREES: [&str; 14] = [
     "subjects",
     "aliases",
     "links",
@@ -233,7 +234,6 @@ const TREES: [&str; 15] = [
     "seen",
     "counts",
     "meta",
-    "conn_meta",
     "unverified",
 ];
 const SUBJECTS: usize = 0;
@@ -249,8 +249,7 @@ const QUARANTINE: usize = 9;
 const SEEN: usize = 10;
 const COUNTS: usize = 11;
 const META: usize = 12;
-const CONN_META: usize = 13;
-const UNVERIFIED: usize = 14;
+const UNVERIFIED: usize = 13;
 
 /// The embedded database. Cheap to clone (sled handles are reference-counted).
 #[derive(Clone)]
@@ -515,12 +514,6 @@ impl Store {
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
-    /// Forgets a connector's cursor so its next poll is a full sync.
-    pub fn reset_cursor(&self, connector: &str) -> Result<(), StoreError> {
-        self.trees[CURSORS].remove(connector.as_bytes())?;
-        Ok(())
-    }
-
     /// Up to `limit` outbox entries of a connector that may be tried at `now` and are
     /// not in flight, oldest key first.
     pub fn due_pushes(
@@ -614,10 +607,6 @@ impl Store {
             e.seq = u64_of(&k)?;
             Ok(e)
         })
-    }
-
-    pub fn audit_len(&self) -> usize {
-        self.trees[AUDIT].len()
     }
 
     /// The audit entries of one subject (and of the subjects merged into it), in order.
@@ -743,24 +732,6 @@ impl Store {
             self.trees[INBOX].remove(k)?;
         }
         Ok(keys.len())
-    }
-
-    /// Per-connector bookkeeping shown by `status` (last poll, errors): a JSON value the
-    /// daemon owns. Written outside transactions; losing the latest write is harmless.
-    pub fn put_connector_meta(
-        &self,
-        connector: &str,
-        value: &serde_json::Value,
-    ) -> Result<(), StoreError> {
-        self.trees[CONN_META].insert(connector.as_bytes(), encode(value))?;
-        Ok(())
-    }
-
-    pub fn connector_meta(&self, connector: &str) -> Result<Option<serde_json::Value>, StoreError> {
-        self.trees[CONN_META]
-            .get(connector.as_bytes())?
-            .map(|v| decode("connector meta", &v))
-            .transpose()
     }
 
     /// Pushes done but not yet read back: (connector, record, pushed at).
