@@ -200,6 +200,16 @@ fn init_tracing(format: crate::config::LogFormat) {
 fn run(config_path: &Path) -> Result<ExitCode> {
     let config = load_config(config_path)?;
     init_tracing(config.daemon.log_format);
+    // A panic in a worker task would leave the daemon running without that worker (its
+    // pushes or polls silently stopped). Exiting instead makes the failure visible and lets
+    // the service manager restart the whole daemon; nothing is lost, since every
+    // acknowledged change is on disk before it is acknowledged.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        tracing::error!(panic = %info, "internal error: exiting so that the service manager restarts the daemon");
+        default_hook(info);
+        std::process::exit(70);
+    }));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -201,9 +201,26 @@ pub struct Common {
     /// A full resync (re-read everything, repair drift) on this cron schedule.
     #[serde(default)]
     pub full_resync_cron: Option<String>,
-    /// How long a push worker waits for more entries before sending a partial batch.
+    /// How long a push worker holds a partial batch for more entries.
     #[serde(default = "default_linger", with = "humantime_serde")]
     pub push_linger: Duration,
+    /// The longest it holds one while entries keep arriving fast enough to fill it.
+    #[serde(default, with = "humantime_serde")]
+    pub push_max_linger: Option<Duration>,
+}
+
+impl Common {
+    /// The push worker's hold bounds: `push_max_linger` defaults to 250 ms, or to
+    /// `push_linger` when that is longer.
+    pub fn linger(&self) -> crate::workers::Linger {
+        let max = self
+            .push_max_linger
+            .unwrap_or(Duration::from_millis(250).max(self.push_linger));
+        crate::workers::Linger {
+            min: self.push_linger,
+            max,
+        }
+    }
 }
 
 fn default_linger() -> Duration {
@@ -212,12 +229,13 @@ fn default_linger() -> Duration {
     Duration::from_millis(10)
 }
 
-const COMMON_KEYS: [&str; 5] = [
+const COMMON_KEYS: [&str; 6] = [
     "kind",
     "poll_interval",
     "poll_cron",
     "full_resync_cron",
     "push_linger",
+    "push_max_linger",
 ];
 
 /// A connector's own settings, parsed and validated by its crate.
@@ -506,6 +524,14 @@ impl Config {
                 p.push(loc.problem(
                     &key("poll_cron"),
                     "set poll_interval or poll_cron, not both".into(),
+                ));
+            }
+            if let Some(max) = c.common.push_max_linger
+                && max < c.common.push_linger
+            {
+                p.push(loc.problem(
+                    &key("push_max_linger"),
+                    "must be at least push_linger".into(),
                 ));
             }
             if let Some(i) = c.common.poll_interval

@@ -326,7 +326,7 @@ impl Spawn<'_> {
             self.ctx.clone(),
             self.status,
             self.takes,
-            common.push_linger,
+            common.linger(),
         ));
     }
 }

@@ -3,8 +3,8 @@
 //! A poll worker waits for a [`Trigger`] (its interval or cron tick, a scheduled full
 //! resync, a webhook arrival, an operator's resync) and reads pages until the source has
 //! nothing more, applying each page with its cursor in one transaction. A push worker
-//! drains its connector's outbox in batches, lingering briefly so single opt-outs still go
-//! out at once, and records every outcome. Both back off on errors (the one retry module)
+//! drains its connector's outbox in batches, holding a partial batch briefly (longer while a
+//! burst is filling it, see [`Linger`]), and records every outcome. Both back off on errors (the one retry module)
 //! and stop between steps when the daemon shuts down; an unfinished push stays in the
 //! outbox.
 
@@ -364,6 +364,36 @@ async fn sleep_opt(d: Option<Duration>) {
     }
 }
 
+/// How long a push worker holds a partial batch (`push_linger`, `push_max_linger`).
+///
+/// Every request counts against the target's rate limit (HubSpot's smallest portals allow
+/// 100 per 10 s), so a burst of opt-outs should go out in full batches; a lone opt-out
+/// should not wait for company. A partial batch is held until its oldest entry has waited
+/// `min`; then, judging by how fast its entries came, it is held on only if the rest of a
+/// full batch should arrive before the oldest has waited `max`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Linger {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl Linger {
+    /// `n` entries are due (at most `batch`), the oldest for `waited`: how much longer to
+    /// hold them, or `None` to send now.
+    pub fn hold(&self, n: usize, batch: usize, waited: Duration) -> Option<Duration> {
+        if n == 0 || n >= batch || self.min.is_zero() {
+            return None;
+        }
+        if waited < self.min {
+            return Some(self.min - waited);
+        }
+        let rate = n as f64 / waited.as_secs_f64();
+        let fill = Duration::from_secs_f64((batch - n) as f64 / rate);
+        // Look again no sooner than `min` so that the check does not spin.
+        (waited + fill <= self.max).then(|| fill.max(self.min).min(self.max - waited))
+    }
+}
+
 /// The push worker of one connector instance.
 pub async fn push_worker<C: Connector>(
     name: String,
@@ -371,9 +401,10 @@ pub async fn push_worker<C: Connector>(
     ctx: Arc<WorkerContext>,
     status: StatusCell,
     takes: Takes,
-    linger: Duration,
+    linger: Linger,
 ) {
     let wake = ctx.push_wakers.get(&name).cloned().unwrap_or_default();
+    let mut held_since: Option<tokio::time::Instant> = None;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(300));
     let max = connector.max_batch().max(1);
     loop {
@@ -389,6 +420,7 @@ pub async fn push_worker<C: Connector>(
             }
         };
         if due.is_empty() {
+            held_since = None;
             let next = store
                 .next_due(&name)
                 .ok()
@@ -399,16 +431,23 @@ pub async fn push_worker<C: Connector>(
                 _ = wake.notified() => {}
                 _ = sleep_opt(next) => {}
             }
-            // Linger so a burst of opt-outs fills one batch, without delaying a lone one
-            // by more than the linger.
-            if !linger.is_zero() {
-                tokio::select! {
-                    _ = ctx.cancel.cancelled() => return,
-                    _ = tokio::time::sleep(linger) => {}
-                }
+            continue;
+        }
+        // A partial batch waits for more while that is likely to fill it; the monotonic
+        // `held_since` bounds the wait even if the wall clock steps.
+        let oldest = due.iter().map(|(_, e)| e.not_before).min();
+        let held = held_since
+            .get_or_insert_with(tokio::time::Instant::now)
+            .elapsed();
+        let waited = oldest.map_or(held, |t| Timestamp::now().since(t).max(held));
+        if let Some(wait) = linger.hold(due.len(), max, waited) {
+            tokio::select! {
+                _ = ctx.cancel.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
             }
             continue;
         }
+        held_since = None;
         let keys: Vec<(String, u64)> = due.iter().map(|(k, e)| (k.clone(), e.version)).collect();
         if takes == Takes::Replies {
             let engine = ctx.engine.clone();
@@ -532,5 +571,59 @@ pub async fn health_worker<C: Connector>(
             _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
             _ = cancel.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn linger() -> Linger {
+        Linger {
+            min: 10 * MS,
+            max: 250 * MS,
+        }
+    }
+
+    #[test]
+    fn a_lone_entry_waits_only_the_minimum() {
+        assert_eq!(linger().hold(1, 100, Duration::ZERO), Some(10 * MS));
+        assert_eq!(linger().hold(1, 100, 4 * MS), Some(6 * MS));
+        // One entry in 10 ms would take a second to fill the batch: send.
+        assert_eq!(linger().hold(1, 100, 10 * MS), None);
+        assert_eq!(linger().hold(3, 100, 40 * MS), None);
+    }
+
+    #[test]
+    fn a_burst_is_held_until_it_should_fill_the_batch() {
+        // 26 in 10 ms: the other 74 should come in about 28 ms.
+        let wait = linger().hold(26, 100, 10 * MS).unwrap();
+        assert!((28 * MS..=29 * MS).contains(&wait), "{wait:?}");
+        // Nearly full: look again after the minimum, not in a spin.
+        assert_eq!(linger().hold(99, 100, 40 * MS), Some(10 * MS));
+        // Never beyond the maximum.
+        assert_eq!(linger().hold(99, 100, 245 * MS), Some(5 * MS));
+        assert_eq!(linger().hold(99, 100, 250 * MS), None);
+        assert_eq!(linger().hold(60, 100, 200 * MS), None);
+        // Held past the maximum (a slow outbox read): send, whatever the rate.
+        assert_eq!(linger().hold(99, 100, 400 * MS), None);
+        let equal = Linger {
+            min: 250 * MS,
+            max: 250 * MS,
+        };
+        assert_eq!(equal.hold(10, 100, 260 * MS), None);
+    }
+
+    #[test]
+    fn full_batches_and_zero_linger_go_at_once() {
+        assert_eq!(linger().hold(100, 100, Duration::ZERO), None);
+        let none = Linger {
+            min: Duration::ZERO,
+            max: Duration::ZERO,
+        };
+        assert_eq!(none.hold(1, 100, Duration::ZERO), None);
+        assert_eq!(linger().hold(0, 100, Duration::ZERO), None);
     }
 }

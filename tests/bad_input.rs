@@ -1148,6 +1148,16 @@ fn malformed_configuration_is_located_by_check_config_and_refused_by_run() {
             )],
         ),
         (
+            "push_max_linger shorter than push_linger",
+            base.replace(
+                "poll_interval = \"30s\"",
+                "poll_interval = \"30s\"\npush_linger = \"1s\"\npush_max_linger = \"100ms\"",
+            ),
+            vec![format!(
+                "{file}:16:19: connectors.hubspot.push_max_linger: must be at least push_linger"
+            )],
+        ),
+        (
             "inline secret",
             base.replace(
                 "gate_token = { env = \"T_GATE\" }",
