@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use common::config::Config;
 use common::{Daemon, GATE_TOKEN};
 use optout_core::Timestamp;
 use optout_whatsapp::fake::envelope::{self, Who};
@@ -171,34 +172,12 @@ const WA_UNKNOWN: &str = "14155552675";
 /// Whose STOPs only ever arrive unsigned, mis-signed or oversized.
 const WA_REFUSED: &str = "14155552676";
 
-fn whatsapp_config(dir: &Path, hubspot: &str, graph: &str) -> String {
-    format!(
-        r#"
-[daemon]
-state_dir = "{state}"
-listen = "127.0.0.1:0"
-control_socket = "{sock}"
-gate_token = {{ env = "OPTOUT_GATE_TOKEN" }}
-shutdown_timeout = "5s"
-
-[connectors.whatsapp]
-kind = "whatsapp"
-app_secrets = [{{ env = "WA_APP_SECRET" }}]
-verify_token = {{ env = "WA_VERIFY" }}
-access_token = {{ env = "WA_TOKEN" }}
-phone_number_id = "106540352242922"
-base_url = "{graph}"
-
-[connectors.hubspot]
-kind = "hubspot"
-poll_interval = "200ms"
-base_url = "{hubspot}"
-token = {{ env = "HS_TOKEN" }}
-overlap = "1s"
-"#,
-        state = dir.join("state").display(),
-        sock = dir.join("control.sock").display(),
-    )
+fn whatsapp_config(dir: &Path, hubspot: &str, graph: &str) -> Config {
+    Config::new(dir)
+        .shutdown_timeout("5s")
+        .whatsapp(WA_SECRET)
+        .graph(graph)
+        .hubspot(hubspot)
 }
 
 /// A `messages` change with exactly these message objects and no `contacts` (so each
@@ -267,18 +246,8 @@ async fn whatsapp_intake_refuses_quarantines_or_survives_every_kind_of_bad_body(
     .await;
     let graph = start_graph(GraphOptions::default()).await;
     let contact = hs.create_contact(&[("firstname", HOSTILE[1]), ("phone", "+1 415 555 2671")]);
-    let env = vec![
-        ("WA_APP_SECRET", WA_SECRET.to_string()),
-        ("WA_VERIFY", "verify-me".to_string()),
-        ("WA_TOKEN", "fake-access-token".to_string()),
-        ("HS_TOKEN", optout_hubspot::fake::TOKEN.to_string()),
-    ];
-    let mut d = common::start(
-        dir.path(),
-        &whatsapp_config(dir.path(), &hs.base_url(), &graph.base_url()),
-        &env,
-    )
-    .await;
+    let c = whatsapp_config(dir.path(), &hs.base_url(), &graph.base_url());
+    let mut d = common::start(dir.path(), &c.toml(), &c.env()).await;
     let intake = Intake {
         // No connection reuse: the server may close a connection after refusing a body early.
         http: reqwest::Client::builder()
@@ -730,18 +699,8 @@ async fn deeply_nested_envelope_is_quarantined_and_a_stop_beside_a_lone_surrogat
     })
     .await;
     let graph = start_graph(GraphOptions::default()).await;
-    let env = vec![
-        ("WA_APP_SECRET", WA_SECRET.to_string()),
-        ("WA_VERIFY", "verify-me".to_string()),
-        ("WA_TOKEN", "fake-access-token".to_string()),
-        ("HS_TOKEN", optout_hubspot::fake::TOKEN.to_string()),
-    ];
-    let d = common::start(
-        dir.path(),
-        &whatsapp_config(dir.path(), &hs.base_url(), &graph.base_url()),
-        &env,
-    )
-    .await;
+    let c = whatsapp_config(dir.path(), &hs.base_url(), &graph.base_url());
+    let d = common::start(dir.path(), &c.toml(), &c.env()).await;
     let intake = Intake {
         http: reqwest::Client::new(),
         url: d.url("/webhooks/whatsapp"),
@@ -787,35 +746,13 @@ const PHONE_LATE: &str = "+1 415 555 2680";
 /// Held by a HubSpot contact created as opted out after the first sync.
 const PHONE_NEW: &str = "+1 415 555 2681";
 
-fn crm_config(dir: &Path, hs: &str, sf: &str) -> String {
-    format!(
-        r#"
-[daemon]
-state_dir = "{state}"
-listen = "127.0.0.1:0"
-control_socket = "{sock}"
-gate_token = {{ env = "OPTOUT_GATE_TOKEN" }}
-shutdown_timeout = "5s"
-
-[connectors.hubspot]
-kind = "hubspot"
-poll_interval = "200ms"
-base_url = "{hs}"
-token = {{ env = "HS_TOKEN" }}
-overlap = "1s"
-
-[connectors.salesforce]
-kind = "salesforce"
-poll_interval = "200ms"
-login_url = "{sf}"
-auth = {{ flow = "client_credentials", client_id = "fake-client-id", client_secret = {{ env = "SF_SECRET" }} }}
-overlap = "1s"
-page_size = 200
-messaging_end_user = true
-"#,
-        state = dir.join("state").display(),
-        sock = dir.join("control.sock").display(),
-    )
+fn crm_config(dir: &Path, hs: &str, sf: &str) -> Config {
+    Config::new(dir)
+        .shutdown_timeout("5s")
+        .hubspot(hs)
+        .salesforce(sf)
+        .set("salesforce", "page_size = 200")
+        .set("salesforce", "messaging_end_user = true")
 }
 
 fn sf_opted_out(sf: &optout_salesforce::fake::FakeHandle, id: &str) -> bool {
@@ -903,16 +840,8 @@ async fn hostile_crm_records_neither_crash_nor_stall_polling_and_quoted_names_ge
         ..Default::default()
     });
 
-    let env = vec![
-        ("HS_TOKEN", optout_hubspot::fake::TOKEN.to_string()),
-        ("SF_SECRET", "fake-client-secret".to_string()),
-    ];
-    let d = common::start(
-        dir.path(),
-        &crm_config(dir.path(), &hs.base_url(), &sf.base_url()),
-        &env,
-    )
-    .await;
+    let c = crm_config(dir.path(), &hs.base_url(), &sf.base_url());
+    let d = common::start(dir.path(), &c.toml(), &c.env()).await;
     d.until("the daemon asks for the second page", WITHIN, async || {
         sf.counters().query_more > 0
     })

@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::GATE_TOKEN;
+use common::config::Config;
 use optout_whatsapp::fake::envelope::{self, Who};
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -62,58 +63,18 @@ fn wa_id(i: usize) -> String {
     format!("1415{:03}{:04}", 230 + i / 10_000, i % 10_000)
 }
 
-fn config(dir: &Path, hubspot: &str, salesforce: &str, hook: &str) -> String {
-    format!(
-        r#"
-[daemon]
-state_dir = "{state}"
-listen = "127.0.0.1:0"
-control_socket = "{sock}"
-gate_token = {{ env = "OPTOUT_GATE_TOKEN" }}
-shutdown_timeout = "5s"
-
-[connectors.whatsapp]
-kind = "whatsapp"
-app_secrets = [{{ env = "WA_APP_SECRET" }}]
-verify_token = {{ env = "WA_VERIFY" }}
-
-[connectors.hubspot]
-kind = "hubspot"
-poll_interval = "200ms"
-base_url = "{hubspot}"
-token = {{ env = "HS_TOKEN" }}
-overlap = "1s"
-requests_per_10s = 1000
-search_per_second = 20
-timeout = "5s"
-
-[connectors.salesforce]
-kind = "salesforce"
-poll_interval = "200ms"
-login_url = "{salesforce}"
-auth = {{ flow = "client_credentials", client_id = "fake-client-id", client_secret = {{ env = "SF_SECRET" }} }}
-overlap = "1s"
-timeout = "5s"
-
-[connectors.automations]
-kind = "webhook"
-url = "{hook}"
-secret = {{ env = "HOOK_SECRET" }}
-timeout = "5s"
-"#,
-        state = dir.join("state").display(),
-        sock = dir.join("control.sock").display(),
-    )
-}
-
-fn env() -> Vec<(&'static str, String)> {
-    vec![
-        ("WA_APP_SECRET", APP_SECRET.into()),
-        ("WA_VERIFY", "verify-me".into()),
-        ("HS_TOKEN", optout_hubspot::fake::TOKEN.into()),
-        ("SF_SECRET", "fake-client-secret".into()),
-        ("HOOK_SECRET", "fake-webhook-secret".into()),
-    ]
+fn config(dir: &Path, hubspot: &str, salesforce: &str, hook: &str) -> Config {
+    Config::new(dir)
+        .shutdown_timeout("5s")
+        .whatsapp(APP_SECRET)
+        .hubspot(hubspot)
+        .set("hubspot", "requests_per_10s = 1000")
+        .set("hubspot", "search_per_second = 20")
+        .set("hubspot", r#"timeout = "5s""#)
+        .salesforce(salesforce)
+        .set("salesforce", r#"timeout = "5s""#)
+        .automations(hook)
+        .set("automations", r#"timeout = "5s""#)
 }
 
 /// What the Meta-like sender knows: where the daemon listens now, and what was acknowledged.
@@ -279,9 +240,9 @@ async fn acknowledged_stops_survive_repeated_sigkills_during_pushes_and_converge
     });
 
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &hs.base_url(), &sf.base_url(), &hook.url());
+    let c = config(dir.path(), &hs.base_url(), &sf.base_url(), &hook.url());
     let started = Instant::now();
-    let mut d = common::start(dir.path(), &cfg, &env()).await;
+    let mut d = common::start(dir.path(), &c.toml(), &c.env()).await;
     d.until(
         "the first sync of both CRMs",
         Duration::from_secs(60),
@@ -366,7 +327,7 @@ async fn acknowledged_stops_survive_repeated_sigkills_during_pushes_and_converge
             k + 1,
             *acks.borrow()
         );
-        d = common::start(dir.path(), &cfg, &env()).await;
+        d = common::start(dir.path(), &c.toml(), &c.env()).await;
         state.lock().unwrap().url = Some(d.url("/webhooks/whatsapp"));
     }
 

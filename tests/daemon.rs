@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use common::config::Config;
 use common::{GATE_TOKEN, eventually};
 use optout_core::Timestamp;
 use serde_json::{Value, json};
@@ -35,52 +36,19 @@ async fn fakes() -> Fakes {
     }
 }
 
-fn config(dir: &Path, f: &Fakes, shutdown: &str) -> String {
-    format!(
-        r#"
-[daemon]
-state_dir = "{state}"
-listen = "127.0.0.1:0"
-control_socket = "{sock}"
-gate_token = {{ env = "OPTOUT_GATE_TOKEN" }}
-shutdown_timeout = "{shutdown}"
-
-[policy]
-opt_in_margin = "5s"
-
-[connectors.hubspot]
-kind = "hubspot"
-poll_interval = "200ms"
-base_url = "{hs}"
-token = {{ env = "HS_TOKEN" }}
-overlap = "1s"
-
-[connectors.salesforce]
-kind = "salesforce"
-poll_interval = "200ms"
-login_url = "{sf}"
-auth = {{ flow = "client_credentials", client_id = "fake-client-id", client_secret = {{ env = "SF_SECRET" }} }}
-overlap = "1s"
-
-[connectors.automations]
-kind = "webhook"
-url = "{hook}"
-secret = {{ env = "HOOK_SECRET" }}
-"#,
-        state = dir.join("state").display(),
-        sock = dir.join("control.sock").display(),
-        hs = f.hubspot.base_url(),
-        sf = f.salesforce.base_url(),
-        hook = f.hook.url(),
-    )
+fn config(dir: &Path, f: &Fakes, shutdown: &str) -> Config {
+    Config::new(dir)
+        .shutdown_timeout(shutdown)
+        .set("policy", r#"opt_in_margin = "5s""#)
+        .hubspot(&f.hubspot.base_url())
+        .salesforce(&f.salesforce.base_url())
+        .automations(&f.hook.url())
 }
 
-fn env() -> Vec<(&'static str, String)> {
-    vec![
-        ("HS_TOKEN", optout_hubspot::fake::TOKEN.to_string()),
-        ("SF_SECRET", "fake-client-secret".to_string()),
-        ("HOOK_SECRET", "fake-webhook-secret".to_string()),
-    ]
+/// Starts the daemon on `dir` with [`config`].
+async fn start(dir: &Path, f: &Fakes, shutdown: &str) -> common::Daemon {
+    let c = config(dir, f, shutdown);
+    common::start(dir, &c.toml(), &c.env()).await
 }
 
 fn sf_opted_out(f: &Fakes, id: &str) -> bool {
@@ -117,7 +85,7 @@ async fn crm_opt_out_reaches_every_system_the_gate_status_and_metrics_then_full_
         json!({"LastName": "Other", "Phone": "+1 212 555 0100", "WhatsApp_Opt_Out__c": false}),
     );
 
-    let mut d = common::start(dir.path(), &config(dir.path(), &f, "10s"), &env()).await;
+    let mut d = start(dir.path(), &f, "10s").await;
     eventually(
         "first full sync of both CRMs",
         Duration::from_secs(30),
@@ -302,7 +270,7 @@ async fn sigterm_during_pushes_loses_nothing_and_notifies_systemd() {
     for i in 0..30 {
         leads.push(f.salesforce.insert("Lead", json!({"LastName": format!("L{i}"), "Company": "X", "Phone": PHONE, "WhatsApp_Opt_Out__c": false})));
     }
-    let mut d = common::start(dir.path(), &config(dir.path(), &f, "1s"), &env()).await;
+    let mut d = start(dir.path(), &f, "1s").await;
     eventually("first sync", Duration::from_secs(30), async || {
         synced(&d).await
     })
@@ -340,7 +308,7 @@ async fn sigterm_during_pushes_loses_nothing_and_notifies_systemd() {
     // Restart with a healthy Salesforce: every lead ends suppressed.
     f.salesforce
         .set_faults(optout_salesforce::fake::Faults::default());
-    let mut d2 = common::start(dir.path(), &config(dir.path(), &f, "10s"), &env()).await;
+    let mut d2 = start(dir.path(), &f, "10s").await;
     eventually(
         "every lead suppressed after restart",
         Duration::from_secs(30),
@@ -355,12 +323,13 @@ async fn sigterm_during_pushes_loses_nothing_and_notifies_systemd() {
 async fn notifies_ready_then_stopping_and_refuses_a_second_instance() {
     let dir = tempfile::tempdir().unwrap();
     let f = fakes().await;
-    let mut d = common::start(dir.path(), &config(dir.path(), &f, "5s"), &env()).await;
+    let c = config(dir.path(), &f, "5s");
+    let mut d = common::start(dir.path(), &c.toml(), &c.env()).await;
     // A second daemon on the same store and socket fails clearly instead of stealing them.
     let out = Command::new(env!("CARGO_BIN_EXE_optout-sync"))
         .args(["run", "--config"])
         .arg(&d.config)
-        .envs(env())
+        .envs(c.env())
         .env("OPTOUT_GATE_TOKEN", "x")
         .output()
         .unwrap();
@@ -402,7 +371,7 @@ async fn notifies_ready_then_stopping_and_refuses_a_second_instance() {
 async fn logs_to_a_file_carry_no_terminal_colour_codes() {
     let dir = tempfile::tempdir().unwrap();
     let f = fakes().await;
-    let mut d = common::start(dir.path(), &config(dir.path(), &f, "5s"), &env()).await;
+    let mut d = start(dir.path(), &f, "5s").await;
     let status = d.terminate().await;
     assert!(status.success());
     let log = std::fs::read_to_string(&d.log).unwrap();

@@ -62,6 +62,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::GATE_TOKEN;
+use common::config::Config;
 use optout_hubspot::fake as hsfake;
 use optout_salesforce::fake as sffake;
 use optout_webhook::fake as hookfake;
@@ -98,66 +99,27 @@ fn wa_id(i: usize) -> String {
     format!("1415{:03}{:04}", 230 + i / 10_000, i % 10_000)
 }
 
-fn config(dir: &Path, hubspot: &str, salesforce: &str, hook: &str) -> String {
-    format!(
-        r#"
-[daemon]
-state_dir = "{state}"
-listen = "127.0.0.1:0"
-control_socket = "{sock}"
-gate_token = {{ env = "OPTOUT_GATE_TOKEN" }}
-shutdown_timeout = "5s"
-
-[connectors.whatsapp]
-kind = "whatsapp"
-app_secrets = [{{ env = "WA_APP_SECRET" }}]
-verify_token = {{ env = "WA_VERIFY" }}
-
-[connectors.hubspot]
-kind = "hubspot"
-poll_interval = "{poll}ms"
-push_linger = "50ms"
-base_url = "{hubspot}"
-overlap = "1s"
-requests_per_10s = 150
-search_per_second = 4
-timeout = "2s"
-[connectors.hubspot.oauth]
-client_id = "hs-client"
-client_secret = {{ env = "HS_CLIENT_SECRET" }}
-refresh_token = {{ env = "HS_REFRESH" }}
-
-[connectors.salesforce]
-kind = "salesforce"
-poll_interval = "{poll}ms"
-push_linger = "50ms"
-login_url = "{salesforce}"
-auth = {{ flow = "client_credentials", client_id = "fake-client-id", client_secret = {{ env = "SF_SECRET" }} }}
-overlap = "1s"
-timeout = "2s"
-
-[connectors.automations]
-kind = "webhook"
-push_linger = "50ms"
-url = "{hook}"
-secret = {{ env = "HOOK_SECRET" }}
-timeout = "2s"
-"#,
-        state = dir.join("state").display(),
-        sock = dir.join("control.sock").display(),
-        poll = POLL.as_millis(),
-    )
-}
-
-fn env() -> Vec<(&'static str, String)> {
-    vec![
-        ("WA_APP_SECRET", APP_SECRET.into()),
-        ("WA_VERIFY", "verify-me".into()),
-        ("HS_CLIENT_SECRET", "hs-client-secret".into()),
-        ("HS_REFRESH", "hs-refresh-token".into()),
-        ("SF_SECRET", "fake-client-secret".into()),
-        ("HOOK_SECRET", "fake-webhook-secret".into()),
-    ]
+/// The daemon's configuration, the same for the fault-free run and the faulty ones: HubSpot
+/// is told 150 requests per 10 s and 4 searches a second (above what the faulty fake
+/// allows), every connector times out after 2 s, and pushes linger 50 ms to fill a batch.
+fn config(dir: &Path, hubspot: &str, salesforce: &str, hook: &str) -> Config {
+    let poll = format!("poll_interval = \"{}ms\"", POLL.as_millis());
+    let mut c = Config::new(dir)
+        .shutdown_timeout("5s")
+        .whatsapp(APP_SECRET)
+        .hubspot_oauth(hubspot, "hs-client", "hs-client-secret", "hs-refresh-token")
+        .set("hubspot", &poll)
+        .set("hubspot", "requests_per_10s = 150")
+        .set("hubspot", "search_per_second = 4")
+        .salesforce(salesforce)
+        .set("salesforce", &poll)
+        .automations(hook);
+    for connector in ["hubspot", "salesforce", "automations"] {
+        c = c
+            .set(connector, r#"push_linger = "50ms""#)
+            .set(connector, r#"timeout = "2s""#);
+    }
+    c
 }
 
 /// What one run cost, per system.
@@ -328,9 +290,9 @@ async fn run(n: usize, seed: u64, mix: Mix, within: Duration) -> Figures {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &hs.base_url(), &sf.base_url(), &hook.url());
+    let c = config(dir.path(), &hs.base_url(), &sf.base_url(), &hook.url());
     let started = Instant::now();
-    let d = common::start(dir.path(), &cfg, &env()).await;
+    let d = common::start(dir.path(), &c.toml(), &c.env()).await;
     d.until(
         &format!("{label}: the first sync of both CRMs"),
         Duration::from_secs(120),
@@ -647,23 +609,8 @@ async fn concurrently_acknowledged_stops_are_all_applied() {
     const N: usize = 2_000;
     const CONCURRENT: usize = 16;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = format!(
-        r#"
-[daemon]
-state_dir = "{state}"
-listen = "127.0.0.1:0"
-control_socket = "{sock}"
-gate_token = {{ env = "OPTOUT_GATE_TOKEN" }}
-
-[connectors.whatsapp]
-kind = "whatsapp"
-app_secrets = [{{ env = "WA_APP_SECRET" }}]
-verify_token = {{ env = "WA_VERIFY" }}
-"#,
-        state = dir.path().join("state").display(),
-        sock = dir.path().join("control.sock").display(),
-    );
-    let mut d = common::start(dir.path(), &cfg, &env()).await;
+    let c = Config::new(dir.path()).whatsapp(APP_SECRET);
+    let mut d = common::start(dir.path(), &c.toml(), &c.env()).await;
     let now_s = optout_core::Timestamp::now().millis() / 1000;
     let mut tasks = Vec::new();
     for k in 0..CONCURRENT {
@@ -727,30 +674,11 @@ async fn one_429_per_batch_delays_the_retried_event_by_about_its_retry_after() {
     let dir = tempfile::tempdir().unwrap();
     // A long linger: every STOP is in the outbox before the first batch goes, so the
     // batches go out back to back, 50 events each.
-    let cfg = format!(
-        r#"
-[daemon]
-state_dir = "{state}"
-listen = "127.0.0.1:0"
-control_socket = "{sock}"
-gate_token = {{ env = "OPTOUT_GATE_TOKEN" }}
-
-[connectors.whatsapp]
-kind = "whatsapp"
-app_secrets = [{{ env = "WA_APP_SECRET" }}]
-verify_token = {{ env = "WA_VERIFY" }}
-
-[connectors.automations]
-kind = "webhook"
-url = "{url}"
-secret = {{ env = "HOOK_SECRET" }}
-push_linger = "15s"
-"#,
-        state = dir.path().join("state").display(),
-        sock = dir.path().join("control.sock").display(),
-        url = hook.url(),
-    );
-    let mut d = common::start(dir.path(), &cfg, &env()).await;
+    let c = Config::new(dir.path())
+        .whatsapp(APP_SECRET)
+        .automations(&hook.url())
+        .set("automations", r#"push_linger = "15s""#);
+    let mut d = common::start(dir.path(), &c.toml(), &c.env()).await;
     let sender = WebhookSender::new(d.url("/webhooks/whatsapp"), APP_SECRET);
     let now_s = optout_core::Timestamp::now().millis() / 1000;
     for i in 0..N {

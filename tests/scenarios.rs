@@ -21,6 +21,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::config::Config;
 use common::{Daemon, GATE_TOKEN};
 use optout_core::Timestamp;
 use optout_sync::control::{self, Request};
@@ -121,61 +122,26 @@ impl World {
         }
     }
 
-    fn config(&self) -> String {
-        let dir = self.dir.path();
-        format!(
-            r#"
-[daemon]
-state_dir = "{state}"
-listen = "127.0.0.1:0"
-control_socket = "{sock}"
-gate_token = {{ env = "OPTOUT_GATE_TOKEN" }}
-shutdown_timeout = "5s"
-
-[policy]
-opt_in_margin = "5s"
-
-[connectors.whatsapp]
-kind = "whatsapp"
-app_secrets = [{{ env = "WA_APP_SECRET" }}]
-verify_token = {{ env = "WA_VERIFY" }}
-access_token = {{ env = "WA_TOKEN" }}
-phone_number_id = "106540352242922"
-base_url = "{graph}"
-[connectors.whatsapp.confirmations]
-enabled = true
-default_language = "en"
-texts.en = {{ opted_out = "{out}", opted_in = "{inn}" }}
-
-[connectors.hubspot]
-kind = "hubspot"
-poll_interval = "200ms"
-base_url = "{hs}"
-token = {{ env = "HS_TOKEN" }}
-overlap = "1s"
-
-[connectors.salesforce]
-kind = "salesforce"
-poll_interval = "200ms"
-login_url = "{sf}"
-auth = {{ flow = "client_credentials", client_id = "fake-client-id", client_secret = {{ env = "SF_SECRET" }} }}
-messaging_end_user = true
-overlap = "1s"
-
-[connectors.automations]
-kind = "webhook"
-url = "{hook}"
-secret = {{ env = "HOOK_SECRET" }}
-"#,
-            state = dir.join("state").display(),
-            sock = dir.join("control.sock").display(),
-            graph = self.graph.base_url(),
-            hs = self.hs.base_url(),
-            sf = self.sf.base_url(),
-            hook = self.hook.url(),
-            out = OPTED_OUT_TEXT,
-            inn = OPTED_IN_TEXT,
-        )
+    /// Every connector against its fake, confirmations on with this file's texts, and
+    /// the WhatsApp MessagingEndUser synced in Salesforce.
+    fn config(&self) -> Config {
+        Config::new(self.dir.path())
+            .shutdown_timeout("5s")
+            .set("policy", r#"opt_in_margin = "5s""#)
+            .whatsapp(APP_SECRET)
+            .graph(&self.graph.base_url())
+            .set("whatsapp", "confirmations.enabled = true")
+            .set("whatsapp", r#"confirmations.default_language = "en""#)
+            .set(
+                "whatsapp",
+                &format!(
+                    r#"confirmations.texts.en = {{ opted_out = "{OPTED_OUT_TEXT}", opted_in = "{OPTED_IN_TEXT}" }}"#
+                ),
+            )
+            .hubspot(&self.hs.base_url())
+            .salesforce(&self.sf.base_url())
+            .set("salesforce", "messaging_end_user = true")
+            .automations(&self.hook.url())
     }
 
     /// Starts the daemon and waits for the first complete poll of both CRMs (which links
@@ -184,16 +150,8 @@ secret = {{ env = "HOOK_SECRET" }}
         self.start_with(&self.config()).await
     }
 
-    async fn start_with(&self, config: &str) -> Daemon {
-        let env = [
-            ("WA_APP_SECRET", APP_SECRET.to_string()),
-            ("WA_VERIFY", "verify-me".to_string()),
-            ("WA_TOKEN", "fake-access-token".to_string()),
-            ("HS_TOKEN", optout_hubspot::fake::TOKEN.to_string()),
-            ("SF_SECRET", "fake-client-secret".to_string()),
-            ("HOOK_SECRET", "fake-webhook-secret".to_string()),
-        ];
-        let d = common::start(self.dir.path(), config, &env).await;
+    async fn start_with(&self, config: &Config) -> Daemon {
+        let d = common::start(self.dir.path(), &config.toml(), &config.env()).await;
         d.until("the first sync of both CRMs", WITHIN, async || {
             crms_polled_since(&d, None).await
         })
@@ -1186,12 +1144,7 @@ async fn automations_learn_the_number_of_a_bsuid_only_stop_once_it_is_linked() {
 async fn a_read_back_before_the_push_outcome_is_recorded_is_an_echo() {
     let w = World::new().await;
     let p = w.seed_person();
-    let config = w.config().replacen(
-        "poll_interval = \"200ms\"\nlogin_url",
-        "poll_interval = \"100ms\"\nlogin_url",
-        1,
-    );
-    assert_ne!(config, w.config());
+    let config = w.config().set("salesforce", r#"poll_interval = "100ms""#);
     let d = w.start_with(&config).await;
     // Right after a Salesforce poll, Salesforce starts doing the work but cutting the
     // connection before answering; as soon as the first collections request is made, it

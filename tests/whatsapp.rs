@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::GATE_TOKEN;
+use common::config::Config;
 use optout_whatsapp::fake::envelope::{self, Who};
 use optout_whatsapp::fake::{GraphOptions, WebhookSender, start_graph};
 use serde_json::Value;
@@ -15,46 +16,22 @@ use serde_json::Value;
 const APP_SECRET: &str = "meta-app-secret-for-tests";
 const WA: &str = "14155552671";
 
-fn config(dir: &Path, hubspot: &str, graph: &str, confirmations: bool) -> String {
-    format!(
-        r#"
-[daemon]
-state_dir = "{state}"
-listen = "127.0.0.1:0"
-control_socket = "{sock}"
-gate_token = {{ env = "OPTOUT_GATE_TOKEN" }}
-shutdown_timeout = "5s"
-
-[connectors.whatsapp]
-kind = "whatsapp"
-app_secrets = [{{ env = "WA_OLD_SECRET" }}, {{ env = "WA_APP_SECRET" }}]
-verify_token = {{ env = "WA_VERIFY" }}
-access_token = {{ env = "WA_TOKEN" }}
-phone_number_id = "106540352242922"
-base_url = "{graph}"
-[connectors.whatsapp.confirmations]
-enabled = {confirmations}
-
-[connectors.hubspot]
-kind = "hubspot"
-poll_interval = "200ms"
-base_url = "{hubspot}"
-token = {{ env = "HS_TOKEN" }}
-overlap = "1s"
-"#,
-        state = dir.join("state").display(),
-        sock = dir.join("control.sock").display(),
-    )
-}
-
-fn env() -> Vec<(&'static str, String)> {
-    vec![
-        ("WA_OLD_SECRET", "retired-secret".into()),
-        ("WA_APP_SECRET", APP_SECRET.into()),
-        ("WA_VERIFY", "verify-me".into()),
-        ("WA_TOKEN", "fake-access-token".into()),
-        ("HS_TOKEN", optout_hubspot::fake::TOKEN.into()),
-    ]
+fn config(dir: &Path, hubspot: &str, graph: &str, confirmations: bool) -> Config {
+    Config::new(dir)
+        .shutdown_timeout("5s")
+        .whatsapp(APP_SECRET)
+        // A retired app secret, still accepted while Meta's secret is being rotated.
+        .set(
+            "whatsapp",
+            r#"app_secrets = [{ env = "WA_OLD_SECRET" }, { env = "WA_APP_SECRET" }]"#,
+        )
+        .env_var("WA_OLD_SECRET", "retired-secret")
+        .graph(graph)
+        .set(
+            "whatsapp",
+            &format!("confirmations.enabled = {confirmations}"),
+        )
+        .hubspot(hubspot)
 }
 
 fn now_s() -> i64 {
@@ -87,8 +64,8 @@ async fn an_acknowledged_stop_survives_sigkill_right_after_the_200() {
     let hs = hubspot().await;
     let graph = start_graph(GraphOptions::default()).await;
     let contact = hs.create_contact(&[("phone", "+1 (415) 555-2671")]);
-    let cfg = config(dir.path(), &hs.base_url(), &graph.base_url(), false);
-    let mut d = common::start(dir.path(), &cfg, &env()).await;
+    let c = config(dir.path(), &hs.base_url(), &graph.base_url(), false);
+    let mut d = common::start(dir.path(), &c.toml(), &c.env()).await;
     let sender = WebhookSender::new(d.url("/webhooks/whatsapp"), APP_SECRET)
         .with_retries(1, Duration::from_millis(10));
     let delivery = sender
@@ -104,7 +81,7 @@ async fn an_acknowledged_stop_survives_sigkill_right_after_the_200() {
     d.child.start_kill().unwrap();
     d.child.wait().await.unwrap();
 
-    let d = common::start(dir.path(), &cfg, &env()).await;
+    let d = common::start(dir.path(), &c.toml(), &c.env()).await;
     d.until(
         "the STOP is applied after the restart",
         Duration::from_secs(30),
@@ -125,12 +102,8 @@ async fn bsuid_only_stop_is_linked_to_the_phone_later_and_replies_are_sent_once(
     let hs = hubspot().await;
     let graph = start_graph(GraphOptions::default()).await;
     let contact = hs.create_contact(&[("mobilephone", "415-555-2671")]);
-    let mut d = common::start(
-        dir.path(),
-        &config(dir.path(), &hs.base_url(), &graph.base_url(), true),
-        &env(),
-    )
-    .await;
+    let c = config(dir.path(), &hs.base_url(), &graph.base_url(), true);
+    let mut d = common::start(dir.path(), &c.toml(), &c.env()).await;
     let sender = WebhookSender::new(d.url("/webhooks/whatsapp"), APP_SECRET);
 
     // A username user (no phone number) sends STOP.
@@ -195,12 +168,8 @@ async fn unsigned_bodies_are_refused_and_unusable_ones_quarantined() {
     let dir = tempfile::tempdir().unwrap();
     let hs = hubspot().await;
     let graph = start_graph(GraphOptions::default()).await;
-    let d = common::start(
-        dir.path(),
-        &config(dir.path(), &hs.base_url(), &graph.base_url(), false),
-        &env(),
-    )
-    .await;
+    let c = config(dir.path(), &hs.base_url(), &graph.base_url(), false);
+    let d = common::start(dir.path(), &c.toml(), &c.env()).await;
     // No connection reuse: the server closes a connection after refusing a body early.
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
