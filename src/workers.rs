@@ -3,10 +3,10 @@
 //! A poll worker waits for a [`Trigger`] (its interval or cron tick, a scheduled full
 //! resync, a webhook arrival, an operator's resync) and reads pages until the source has
 //! nothing more, applying each page with its cursor in one transaction. A push worker
-//! drains its connector's outbox in batches, holding a partial batch briefly (longer while a
-//! burst is filling it, see [`Linger`]), and records every outcome. Both back off on errors (the one retry module)
-//! and stop between steps when the daemon shuts down; an unfinished push stays in the
-//! outbox.
+//! drains its connector's outbox in batches, holding a partial batch briefly (longer while
+//! a burst is filling it, see [`Linger`]), and records every outcome. Both back off on
+//! errors (the one retry module) and stop between steps when the daemon shuts down; an
+//! unfinished push stays in the outbox.
 
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
