@@ -31,8 +31,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::GATE_TOKEN;
 use common::config::Config;
+use common::{GATE_TOKEN, connectors};
 use optout_whatsapp::fake::envelope::{self, Who};
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -179,10 +179,6 @@ async fn status_of(d: &common::Daemon) -> Option<Value> {
         .ok()
 }
 
-fn connectors(status: &Value) -> Vec<Value> {
-    status["connectors"].as_array().cloned().unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_stops_survive_repeated_sigkills_during_pushes_and_converge() {
     let full = std::env::var_os("OPTOUT_FULL").is_some();
@@ -246,12 +242,7 @@ async fn acknowledged_stops_survive_repeated_sigkills_during_pushes_and_converge
     d.until(
         "the first sync of both CRMs",
         Duration::from_secs(60),
-        async || {
-            connectors(&d.status().await)
-                .iter()
-                .filter(|c| c["kind"] == "hubspot" || c["kind"] == "salesforce")
-                .all(|c| !c["last_poll_ok"].is_null())
-        },
+        async || d.crms_polled_since(None).await,
     )
     .await;
 

@@ -26,7 +26,7 @@
 //!   own request and the connector (rightly) sends nothing more of a batch after a 429 and
 //!   waits for a slow answer before the next batch: at 4 % 429s and 2 % slow answers a
 //!   compliant sender gets about 25 events a second through, and the 10,000-event run
-//!   spends eight minutes waiting for the receiver rather than testing the daemon.
+//!   spends seven minutes waiting for the receiver rather than testing the daemon.
 //!
 //! What must hold in both runs: every record suppressed in both fakes, every decision
 //! delivered to the receiver (deduplicated by event id), the send gate blocking every
@@ -61,8 +61,8 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::GATE_TOKEN;
 use common::config::Config;
+use common::{GATE_TOKEN, connectors};
 use optout_hubspot::fake as hsfake;
 use optout_salesforce::fake as sffake;
 use optout_webhook::fake as hookfake;
@@ -143,10 +143,6 @@ impl Figures {
         let c = self.salesforce;
         c.query + c.query_more + c.collections + c.limits
     }
-}
-
-fn connectors(status: &Value) -> Vec<Value> {
-    status["connectors"].as_array().cloned().unwrap_or_default()
 }
 
 /// `Ok` when nobody is left, else who is left (at most ten) and how they opted out.
@@ -296,12 +292,7 @@ async fn run(n: usize, seed: u64, mix: Mix, within: Duration) -> Figures {
     d.until(
         &format!("{label}: the first sync of both CRMs"),
         Duration::from_secs(120),
-        async || {
-            connectors(&d.status().await)
-                .iter()
-                .filter(|c| c["kind"] == "hubspot" || c["kind"] == "salesforce")
-                .all(|c| !c["last_poll_ok"].is_null())
-        },
+        async || d.crms_polled_since(None).await,
     )
     .await;
 

@@ -153,7 +153,7 @@ impl World {
     async fn start_with(&self, config: &Config) -> Daemon {
         let d = common::start(self.dir.path(), &config.toml(), &config.env()).await;
         d.until("the first sync of both CRMs", WITHIN, async || {
-            crms_polled_since(&d, None).await
+            d.crms_polled_since(None).await
         })
         .await;
         d
@@ -297,22 +297,6 @@ fn history<'a>(l: &'a Value, kind: &str) -> Vec<&'a Value> {
         .collect()
 }
 
-/// Whether every CRM connector finished a poll after `t` (or at all, for `None`).
-async fn crms_polled_since(d: &Daemon, t: Option<Timestamp>) -> bool {
-    let s = d.status().await;
-    s["connectors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["kind"] == "hubspot" || c["kind"] == "salesforce")
-        .all(|c| {
-            c["last_poll_ok"]
-                .as_str()
-                .and_then(Timestamp::parse)
-                .is_some_and(|p| t.is_none_or(|t| p > t))
-        })
-}
-
 async fn outboxes_empty(d: &Daemon) -> bool {
     let s = d.status().await;
     s["connectors"]
@@ -332,7 +316,7 @@ async fn quiet(d: &Daemon) {
     for _ in 0..2 {
         let mark = Timestamp::now();
         d.until("a CRM poll after the mark", WITHIN, async || {
-            crms_polled_since(d, Some(mark)).await
+            d.crms_polled_since(Some(mark)).await
         })
         .await;
     }

@@ -144,6 +144,25 @@ impl Daemon {
             .await
             .unwrap()
     }
+
+    /// Whether every CRM connector finished a poll after `t` (or at all, for `None`): the
+    /// point from which a test may count on the daemon knowing the CRMs' records.
+    pub async fn crms_polled_since(&self, t: Option<optout_core::Timestamp>) -> bool {
+        connectors(&self.status().await)
+            .iter()
+            .filter(|c| c["kind"] == "hubspot" || c["kind"] == "salesforce")
+            .all(|c| {
+                c["last_poll_ok"]
+                    .as_str()
+                    .and_then(optout_core::Timestamp::parse)
+                    .is_some_and(|p| t.is_none_or(|t| p > t))
+            })
+    }
+}
+
+/// The per-connector entries of a `status` answer.
+pub fn connectors(status: &serde_json::Value) -> Vec<serde_json::Value> {
+    status["connectors"].as_array().cloned().unwrap_or_default()
 }
 
 unsafe extern "C" {
