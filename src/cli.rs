@@ -2,7 +2,6 @@
 //! library; output for people on stdout, problems on stderr, and exit codes that scripts
 //! and systemd can act on (0 ok, 1 failure, 2 bad configuration or usage).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -10,9 +9,9 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use optout_core::Timestamp;
 
+use crate::app;
 use crate::audit::{Exporter, Format};
-use crate::config::{self, Config, Settings};
-use crate::reconcile::{Engine, Takes};
+use crate::config;
 use crate::store::Store;
 
 const DEFAULT_CONFIG: &str = "/etc/optout-sync/optout-sync.toml";
@@ -38,6 +37,7 @@ enum Command {
     /// Run everything on this machine against fakes of WhatsApp, HubSpot, Salesforce and
     /// an automation webhook: seed records, send a signed "STOP", and show what happened in
     /// each system and how long it took. Needs no credentials and no setup.
+    #[cfg(feature = "demo")]
     Demo,
     /// Show the running daemon's state: per connector health, last poll, cursor, errors,
     /// outbox depth, dead letters and unverified pushes; totals of people by decision.
@@ -122,6 +122,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config } => run(&config),
+        #[cfg(feature = "demo")]
         Command::Demo => demo(),
         Command::Status { config, json } => status(&config, json),
         Command::Resync {
@@ -151,7 +152,7 @@ pub fn main() -> ExitCode {
 }
 
 fn check_config(path: &Path) -> ExitCode {
-    match config::load(path).and_then(|c| c.validate().map(|()| c)) {
+    match config::load(path).and_then(|c| c.validate()) {
         Ok(c) => {
             println!(
                 "{}: ok ({} connector{})",
@@ -198,7 +199,7 @@ fn init_tracing(format: crate::config::LogFormat) {
 }
 
 fn run(config_path: &Path) -> Result<ExitCode> {
-    let config = load_config(config_path)?;
+    let config = app::load(config_path)?;
     init_tracing(config.daemon.log_format);
     // A panic in a worker task would leave the daemon running without that worker (its
     // pushes or polls silently stopped). Exiting instead makes the failure visible and lets
@@ -225,6 +226,7 @@ fn run(config_path: &Path) -> Result<ExitCode> {
     }
 }
 
+#[cfg(feature = "demo")]
 fn demo() -> Result<ExitCode> {
     use tracing_subscriber::EnvFilter;
     // Quiet by default: the demo prints its own story; OPTOUT_SYNC_LOG=info shows the logs.
@@ -362,64 +364,10 @@ fn resync(config_path: &Path, connector: Option<String>, full: bool) -> Result<E
     }
 }
 
-/// Loads and validates the configuration, secrets included, turning problems into one
-/// error (`run`).
-pub fn load_config(path: &Path) -> Result<Config> {
-    let c = config::load(path).map_err(|p| anyhow::anyhow!("bad configuration:\n{p}"))?;
-    c.validate()
-        .map_err(|p| anyhow::anyhow!("bad configuration:\n{p}"))?;
-    Ok(c)
-}
-
-/// Loads and validates the configuration without reading secrets: the store commands
-/// need none, and an operator's shell usually lacks the service's credentials.
-fn load_config_offline(path: &Path) -> Result<Config> {
-    let c = config::load(path).map_err(|p| anyhow::anyhow!("bad configuration:\n{p}"))?;
-    c.validate_without_secrets()
-        .map_err(|p| anyhow::anyhow!("bad configuration:\n{p}"))?;
-    Ok(c)
-}
-
-/// What each configured connector takes as pushes.
-pub fn targets(config: &Config) -> BTreeMap<String, Takes> {
-    config
-        .connectors
-        .iter()
-        .map(|c| {
-            let takes = match &c.settings {
-                Settings::Hubspot(_) | Settings::Salesforce(_) => Takes::Records,
-                Settings::Whatsapp(w) if w.confirmations.enabled => Takes::Replies,
-                Settings::Whatsapp(_) => Takes::Nothing,
-                Settings::Webhook(_) => Takes::Events,
-            };
-            (c.name.clone(), takes)
-        })
-        .collect()
-}
-
-/// Opens the store and builds the engine the configuration describes.
-pub fn open_engine(config: &Config) -> Result<Engine> {
-    let store = Store::open(&config.daemon.state_dir).with_context(|| "opening the store")?;
-    Ok(Engine::new(
-        store,
-        config.policy.to_policy(),
-        config.normalizer(),
-        targets(config),
-    ))
-}
-
 fn lookup(config_path: &Path, id: &str, json: bool) -> Result<ExitCode> {
-    let config = load_config_offline(config_path)?;
+    let config = app::load_offline(config_path)?;
     let value = match Store::open(&config.daemon.state_dir) {
-        Ok(store) => {
-            let engine = Engine::new(
-                store,
-                config.policy.to_policy(),
-                config.normalizer(),
-                targets(&config),
-            );
-            crate::lookup::lookup(&engine, id)?
-        }
+        Ok(store) => crate::lookup::lookup(&app::engine(&config, store), id)?,
         // The running daemon holds the store: ask it.
         Err(crate::store::StoreError::Open { reason, .. }) if reason.contains("in use") => {
             runtime()?.block_on(async {
@@ -449,7 +397,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn audit_export(config_path: &Path, since: Option<Timestamp>, format: Format) -> Result<ExitCode> {
-    let config = load_config_offline(config_path)?;
+    let config = app::load_offline(config_path)?;
     let store = Store::open(&config.daemon.state_dir)?;
     let out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut exporter = Exporter::new(format, out)?;
@@ -471,8 +419,8 @@ fn audit_export(config_path: &Path, since: Option<Timestamp>, format: Format) ->
 }
 
 fn import(config_path: &Path, file: &Path) -> Result<ExitCode> {
-    let config = load_config_offline(config_path)?;
-    let engine = open_engine(&config)?;
+    let config = app::load_offline(config_path)?;
+    let engine = app::open_engine(&config)?;
     let input: Box<dyn std::io::Read> = if file == Path::new("-") {
         Box::new(std::io::stdin().lock())
     } else {

@@ -15,12 +15,15 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use optout_core::SecretRef;
+use optout_core::{Polling, Secret, SecretRef, Secrets, Settings, Takes};
 use serde::Deserialize;
 
 use crate::policy::{PolicyConfig, ScopeMap};
+use crate::registry::Entry;
+use crate::workers::Linger;
 
 /// One problem in a configuration file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -166,32 +169,12 @@ impl PolicySection {
     }
 }
 
-/// The connector kinds this build knows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    Whatsapp,
-    Hubspot,
-    Salesforce,
-    Webhook,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Whatsapp => "whatsapp",
-            Kind::Hubspot => "hubspot",
-            Kind::Salesforce => "salesforce",
-            Kind::Webhook => "webhook",
-        }
-    }
-}
-
 /// The daemon's own keys in a connector table.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Common {
-    pub kind: Kind,
+    /// The connector kind, a name in the registry (`hubspot`).
+    pub kind: String,
     /// Poll every this long (default 30 s for CRMs; WhatsApp is woken by each webhook).
     #[serde(default, with = "humantime_serde")]
     pub poll_interval: Option<Duration>,
@@ -212,7 +195,7 @@ pub struct Common {
 impl Common {
     /// The push worker's hold bounds: `push_max_linger` defaults to 250 ms, or to
     /// `push_linger` when that is longer.
-    pub fn linger(&self) -> crate::workers::Linger {
+    fn linger(&self) -> crate::workers::Linger {
         let max = self
             .push_max_linger
             .unwrap_or(Duration::from_millis(250).max(self.push_linger));
@@ -238,57 +221,13 @@ const COMMON_KEYS: [&str; 6] = [
     "push_max_linger",
 ];
 
-/// A connector's own settings, parsed and validated by its crate.
-#[derive(Clone, Debug)]
-pub enum Settings {
-    Whatsapp(optout_whatsapp::Config),
-    Hubspot(optout_hubspot::Config),
-    Salesforce(optout_salesforce::Config),
-    Webhook(optout_webhook::Config),
-}
-
-impl Settings {
-    /// Parses a connector's own keys; an error names the key (dotted, within the table).
-    fn parse(kind: Kind, table: toml::Table) -> Result<Settings, (String, String)> {
-        let value = toml::Value::Table(table);
-        Ok(match kind {
-            Kind::Whatsapp => Settings::Whatsapp(located(value)?),
-            Kind::Hubspot => Settings::Hubspot(located(value)?),
-            Kind::Salesforce => Settings::Salesforce(located(value)?),
-            Kind::Webhook => Settings::Webhook(located(value)?),
-        })
-    }
-
-    /// Semantic problems: (key within the table, message).
-    fn validate(&self) -> Vec<(String, String)> {
-        match self {
-            Settings::Whatsapp(c) => c.validate(),
-            Settings::Hubspot(c) => c.validate(),
-            Settings::Salesforce(c) => c.validate(),
-            Settings::Webhook(c) => c.validate(),
-        }
-    }
-
-    /// Secret references: (key within the table, reference).
-    fn secrets(&self) -> Vec<(String, SecretRef)> {
-        let list = match self {
-            Settings::Whatsapp(c) => c.secrets(),
-            Settings::Hubspot(c) => c.secrets(),
-            Settings::Salesforce(c) => c.secrets(),
-            Settings::Webhook(c) => c.secrets(),
-        };
-        list.into_iter()
-            .map(|(k, r)| (k.to_string(), r.clone()))
-            .collect()
-    }
-}
-
 /// One `[connectors.NAME]` table.
 #[derive(Clone, Debug)]
 pub struct ConnectorConfig {
     pub name: String,
     pub common: Common,
-    pub settings: Settings,
+    /// Its own settings, parsed by its kind's registry entry.
+    pub settings: Arc<dyn Settings>,
 }
 
 /// The whole configuration file.
@@ -328,6 +267,11 @@ pub fn load(path: &Path) -> Result<Config, Problems> {
 
 /// Parses configuration text (`path` is only used in messages).
 pub fn parse(path: &Path, source: &str) -> Result<Config, Problems> {
+    parse_with(path, source, crate::registry::KINDS)
+}
+
+/// Like [`parse`], with connector kinds from `kinds` (a registry of one's own in tests).
+pub fn parse_with(path: &Path, source: &str, kinds: &[&dyn Entry]) -> Result<Config, Problems> {
     let locator = Locator::new(source);
     let fail = |problems: Vec<Problem>| Problems {
         file: path.to_path_buf(),
@@ -382,7 +326,18 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, Problems> {
                 continue;
             }
         };
-        match Settings::parse(common.kind, table) {
+        let Some(entry) = crate::registry::find(kinds, &common.kind) else {
+            problems.push(locator.problem(
+                &path_of("kind"),
+                format!(
+                    "unknown connector kind `{}` (this build knows: {})",
+                    common.kind,
+                    crate::registry::names(kinds)
+                ),
+            ));
+            continue;
+        };
+        match entry.parse(toml::Value::Table(table)) {
             Ok(settings) => connectors.push(ConnectorConfig {
                 name,
                 common,
@@ -412,7 +367,9 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, Problems> {
 
 /// Deserialises a connector's table, keeping the path of the key that failed (the table was
 /// detached from the file, so toml itself can no longer say where).
-fn located<T: serde::de::DeserializeOwned>(value: toml::Value) -> Result<T, (String, String)> {
+pub(crate) fn located<T: serde::de::DeserializeOwned>(
+    value: toml::Value,
+) -> Result<T, (String, String)> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let msg = clean_serde(&e.inner().to_string());
         let mut path: Vec<String> = e
@@ -445,154 +402,268 @@ fn unknown_field_key(msg: &str) -> Option<String> {
     Some(rest.split('`').next()?.to_string())
 }
 
+/// A configuration that passed every check, with each value parsed once: what the
+/// daemon and the commands are built from. Nothing downstream parses a schedule or a
+/// region again, or falls back to a default.
+#[derive(Clone, Debug)]
+pub struct Checked {
+    pub daemon: DaemonConfig,
+    pub policy: PolicyConfig,
+    /// Region for numbers written without a country code.
+    pub region: phonenumber::country::Id,
+    /// The send gate's token; `None` when the gate is off or secrets were not read.
+    pub gate_token: Option<Secret>,
+    pub connectors: Vec<CheckedConnector>,
+}
+
+/// One connector instance, checked.
+#[derive(Clone, Debug)]
+pub struct CheckedConnector {
+    pub name: String,
+    pub kind: String,
+    pub settings: Arc<dyn Settings>,
+    /// Its secrets, read once (empty when checked without secrets).
+    pub secrets: Secrets,
+    pub takes: Takes,
+    /// When it polls on its own; `None` for a push-only connector.
+    pub poll: Option<PollSchedule>,
+    /// Full resyncs on this schedule.
+    pub full_resync: Option<cron::Schedule>,
+    pub linger: Linger,
+}
+
+/// When a connector polls on its own.
+#[derive(Clone, Debug)]
+pub enum PollSchedule {
+    Every(Duration),
+    Cron(Box<cron::Schedule>),
+}
+
+impl Checked {
+    pub fn connector(&self, name: &str) -> Option<&CheckedConnector> {
+        self.connectors.iter().find(|c| c.name == name)
+    }
+
+    pub fn normalizer(&self) -> crate::identity::Normalizer {
+        crate::identity::Normalizer::new(self.region)
+    }
+}
+
+/// Problems found so far, located in the file.
+struct Found<'a> {
+    loc: Locator<'a>,
+    problems: Vec<Problem>,
+}
+
+impl Found<'_> {
+    fn add(&mut self, key: &str, message: impl Into<String>) {
+        self.problems.push(self.loc.problem(key, message.into()));
+    }
+}
+
 impl Config {
     /// Checks meaning: regions, schedules, references between sections, and that every
-    /// secret can be read now (env set, file private). Returns every problem found.
-    pub fn validate(&self) -> Result<(), Problems> {
+    /// secret can be read now (env set, file private). Returns every problem found, or the
+    /// checked configuration with its secrets read.
+    pub fn validate(&self) -> Result<Checked, Problems> {
         self.check(true)
     }
 
     /// Like [`Config::validate`] but without reading secrets: for commands that only
     /// open the store or talk to the running daemon.
-    pub fn validate_without_secrets(&self) -> Result<(), Problems> {
+    pub fn validate_without_secrets(&self) -> Result<Checked, Problems> {
         self.check(false)
     }
 
-    fn check(&self, secrets: bool) -> Result<(), Problems> {
-        let loc = Locator::new(&self.source);
-        let mut p = Vec::new();
+    fn check(&self, secrets: bool) -> Result<Checked, Problems> {
+        let mut found = Found {
+            loc: Locator::new(&self.source),
+            problems: Vec::new(),
+        };
+        let region = self.check_daemon(&mut found);
+        let gate_token = match &self.daemon.gate_token {
+            Some(s) if secrets => s
+                .resolve()
+                .map_err(|e| found.add("daemon.gate_token", e.to_string()))
+                .ok(),
+            _ => None,
+        };
+        self.check_policy(&mut found);
+        let connectors: Vec<CheckedConnector> = (self.connectors.iter())
+            .filter_map(|c| check_connector(c, secrets, &mut found))
+            .collect();
+        if connectors.iter().filter(|c| c.kind == "whatsapp").count() > 1 {
+            found.add(
+                "connectors",
+                "only one whatsapp connector per daemon: it owns the webhook route",
+            );
+        }
+        match region {
+            Some(region) if found.problems.is_empty() => Ok(Checked {
+                daemon: self.daemon.clone(),
+                policy: self.policy.to_policy(),
+                region,
+                gate_token,
+                connectors,
+            }),
+            _ => Err(Problems {
+                file: self.path.clone(),
+                problems: found.problems,
+            }),
+        }
+    }
+
+    /// `[daemon]`: the region (parsed), paths and the shutdown deadline.
+    fn check_daemon(&self, found: &mut Found) -> Option<phonenumber::country::Id> {
         let d = &self.daemon;
-        if crate::identity::Normalizer::parse_region(&d.default_region).is_none() {
-            p.push(loc.problem(
+        let region = crate::identity::Normalizer::parse_region(&d.default_region);
+        if region.is_none() {
+            found.add(
                 "daemon.default_region",
                 format!(
                     "`{}` is not a two-letter region code (e.g. US, GB, BR)",
                     d.default_region
                 ),
-            ));
+            );
         }
         if !d.state_dir.is_absolute() {
-            p.push(loc.problem("daemon.state_dir", "must be an absolute path".into()));
+            found.add("daemon.state_dir", "must be an absolute path");
         }
         if !d.control_socket.is_absolute() {
-            p.push(loc.problem("daemon.control_socket", "must be an absolute path".into()));
+            found.add("daemon.control_socket", "must be an absolute path");
         }
         if d.shutdown_timeout < Duration::from_secs(1)
             || d.shutdown_timeout > Duration::from_secs(300)
         {
-            p.push(loc.problem(
+            found.add(
                 "daemon.shutdown_timeout",
-                "must be between 1s and 5m (and below systemd's TimeoutStopSec)".into(),
-            ));
+                "must be between 1s and 5m (and below systemd's TimeoutStopSec)",
+            );
         }
-        if let Some(s) = &d.gate_token
-            && secrets
-            && let Err(e) = s.resolve()
-        {
-            p.push(loc.problem("daemon.gate_token", e.to_string()));
-        }
+        region
+    }
+
+    /// `[policy]`: the margin and the sources whose opt-ins count.
+    fn check_policy(&self, found: &mut Found) {
         let pol = &self.policy;
         if pol.opt_in_margin > Duration::from_secs(24 * 3600) {
-            p.push(loc.problem(
+            found.add(
                 "policy.opt_in_margin",
-                "more than a day would ignore genuine opt-ins; use seconds to minutes".into(),
-            ));
+                "more than a day would ignore genuine opt-ins; use seconds to minutes",
+            );
         }
-        if let Some(list) = &pol.accept_opt_ins_from {
-            for name in list {
-                if name != "import" && !self.connectors.iter().any(|c| &c.name == name) {
-                    p.push(loc.problem(
-                        "policy.accept_opt_ins_from",
-                        format!("`{name}` is not a configured connector (nor `import`)"),
-                    ));
-                }
+        for name in pol.accept_opt_ins_from.iter().flatten() {
+            if name != "import" && !self.connectors.iter().any(|c| &c.name == name) {
+                found.add(
+                    "policy.accept_opt_ins_from",
+                    format!("`{name}` is not a configured connector (nor `import`)"),
+                );
             }
-        }
-        let mut whatsapp = 0;
-        for c in &self.connectors {
-            let key = |k: &str| format!("connectors.{}.{k}", c.name);
-            if !valid_name(&c.name) {
-                p.push(loc.problem(
-                    &format!("connectors.{}", c.name),
-                    "connector names use letters, digits, `-` and `_` (at most 64)".into(),
-                ));
-            }
-            if c.common.kind == Kind::Whatsapp {
-                whatsapp += 1;
-            }
-            if c.common.poll_interval.is_some() && c.common.poll_cron.is_some() {
-                p.push(loc.problem(
-                    &key("poll_cron"),
-                    "set poll_interval or poll_cron, not both".into(),
-                ));
-            }
-            if let Some(max) = c.common.push_max_linger
-                && max < c.common.push_linger
-            {
-                p.push(loc.problem(
-                    &key("push_max_linger"),
-                    "must be at least push_linger".into(),
-                ));
-            }
-            if let Some(i) = c.common.poll_interval
-                && i < Duration::from_millis(100)
-            {
-                p.push(loc.problem(&key("poll_interval"), "must be at least 100ms".into()));
-            }
-            for (field, expr) in [
-                ("poll_cron", &c.common.poll_cron),
-                ("full_resync_cron", &c.common.full_resync_cron),
-            ] {
-                if let Some(expr) = expr
-                    && let Err(e) = cron::Schedule::from_str(expr)
-                {
-                    let why = e
-                        .to_string()
-                        .lines()
-                        .last()
-                        .unwrap_or_default()
-                        .trim()
-                        .to_string();
-                    p.push(loc.problem(&key(field), format!("`{expr}` is not a cron expression ({why}); the format has a seconds field first, e.g. `0 */5 * * * *`")));
-                }
-            }
-            for (k, msg) in c.settings.validate() {
-                p.push(loc.problem(&key(&k), msg));
-            }
-            for (k, secret) in c.settings.secrets() {
-                if !secrets {
-                    continue;
-                }
-                if let Err(e) = secret.resolve() {
-                    p.push(loc.problem(&key(&k), e.to_string()));
-                }
-            }
-        }
-        if whatsapp > 1 {
-            p.push(loc.problem(
-                "connectors",
-                "only one whatsapp connector per daemon: it owns the webhook route".into(),
-            ));
-        }
-        if p.is_empty() {
-            Ok(())
-        } else {
-            Err(Problems {
-                file: self.path.clone(),
-                problems: p,
-            })
         }
     }
+}
 
-    pub fn connector(&self, name: &str) -> Option<&ConnectorConfig> {
-        self.connectors.iter().find(|c| c.name == name)
+/// One `[connectors.NAME]` table: the daemon's keys, then the connector's own settings and
+/// secrets through the connector contract.
+fn check_connector(
+    c: &ConnectorConfig,
+    read_secrets: bool,
+    found: &mut Found,
+) -> Option<CheckedConnector> {
+    let key = |k: &str| format!("connectors.{}.{k}", c.name);
+    let before = found.problems.len();
+    if !valid_name(&c.name) {
+        found.add(
+            &format!("connectors.{}", c.name),
+            "connector names use letters, digits, `-` and `_` (at most 64)",
+        );
     }
+    let (poll, full_resync) = check_schedules(c, found);
+    for p in c.settings.validate() {
+        found.add(&key(&p.key), p.message);
+    }
+    let secrets = if read_secrets {
+        let (secrets, problems) = optout_core::contract::resolve(c.settings.as_ref());
+        for p in problems {
+            found.add(&key(&p.key), p.message);
+        }
+        secrets
+    } else {
+        Secrets::default()
+    };
+    let (Some(poll), Some(full_resync)) = (poll, full_resync) else {
+        return None;
+    };
+    (found.problems.len() == before).then(|| CheckedConnector {
+        name: c.name.clone(),
+        kind: c.common.kind.clone(),
+        takes: c.settings.takes(),
+        poll,
+        full_resync,
+        linger: c.common.linger(),
+        secrets,
+        settings: c.settings.clone(),
+    })
+}
 
-    pub fn normalizer(&self) -> crate::identity::Normalizer {
-        let region = crate::identity::Normalizer::parse_region(&self.daemon.default_region)
-            .unwrap_or(phonenumber::country::Id::US);
-        crate::identity::Normalizer::new(region)
+/// The poll and full-resync schedules, parsed: `None` for one that is wrong (a problem is
+/// recorded); `Some(None)` when there is none.
+#[allow(clippy::type_complexity)]
+fn check_schedules(
+    c: &ConnectorConfig,
+    found: &mut Found,
+) -> (Option<Option<PollSchedule>>, Option<Option<cron::Schedule>>) {
+    let key = |k: &str| format!("connectors.{}.{k}", c.name);
+    let common = &c.common;
+    if common.poll_interval.is_some() && common.poll_cron.is_some() {
+        found.add(
+            &key("poll_cron"),
+            "set poll_interval or poll_cron, not both",
+        );
     }
+    if let Some(max) = common.push_max_linger
+        && max < common.push_linger
+    {
+        found.add(&key("push_max_linger"), "must be at least push_linger");
+    }
+    if let Some(i) = common.poll_interval
+        && i < Duration::from_millis(100)
+    {
+        found.add(&key("poll_interval"), "must be at least 100ms");
+    }
+    let mut cron_of = |field: &str, expr: &Option<String>| match expr {
+        None => Some(None),
+        Some(expr) => match cron::Schedule::from_str(expr) {
+            Ok(s) => Some(Some(s)),
+            Err(e) => {
+                found.add(&key(field), cron_problem(expr, &e));
+                None
+            }
+        },
+    };
+    let poll_cron = cron_of("poll_cron", &common.poll_cron);
+    let full = cron_of("full_resync_cron", &common.full_resync_cron);
+    let poll = poll_cron.map(|cron| match (c.settings.polling(), cron) {
+        (Polling::Never, _) => None,
+        (_, Some(cron)) => Some(PollSchedule::Cron(Box::new(cron))),
+        (Polling::Every(default), None) => {
+            Some(PollSchedule::Every(common.poll_interval.unwrap_or(default)))
+        }
+    });
+    (poll, full)
+}
+
+fn cron_problem(expr: &str, e: &cron::error::Error) -> String {
+    let why = e
+        .to_string()
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    format!(
+        "`{expr}` is not a cron expression ({why}); the format has a seconds field first, e.g. `0 */5 * * * *`"
+    )
 }
 
 fn valid_name(n: &str) -> bool {

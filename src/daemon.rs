@@ -13,32 +13,28 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use optout_core::{Connector, Timestamp};
+use optout_core::{DynConnector, Host, Timestamp};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, ConnectorConfig, Kind, Settings};
+use crate::config::{Checked, CheckedConnector, PollSchedule};
 use crate::control::{self, Request};
 use crate::inbox::StoreInbox;
 use crate::metrics::{Metrics, ScopeDecision};
-use crate::reconcile::{Engine, Takes};
+use crate::reconcile::Engine;
 use crate::systemd::Notifier;
 use crate::workers::{
-    self, ConnectorStatus, PageHook, PollSettings, Schedule, StatusCell, Trigger, WorkerContext,
+    self, ConnectorStatus, PollSettings, Schedule, StatusCell, Trigger, WorkerContext,
 };
 
-/// Default poll interval of CRM connectors when the configuration sets none.
-const DEFAULT_CRM_INTERVAL: Duration = Duration::from_secs(30);
 /// How often the store's high-water mark is recorded (see `Store::save_high_water`).
 const HIGH_WATER_INTERVAL: Duration = Duration::from_secs(30);
-/// WhatsApp is woken by each webhook; this tick only catches a missed wake-up.
-const WHATSAPP_SAFETY_TICK: Duration = Duration::from_secs(5);
 
 /// Everything the control socket and the metrics scrape need.
 pub struct Daemon {
-    pub config: Config,
+    pub checked: Checked,
     pub engine: Arc<Engine>,
     pub metrics: Arc<Metrics>,
     pub statuses: BTreeMap<String, StatusCell>,
@@ -48,170 +44,233 @@ pub struct Daemon {
 }
 
 /// Runs until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<()> {
+pub async fn run(checked: Checked) -> Result<()> {
     // The handlers are installed now, before READY=1: a SIGTERM that follows READY at once
     // must stop the daemon cleanly, not kill it with the default action.
     let stop = stop_signals()?;
-    run_until(config, stop, None).await
+    run_until(checked, stop, None).await
 }
 
 /// Runs until `stop` completes; sends the HTTP listener's address on `bound_tx` once ready
 /// (the demo and tests run the daemon in-process).
 pub async fn run_until(
-    config: Config,
+    checked: Checked,
     stop: impl std::future::Future<Output = ()>,
     bound_tx: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
 ) -> Result<()> {
     let notifier = Notifier::from_env();
     let started = Timestamp::now();
-    let engine = Arc::new(crate::cli::open_engine(&config)?);
-    let abandoned = engine.abandon_in_flight(started)?;
+    let engine = Arc::new(crate::app::open_engine(&checked)?);
+    abandon_in_flight(&engine, started)?;
+    let metrics = Arc::new(Metrics::new());
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let ctx = Arc::new(WorkerContext {
+        engine: engine.clone(),
+        metrics: metrics.clone(),
+        push_wakers: (checked.connectors.iter())
+            .map(|c| (c.name.clone(), Arc::new(Notify::new())))
+            .collect(),
+        cancel: cancel.clone(),
+    });
+    let started_connectors = start_connectors(&checked, &ctx, &tracker)?;
+    let daemon = Arc::new(Daemon {
+        checked,
+        engine,
+        metrics,
+        statuses: started_connectors.statuses,
+        triggers: started_connectors.triggers,
+        ready: Arc::new(AtomicBool::new(false)),
+        started,
+    });
+    let bound = serve_http(&daemon, started_connectors.routes, &tracker, &cancel).await?;
+    serve_control(&daemon, &tracker, &cancel)?;
+    spawn_high_water(&daemon, &tracker, &cancel);
+    announce_ready(&daemon, &notifier, bound, &tracker, &cancel);
+    if let Some(tx) = bound_tx {
+        let _ = tx.send(bound);
+    }
+    stop.await;
+    shut_down(&daemon, &notifier, &tracker, &cancel).await
+}
+
+/// Confirmation replies a crash left in flight are abandoned (and audited), never re-sent.
+fn abandon_in_flight(engine: &Engine, now: Timestamp) -> Result<()> {
+    let abandoned = engine.abandon_in_flight(now)?;
     if abandoned > 0 {
         tracing::warn!(
             count = abandoned,
             "confirmation replies interrupted by the last stop were abandoned, not re-sent"
         );
     }
-    let metrics = Arc::new(Metrics::new());
-    let cancel = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let push_wakers: BTreeMap<String, Arc<Notify>> = config
-        .connectors
-        .iter()
-        .map(|c| (c.name.clone(), Arc::new(Notify::new())))
-        .collect();
-    let ctx = Arc::new(WorkerContext {
-        engine: engine.clone(),
-        metrics: metrics.clone(),
-        push_wakers,
-        cancel: cancel.clone(),
-    });
-    let targets = crate::cli::targets(&config);
-    let mut statuses = BTreeMap::new();
-    let mut triggers = BTreeMap::new();
-    let mut webhook_routes = None;
-    for c in &config.connectors {
+    Ok(())
+}
+
+/// What starting the connectors gives the rest of the daemon.
+struct StartedConnectors {
+    statuses: BTreeMap<String, StatusCell>,
+    triggers: BTreeMap<String, mpsc::Sender<Trigger>>,
+    /// HTTP routes connectors mount on the listener (WhatsApp's webhook).
+    routes: Vec<axum::Router>,
+}
+
+/// Builds every configured connector and starts its workers.
+fn start_connectors(
+    checked: &Checked,
+    ctx: &Arc<WorkerContext>,
+    tracker: &TaskTracker,
+) -> Result<StartedConnectors> {
+    let host = Host {
+        inbox: Arc::new(StoreInbox {
+            store: ctx.engine.store().clone(),
+            metrics: ctx.metrics.clone(),
+        }),
+    };
+    let mut started = StartedConnectors {
+        statuses: BTreeMap::new(),
+        triggers: BTreeMap::new(),
+        routes: Vec::new(),
+    };
+    for c in &checked.connectors {
+        let connector = crate::app::connector(c, &host)?;
         let status: StatusCell = Arc::new(Mutex::new(ConnectorStatus {
             name: c.name.clone(),
-            kind: c.common.kind.as_str().to_string(),
+            kind: c.kind.clone(),
             healthy: true,
-            cursor: engine.store().cursor(&c.name)?,
+            cursor: ctx.engine.store().cursor(&c.name)?,
             ..ConnectorStatus::default()
         }));
         let (tx, rx) = mpsc::channel(16);
-        let takes = targets.get(&c.name).cloned().unwrap_or(Takes::Nothing);
-        let spawn = Spawn {
-            tracker: &tracker,
-            ctx: &ctx,
-            c,
-            status: status.clone(),
-            triggers: rx,
-            takes,
-        };
-        let what = format!("starting connector {}", c.name);
-        match &c.settings {
-            Settings::Hubspot(s) => spawn.start(
-                optout_hubspot::HubSpot::new(&c.name, s.clone()).context(what)?,
-                None,
-            ),
-            Settings::Salesforce(s) => spawn.start(
-                optout_salesforce::SalesforceConnector::new(&c.name, s.clone()).context(what)?,
-                None,
-            ),
-            Settings::Webhook(s) => spawn.start(
-                optout_webhook::WebhookConnector::new(&c.name, s.clone()).context(what)?,
-                None,
-            ),
-            Settings::Whatsapp(s) => {
-                let inbox = Arc::new(StoreInbox {
-                    store: engine.store().clone(),
-                    metrics: metrics.clone(),
-                });
-                let wa = optout_whatsapp::WhatsApp::new(&c.name, s.clone(), inbox).context(what)?;
-                webhook_routes = Some(wa.router());
-                // Each stored webhook wakes the poll worker: an opt-out never waits for a tick.
-                let appended = wa.webhook().appended();
-                let wake = tx.clone();
-                let stop = cancel.clone();
-                tracker.spawn(async move {
-                    loop {
-                        tokio::select! {
-                            _ = stop.cancelled() => return,
-                            _ = appended.notified() => {
-                                let _ = wake.try_send(Trigger::Incremental { done: None });
-                            }
-                        }
-                    }
-                });
-                // Applied bodies leave the inbox (their cursor is saved already).
-                let store = engine.store().clone();
-                let trim: PageHook = Arc::new(move |page: &optout_core::Page| {
-                    if let Ok(seq) = page.cursor.0.parse::<u64>()
-                        && let Err(e) = store.inbox_trim(seq)
-                    {
-                        tracing::warn!(error = %e, "cannot trim the webhook inbox; will retry after the next page");
-                    }
-                });
-                spawn.start(wa, Some(trim))
+        if let Some(wake) = connector.wake_up() {
+            spawn_wake_forwarder(wake, tx.clone(), tracker, ctx.cancel.clone());
+        }
+        started.routes.extend(connector.routes());
+        spawn_workers(tracker, ctx, c, connector, status.clone(), rx);
+        started.statuses.insert(c.name.clone(), status);
+        started.triggers.insert(c.name.clone(), tx);
+    }
+    Ok(started)
+}
+
+/// Turns a connector's wake-ups (a stored webhook) into polls: an opt-out never waits for
+/// a tick.
+fn spawn_wake_forwarder(
+    wake: Arc<Notify>,
+    tx: mpsc::Sender<Trigger>,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) {
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = wake.notified() => {
+                    let _ = tx.try_send(Trigger::Incremental { done: None });
+                }
             }
         }
-        statuses.insert(c.name.clone(), status);
-        triggers.insert(c.name.clone(), tx);
-    }
-
-    let ready = Arc::new(AtomicBool::new(false));
-    let daemon = Arc::new(Daemon {
-        config: config.clone(),
-        engine: engine.clone(),
-        metrics: metrics.clone(),
-        statuses,
-        triggers,
-        ready: ready.clone(),
-        started,
     });
+}
 
-    // HTTP listener.
-    let gate_token = match &config.daemon.gate_token {
-        Some(r) => Some(r.resolve().context("reading daemon.gate_token")?),
-        None => None,
-    };
+/// The poll worker (unless push-only), the health worker and the push worker of one
+/// connector.
+fn spawn_workers(
+    tracker: &TaskTracker,
+    ctx: &Arc<WorkerContext>,
+    c: &CheckedConnector,
+    connector: Arc<dyn DynConnector>,
+    status: StatusCell,
+    triggers: mpsc::Receiver<Trigger>,
+) {
+    if let Some(poll) = &c.poll {
+        let committed = connector.clone();
+        let settings = PollSettings {
+            name: c.name.clone(),
+            status: status.clone(),
+            triggers,
+            schedule: match poll {
+                PollSchedule::Every(d) => Schedule::Interval(*d),
+                PollSchedule::Cron(s) => Schedule::Cron(s.clone()),
+            },
+            full_resync: c.full_resync.clone().map(|s| Schedule::Cron(Box::new(s))),
+            after_page: Some(Arc::new(move |page: &optout_core::Page| {
+                committed.committed(page)
+            })),
+        };
+        tracker.spawn(workers::poll_worker(
+            connector.clone(),
+            ctx.clone(),
+            settings,
+        ));
+    }
+    tracker.spawn(workers::health_worker(
+        c.name.clone(),
+        connector.clone(),
+        status.clone(),
+        ctx.cancel.clone(),
+    ));
+    tracker.spawn(workers::push_worker(
+        c.name.clone(),
+        connector,
+        ctx.clone(),
+        status,
+        c.takes.clone(),
+        c.linger,
+    ));
+}
+
+/// Binds the HTTP listener (gate, metrics, health, connectors' routes) and serves it.
+async fn serve_http(
+    daemon: &Arc<Daemon>,
+    routes: Vec<axum::Router>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> Result<std::net::SocketAddr> {
     let d = daemon.clone();
     let http_state = Arc::new(crate::http::HttpState {
-        engine: engine.clone(),
-        metrics: metrics.clone(),
-        gate_token,
-        ready: ready.clone(),
+        engine: daemon.engine.clone(),
+        metrics: daemon.metrics.clone(),
+        gate_token: daemon.checked.gate_token.clone(),
+        ready: daemon.ready.clone(),
         refresh: Arc::new(move |m: &Metrics| d.refresh_metrics(m)),
     });
-    let mut app = crate::http::router(http_state);
-    if let Some(routes) = webhook_routes {
-        app = app.merge(routes);
-    }
-    let listener = tokio::net::TcpListener::bind(config.daemon.listen)
+    let app = (routes.into_iter()).fold(crate::http::router(http_state), axum::Router::merge);
+    let listen = daemon.checked.daemon.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("binding the HTTP listener on {}", config.daemon.listen))?;
+        .with_context(|| format!("binding the HTTP listener on {listen}"))?;
     let bound = listener.local_addr()?;
-    let c2 = cancel.clone();
+    let stop = cancel.clone();
     tracker.spawn(async move {
-        let server = axum::serve(listener, app).with_graceful_shutdown(c2.cancelled_owned());
+        let server = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
         if let Err(e) = server.await {
             tracing::error!(error = %e, "HTTP listener failed");
         }
     });
+    Ok(bound)
+}
 
-    // Control socket.
-    let socket_path = config.daemon.control_socket.clone();
-    let control_listener = control::bind(&socket_path)
-        .with_context(|| format!("binding the control socket {}", socket_path.display()))?;
+/// Binds the control socket and serves it.
+fn serve_control(
+    daemon: &Arc<Daemon>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let path = daemon.checked.daemon.control_socket.clone();
+    let listener = control::bind(&path)
+        .with_context(|| format!("binding the control socket {}", path.display()))?;
     tracker.spawn(control::serve(
-        control_listener,
-        socket_path.clone(),
+        listener,
+        path,
         daemon.clone(),
         cancel.clone(),
     ));
+    Ok(())
+}
 
-    // Remember how far the audit log reaches, so a store damaged later is noticed.
-    let (store, watch) = (engine.store().clone(), cancel.clone());
+/// Remembers how far the audit log reaches, so a store damaged later is noticed.
+fn spawn_high_water(daemon: &Daemon, tracker: &TaskTracker, cancel: &CancellationToken) {
+    let (store, watch) = (daemon.engine.store().clone(), cancel.clone());
     tracker.spawn(async move {
         loop {
             tokio::select! {
@@ -224,9 +283,20 @@ pub async fn run_until(
             }
         }
     });
+}
 
-    ready.store(true, Ordering::Release);
-    tracing::info!(listen = %bound, control = %socket_path.display(), connectors = config.connectors.len(), "optout-sync is ready");
+/// Marks the daemon ready, tells systemd, and starts the watchdog pings.
+fn announce_ready(
+    daemon: &Arc<Daemon>,
+    notifier: &Notifier,
+    bound: std::net::SocketAddr,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) {
+    daemon.ready.store(true, Ordering::Release);
+    let socket = daemon.checked.daemon.control_socket.display().to_string();
+    let count = daemon.checked.connectors.len();
+    tracing::info!(listen = %bound, control = %socket, connectors = count, "optout-sync is ready");
     notifier.ready();
     notifier.status(&format!("running; listening on {bound}"));
     let d = daemon.clone();
@@ -235,26 +305,30 @@ pub async fn run_until(
         move || d.ready.load(Ordering::Acquire),
         cancel.clone(),
     ));
+}
 
-    if let Some(tx) = bound_tx {
-        let _ = tx.send(bound);
-    }
-    stop.await;
+/// Stops polling, lets in-flight pushes finish within the deadline, flushes the store.
+async fn shut_down(
+    daemon: &Daemon,
+    notifier: &Notifier,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> Result<()> {
     notifier.stopping();
     notifier.status("stopping");
-    ready.store(false, Ordering::Release);
+    daemon.ready.store(false, Ordering::Release);
     tracing::info!("stopping: no new polls; letting in-flight pushes finish");
     cancel.cancel();
     tracker.close();
-    let deadline = config.daemon.shutdown_timeout;
+    let deadline = daemon.checked.daemon.shutdown_timeout;
     if tokio::time::timeout(deadline, tracker.wait())
         .await
         .is_err()
     {
         tracing::warn!(deadline = ?deadline, "shutdown deadline reached; unfinished pushes stay in the outbox for the next start");
     }
-    engine.store().flush().await?;
-    engine.store().save_high_water()?;
+    daemon.engine.store().flush().await?;
+    daemon.engine.store().save_high_water()?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -275,60 +349,6 @@ fn stop_signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
             }
         }
     })
-}
-
-struct Spawn<'a> {
-    tracker: &'a TaskTracker,
-    ctx: &'a Arc<WorkerContext>,
-    c: &'a ConnectorConfig,
-    status: StatusCell,
-    triggers: mpsc::Receiver<Trigger>,
-    takes: Takes,
-}
-
-impl Spawn<'_> {
-    fn start<C: Connector>(self, connector: C, after_page: Option<PageHook>) {
-        let connector = Arc::new(connector);
-        let name = self.c.name.clone();
-        let common = &self.c.common;
-        let schedule = match (&common.poll_cron, common.poll_interval, common.kind) {
-            (Some(expr), _, _) => Schedule::cron(expr).unwrap_or(Schedule::OnDemand),
-            (None, Some(i), _) => Schedule::Interval(i),
-            (None, None, Kind::Whatsapp) => Schedule::Interval(WHATSAPP_SAFETY_TICK),
-            (None, None, Kind::Webhook) => Schedule::OnDemand,
-            (None, None, _) => Schedule::Interval(DEFAULT_CRM_INTERVAL),
-        };
-        let full = common.full_resync_cron.as_deref().and_then(Schedule::cron);
-        if common.kind != Kind::Webhook {
-            let settings = PollSettings {
-                name: name.clone(),
-                status: self.status.clone(),
-                triggers: self.triggers,
-                schedule,
-                full_resync: full,
-                after_page,
-            };
-            self.tracker.spawn(workers::poll_worker(
-                connector.clone(),
-                self.ctx.clone(),
-                settings,
-            ));
-        }
-        self.tracker.spawn(workers::health_worker(
-            name.clone(),
-            connector.clone(),
-            self.status.clone(),
-            self.ctx.cancel.clone(),
-        ));
-        self.tracker.spawn(workers::push_worker(
-            name,
-            connector,
-            self.ctx.clone(),
-            self.status,
-            self.takes,
-            common.linger(),
-        ));
-    }
 }
 
 impl Daemon {
@@ -384,7 +404,7 @@ impl Daemon {
         for (c, _, _) in store.dead_letters().flatten() {
             *dead.entry(c).or_insert(0) += 1;
         }
-        let overdue = Timestamp::now().minus(self.config.daemon.unverified_after);
+        let overdue = Timestamp::now().minus(self.checked.daemon.unverified_after);
         let mut unverified = BTreeMap::new();
         for (c, _, at) in store.unverified().flatten() {
             if at < overdue {
@@ -467,8 +487,11 @@ impl control::Handler for Daemon {
                 };
                 let mut waiting = Vec::new();
                 for name in names {
-                    let kind = self.config.connector(&name).map(|c| c.common.kind);
-                    if kind == Some(Kind::Webhook) {
+                    let push_only = self
+                        .checked
+                        .connector(&name)
+                        .is_some_and(|c| c.poll.is_none());
+                    if push_only {
                         // Push-only: a resync re-queues its dead letters.
                         let engine = self.engine.clone();
                         let n = name.clone();

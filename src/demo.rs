@@ -138,8 +138,7 @@ secret = {{ file = "{hook_secret}" }}
     );
     let config_path = d.join("optout-sync.toml");
     std::fs::write(&config_path, &config)?;
-    let config = crate::config::load(&config_path).map_err(|p| anyhow::anyhow!("{p}"))?;
-    config.validate().map_err(|p| anyhow::anyhow!("{p}"))?;
+    let config = crate::app::load(&config_path)?;
     let socket = config.daemon.control_socket.clone();
 
     let started = Instant::now();

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use optout_core::Timestamp;
-use optout_whatsapp::{Inbox, InboxEntry, InboxError};
+use optout_core::contract::BoxFuture;
+use optout_core::{Inbox, InboxEntry, InboxError};
 
 use crate::metrics::{Metrics, SourceResult};
 use crate::store::Store;
@@ -28,46 +29,63 @@ impl StoreInbox {
 }
 
 impl Inbox for StoreInbox {
-    async fn append(&self, body: Bytes, received_at: Timestamp) -> Result<(), InboxError> {
-        match self.store.inbox_append(received_at, &body).await {
-            Ok(_) => {
-                self.count("stored");
-                Ok(())
+    fn append(&self, body: Bytes, received_at: Timestamp) -> BoxFuture<'_, Result<(), InboxError>> {
+        Box::pin(async move {
+            match self.store.inbox_append(received_at, &body).await {
+                Ok(_) => {
+                    self.count("stored");
+                    Ok(())
+                }
+                Err(e) => {
+                    self.count("store_failed");
+                    tracing::error!(error = %e, "cannot store a webhook; answering 503 so Meta retries");
+                    Err(InboxError(e.to_string()))
+                }
             }
-            Err(e) => {
-                self.count("store_failed");
-                tracing::error!(error = %e, "cannot store a webhook; answering 503 so Meta retries");
-                Err(InboxError(e.to_string()))
-            }
-        }
+        })
     }
 
-    async fn quarantine(
+    fn quarantine(
         &self,
         body: Bytes,
         received_at: Timestamp,
         reason: String,
-    ) -> Result<(), InboxError> {
-        self.count("quarantined");
-        tracing::warn!(reason = %reason, bytes = body.len(), "signed webhook body quarantined");
-        self.store
-            .quarantine(received_at, &body, &reason)
-            .await
-            .map_err(|e| InboxError(e.to_string()))
+    ) -> BoxFuture<'_, Result<(), InboxError>> {
+        Box::pin(async move {
+            self.count("quarantined");
+            tracing::warn!(reason = %reason, bytes = body.len(), "signed webhook body quarantined");
+            self.store
+                .quarantine(received_at, &body, &reason)
+                .await
+                .map_err(|e| InboxError(e.to_string()))
+        })
     }
 
-    async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<InboxEntry>, InboxError> {
-        let entries = self
-            .store
-            .inbox_after(after, limit)
-            .map_err(|e| InboxError(e.to_string()))?;
-        Ok(entries
-            .into_iter()
-            .map(|(seq, rec)| InboxEntry {
-                seq,
-                received_at: rec.received_at,
-                body: Bytes::from(rec.body),
-            })
-            .collect())
+    fn read_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<InboxEntry>, InboxError>> {
+        Box::pin(async move {
+            let entries = self
+                .store
+                .inbox_after(after, limit)
+                .map_err(|e| InboxError(e.to_string()))?;
+            Ok(entries
+                .into_iter()
+                .map(|(seq, rec)| InboxEntry {
+                    seq,
+                    received_at: rec.received_at,
+                    body: Bytes::from(rec.body),
+                })
+                .collect())
+        })
+    }
+
+    fn trim(&self, seq: u64) -> Result<(), InboxError> {
+        self.store
+            .inbox_trim(seq)
+            .map(|_| ())
+            .map_err(|e| InboxError(e.to_string()))
     }
 }

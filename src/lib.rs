@@ -1,20 +1,27 @@
 //! optout-sync: makes a customer's WhatsApp opt-out take effect in every system a
 //! business messages from. See README.md (Architecture) for the map of this crate.
+//!
+//! The public surface is what the binary, the tests and the benchmarks use: the command
+//! line ([`cli`]), the control protocol ([`control`]) and phone-number normalisation
+//! ([`identity`]); everything else is private to the daemon.
 
-pub mod audit;
+mod app;
+mod audit;
 pub mod cli;
-pub mod config;
+mod config;
 pub mod control;
-pub mod daemon;
-pub mod demo;
-pub mod http;
+mod daemon;
+#[cfg(feature = "demo")]
+mod demo;
+mod http;
 pub mod identity;
-pub mod import;
-pub mod inbox;
-pub mod lookup;
-pub mod metrics;
-pub mod policy;
-pub mod reconcile;
-pub mod store;
-pub mod systemd;
-pub mod workers;
+mod import;
+mod inbox;
+mod lookup;
+mod metrics;
+mod policy;
+mod reconcile;
+mod registry;
+mod store;
+mod systemd;
+mod workers;

@@ -28,22 +28,7 @@ use crate::store::{
 /// The WhatsApp customer service window: free-form replies only within it.
 pub const REPLY_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
-/// What a connector instance takes as pushes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Takes {
-    /// CRM records: the consent value of every linked record.
-    Records,
-    /// WhatsApp: confirmation replies to keyword opt-outs/opt-ins (when enabled).
-    Replies,
-    /// Automation webhooks: every decision change.
-    Events,
-    /// Nothing (a WhatsApp instance with confirmations off).
-    Nothing,
-}
-
-/// How long a push may take to show in reads (HubSpot's search index lags) before a
-/// record still holding the old value is pushed again.
-pub const READBACK_GRACE: Duration = Duration::from_secs(120);
+pub use optout_core::Takes;
 
 /// The counter of live subjects (people), kept with the decision totals so `status` need
 /// not scan the store.

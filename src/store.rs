@@ -366,10 +366,6 @@ impl Store {
         Ok(())
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The last audit sequence number known to be on disk, from the marker file.
     fn marker_high_water(&self) -> Option<u64> {
         let text = std::fs::read_to_string(self.path.join(MARKER)).ok()?;
@@ -467,6 +463,7 @@ impl Store {
         Ok(())
     }
 
+    #[cfg(test)]
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
@@ -571,6 +568,7 @@ impl Store {
         })
     }
 
+    #[cfg(test)]
     pub fn outbox_len(&self) -> usize {
         self.trees[OUTBOX].len()
     }
@@ -642,6 +640,7 @@ impl Store {
             .collect()
     }
 
+    #[cfg(test)]
     pub fn subject_count(&self) -> usize {
         self.trees[SUBJECTS].len()
     }
@@ -743,11 +742,6 @@ impl Store {
             let (c, r) = split_key(&k);
             Ok((c, r, Timestamp(i64_of(&v))))
         })
-    }
-
-    /// Bytes on disk, for status and benchmarks.
-    pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
     }
 }
 

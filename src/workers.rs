@@ -201,7 +201,7 @@ pub struct PollSettings {
 }
 
 /// The poll worker of one connector instance.
-pub async fn poll_worker<C: Connector>(
+pub async fn poll_worker<C: Connector + ?Sized>(
     connector: Arc<C>,
     ctx: Arc<WorkerContext>,
     settings: PollSettings,
@@ -395,7 +395,7 @@ impl Linger {
 }
 
 /// The push worker of one connector instance.
-pub async fn push_worker<C: Connector>(
+pub async fn push_worker<C: Connector + ?Sized>(
     name: String,
     connector: Arc<C>,
     ctx: Arc<WorkerContext>,
@@ -552,7 +552,7 @@ pub async fn push_worker<C: Connector>(
 const HEALTH_INTERVAL: Duration = Duration::from_secs(300);
 
 /// Runs the connector's health check at start and every few minutes, for `status`.
-pub async fn health_worker<C: Connector>(
+pub async fn health_worker<C: Connector + ?Sized>(
     name: String,
     connector: Arc<C>,
     status: StatusCell,

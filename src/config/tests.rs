@@ -35,10 +35,10 @@ fn problems(src: &str) -> Problems {
 #[test]
 fn good_file_parses_and_validates() {
     let c = parse(Path::new("test.toml"), GOOD).unwrap();
-    c.validate().unwrap();
+    let checked = c.validate().unwrap();
     assert_eq!(c.connectors.len(), 2);
     assert_eq!(c.policy.opt_in_margin, Duration::from_secs(10));
-    assert_eq!(c.connector("crm-eu").unwrap().common.kind, Kind::Hubspot);
+    assert_eq!(checked.connector("crm-eu").unwrap().kind, "hubspot");
     assert_eq!(
         c.daemon.control_socket,
         PathBuf::from("/run/optout-sync/control.sock")
@@ -199,4 +199,36 @@ fn problems_inside_a_connectors_own_settings_name_and_locate_their_key() {
         "{p}"
     );
     assert!(p.to_string().starts_with("test.toml:25:8: "), "{p}");
+}
+
+#[test]
+fn checking_yields_parsed_values_once() {
+    let checked = parse(Path::new("test.toml"), GOOD)
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert_eq!(checked.region, phonenumber::country::Id::GB);
+    let hs = checked.connector("crm-eu").unwrap();
+    assert!(matches!(hs.poll, Some(PollSchedule::Every(d)) if d == Duration::from_secs(30)));
+    let full = hs.full_resync.as_ref().expect("parsed cron");
+    assert!(full.upcoming(chrono::Utc).next().is_some());
+    assert_eq!(hs.takes, Takes::Records);
+    assert!(hs.secrets.get("token").is_ok(), "the token was read once");
+    // WhatsApp has no schedule of its own in the file: its kind's default safety tick.
+    let wa = checked.connector("whatsapp").unwrap();
+    assert!(matches!(wa.poll, Some(PollSchedule::Every(d)) if d == Duration::from_secs(5)));
+    assert_eq!(wa.takes, Takes::Nothing);
+    // Without secrets, nothing is read.
+    let offline = parse(Path::new("test.toml"), GOOD)
+        .unwrap()
+        .validate_without_secrets()
+        .unwrap();
+    assert!(
+        offline
+            .connector("crm-eu")
+            .unwrap()
+            .secrets
+            .get("token")
+            .is_err()
+    );
 }

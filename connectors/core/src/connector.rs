@@ -1,9 +1,10 @@
 //! The connector trait: how the core reads from and writes to one system.
 //!
-//! The daemon holds its connectors in a closed enum (the set is known), so the trait uses
-//! `async fn` without boxing.
+//! Connectors implement it with `async fn`; the daemon holds them as
+//! [`DynConnector`](crate::contract::DynConnector), which every `Connector` is.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -39,4 +40,19 @@ pub trait Connector: Send + Sync + 'static {
 
     /// The most items one `push` call takes (the vendor's batch limit).
     fn max_batch(&self) -> usize;
+
+    /// Called once a page and its cursor are durably stored: what the page carried may be
+    /// dropped now (WhatsApp trims its inbox).
+    fn committed(&self, _page: &Page) {}
+
+    /// Notified when new input is waiting (a stored webhook), so that it is polled at once
+    /// rather than at the next tick.
+    fn wake_up(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
+
+    /// HTTP routes the daemon mounts on its listener (a vendor that pushes to us).
+    fn routes(&self) -> Option<axum::Router> {
+        None
+    }
 }

@@ -1,20 +1,26 @@
 //! Shared ground of every optout-sync connector: the observation and push types that cross
 //! the boundary between a vendor's system and the consent core, the [`Connector`] trait,
 //! the error enum whose variants say what the caller should do next, a redacting
-//! [`Secret`], the one retry module and small HTTP helpers.
+//! [`Secret`], the one retry module and small HTTP helpers; and the connector contract
+//! ([`contract`]): how the daemon configures, checks and builds any connector, and the
+//! durable [`Inbox`] it offers connectors whose vendor pushes.
 //!
 //! Connectors depend only on this crate; the daemon depends on all of them. Nothing here
 //! knows a vendor's JSON or touches the store.
 
 pub mod connector;
+pub mod contract;
 pub mod error;
 pub mod http;
+pub mod inbox;
 pub mod model;
 pub mod retry;
 pub mod secret;
 
 pub use connector::{Connector, Health};
+pub use contract::{DynConnector, Host, Kind, Polling, Problem, Secrets, Settings, Takes};
 pub use error::ConnectorError;
+pub use inbox::{Inbox, InboxEntry, InboxError};
 pub use model::{
     ConsentEvent, Cursor, Identity, Observation, Page, Progress, PushItem, PushOutcome,
     RecordSnapshot, Reply, Scope, Signal, Status, Timestamp,

@@ -8,8 +8,8 @@
 //! client-side limiter per instance keeps polling and pushing together under the portal's
 //! limits.
 //!
-//! Code map: `config.rs` (settings and validation), `client.rs` (auth, HTTP, error
-//! classification), `limit.rs` (client-side rate limiting), `poll.rs`, `push.rs`,
+//! Code map: `lib.rs` (the connector and its registry entry, [`Kind`]), `config.rs`
+//! (settings and validation), `client.rs` (auth, HTTP, error classification), `limit.rs` (client-side rate limiting), `poll.rs`, `push.rs`,
 //! `properties.rs` (optional property creation), `fake.rs` (a stateful fake HubSpot, feature
 //! `fake`).
 
@@ -23,7 +23,13 @@ mod push;
 #[cfg(feature = "fake")]
 pub mod fake;
 
-use optout_core::{Connector, ConnectorError, Cursor, Health, Page, PushItem, PushOutcome};
+use std::sync::Arc;
+use std::time::Duration;
+
+use optout_core::{
+    Connector, ConnectorError, Cursor, DynConnector, Health, Host, Page, Polling, Problem,
+    PushItem, PushOutcome, SecretRef, Secrets, Takes,
+};
 
 pub use config::{Config, OAuthConfig};
 
@@ -49,24 +55,70 @@ impl std::fmt::Debug for HubSpot {
     }
 }
 
+/// The `kind = "hubspot"` entry of the daemon's registry.
+pub struct Kind;
+
+impl optout_core::Kind for Kind {
+    const NAME: &'static str = "hubspot";
+    type Settings = Config;
+}
+
+impl optout_core::Settings for Config {
+    fn validate(&self) -> Vec<Problem> {
+        to_problems(Config::validate(self))
+    }
+
+    fn secrets(&self) -> Vec<(String, SecretRef)> {
+        Config::secrets(self)
+            .into_iter()
+            .map(|(k, r)| (k.to_string(), r.clone()))
+            .collect()
+    }
+
+    fn takes(&self) -> Takes {
+        Takes::Records
+    }
+
+    fn polling(&self) -> Polling {
+        Polling::Every(DEFAULT_POLL)
+    }
+
+    fn build(
+        &self,
+        name: &str,
+        secrets: &Secrets,
+        _host: &Host,
+    ) -> Result<Arc<dyn DynConnector>, ConnectorError> {
+        Ok(Arc::new(HubSpot::from_secrets(
+            name,
+            self.clone(),
+            secrets,
+        )?))
+    }
+}
+
+/// How often a portal is searched for changes when the configuration sets no schedule.
+const DEFAULT_POLL: Duration = Duration::from_secs(30);
+
+fn to_problems(list: Vec<(String, String)>) -> Vec<Problem> {
+    list.into_iter().map(|(k, m)| Problem::new(k, m)).collect()
+}
+
 impl HubSpot {
     /// Validates the configuration and resolves its secrets. No request is sent.
     pub fn new(name: &str, config: Config) -> Result<Self, ConnectorError> {
-        check(&config, |_| true)?;
-        let resolve = |key: &str, r: &optout_core::SecretRef| {
-            r.resolve()
-                .map_err(|e| ConnectorError::Config(format!("{key}: {e}")))
-        };
-        let token = config
-            .token
-            .as_ref()
-            .map(|t| resolve("token", t))
-            .transpose()?;
+        let secrets = optout_core::contract::prepare(&config)?;
+        HubSpot::from_secrets(name, config, &secrets)
+    }
+
+    /// From checked settings and their resolved secrets (the daemon's path).
+    fn from_secrets(name: &str, config: Config, secrets: &Secrets) -> Result<Self, ConnectorError> {
+        let token = secrets.optional("token");
         let oauth = match &config.oauth {
             Some(o) => Some((
                 o.client_id.clone(),
-                resolve("oauth.client_secret", &o.client_secret)?,
-                resolve("oauth.refresh_token", &o.refresh_token)?,
+                secrets.get("oauth.client_secret")?,
+                secrets.get("oauth.refresh_token")?,
             )),
             None => None,
         };
@@ -80,7 +132,10 @@ impl HubSpot {
         config: Config,
         token: optout_core::Secret,
     ) -> Result<Self, ConnectorError> {
-        check(&config, |key| key != "token" && !key.starts_with("oauth."))?;
+        let problems = Config::validate(&config)
+            .into_iter()
+            .filter(|(key, _)| key != "token" && !key.starts_with("oauth."));
+        optout_core::contract::refuse(to_problems(problems.collect()))?;
         Ok(HubSpot::build(name, config, Some(token), None))
     }
 
@@ -106,21 +161,6 @@ impl HubSpot {
 
     pub fn name(&self) -> &str {
         &self.name
-    }
-}
-
-/// Fails with every validation problem whose key `relevant` accepts.
-fn check(config: &Config, relevant: impl Fn(&str) -> bool) -> Result<(), ConnectorError> {
-    let problems: Vec<String> = config
-        .validate()
-        .into_iter()
-        .filter(|(k, _)| relevant(k))
-        .map(|(k, p)| format!("{k}: {p}"))
-        .collect();
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(ConnectorError::Config(problems.join("; ")))
     }
 }
 
@@ -163,7 +203,6 @@ impl Connector for HubSpot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use optout_core::SecretRef;
 
     #[test]
     fn construction_refuses_bad_configuration_and_unreadable_secrets() {

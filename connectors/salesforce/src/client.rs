@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use optout_core::{ConnectorError, Secret, http};
+use optout_core::{ConnectorError, Secret, Secrets, http};
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
@@ -120,19 +120,13 @@ struct TokenError {
 }
 
 impl Client {
-    /// Resolves the secrets and parses the JWT key now, so a bad key fails at start-up.
-    pub fn new(name: &str, config: &Config) -> Result<Self, ConnectorError> {
-        let secret_error =
-            |key: &str, e: optout_core::SecretError| ConnectorError::Config(format!("{key}: {e}"));
+    /// Parses the JWT key now, so a bad key fails at start-up. `secrets` are the resolved
+    /// `auth.client_secret` or `auth.private_key`.
+    pub fn new(name: &str, config: &Config, secrets: &Secrets) -> Result<Self, ConnectorError> {
         let auth = match &config.auth {
-            AuthConfig::ClientCredentials {
-                client_id,
-                client_secret,
-            } => Auth::ClientCredentials {
+            AuthConfig::ClientCredentials { client_id, .. } => Auth::ClientCredentials {
                 client_id: client_id.clone(),
-                secret: client_secret
-                    .resolve()
-                    .map_err(|e| secret_error("auth.client_secret", e))?,
+                secret: secrets.get("auth.client_secret")?,
             },
             AuthConfig::JwtBearer {
                 client_id,
@@ -140,9 +134,7 @@ impl Client {
                 private_key,
                 audience,
             } => {
-                let pem = private_key
-                    .resolve()
-                    .map_err(|e| secret_error("auth.private_key", e))?;
+                let pem = secrets.get("auth.private_key")?;
                 let key = EncodingKey::from_rsa_pem(pem.expose().as_bytes()).map_err(|e| {
                     ConnectorError::Config(format!(
                         "auth.private_key ({}) is not an RSA private key in PEM form: {e}",

@@ -5,7 +5,8 @@
 //! rows, by polling SOQL on `SystemModstamp`; it writes desired values back through sObject
 //! Collections. It reports records as they are; deciding is the core's job.
 //!
-//! Code map: [`config`] (settings and checks), `client` (login, HTTP, error classification,
+//! Code map: `lib.rs` (the connector and its registry entry, [`Kind`]), [`config`]
+//! (settings and checks), `client` (login, HTTP, error classification,
 //! API usage), `soql` (literal escaping), `records` (record ↔ snapshot and write mapping),
 //! `poll` (cursor and paging), `push` (collections batches), `fake` (a stateful fake org,
 //! feature `fake`).
@@ -22,8 +23,12 @@ pub mod soql;
 pub mod fake;
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use optout_core::{Connector, ConnectorError, Cursor, Health, Page, PushItem, PushOutcome};
+use optout_core::{
+    Connector, ConnectorError, Cursor, DynConnector, Health, Host, Page, Polling, Problem,
+    PushItem, PushOutcome, SecretRef, Secrets, Takes,
+};
 use reqwest::Method;
 
 pub use client::LIMIT_EXCEEDED_PAUSE;
@@ -43,16 +48,65 @@ pub struct SalesforceConnector {
     sources: Vec<Source>,
 }
 
+/// The `kind = "salesforce"` entry of the daemon's registry.
+pub struct Kind;
+
+impl optout_core::Kind for Kind {
+    const NAME: &'static str = "salesforce";
+    type Settings = Config;
+}
+
+/// How often the org is queried for changes when the configuration sets no schedule.
+const DEFAULT_POLL: Duration = Duration::from_secs(30);
+
+impl optout_core::Settings for Config {
+    fn validate(&self) -> Vec<Problem> {
+        Config::validate(self)
+            .into_iter()
+            .map(|(k, m)| Problem::new(k, m))
+            .collect()
+    }
+
+    fn secrets(&self) -> Vec<(String, SecretRef)> {
+        Config::secrets(self)
+            .into_iter()
+            .map(|(k, r)| (k.to_string(), r.clone()))
+            .collect()
+    }
+
+    fn takes(&self) -> Takes {
+        Takes::Records
+    }
+
+    fn polling(&self) -> Polling {
+        Polling::Every(DEFAULT_POLL)
+    }
+
+    fn build(
+        &self,
+        name: &str,
+        secrets: &Secrets,
+        _host: &Host,
+    ) -> Result<Arc<dyn DynConnector>, ConnectorError> {
+        Ok(Arc::new(SalesforceConnector::from_secrets(
+            name,
+            self.clone(),
+            secrets,
+        )?))
+    }
+}
+
 impl SalesforceConnector {
     /// Checks the configuration, resolves the secrets and parses the JWT key. No request is
     /// sent until the first poll, push or health check.
     pub fn new(name: &str, config: Config) -> Result<Self, ConnectorError> {
-        let problems = config.validate();
-        if !problems.is_empty() {
-            let text: Vec<String> = problems.iter().map(|(k, p)| format!("{k}: {p}")).collect();
-            return Err(ConnectorError::Config(text.join("; ")));
-        }
-        let client = Client::new(name, &config)?;
+        let secrets = optout_core::contract::prepare(&config)?;
+        SalesforceConnector::from_secrets(name, config, &secrets)
+    }
+
+    /// From checked settings and their resolved secrets (the daemon's path).
+    fn from_secrets(name: &str, config: Config, secrets: &Secrets) -> Result<Self, ConnectorError> {
+        let client = Client::new(name, &config, secrets)?;
         let mut sources: Vec<Source> = config.objects.iter().cloned().map(Source::Object).collect();
         if config.messaging_end_user {
             sources.push(Source::MessagingEndUser);

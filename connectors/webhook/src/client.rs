@@ -71,16 +71,12 @@ impl Sender {
         secret: Secret,
         bearer_token: Option<Secret>,
     ) -> Result<Sender, ConnectorError> {
-        let problems = config.validate();
-        if !problems.is_empty() {
-            let list: Vec<String> = problems.iter().map(|(k, p)| format!("{k}: {p}")).collect();
-            return Err(ConnectorError::Config(list.join("; ")));
-        }
+        // The settings are checked (`optout_core::contract`); these conversions cannot fail
+        // for them, and fail cleanly, naming the key, for anything else.
         let url =
             parse_url(&config.url).map_err(|e| ConnectorError::Config(format!("url: {e}")))?;
         let mut headers = HeaderMap::new();
         for (name, value) in &config.headers {
-            // validate() above has checked both already.
             let name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| ConnectorError::Config(format!("headers.{name}: invalid name")))?;
             let value = HeaderValue::from_str(value)

@@ -5,7 +5,8 @@
 //!
 //! The event format and signing scheme are a public contract, documented in README.md.
 //!
-//! Code map: `config` (the TOML table), `event` (the JSON contract), `signature`
+//! Code map: `lib.rs` (the connector and its registry entry, [`Kind`]), `config` (the
+//! TOML table), `event` (the JSON contract), `signature`
 //! (HMAC signing and verification), `client` (one HTTP delivery and its classification),
 //! `push` (a batch: concurrency, holding back after a 429 or a dead endpoint), `fake`
 //! (a receiver for tests and the demo, feature `fake`).
@@ -18,7 +19,12 @@ pub mod fake;
 mod push;
 mod signature;
 
-use optout_core::{Connector, ConnectorError, Cursor, Health, Page, PushItem, PushOutcome, Secret};
+use std::sync::Arc;
+
+use optout_core::{
+    Connector, ConnectorError, Cursor, DynConnector, Health, Host, Page, Polling, Problem,
+    PushItem, PushOutcome, Secret, SecretRef, Secrets, Takes,
+};
 
 pub use config::Config;
 pub use event::{EVENT_TYPE, Event, Identities, event_id};
@@ -34,19 +40,63 @@ pub struct WebhookConnector {
     concurrency: usize,
 }
 
+/// The `kind = "webhook"` entry of the daemon's registry.
+pub struct Kind;
+
+impl optout_core::Kind for Kind {
+    const NAME: &'static str = "webhook";
+    type Settings = Config;
+}
+
+impl optout_core::Settings for Config {
+    fn validate(&self) -> Vec<Problem> {
+        Config::validate(self)
+            .into_iter()
+            .map(|(k, m)| Problem::new(k, m))
+            .collect()
+    }
+
+    fn secrets(&self) -> Vec<(String, SecretRef)> {
+        Config::secrets(self)
+            .into_iter()
+            .map(|(k, r)| (k.to_string(), r.clone()))
+            .collect()
+    }
+
+    fn takes(&self) -> Takes {
+        Takes::Events
+    }
+
+    /// Push-only: there is nothing to read.
+    fn polling(&self) -> Polling {
+        Polling::Never
+    }
+
+    fn build(
+        &self,
+        name: &str,
+        secrets: &Secrets,
+        _host: &Host,
+    ) -> Result<Arc<dyn DynConnector>, ConnectorError> {
+        let sender = client::Sender::new(
+            self,
+            secrets.get("secret")?,
+            secrets.optional("bearer_token"),
+        )?;
+        Ok(Arc::new(WebhookConnector::from_sender(name, self, sender)))
+    }
+}
+
 impl WebhookConnector {
-    /// Resolves the secrets named in `config` and builds the connector.
+    /// Checks `config`, resolves the secrets it names and builds the connector.
     pub fn new(name: &str, config: Config) -> Result<Self, ConnectorError> {
-        let resolve = |key: &str, r: &optout_core::SecretRef| {
-            r.resolve()
-                .map_err(|e| ConnectorError::Config(format!("{key}: {e}")))
-        };
-        let secret = resolve("secret", &config.secret)?;
-        let bearer = match &config.bearer_token {
-            Some(r) => Some(resolve("bearer_token", r)?),
-            None => None,
-        };
-        Self::with_secrets(name, config, secret, bearer)
+        let secrets = optout_core::contract::prepare(&config)?;
+        let sender = client::Sender::new(
+            &config,
+            secrets.get("secret")?,
+            secrets.optional("bearer_token"),
+        )?;
+        Ok(WebhookConnector::from_sender(name, &config, sender))
     }
 
     /// Builds the connector from secrets already in hand (the `secret` and
@@ -57,13 +107,18 @@ impl WebhookConnector {
         secret: Secret,
         bearer_token: Option<Secret>,
     ) -> Result<Self, ConnectorError> {
+        optout_core::contract::refuse(optout_core::Settings::validate(&config))?;
         let sender = client::Sender::new(&config, secret, bearer_token)?;
-        Ok(WebhookConnector {
+        Ok(WebhookConnector::from_sender(name, &config, sender))
+    }
+
+    fn from_sender(name: &str, config: &Config, sender: client::Sender) -> Self {
+        WebhookConnector {
             name: name.to_string(),
             sender,
             batch_size: config.batch_size,
             concurrency: config.concurrency,
-        })
+        }
     }
 }
 

@@ -84,24 +84,23 @@ pub(crate) struct Graph {
 }
 
 impl Graph {
+    /// `token` is `token_ref` as read at start; the reference is read again only after
+    /// Meta refuses the token (it may have been rotated).
     pub fn new(
         root: String,
         phone_number_id: String,
-        token_ref: SecretRef,
+        (token_ref, token): (SecretRef, Secret),
         timeout: Duration,
         per_second: u32,
-    ) -> Result<Self, ConnectorError> {
-        let token = token_ref
-            .resolve()
-            .map_err(|e| ConnectorError::Config(format!("access_token: {e}")))?;
-        Ok(Graph {
+    ) -> Self {
+        Graph {
             http: http::client(timeout),
             root,
             phone_number_id,
             token_ref,
             token: RwLock::new(token),
             limiter: Limiter::new(Duration::from_secs(1) / per_second.max(1)),
-        })
+        }
     }
 
     /// `POST /{version}/{phone_number_id}/messages`.

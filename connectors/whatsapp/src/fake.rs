@@ -25,7 +25,8 @@ use optout_core::Timestamp;
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use crate::inbox::{Inbox, InboxEntry, InboxError};
+use optout_core::contract::BoxFuture;
+use optout_core::inbox::{Inbox, InboxEntry, InboxError};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -85,39 +86,54 @@ impl MemoryInbox {
 }
 
 impl Inbox for MemoryInbox {
-    async fn append(&self, body: Bytes, received_at: Timestamp) -> Result<(), InboxError> {
-        let mut s = lock(&self.state);
-        s.fail()?;
-        s.last_seq += 1;
-        let seq = s.last_seq;
-        s.entries.push(InboxEntry {
-            seq,
-            received_at,
-            body,
-        });
-        Ok(())
+    fn append(&self, body: Bytes, received_at: Timestamp) -> BoxFuture<'_, Result<(), InboxError>> {
+        Box::pin(async move {
+            let mut s = lock(&self.state);
+            s.fail()?;
+            s.last_seq += 1;
+            let seq = s.last_seq;
+            s.entries.push(InboxEntry {
+                seq,
+                received_at,
+                body,
+            });
+            Ok(())
+        })
     }
 
-    async fn quarantine(
+    fn quarantine(
         &self,
         body: Bytes,
         _received_at: Timestamp,
         reason: String,
-    ) -> Result<(), InboxError> {
-        let mut s = lock(&self.state);
-        s.fail()?;
-        s.quarantined.push((body, reason));
-        Ok(())
+    ) -> BoxFuture<'_, Result<(), InboxError>> {
+        Box::pin(async move {
+            let mut s = lock(&self.state);
+            s.fail()?;
+            s.quarantined.push((body, reason));
+            Ok(())
+        })
     }
 
-    async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<InboxEntry>, InboxError> {
-        let s = lock(&self.state);
-        Ok(s.entries
-            .iter()
-            .filter(|e| e.seq > after)
-            .take(limit)
-            .cloned()
-            .collect())
+    fn read_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<InboxEntry>, InboxError>> {
+        Box::pin(async move {
+            let s = lock(&self.state);
+            Ok(s.entries
+                .iter()
+                .filter(|e| e.seq > after)
+                .take(limit)
+                .cloned()
+                .collect())
+        })
+    }
+
+    fn trim(&self, seq: u64) -> Result<(), InboxError> {
+        self.delete_up_to(seq);
+        Ok(())
     }
 }
 

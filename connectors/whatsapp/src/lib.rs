@@ -1,22 +1,21 @@
 //! optout-sync connector for the WhatsApp Cloud API.
 //!
 //! Meta only pushes, so this connector has two halves that meet at a durable inbox the
-//! daemon owns ([`Inbox`]):
+//! daemon owns ([`Inbox`], offered through the connector contract's `Host`):
 //! - the webhook ([`router`], [`WebhookState`]) verifies Meta's signature and appends raw
 //!   bodies to the inbox before acknowledging them;
 //! - the [`Connector`] impl drains the inbox in pages (`poll`), turning bodies into consent
 //!   events ([`parse`], [`detect`]), and sends confirmation replies (`push`) through the
 //!   Graph API ([`client`]).
 //!
-//! What the daemon does with it:
+//! What the daemon does with it, through the connector contract ([`Kind`]):
 //! 1. implement [`Inbox`] on its store (append durable before returning, sequence numbers
-//!    never reused, quarantined bodies kept apart for the operator);
-//! 2. build one [`WhatsApp`] with `WhatsApp::new(name, config, inbox)` and mount
-//!    [`WhatsApp::router`] (`GET`/`POST /webhooks/whatsapp`) on its HTTP listener;
+//!    never reused, quarantined bodies kept apart for the operator) and offer it in `Host`;
+//! 2. mount the connector's `routes` (`GET`/`POST /webhooks/whatsapp`) on its listener;
 //! 3. run the poll and push workers like any other connector, waking the poll worker on
-//!    [`WebhookState::appended`] (from [`WhatsApp::webhook`]) instead of a timer;
-//! 4. after saving a poll's cursor (the last inbox sequence number read), delete inbox
-//!    entries up to it;
+//!    `wake_up` instead of a timer;
+//! 4. call `committed` after saving a poll's cursor (the last inbox sequence number read):
+//!    the inbox drops entries up to it;
 //! 5. dedupe events by `message_id` across polls: a page holds each id once, but Meta may
 //!    redeliver a body after the page that first carried it was applied.
 
@@ -25,7 +24,6 @@ pub mod config;
 pub mod detect;
 #[cfg(feature = "fake")]
 pub mod fake;
-pub mod inbox;
 pub mod parse;
 mod poll;
 mod push;
@@ -33,14 +31,16 @@ pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use optout_core::{
-    Connector, ConnectorError, Cursor, Health, Page, PushItem, PushOutcome, Timestamp,
+    Connector, ConnectorError, Cursor, DynConnector, Health, Host, Page, Polling, Problem,
+    PushItem, PushOutcome, SecretRef, Secrets, Takes, Timestamp,
 };
 
 pub use config::{Config, Confirmations, Keywords, Texts};
 pub use detect::{Detection, Detector};
-pub use inbox::{Inbox, InboxEntry, InboxError};
+pub use optout_core::inbox::{Inbox, InboxEntry, InboxError};
 pub use webhook::{PATH as WEBHOOK_PATH, WebhookState, router};
 
 use client::{Graph, Reply};
@@ -48,7 +48,63 @@ use client::{Graph, Reply};
 /// Confirmations are sent one by one; a small batch keeps one push call short.
 pub const MAX_BATCH: usize = 20;
 
-pub struct WhatsApp<I: Inbox> {
+/// The `kind = "whatsapp"` entry of the daemon's registry.
+pub struct Kind;
+
+impl optout_core::Kind for Kind {
+    const NAME: &'static str = "whatsapp";
+    type Settings = Config;
+}
+
+/// Each stored webhook wakes the poll at once; this tick only catches a missed wake-up.
+const SAFETY_TICK: Duration = Duration::from_secs(5);
+
+impl optout_core::Settings for Config {
+    fn validate(&self) -> Vec<Problem> {
+        Config::validate(self)
+            .into_iter()
+            .map(|(k, m)| Problem::new(k, m))
+            .collect()
+    }
+
+    /// App secrets are keyed `app_secrets[i]`, so a message names which one.
+    fn secrets(&self) -> Vec<(String, SecretRef)> {
+        let mut out: Vec<(String, SecretRef)> = (self.app_secrets.iter().enumerate())
+            .map(|(i, r)| (format!("app_secrets[{i}]"), r.clone()))
+            .collect();
+        out.push(("verify_token".into(), self.verify_token.clone()));
+        if let Some(t) = &self.access_token {
+            out.push(("access_token".into(), t.clone()));
+        }
+        out
+    }
+
+    fn takes(&self) -> Takes {
+        if self.confirmations.enabled {
+            Takes::Replies
+        } else {
+            Takes::Nothing
+        }
+    }
+
+    fn polling(&self) -> Polling {
+        Polling::Every(SAFETY_TICK)
+    }
+
+    fn build(
+        &self,
+        name: &str,
+        secrets: &Secrets,
+        host: &Host,
+    ) -> Result<Arc<dyn DynConnector>, ConnectorError> {
+        let wa = WhatsApp::from_secrets(name, self.clone(), secrets, host.inbox.clone())?;
+        Ok(Arc::new(wa))
+    }
+}
+
+/// One WhatsApp Business Account's webhooks and replies, over the inbox `I` (the daemon's
+/// store, or an in-memory inbox in tests).
+pub struct WhatsApp<I: Inbox + ?Sized = dyn Inbox> {
     name: String,
     config: Config,
     detector: Detector,
@@ -59,7 +115,7 @@ pub struct WhatsApp<I: Inbox> {
     graph: Option<Graph>,
 }
 
-impl<I: Inbox> std::fmt::Debug for WhatsApp<I> {
+impl<I: Inbox + ?Sized> std::fmt::Debug for WhatsApp<I> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WhatsApp")
             .field("name", &self.name)
@@ -68,25 +124,35 @@ impl<I: Inbox> std::fmt::Debug for WhatsApp<I> {
     }
 }
 
-impl<I: Inbox> WhatsApp<I> {
+impl<I: Inbox + ?Sized> WhatsApp<I> {
     /// Validates the configuration and resolves its secrets (the access token only when
     /// confirmations are enabled). `inbox` is the daemon's durable inbox, shared by the
     /// webhook (writes) and the poll (reads).
     pub fn new(name: &str, config: Config, inbox: Arc<I>) -> Result<Self, ConnectorError> {
-        let problems = config.validate();
-        if !problems.is_empty() {
-            let list: Vec<String> = problems.iter().map(|(k, p)| format!("{k}: {p}")).collect();
-            return Err(ConnectorError::Config(list.join("; ")));
-        }
-        let webhook = Arc::new(WebhookState::new(name, &config, inbox.clone())?);
-        let graph = match (&config.access_token, config.confirmations.enabled) {
+        let secrets = optout_core::contract::prepare(&config)?;
+        WhatsApp::from_secrets(name, config, &secrets, inbox)
+    }
+
+    /// From checked settings and their resolved secrets (the daemon's path).
+    fn from_secrets(
+        name: &str,
+        config: Config,
+        secrets: &Secrets,
+        inbox: Arc<I>,
+    ) -> Result<Self, ConnectorError> {
+        let webhook = Arc::new(WebhookState::new(name, &config, secrets, inbox.clone())?);
+        let token = config
+            .access_token
+            .clone()
+            .zip(secrets.optional("access_token"));
+        let graph = match (token, config.confirmations.enabled) {
             (Some(token), true) => Some(Graph::new(
                 config.graph_root(),
                 config.phone_number_id.clone(),
-                token.clone(),
+                token,
                 config.timeout,
                 config.max_sends_per_second,
-            )?),
+            )),
             _ => None,
         };
         Ok(WhatsApp {
@@ -115,7 +181,7 @@ impl<I: Inbox> WhatsApp<I> {
     }
 }
 
-impl<I: Inbox> Connector for WhatsApp<I> {
+impl<I: Inbox + ?Sized> Connector for WhatsApp<I> {
     async fn poll(&self, cursor: Option<&Cursor>) -> Result<Page, ConnectorError> {
         poll::poll(
             &self.name,
@@ -165,5 +231,24 @@ impl<I: Inbox> Connector for WhatsApp<I> {
 
     fn max_batch(&self) -> usize {
         MAX_BATCH
+    }
+
+    /// Applied bodies leave the inbox (the page's cursor, their last sequence number, is
+    /// stored already). A failure only delays the trim to the next page.
+    fn committed(&self, page: &Page) {
+        if let Ok(seq) = page.cursor.0.parse::<u64>()
+            && let Err(e) = self.inbox.trim(seq)
+        {
+            tracing::warn!(connector = %self.name, error = %e, "cannot trim the webhook inbox; will retry after the next page");
+        }
+    }
+
+    /// Each stored webhook wakes the poll: an opt-out never waits for a tick.
+    fn wake_up(&self) -> Option<Arc<tokio::sync::Notify>> {
+        Some(self.webhook.appended())
+    }
+
+    fn routes(&self) -> Option<axum::Router> {
+        Some(self.router())
     }
 }

@@ -10,10 +10,10 @@ use std::collections::HashSet;
 use optout_core::{ConnectorError, Cursor, Observation, Page};
 
 use crate::detect::Detector;
-use crate::inbox::Inbox;
 use crate::parse;
+use optout_core::Inbox;
 
-pub(crate) async fn poll<I: Inbox>(
+pub(crate) async fn poll<I: Inbox + ?Sized>(
     name: &str,
     inbox: &I,
     detector: &Detector,

@@ -24,12 +24,11 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hmac::{Hmac, Mac};
-use optout_core::{ConnectorError, Timestamp};
+use optout_core::{ConnectorError, Inbox, Secrets, Timestamp};
 use sha2::Sha256;
 use tokio::sync::Notify;
 
 use crate::config::Config;
-use crate::inbox::Inbox;
 use crate::parse;
 
 /// Where Meta is told to deliver.
@@ -39,7 +38,7 @@ pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
 type HmacSha256 = Hmac<Sha256>;
 
 /// Everything the handlers need, shared by all requests.
-pub struct WebhookState<I> {
+pub struct WebhookState<I: ?Sized> {
     name: String,
     inbox: Arc<I>,
     /// One keyed HMAC per app secret, cloned per request (cheaper than re-keying).
@@ -51,7 +50,7 @@ pub struct WebhookState<I> {
     appended: Arc<Notify>,
 }
 
-impl<I> std::fmt::Debug for WebhookState<I> {
+impl<I: ?Sized> std::fmt::Debug for WebhookState<I> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebhookState")
             .field("name", &self.name)
@@ -63,28 +62,29 @@ impl<I> std::fmt::Debug for WebhookState<I> {
 
 const VERIFY_KEY: &[u8] = b"optout-sync webhook verify token";
 
-impl<I: Inbox> WebhookState<I> {
-    /// Resolves the app secrets and the verify token.
-    pub fn new(name: &str, config: &Config, inbox: Arc<I>) -> Result<Self, ConnectorError> {
-        let mut macs = Vec::with_capacity(config.app_secrets.len());
-        for (i, r) in config.app_secrets.iter().enumerate() {
-            let secret = r
-                .resolve()
-                .map_err(|e| ConnectorError::Config(format!("app_secrets[{i}]: {e}")))?;
-            macs.push(
-                HmacSha256::new_from_slice(secret.expose().as_bytes())
-                    .expect("HMAC takes keys of any length"),
-            );
-        }
+impl<I: Inbox + ?Sized> WebhookState<I> {
+    /// Keys one HMAC per app secret; `secrets` holds the resolved `app_secrets[i]` and
+    /// `verify_token`.
+    pub fn new(
+        name: &str,
+        config: &Config,
+        secrets: &Secrets,
+        inbox: Arc<I>,
+    ) -> Result<Self, ConnectorError> {
+        let macs: Vec<HmacSha256> = secrets
+            .list("app_secrets")
+            .iter()
+            .map(|s| {
+                HmacSha256::new_from_slice(s.expose().as_bytes())
+                    .expect("HMAC takes keys of any length")
+            })
+            .collect();
         if macs.is_empty() {
             return Err(ConnectorError::Config(
                 "app_secrets: at least one is needed".into(),
             ));
         }
-        let token = config
-            .verify_token
-            .resolve()
-            .map_err(|e| ConnectorError::Config(format!("verify_token: {e}")))?;
+        let token = secrets.get("verify_token")?;
         Ok(WebhookState {
             name: name.to_string(),
             inbox,
@@ -126,7 +126,7 @@ fn verify_digest(token: &[u8]) -> Vec<u8> {
 }
 
 /// `GET` and `POST` on [`PATH`], with the body limit applied.
-pub fn router<I: Inbox>(state: Arc<WebhookState<I>>) -> Router {
+pub fn router<I: Inbox + ?Sized>(state: Arc<WebhookState<I>>) -> Router {
     let limit = state.max_body_bytes;
     Router::new()
         .route(PATH, get(handshake::<I>).post(receive::<I>))
@@ -134,7 +134,7 @@ pub fn router<I: Inbox>(state: Arc<WebhookState<I>>) -> Router {
         .with_state(state)
 }
 
-async fn handshake<I: Inbox>(
+async fn handshake<I: Inbox + ?Sized>(
     State(st): State<Arc<WebhookState<I>>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
@@ -152,7 +152,10 @@ async fn handshake<I: Inbox>(
     }
 }
 
-async fn receive<I: Inbox>(State(st): State<Arc<WebhookState<I>>>, req: Request) -> Response {
+async fn receive<I: Inbox + ?Sized>(
+    State(st): State<Arc<WebhookState<I>>>,
+    req: Request,
+) -> Response {
     let received_at = Timestamp::now();
     let Some(sig) = signature(req.headers()) else {
         tracing::warn!(connector = %st.name, "webhook without a valid X-Hub-Signature-256 refused");
