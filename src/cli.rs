@@ -12,6 +12,7 @@ use optout_core::Timestamp;
 use crate::app;
 use crate::audit::{Exporter, Format};
 use crate::config;
+use crate::report::{ConnectorReport, StatusReport};
 use crate::store::Store;
 
 const DEFAULT_CONFIG: &str = "/etc/optout-sync/optout-sync.toml";
@@ -254,12 +255,8 @@ fn socket_of(config_path: &Path) -> Result<PathBuf> {
 
 fn status(config_path: &Path, json: bool) -> Result<ExitCode> {
     let socket = socket_of(config_path)?;
-    let v = match runtime()?.block_on(crate::control::request(
-        &socket,
-        &crate::control::Request::Status,
-        |_| {},
-    )) {
-        Ok(v) => v,
+    let report = match runtime()?.block_on(crate::control::status(&socket)) {
+        Ok(r) => r,
         Err(e @ crate::control::ClientError::NotRunning(_)) => {
             eprintln!("optout-sync: {e}");
             return Ok(ExitCode::from(3));
@@ -267,86 +264,80 @@ fn status(config_path: &Path, json: bool) -> Result<ExitCode> {
         Err(e) => return Err(e.into()),
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_status(&v);
+        print_status(&report);
     }
-    let attention = v["connectors"].as_array().into_iter().flatten().any(|c| {
-        !c["alarm"].is_null()
-            || c["unverified_pushes"].as_i64().unwrap_or(0) > 0
-            || c["dead_letters"].as_i64().unwrap_or(0) > 0
-    });
-    Ok(if attention {
+    Ok(if report.needs_attention() {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     })
 }
 
-fn print_status(v: &serde_json::Value) {
-    let s = |x: &serde_json::Value| x.as_str().unwrap_or("-").to_string();
-    println!(
-        "optout-sync {} — {} since {}",
-        s(&v["version"]),
-        if v["ready"] == true {
-            "ready"
-        } else {
-            "not ready"
-        },
-        s(&v["started"])
-    );
-    let counts = &v["subjects"];
-    let n = |k: &str| counts[k].as_i64().unwrap_or(0);
+fn print_status(r: &StatusReport) {
+    let ready = if r.ready { "ready" } else { "not ready" };
+    println!("optout-sync {} — {ready} since {}", r.version, r.started);
     println!(
         "people: {} known; all messages: {} opted out, {} opted in; marketing: {} opted out, {} opted in",
-        v["subjects_total"],
-        n("all:opted_out"),
-        n("all:opted_in"),
-        n("marketing:opted_out"),
-        n("marketing:opted_in")
+        r.subjects_total,
+        r.people("all", "opted_out"),
+        r.people("all", "opted_in"),
+        r.people("marketing", "opted_out"),
+        r.people("marketing", "opted_in")
     );
     println!(
         "webhooks: {} waiting in the inbox, {} quarantined",
-        v["webhook_inbox"], v["quarantined_webhooks"]
+        r.webhook_inbox, r.quarantined_webhooks
     );
     println!();
     println!(
-        "{:<16} {:<11} {:<8} {:<25} {:>7} {:>6} {:>5} {:>10} {:>7}",
-        "CONNECTOR", "KIND", "HEALTH", "LAST POLL", "OUTBOX", "DEAD", "UNVER", "ERRORS", ""
+        "{:<16} {:<11} {:<8} {:<25} {:>7} {:>6} {:>5} {:>10}",
+        "CONNECTOR", "KIND", "HEALTH", "LAST POLL", "OUTBOX", "DEAD", "UNVER", "ERRORS"
     );
-    for c in v["connectors"].as_array().into_iter().flatten() {
-        let health = if !c["alarm"].is_null() {
-            "ALARM"
-        } else if c["healthy"] == true {
-            "ok"
-        } else {
-            "retrying"
-        };
-        println!(
-            "{:<16} {:<11} {:<8} {:<25} {:>7} {:>6} {:>5} {:>10}",
-            s(&c["name"]),
-            s(&c["kind"]),
-            health,
-            s(&c["last_poll_ok"]),
-            c["outbox_depth"],
-            c["dead_letters"],
-            c["unverified_pushes"],
-            format!("{}/{}", c["poll_errors"], c["push_errors"]),
-        );
-        if let Some(a) = c["alarm"].as_str() {
-            println!("    alarm: {a}");
-        }
-        if c["health"]["ok"] == false {
-            println!("    health check: {}", s(&c["health"]["detail"]));
-        }
-        if let Some(e) = c["last_error"].as_str() {
-            println!("    last error: {e}");
-        }
-        if let Some(r) = c["resync"].as_str() {
-            println!("    reading: {r}");
-        }
-        if let Some(cur) = c["cursor"].as_str() {
-            println!("    cursor: {}", crate::lookup::shorten(cur, 120));
+    for c in &r.connectors {
+        print_connector(c);
+    }
+}
+
+fn print_connector(c: &ConnectorReport) {
+    let health = if c.alarm.is_some() {
+        "ALARM"
+    } else if c.healthy {
+        "ok"
+    } else {
+        "retrying"
+    };
+    println!(
+        "{:<16} {:<11} {:<8} {:<25} {:>7} {:>6} {:>5} {:>10}",
+        c.name,
+        c.kind,
+        health,
+        c.last_poll_ok.as_deref().unwrap_or("-"),
+        c.outbox_depth,
+        c.dead_letters,
+        c.unverified_pushes,
+        format!("{}/{}", c.poll_errors, c.push_errors),
+    );
+    let lines = [
+        ("alarm", c.alarm.clone()),
+        (
+            "health check",
+            c.health
+                .as_ref()
+                .filter(|h| !h.ok)
+                .map(|h| h.detail.clone()),
+        ),
+        ("last error", c.last_error.clone()),
+        ("reading", c.resync.clone()),
+        (
+            "cursor",
+            c.cursor.as_deref().map(|s| crate::lookup::shorten(s, 120)),
+        ),
+    ];
+    for (what, text) in lines {
+        if let Some(text) = text {
+            println!("    {what}: {text}");
         }
     }
 }

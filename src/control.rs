@@ -145,6 +145,13 @@ pub enum ClientError {
     Daemon(String),
 }
 
+/// Asks the running daemon for its [`StatusReport`](crate::report::StatusReport).
+pub async fn status(path: &Path) -> Result<crate::report::StatusReport, ClientError> {
+    let v = request(path, &Request::Status, |_| {}).await?;
+    serde_json::from_value(v)
+        .map_err(|e| ClientError::Daemon(format!("bad status from the daemon: {e}")))
+}
+
 /// Sends one request; calls `on_progress` for each progress line; returns the result.
 pub async fn request(
     path: &Path,

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use optout_core::{DynConnector, Host, Timestamp};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,6 +24,7 @@ use crate::control::{self, Request};
 use crate::inbox::StoreInbox;
 use crate::metrics::{Metrics, ScopeDecision};
 use crate::reconcile::Engine;
+use crate::report::{ConnectorReport, ResyncReport, StatusReport};
 use crate::systemd::Notifier;
 use crate::workers::{
     self, ConnectorStatus, PollSettings, Schedule, StatusCell, Trigger, WorkerContext,
@@ -414,47 +415,52 @@ impl Daemon {
         (depth, dead, unverified)
     }
 
-    pub fn status_json(&self) -> Value {
+    pub fn status(&self) -> StatusReport {
         let (depth, dead, unverified) = self.pending_counts();
         let store = self.engine.store();
-        let connectors: Vec<Value> = self
-            .statuses
-            .iter()
+        let connectors = (self.statuses.iter())
             .map(|(name, cell)| {
                 let s = cell.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                let lag = s.last_poll_ok.map(|t| Timestamp::now().since(t).as_secs());
-                json!({
-                    "name": s.name, "kind": s.kind, "healthy": s.healthy && s.alarm.is_none() && s.health.as_ref().is_none_or(|h| h.ok),
-                    "alarm": s.alarm, "last_poll_ok": s.last_poll_ok.map(|t| t.to_rfc3339()),
-                    "poll_lag_seconds": lag, "last_push_ok": s.last_push_ok.map(|t| t.to_rfc3339()),
-                    "cursor": s.cursor, "poll_errors": s.poll_errors, "push_errors": s.push_errors,
-                    "last_error": s.last_error, "resync": s.resync, "health": s.health,
-                    "outbox_depth": depth.get(name).copied().unwrap_or(0),
-                    "dead_letters": dead.get(name).copied().unwrap_or(0),
-                    "unverified_pushes": unverified.get(name).copied().unwrap_or(0),
-                })
+                let count = |m: &BTreeMap<String, i64>| m.get(name).copied().unwrap_or(0);
+                ConnectorReport {
+                    healthy: s.healthy
+                        && s.alarm.is_none()
+                        && s.health.as_ref().is_none_or(|h| h.ok),
+                    last_poll_ok: s.last_poll_ok.map(|t| t.to_rfc3339()),
+                    poll_lag_seconds: s.last_poll_ok.map(|t| Timestamp::now().since(t).as_secs()),
+                    last_push_ok: s.last_push_ok.map(|t| t.to_rfc3339()),
+                    outbox_depth: count(&depth),
+                    dead_letters: count(&dead),
+                    unverified_pushes: count(&unverified),
+                    name: s.name,
+                    kind: s.kind,
+                    alarm: s.alarm,
+                    cursor: s.cursor,
+                    poll_errors: s.poll_errors,
+                    push_errors: s.push_errors,
+                    last_error: s.last_error,
+                    resync: s.resync,
+                    health: s.health,
+                }
             })
             .collect();
         let counts = store.counts().unwrap_or_default();
-        let people = counts
-            .iter()
+        let people = (counts.iter())
             .find(|(k, _)| k == crate::reconcile::PEOPLE)
             .map_or(0, |(_, v)| *v);
-        let subjects: serde_json::Map<String, Value> = counts
-            .into_iter()
-            .filter(|(k, _)| k.contains(':'))
-            .map(|(k, v)| (k, json!(v)))
-            .collect();
-        json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "ready": self.ready.load(Ordering::Acquire),
-            "started": self.started.to_rfc3339(),
-            "subjects_total": people,
-            "subjects": subjects,
-            "webhook_inbox": store.inbox_len(),
-            "quarantined_webhooks": store.quarantine_len(),
-            "connectors": connectors,
-        })
+        StatusReport {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ready: self.ready.load(Ordering::Acquire),
+            started: self.started.to_rfc3339(),
+            subjects_total: people,
+            subjects: counts
+                .into_iter()
+                .filter(|(k, _)| k.contains(':'))
+                .collect(),
+            webhook_inbox: store.inbox_len(),
+            quarantined_webhooks: store.quarantine_len(),
+            connectors,
+        }
     }
 }
 
@@ -465,7 +471,7 @@ impl control::Handler for Daemon {
         progress: mpsc::Sender<String>,
     ) -> Result<Value, String> {
         match request {
-            Request::Status => Ok(self.status_json()),
+            Request::Status => serde_json::to_value(self.status()).map_err(|e| e.to_string()),
             Request::Lookup { id } => {
                 let engine = self.engine.clone();
                 tokio::task::spawn_blocking(move || crate::lookup::lookup(&engine, &id))
@@ -530,7 +536,11 @@ impl control::Handler for Daemon {
                     }
                     let _ = name;
                 }
-                Ok(json!({ "resynced": finished, "full": full }))
+                let report = ResyncReport {
+                    resynced: finished,
+                    full,
+                };
+                serde_json::to_value(report).map_err(|e| e.to_string())
             }
         }
     }

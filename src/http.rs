@@ -21,6 +21,7 @@ use serde_json::json;
 use crate::metrics::Metrics;
 use crate::policy;
 use crate::reconcile::{Engine, subject_name};
+use crate::report::{GateBatchReply, GateReply};
 
 /// State shared by the handlers.
 pub struct HttpState {
@@ -118,11 +119,20 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-/// The gate's answer for one identifier, as JSON.
-pub fn answer(engine: &Engine, id: &str, category: &str) -> serde_json::Value {
+/// The gate's answer for one identifier.
+pub fn answer(engine: &Engine, id: &str, category: &str) -> GateReply {
+    let base = GateReply {
+        id: id.to_string(),
+        ..GateReply::default()
+    };
     let aliases = match engine.normalizer().parse_query(id) {
         Ok(a) => a,
-        Err(e) => return json!({"id": id, "error": format!("not an identifier: {e}")}),
+        Err(e) => {
+            return GateReply {
+                error: Some(format!("not an identifier: {e}")),
+                ..base
+            };
+        }
     };
     let mut subject = None;
     for a in &aliases {
@@ -134,29 +144,44 @@ pub fn answer(engine: &Engine, id: &str, category: &str) -> serde_json::Value {
             Ok(None) => {}
             // Fail closed: a store error never says "allowed".
             Err(e) => {
-                return json!({"id": id, "allowed": false, "error": format!("store error: {e}")});
+                return GateReply {
+                    allowed: Some(false),
+                    error: Some(format!("store error: {e}")),
+                    ..base
+                };
             }
         }
     }
+    let base = GateReply {
+        category: Some(category.to_string()),
+        ..base
+    };
     let Some(s) = subject else {
-        return json!({"id": id, "category": category, "allowed": true, "known": false});
+        return GateReply {
+            allowed: Some(true),
+            known: Some(false),
+            ..base
+        };
     };
     let margin = engine.policy().margin;
     let g = policy::gate(&s.consent, category, margin);
-    let decisions: serde_json::Map<_, _> = Scope::EVERY
-        .iter()
-        .map(|&sc| (sc.as_str().to_string(), json!(s.consent.decide(sc, margin))))
+    let decisions = (Scope::EVERY.iter())
+        .map(|&sc| {
+            (
+                sc.as_str().to_string(),
+                s.consent.decide(sc, margin).as_str().to_string(),
+            )
+        })
         .collect();
-    json!({
-        "id": id,
-        "category": category,
-        "allowed": g.allowed,
-        "known": true,
-        "subject": subject_name(s.id),
-        "blocked_by": g.blocked_by,
-        "decisions": decisions,
-        "evidence": g.evidence,
-    })
+    GateReply {
+        allowed: Some(g.allowed),
+        known: Some(true),
+        subject: Some(subject_name(s.id)),
+        blocked_by: g.blocked_by.map(|sc| sc.as_str().to_string()),
+        decisions: Some(decisions),
+        evidence: g.evidence.and_then(|f| serde_json::to_value(f).ok()),
+        ..base
+    }
 }
 
 async fn gate_one(
@@ -173,7 +198,7 @@ async fn gate_one(
     let v = tokio::task::spawn_blocking(move || answer(&engine, &id, &category))
         .await
         .unwrap_or_default();
-    let code = if v.get("error").is_some() && v.get("allowed").is_none() {
+    let code = if v.error.is_some() && v.allowed.is_none() {
         StatusCode::BAD_REQUEST
     } else {
         StatusCode::OK
@@ -216,7 +241,7 @@ async fn gate_batch(
     })
     .await
     .unwrap_or_default();
-    Json(json!({ "results": results })).into_response()
+    Json(GateBatchReply { results }).into_response()
 }
 
 #[cfg(test)]

@@ -2,8 +2,8 @@
 //! business messages from. See README.md (Architecture) for the map of this crate.
 //!
 //! The public surface is what the binary, the tests and the benchmarks use: the command
-//! line ([`cli`]), the control protocol ([`control`]) and phone-number normalisation
-//! ([`identity`]); everything else is private to the daemon.
+//! line ([`cli`]), the control protocol ([`control`]) and the answers it carries
+//! ([`report`]), and phone-number normalisation ([`identity`]); everything else is private to the daemon.
 
 mod app;
 mod audit;
@@ -22,6 +22,7 @@ mod metrics;
 mod policy;
 mod reconcile;
 mod registry;
+pub mod report;
 mod store;
 mod systemd;
 mod workers;

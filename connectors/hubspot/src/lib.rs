@@ -27,8 +27,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use optout_core::{
-    Connector, ConnectorError, Cursor, DynConnector, Health, Host, Page, Polling, Problem,
-    PushItem, PushOutcome, SecretRef, Secrets, Takes,
+    Connector, ConnectorError, Cursor, Health, Host, Page, Polling, Problem, PushItem, PushOutcome,
+    SecretRef, Secrets, Takes,
 };
 
 pub use config::{Config, OAuthConfig};
@@ -88,7 +88,7 @@ impl optout_core::Settings for Config {
         name: &str,
         secrets: &Secrets,
         _host: &Host,
-    ) -> Result<Arc<dyn DynConnector>, ConnectorError> {
+    ) -> Result<Arc<dyn optout_core::DynConnector>, ConnectorError> {
         Ok(Arc::new(HubSpot::from_secrets(
             name,
             self.clone(),

@@ -22,8 +22,8 @@ mod signature;
 use std::sync::Arc;
 
 use optout_core::{
-    Connector, ConnectorError, Cursor, DynConnector, Health, Host, Page, Polling, Problem,
-    PushItem, PushOutcome, Secret, SecretRef, Secrets, Takes,
+    Connector, ConnectorError, Cursor, Health, Host, Page, Polling, Problem, PushItem, PushOutcome,
+    Secret, SecretRef, Secrets, Takes,
 };
 
 pub use config::Config;
@@ -77,7 +77,7 @@ impl optout_core::Settings for Config {
         name: &str,
         secrets: &Secrets,
         _host: &Host,
-    ) -> Result<Arc<dyn DynConnector>, ConnectorError> {
+    ) -> Result<Arc<dyn optout_core::DynConnector>, ConnectorError> {
         let sender = client::Sender::new(
             self,
             secrets.get("secret")?,

@@ -34,8 +34,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use optout_core::{
-    Connector, ConnectorError, Cursor, DynConnector, Health, Host, Page, Polling, Problem,
-    PushItem, PushOutcome, SecretRef, Secrets, Takes, Timestamp,
+    Connector, ConnectorError, Cursor, Health, Host, Page, Polling, Problem, PushItem, PushOutcome,
+    SecretRef, Secrets, Takes, Timestamp,
 };
 
 pub use config::{Config, Confirmations, Keywords, Texts};
@@ -96,7 +96,7 @@ impl optout_core::Settings for Config {
         name: &str,
         secrets: &Secrets,
         host: &Host,
-    ) -> Result<Arc<dyn DynConnector>, ConnectorError> {
+    ) -> Result<Arc<dyn optout_core::DynConnector>, ConnectorError> {
         let wa = WhatsApp::from_secrets(name, self.clone(), secrets, host.inbox.clone())?;
         Ok(Arc::new(wa))
     }
