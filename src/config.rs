@@ -278,79 +278,13 @@ pub fn parse_with(path: &Path, source: &str, kinds: &[&dyn Entry]) -> Result<Con
         problems,
     };
     let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(source))
-        .map_err(|e| {
-            let key = e.path().to_string();
-            let e = e.into_inner();
-            let (line, column) = e
-                .span()
-                .map(|s| locator.line_col(s.start))
-                .unwrap_or((1, 1));
-            let key = if key == "." { String::new() } else { key };
-            // An unknown key's path is its table; name the key itself.
-            let key = match unknown_field_key(e.message()) {
-                Some(f) if key.is_empty() => f,
-                Some(f) if !key.ends_with(&f) => format!("{key}.{f}"),
-                _ => key,
-            };
-            fail(vec![Problem {
-                key,
-                line,
-                column,
-                message: e.message().trim().to_string(),
-            }])
-        })?;
+        .map_err(|e| fail(vec![syntax_problem(&locator, e)]))?;
     let mut problems = Vec::new();
     let mut connectors = Vec::new();
-    for (name, mut table) in raw.connectors {
-        let path_of = |k: &str| format!("connectors.{name}.{k}");
-        let mut common_table = toml::Table::new();
-        for k in COMMON_KEYS {
-            if let Some(v) = table.remove(k) {
-                common_table.insert(k.to_string(), v);
-            }
-        }
-        let common = match Common::deserialize(toml::Value::Table(common_table)) {
-            Ok(c) => c,
-            Err(e) => {
-                let msg = e.to_string();
-                let key = match unknown_field_key(&msg) {
-                    Some(f) => path_of(&f),
-                    None if msg.contains("variant") || msg.contains("`kind`") => path_of("kind"),
-                    None => COMMON_KEYS
-                        .iter()
-                        .find(|k| msg.contains(*k))
-                        .map(|k| path_of(k))
-                        .unwrap_or(format!("connectors.{name}")),
-                };
-                problems.push(locator.problem(&key, clean_serde(&e.to_string())));
-                continue;
-            }
-        };
-        let Some(entry) = crate::registry::find(kinds, &common.kind) else {
-            problems.push(locator.problem(
-                &path_of("kind"),
-                format!(
-                    "unknown connector kind `{}` (this build knows: {})",
-                    common.kind,
-                    crate::registry::names(kinds)
-                ),
-            ));
-            continue;
-        };
-        match entry.parse(toml::Value::Table(table)) {
-            Ok(settings) => connectors.push(ConnectorConfig {
-                name,
-                common,
-                settings,
-            }),
-            Err((key, msg)) => {
-                let key = if key.is_empty() {
-                    format!("connectors.{name}")
-                } else {
-                    path_of(&key)
-                };
-                problems.push(locator.problem(&key, msg));
-            }
+    for (name, table) in raw.connectors {
+        match parse_connector(&name, table, kinds) {
+            Ok(c) => connectors.push(c),
+            Err((key, message)) => problems.push(locator.problem(&key, message)),
         }
     }
     if !problems.is_empty() {
@@ -362,6 +296,79 @@ pub fn parse_with(path: &Path, source: &str, kinds: &[&dyn Entry]) -> Result<Con
         policy: raw.policy,
         connectors,
         source: source.to_string(),
+    })
+}
+
+/// A syntax or type error of the whole file, located and naming its key.
+fn syntax_problem(locator: &Locator, e: serde_path_to_error::Error<toml::de::Error>) -> Problem {
+    let key = e.path().to_string();
+    let e = e.into_inner();
+    let (line, column) = e
+        .span()
+        .map(|s| locator.line_col(s.start))
+        .unwrap_or((1, 1));
+    let key = if key == "." { String::new() } else { key };
+    // An unknown key's path is its table; name the key itself.
+    let key = match unknown_field_key(e.message()) {
+        Some(f) if key.is_empty() => f,
+        Some(f) if !key.ends_with(&f) => format!("{key}.{f}"),
+        _ => key,
+    };
+    Problem {
+        key,
+        line,
+        column,
+        message: e.message().trim().to_string(),
+    }
+}
+
+/// One `[connectors.NAME]` table: the daemon's keys, then the rest by its kind's registry
+/// entry. An error is (full key, message).
+fn parse_connector(
+    name: &str,
+    mut table: toml::Table,
+    kinds: &[&dyn Entry],
+) -> Result<ConnectorConfig, (String, String)> {
+    let path_of = |k: &str| format!("connectors.{name}.{k}");
+    let mut common_table = toml::Table::new();
+    for k in COMMON_KEYS {
+        if let Some(v) = table.remove(k) {
+            common_table.insert(k.to_string(), v);
+        }
+    }
+    let common = Common::deserialize(toml::Value::Table(common_table)).map_err(|e| {
+        let msg = e.to_string();
+        let key = match unknown_field_key(&msg) {
+            Some(f) => path_of(&f),
+            None if msg.contains("variant") || msg.contains("`kind`") => path_of("kind"),
+            None => (COMMON_KEYS.iter().find(|k| msg.contains(*k)))
+                .map(|k| path_of(k))
+                .unwrap_or(format!("connectors.{name}")),
+        };
+        (key, clean_serde(&msg))
+    })?;
+    let Some(entry) = crate::registry::find(kinds, &common.kind) else {
+        let known = crate::registry::names(kinds);
+        let message = format!(
+            "unknown connector kind `{}` (this build knows: {known})",
+            common.kind
+        );
+        return Err((path_of("kind"), message));
+    };
+    let settings = entry
+        .parse(toml::Value::Table(table))
+        .map_err(|(key, msg)| {
+            let key = if key.is_empty() {
+                format!("connectors.{name}")
+            } else {
+                path_of(&key)
+            };
+            (key, msg)
+        })?;
+    Ok(ConnectorConfig {
+        name: name.to_string(),
+        common,
+        settings,
     })
 }
 
@@ -704,6 +711,8 @@ impl<'a> Locator<'a> {
         let mut best = None;
         let parts: Vec<&str> = path.split('.').filter(|s| !s.is_empty()).collect();
         for (i, part) in parts.iter().enumerate() {
+            // A list item (`app_secrets[1]`) is located at its list.
+            let part = part.split('[').next().unwrap_or(part);
             let Some((key, item)) = table.get_key_value(part) else {
                 break;
             };
