@@ -348,9 +348,10 @@ fn parse_connector(
         (key, clean_serde(&msg))
     })?;
     let Some(entry) = crate::registry::find(kinds, &common.kind) else {
+        // Worded as serde words an unknown enum variant, which is what a kind is.
         let known = crate::registry::names(kinds);
         let message = format!(
-            "unknown connector kind `{}` (this build knows: {known})",
+            "unknown variant `{}`, expected one of {known}",
             common.kind
         );
         return Err((path_of("kind"), message));

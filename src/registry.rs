@@ -201,8 +201,7 @@ key = { env = "PATH" }
             .unwrap_err()
             .to_string();
         assert!(
-            p.contains("connectors.books.kind: unknown connector kind `ledger`")
-                && p.contains("whatsapp, hubspot, salesforce, webhook"),
+            p.contains("connectors.books.kind: unknown variant `ledger`, expected one of `whatsapp`, `hubspot`, `salesforce`, `webhook`"),
             "{p}"
         );
         let p = parse_with(
