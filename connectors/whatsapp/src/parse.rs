@@ -81,8 +81,9 @@ pub fn repair_surrogates(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
         if b.get(at) != Some(&b'\\') || b.get(at + 1) != Some(&b'u') {
             return None;
         }
-        let hex = std::str::from_utf8(b.get(at + 2..at + 6)?).ok()?;
-        u16::from_str_radix(hex, 16).ok()
+        let mut unit = [0u8; 2];
+        hex::decode_to_slice(b.get(at + 2..at + 6)?, &mut unit).ok()?;
+        Some(u16::from_be_bytes(unit))
     }
     let is_high = |u: u16| (0xD800..0xDC00).contains(&u);
     let is_low = |u: u16| (0xDC00..0xE000).contains(&u);
