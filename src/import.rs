@@ -52,6 +52,7 @@ pub fn parse_status(s: &str) -> Option<Status> {
     }
 }
 
+/// Reads the CSV in `input` and applies its good rows to the store, page by page.
 pub fn import(
     engine: &Engine,
     input: impl Read,
@@ -61,16 +62,7 @@ pub fn import(
         .flexible(true)
         .trim(csv::Trim::All)
         .from_reader(input);
-    let headers: Vec<String> = reader
-        .headers()?
-        .iter()
-        .map(|h| h.to_ascii_lowercase())
-        .collect();
-    let col = |name: &str| headers.iter().position(|h| h == name);
-    let (Some(phone), Some(status), Some(time)) = (col("phone"), col("status"), col("time")) else {
-        return Err(ImportError::Header(headers.join(",")));
-    };
-    let source = col("source");
+    let columns = Columns::from_headers(reader.headers()?)?;
     let mut report = ImportReport::default();
     let mut page = Vec::with_capacity(PAGE);
     for row in reader.records() {
@@ -83,41 +75,75 @@ pub fn import(
             }
         };
         let line = row.position().map(|p| p.line()).unwrap_or(0);
-        let field = |i: usize| row.get(i).unwrap_or("").to_string();
-        let raw_phone = field(phone);
-        if let Err(why) = engine.normalizer().phone(&raw_phone) {
-            report
-                .bad
-                .push((line, format!("phone `{}`: {why}", shorten(&raw_phone))));
-            continue;
+        match columns.observation(engine, &row, line) {
+            Ok(observation) => page.push(observation),
+            Err(why) => report.bad.push((line, why)),
         }
-        let Some(st) = parse_status(&field(status)) else {
-            report.bad.push((
-                line,
-                format!(
-                    "status `{}` is neither opted_out nor opted_in",
-                    shorten(&field(status))
-                ),
-            ));
-            continue;
+        if page.len() >= PAGE {
+            apply(engine, &mut page, &mut report, now)?;
+        }
+    }
+    apply(engine, &mut page, &mut report, now)?;
+    Ok(report)
+}
+
+/// Where each field is in a row, found by the header's column names (in any case).
+struct Columns {
+    phone: usize,
+    status: usize,
+    time: usize,
+    source: Option<usize>,
+}
+
+impl Columns {
+    fn from_headers(headers: &csv::StringRecord) -> Result<Self, ImportError> {
+        let headers: Vec<String> = headers.iter().map(|h| h.to_ascii_lowercase()).collect();
+        let col = |name: &str| headers.iter().position(|h| h == name);
+        let (Some(phone), Some(status), Some(time)) = (col("phone"), col("status"), col("time"))
+        else {
+            return Err(ImportError::Header(headers.join(",")));
         };
-        let Some(at) = Timestamp::parse(&field(time)) else {
-            report.bad.push((
-                line,
-                format!(
-                    "time `{}` is not a date-time (use RFC 3339, e.g. 2024-05-01T10:00:00Z)",
-                    shorten(&field(time))
-                ),
+        Ok(Self {
+            phone,
+            status,
+            time,
+            source: col("source"),
+        })
+    }
+
+    /// The observation a row stands for, or why the row is bad.
+    fn observation(
+        &self,
+        engine: &Engine,
+        row: &csv::StringRecord,
+        line: u64,
+    ) -> Result<Observation, String> {
+        let field = |i: usize| row.get(i).unwrap_or("").to_string();
+        let raw_phone = field(self.phone);
+        if let Err(why) = engine.normalizer().phone(&raw_phone) {
+            return Err(format!("phone `{}`: {why}", shorten(&raw_phone)));
+        }
+        let Some(st) = parse_status(&field(self.status)) else {
+            return Err(format!(
+                "status `{}` is neither opted_out nor opted_in",
+                shorten(&field(self.status))
             ));
-            continue;
         };
-        let src = source
+        let Some(at) = Timestamp::parse(&field(self.time)) else {
+            return Err(format!(
+                "time `{}` is not a date-time (use RFC 3339, e.g. 2024-05-01T10:00:00Z)",
+                shorten(&field(self.time))
+            ));
+        };
+        let src = self
+            .source
             .map(field)
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "suppression list".into());
+        // The row's content is its identity, so importing the same file again is a no-op.
         let digest = Sha256::digest(format!("{raw_phone}|{}|{}|{src}", st.as_str(), at.millis()));
-        let id: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
-        page.push(Observation::Event(ConsentEvent {
+        let id = hex::encode(&digest[..12]);
+        Ok(Observation::Event(ConsentEvent {
             identities: vec![Identity::Phone(raw_phone)],
             status: Some(st),
             signal: Signal::Import,
@@ -126,13 +152,8 @@ pub fn import(
             message_id: Some(format!("row:{id}")),
             evidence: format!("line {line} of import: {}", shorten(&src)),
             language: None,
-        }));
-        if page.len() >= PAGE {
-            apply(engine, &mut page, &mut report, now)?;
-        }
+        }))
     }
-    apply(engine, &mut page, &mut report, now)?;
-    Ok(report)
 }
 
 fn apply(

@@ -86,15 +86,21 @@ pub fn print(o: &mut impl Write, id: &str, v: &Value) -> std::io::Result<()> {
             "{id}: not known (no observation names this person; messages are allowed)"
         );
     }
-    let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+    print_subject(o, id, v)?;
+    print_records(o, v)?;
+    print_history(o, v)
+}
+
+/// The subject, its aliases, its decision per scope and its reply window.
+fn print_subject(o: &mut impl Write, id: &str, v: &Value) -> std::io::Result<()> {
     let aliases: Vec<String> = v["aliases"]
         .as_array()
-        .map(|a| a.iter().map(s).collect())
+        .map(|a| a.iter().map(text).collect())
         .unwrap_or_default();
     writeln!(
         o,
         "{id}: subject {} ({})",
-        s(&v["subject"]),
+        text(&v["subject"]),
         aliases.join(", ")
     )?;
     for sc in Scope::EVERY {
@@ -104,12 +110,12 @@ pub fn print(o: &mut impl Write, id: &str, v: &Value) -> std::io::Result<()> {
                 o,
                 "  {:<10} {:<9} since {} — {}:{} {} ({})",
                 sc.as_str(),
-                s(&d["decision"]),
+                text(&d["decision"]),
                 ts(&f["at"]),
-                s(&f["source"]),
-                s(&f["signal"]),
-                s(&f["record"]),
-                s(&f["evidence"]),
+                text(&f["source"]),
+                text(&f["signal"]),
+                text(&f["record"]),
+                text(&f["evidence"]),
             )?,
             None => writeln!(o, "  {:<10} {}", sc.as_str(), Decision::Unknown.as_str())?,
         }
@@ -122,36 +128,51 @@ pub fn print(o: &mut impl Write, id: &str, v: &Value) -> std::io::Result<()> {
             t.plus(REPLY_WINDOW)
         )?;
     }
+    Ok(())
+}
+
+/// The linked CRM records and where each one's write stands.
+fn print_records(o: &mut impl Write, v: &Value) -> std::io::Result<()> {
     writeln!(o, "linked records:")?;
     let records = v["records"].as_array().cloned().unwrap_or_default();
     if records.is_empty() {
         writeln!(o, "  (none)")?;
     }
     for r in &records {
-        let state = if let Some(d) = r["dead_letter"].as_object() {
-            format!("REJECTED: {} ({})", s(&d["reason"]), s(&d["status"]))
-        } else if let Some(p) = r["pending"].as_object() {
-            let err = p["last_error"]
-                .as_str()
-                .map(|e| format!(", last error: {e}"))
-                .unwrap_or_default();
-            format!(
-                "push pending: {} (attempts {}{err})",
-                s(&p["status"]),
-                p["attempts"]
-            )
-        } else if r["awaiting_readback"] == true {
-            format!("pushed {}, not yet read back", s(&r["last_pushed"]))
-        } else {
-            format!("holds {}", r["last_seen"].as_str().unwrap_or("no value"))
-        };
         writeln!(
             o,
-            "  {:<12} {:<28} {state}",
-            s(&r["connector"]),
-            s(&r["record"])
+            "  {:<12} {:<28} {}",
+            text(&r["connector"]),
+            text(&r["record"]),
+            record_state(r)
         )?;
     }
+    Ok(())
+}
+
+/// A linked record's state: rejected, push pending, awaiting read-back, or the value read.
+fn record_state(r: &Value) -> String {
+    if let Some(d) = r["dead_letter"].as_object() {
+        format!("REJECTED: {} ({})", text(&d["reason"]), text(&d["status"]))
+    } else if let Some(p) = r["pending"].as_object() {
+        let err = p["last_error"]
+            .as_str()
+            .map(|e| format!(", last error: {e}"))
+            .unwrap_or_default();
+        format!(
+            "push pending: {} (attempts {}{err})",
+            text(&p["status"]),
+            p["attempts"]
+        )
+    } else if r["awaiting_readback"] == true {
+        format!("pushed {}, not yet read back", text(&r["last_pushed"]))
+    } else {
+        format!("holds {}", r["last_seen"].as_str().unwrap_or("no value"))
+    }
+}
+
+/// The subject's audit history, oldest first.
+fn print_history(o: &mut impl Write, v: &Value) -> std::io::Result<()> {
     writeln!(o, "history:")?;
     for a in v["history"].as_array().cloned().unwrap_or_default() {
         let opt = |k: &str| a[k].as_str().map(|x| format!("{x} ")).unwrap_or_default();
@@ -159,14 +180,14 @@ pub fn print(o: &mut impl Write, id: &str, v: &Value) -> std::io::Result<()> {
             o,
             "  {} {:<17} {:<12} {}{}{}{}",
             ts(&a["stored_at"]),
-            s(&a["kind"]),
-            s(&a["source"]),
+            text(&a["kind"]),
+            text(&a["source"]),
             opt("status"),
             a["scope"]
                 .as_str()
                 .map(|x| format!("[{x}] "))
                 .unwrap_or_default(),
-            s(&a["evidence"]),
+            text(&a["evidence"]),
             a["reason"]
                 .as_str()
                 .map(|r| format!(" — {r}"))
@@ -174,6 +195,11 @@ pub fn print(o: &mut impl Write, id: &str, v: &Value) -> std::io::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// A string field, or nothing when it is missing or not a string.
+fn text(v: &Value) -> String {
+    v.as_str().unwrap_or("").to_string()
 }
 
 fn ts(v: &Value) -> String {

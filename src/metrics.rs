@@ -13,7 +13,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceResult {
@@ -68,98 +68,66 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("optout");
-        let observations = Family::<SourceResult, Counter>::default();
-        registry.register(
-            "observations",
-            "Observations read, by source and result",
-            observations.clone(),
-        );
-        let decisions = Family::<ScopeDecision, Counter>::default();
-        registry.register(
-            "decisions",
-            "Decision changes, by scope and new decision",
-            decisions.clone(),
-        );
-        let pushes = Family::<ConnectorOutcome, Counter>::default();
-        registry.register(
-            "pushes",
-            "Push items, by connector and outcome (done, retry, rejected)",
-            pushes.clone(),
-        );
-        let poll_errors = Family::<ConnectorOutcome, Counter>::default();
-        registry.register(
-            "poll_errors",
-            "Failed polls and pushes, by connector and error kind",
-            poll_errors.clone(),
-        );
-        let webhooks = Family::<SourceResult, Counter>::default();
-        registry.register(
-            "webhooks",
-            "Webhook deliveries, by result",
-            webhooks.clone(),
-        );
-        let outbox_depth = Family::<ConnectorLabel, Gauge>::default();
-        registry.register(
-            "outbox_depth",
-            "Pushes waiting, by connector",
-            outbox_depth.clone(),
-        );
-        let dead_letters = Family::<ConnectorLabel, Gauge>::default();
-        registry.register(
-            "dead_letters",
-            "Pushes rejected for good, by connector",
-            dead_letters.clone(),
-        );
-        let unverified = Family::<ConnectorLabel, Gauge>::default();
-        registry.register(
-            "unverified_pushes",
-            "Pushes not read back within unverified_after (an alarm)",
-            unverified.clone(),
-        );
-        let cursor_lag =
-            Family::<ConnectorLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-        registry.register(
-            "cursor_lag_seconds",
-            "Seconds since the connector last completed a poll",
-            cursor_lag.clone(),
-        );
-        let alarm = Family::<ConnectorLabel, Gauge>::default();
-        registry.register(
-            "connector_alarm",
-            "1 when a connector needs an operator (credentials, quota, configuration)",
-            alarm.clone(),
-        );
-        let subjects = Family::<ScopeDecision, Gauge>::default();
-        registry.register("subjects", "People by scope and decision", subjects.clone());
+        let mut r = Registry::with_prefix("optout");
         let buckets = || Histogram::new(exponential_buckets(0.005, 2.0, 20));
-        let propagation = Family::<ConnectorLabel, Histogram>::new_with_constructor(buckets);
-        registry.register(
-            "propagation_seconds",
-            "From the customer's act to the push being done, by target",
-            propagation.clone(),
-        );
-        let verification = Family::<ConnectorLabel, Histogram>::new_with_constructor(buckets);
-        registry.register(
-            "verification_seconds",
-            "From a push to the read-back that confirms it",
-            verification.clone(),
-        );
         Metrics {
-            registry,
-            observations,
-            decisions,
-            pushes,
-            poll_errors,
-            webhooks,
-            outbox_depth,
-            dead_letters,
-            unverified,
-            cursor_lag,
-            alarm,
-            subjects,
-            propagation,
-            verification,
+            observations: registered(
+                &mut r,
+                "observations",
+                "Observations read, by source and result",
+            ),
+            decisions: registered(
+                &mut r,
+                "decisions",
+                "Decision changes, by scope and new decision",
+            ),
+            pushes: registered(
+                &mut r,
+                "pushes",
+                "Push items, by connector and outcome (done, retry, rejected)",
+            ),
+            poll_errors: registered(
+                &mut r,
+                "poll_errors",
+                "Failed polls and pushes, by connector and error kind",
+            ),
+            webhooks: registered(&mut r, "webhooks", "Webhook deliveries, by result"),
+            outbox_depth: registered(&mut r, "outbox_depth", "Pushes waiting, by connector"),
+            dead_letters: registered(
+                &mut r,
+                "dead_letters",
+                "Pushes rejected for good, by connector",
+            ),
+            unverified: registered(
+                &mut r,
+                "unverified_pushes",
+                "Pushes not read back within unverified_after (an alarm)",
+            ),
+            cursor_lag: registered(
+                &mut r,
+                "cursor_lag_seconds",
+                "Seconds since the connector last completed a poll",
+            ),
+            alarm: registered(
+                &mut r,
+                "connector_alarm",
+                "1 when a connector needs an operator (credentials, quota, configuration)",
+            ),
+            subjects: registered(&mut r, "subjects", "People by scope and decision"),
+            propagation: registered_as(
+                &mut r,
+                "propagation_seconds",
+                "From the customer's act to the push being done, by target",
+                Family::new_with_constructor(buckets),
+            ),
+            verification: registered_as(
+                &mut r,
+                "verification_seconds",
+                "From a push to the read-back that confirms it",
+                Family::new_with_constructor(buckets),
+            ),
+            // Last: the fields above register into it first.
+            registry: r,
             scrape: Mutex::new(()),
         }
     }
@@ -184,4 +152,21 @@ impl Metrics {
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
+}
+
+/// A new metric registered under `name`; see [`registered_as`].
+fn registered<M: Metric + Clone + Default>(registry: &mut Registry, name: &str, help: &str) -> M {
+    registered_as(registry, name, help, M::default())
+}
+
+/// Registers `metric` under `name` and returns it: the registry keeps one handle for
+/// encoding, the caller the other for updating (handles share their values).
+fn registered_as<M: Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }

@@ -620,9 +620,41 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
         Ok(())
     }
 
+    /// A CRM record as read: link it to the subjects of its numbers, judge its consent value,
+    /// and settle a push of ours it reflects.
     fn record(&mut self, snap: &RecordSnapshot) -> TxResult<()> {
         self.report.observations += 1;
         let connector = self.connector;
+        let (phones, ids) = self.record_subjects(snap)?;
+        let existing = self.tx.link(connector, &snap.record)?;
+        let mut link = existing.clone().unwrap_or(LinkRecord {
+            first_seen: self.now,
+            ..LinkRecord::default()
+        });
+        let key = (connector.to_string(), snap.record.clone());
+        self.relink(&key, &link.subjects, &ids)?;
+        link.subjects = ids.clone();
+        link.phones = phones;
+        let memory = self.record_memory(existing.as_ref(), &snap.record)?;
+        let judgement = policy::judge_record(
+            memory.as_ref(),
+            snap,
+            connector,
+            self.now,
+            &self.engine.policy,
+        );
+        self.apply_record_judgement(judgement, snap, &ids)?;
+        self.settle_readback(snap, &mut link)?;
+        link.memory.last_seen = snap.value;
+        link.last_read = self.now;
+        self.tx.put_link(connector, &snap.record, &link)?;
+        self.touched_records.insert(key);
+        Ok(())
+    }
+
+    /// The record's distinct E.164 numbers and the subjects they resolve to (sorted);
+    /// numbers that do not parse are rejected in the audit log.
+    fn record_subjects(&mut self, snap: &RecordSnapshot) -> TxResult<(Vec<String>, Vec<u64>)> {
         let mut phones = Vec::new();
         let mut ids = Vec::new();
         for raw in &snap.phones {
@@ -641,34 +673,39 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
             }
         }
         ids.sort_unstable();
-        let existing = self.tx.link(connector, &snap.record)?;
-        let mut link = existing.clone().unwrap_or(LinkRecord {
-            first_seen: self.now,
-            ..LinkRecord::default()
-        });
-        // Re-link: a record whose numbers changed moves to its new subjects.
-        let key = (connector.to_string(), snap.record.clone());
-        for old in link.subjects.clone() {
+        Ok((phones, ids))
+    }
+
+    /// Re-link: a record whose numbers changed moves from its old subjects to its new ones.
+    fn relink(&mut self, key: &(String, String), old: &[u64], ids: &[u64]) -> TxResult<()> {
+        for &old in old {
             if !ids.contains(&old)
                 && let Some(s) = self.load(old)?
             {
-                s.links.retain(|l| *l != key);
+                s.links.retain(|l| l != key);
             }
         }
-        for &id in &ids {
+        for &id in ids {
             let s = self.load(id)?.expect("resolved");
-            if !s.links.contains(&key) {
+            if !s.links.contains(key) {
                 s.links.push(key.clone());
             }
         }
-        link.subjects = ids.clone();
-        link.phones = phones;
-        // A push of ours may have reached the record before its outcome was recorded.
+        Ok(())
+    }
+
+    /// What we remember of the record, with the value of a push still in the outbox: a push
+    /// of ours may have reached the record before its outcome was recorded.
+    fn record_memory(
+        &self,
+        existing: Option<&LinkRecord>,
+        record: &str,
+    ) -> TxResult<Option<RecordMemory>> {
         let pending = self
             .tx
-            .outbox(connector, &snap.record)?
+            .outbox(self.connector, record)?
             .map(|e| e.item.status);
-        let memory = match (existing.as_ref(), pending) {
+        Ok(match (existing, pending) {
             (Some(l), _) => Some(RecordMemory {
                 pending,
                 ..l.memory
@@ -678,50 +715,39 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
                 ..RecordMemory::default()
             }),
             (None, None) => None,
-        };
-        match policy::judge_record(
-            memory.as_ref(),
-            snap,
-            connector,
-            self.now,
-            &self.engine.policy,
-        ) {
+        })
+    }
+
+    /// Acts on what the policy made of a record's value, for the record's subjects `ids`.
+    fn apply_record_judgement(
+        &mut self,
+        judgement: Judgement,
+        snap: &RecordSnapshot,
+        ids: &[u64],
+    ) -> TxResult<()> {
+        match judgement {
             Judgement::Fact(fact) => {
-                for &id in &ids {
+                for &id in ids {
                     self.accept(id, &fact, snap.changed_at.unwrap_or(snap.modified_at))?;
                 }
                 if ids.is_empty() {
                     self.ignore(&[], &fact, "record holds no usable phone number")?;
                 }
             }
-            Judgement::NotAccepted(fact, why) => self.ignore(&ids, &fact, &why)?,
-            Judgement::Echo(status) => {
-                let mut a = AuditEntry::new(AuditKind::Echo, connector, self.now);
-                a.subject = Some(
-                    ids.iter()
-                        .map(|&i| subject_name(i))
-                        .collect::<Vec<_>>()
-                        .join(","),
-                );
-                a.record = Some(snap.record.clone());
-                a.status = Some(status);
-                a.evidence = Some(bounded(&snap.evidence, 200));
-                a.reason = Some("read back the value the daemon wrote: push verified".into());
-                self.tx.audit(&a, &ids)?;
-                self.tally("echo");
-            }
+            Judgement::NotAccepted(fact, why) => self.ignore(ids, &fact, &why)?,
+            Judgement::Echo(status) => self.echo(snap, ids, status)?,
             Judgement::InitialOptIn => {
                 let fact = Fact {
                     status: Status::OptedIn,
                     scope: Scope::All,
                     at: snap.modified_at,
-                    source: connector.to_string(),
+                    source: self.connector.to_string(),
                     record: snap.record.clone(),
                     signal: optout_core::Signal::CrmField,
                     evidence: snap.evidence.clone(),
                 };
                 self.ignore(
-                    &ids,
+                    ids,
                     &fact,
                     "first value seen on the record is an opt-in: not a change",
                 )?;
@@ -729,28 +755,46 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
             Judgement::Unchanged => self.tally("unchanged"),
             Judgement::NoConsentValue => self.tally("no_consent_value"),
         }
-        // Verification: a read that reflects the record after our push settles it.
-        if link.awaiting_readback
-            && link
-                .pushed_at
-                .is_none_or(|p| snap.modified_at >= p.minus(Duration::from_secs(1)))
-        {
-            if snap.value == link.memory.last_pushed.map(|(s, _)| s)
-                && let Some(p) = link.pushed_at
-            {
-                self.report.verified.push((
-                    connector.to_string(),
-                    snap.record.clone(),
-                    self.now.since(p),
-                ));
-            }
-            link.awaiting_readback = false;
-            self.tx.set_unverified(connector, &snap.record, None)?;
+        Ok(())
+    }
+
+    /// The record holds the value the daemon wrote: audited, not a new fact.
+    fn echo(&mut self, snap: &RecordSnapshot, ids: &[u64], status: Status) -> TxResult<()> {
+        let mut a = AuditEntry::new(AuditKind::Echo, self.connector, self.now);
+        a.subject = Some(
+            ids.iter()
+                .map(|&i| subject_name(i))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+        a.record = Some(snap.record.clone());
+        a.status = Some(status);
+        a.evidence = Some(bounded(&snap.evidence, 200));
+        a.reason = Some("read back the value the daemon wrote: push verified".into());
+        self.tx.audit(&a, ids)?;
+        self.tally("echo");
+        Ok(())
+    }
+
+    /// Verification: a read that reflects the record after our push settles it.
+    fn settle_readback(&mut self, snap: &RecordSnapshot, link: &mut LinkRecord) -> TxResult<()> {
+        let after_push = link
+            .pushed_at
+            .is_none_or(|p| snap.modified_at >= p.minus(Duration::from_secs(1)));
+        if !(link.awaiting_readback && after_push) {
+            return Ok(());
         }
-        link.memory.last_seen = snap.value;
-        link.last_read = self.now;
-        self.tx.put_link(connector, &snap.record, &link)?;
-        self.touched_records.insert(key);
+        if snap.value == link.memory.last_pushed.map(|(s, _)| s)
+            && let Some(p) = link.pushed_at
+        {
+            self.report.verified.push((
+                self.connector.to_string(),
+                snap.record.clone(),
+                self.now.since(p),
+            ));
+        }
+        link.awaiting_readback = false;
+        self.tx.set_unverified(self.connector, &snap.record, None)?;
         Ok(())
     }
 

@@ -100,7 +100,8 @@ impl Notifier {
         }
     }
 
-    /// Sets the watchdog interval explicitly (tests, or a caller that parsed it itself).
+    /// Sets the watchdog interval explicitly (tests).
+    #[cfg(test)]
     pub fn with_watchdog(mut self, interval: Option<Duration>) -> Self {
         self.watchdog = interval;
         self
@@ -119,16 +120,6 @@ impl Notifier {
     /// Shutdown has begun, so systemd shows "deactivating" rather than a hung service.
     pub fn stopping(&self) {
         self.notify("STOPPING=1");
-    }
-
-    /// A configuration reload has begun; send [`Notifier::ready`] when it is done.
-    /// `MONOTONIC_USEC` lets systemd ≥ 253 (`Type=notify-reload`) tell this reload from an
-    /// earlier one; older systemd and `Type=notify` ignore the extra field.
-    pub fn reloading(&self) {
-        match monotonic_usec() {
-            Some(usec) => self.notify(&format!("RELOADING=1\nMONOTONIC_USEC={usec}")),
-            None => self.notify("RELOADING=1"),
-        }
     }
 
     /// A one-line human-readable state for `systemctl status`. Control characters (newlines
@@ -286,43 +277,6 @@ fn status_line(text: &str) -> String {
     line.trim_end().to_owned()
 }
 
-/// `CLOCK_MONOTONIC` in microseconds, the clock systemd compares `MONOTONIC_USEC` against.
-/// `std::time::Instant` reads the same clock but does not expose its value, hence the one
-/// libc call (std already links libc, so this adds no dependency).
-#[cfg(target_os = "linux")]
-fn monotonic_usec() -> Option<u64> {
-    use std::ffi::{c_int, c_long};
-
-    /// `struct timespec` as Linux's libc defines it for Rust targets (`time_t` is a `long`).
-    #[repr(C)]
-    struct Timespec {
-        tv_sec: c_long,
-        tv_nsec: c_long,
-    }
-    const CLOCK_MONOTONIC: c_int = 1;
-    unsafe extern "C" {
-        fn clock_gettime(clock: c_int, tp: *mut Timespec) -> c_int;
-    }
-
-    let mut now = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `now` is a valid, writable `struct timespec`; clock_gettime only writes to it.
-    let rc = unsafe { clock_gettime(CLOCK_MONOTONIC, &mut now) };
-    if rc != 0 {
-        return None;
-    }
-    let secs = u64::try_from(now.tv_sec).ok()?;
-    let nanos = u64::try_from(now.tv_nsec).ok()?;
-    Some(secs * 1_000_000 + nanos / 1_000)
-}
-
-#[cfg(not(target_os = "linux"))]
-fn monotonic_usec() -> Option<u64> {
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,31 +362,6 @@ mod tests {
             messages[1],
             format!("STATUS={}", "é".repeat(MAX_STATUS_BYTES / 2))
         );
-    }
-
-    #[test]
-    fn reloading_carries_the_monotonic_clock() {
-        let listener = Listener::new();
-        let notifier = Notifier::with_socket(&listener.path);
-        let before = std::time::Instant::now();
-
-        notifier.reloading();
-        notifier.reloading();
-
-        let messages = listener.drain();
-        let usec = |m: &str| -> u64 {
-            let (first, second) = m.split_once('\n').expect("two fields");
-            assert_eq!(first, "RELOADING=1");
-            second
-                .strip_prefix("MONOTONIC_USEC=")
-                .unwrap()
-                .parse()
-                .unwrap()
-        };
-        let (a, b) = (usec(&messages[0]), usec(&messages[1]));
-        assert!(a > 0 && a <= b, "monotonic: {a} then {b}");
-        // Same clock as Instant: the two readings are no further apart than the test's runtime.
-        assert!(Duration::from_micros(b - a) <= before.elapsed());
     }
 
     #[cfg(target_os = "linux")]

@@ -163,10 +163,17 @@ impl Config {
     /// Semantic problems as (key, problem) pairs; empty when the configuration is usable.
     /// Secrets are not read here (see [`Config::secrets`]).
     pub fn validate(&self) -> Vec<(String, String)> {
+        let mut problems = self.access_problems();
+        problems.extend(self.property_problems());
+        problems.extend(self.limit_problems());
+        problems
+    }
+
+    /// Where the API is and how the connector authenticates.
+    fn access_problems(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
         let mut bad =
             |key: &str, problem: &str| problems.push((key.to_string(), problem.to_string()));
-
         match reqwest::Url::parse(&self.base_url) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
             _ => bad(
@@ -187,7 +194,14 @@ impl Config {
         {
             bad("oauth.client_id", "must not be empty");
         }
+        problems
+    }
 
+    /// The contact properties read and written, and the values written.
+    fn property_problems(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        let mut bad =
+            |key: &str, problem: &str| problems.push((key.to_string(), problem.to_string()));
         let names = [
             ("consent_property", &self.consent_property),
             ("changed_at_property", &self.changed_at_property),
@@ -223,7 +237,14 @@ impl Config {
         if self.phone_properties.iter().any(|p| p.trim().is_empty()) {
             bad("phone_properties", "must not contain an empty name");
         }
+        problems
+    }
 
+    /// Page and batch sizes, rate limits and the timeout.
+    fn limit_problems(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        let mut bad =
+            |key: &str, problem: &str| problems.push((key.to_string(), problem.to_string()));
         if !(1..=MAX_PAGE_SIZE).contains(&self.page_size) {
             bad(
                 "page_size",

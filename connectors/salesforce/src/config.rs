@@ -124,6 +124,82 @@ impl ObjectConfig {
     pub fn source(&self) -> Option<&str> {
         self.source_field.as_deref().filter(|f| !f.is_empty())
     }
+
+    /// Semantic problems of the `index`th object, given the objects listed before it.
+    fn problems(&self, index: usize, earlier: &[ObjectConfig]) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        let mut bad = |key: &str, problem: String| problems.push((key.to_string(), problem));
+        let key = |k: &str| format!("objects[{index}].{k}");
+        if !is_identifier(&self.name) {
+            bad(
+                &key("name"),
+                format!("{:?} is not an sObject API name", self.name),
+            );
+        } else if self.name.eq_ignore_ascii_case(MESSAGING_END_USER) {
+            bad(
+                &key("name"),
+                "MessagingEndUser is read with messaging_end_user = true, not as an object".into(),
+            );
+        } else if earlier
+            .iter()
+            .any(|p| p.name.eq_ignore_ascii_case(&self.name))
+        {
+            bad(&key("name"), format!("{} is listed twice", self.name));
+        }
+        let mut fields = vec![("consent_field", self.consent_field.as_str())];
+        fields.extend(self.changed_at().map(|f| ("changed_at_field", f)));
+        fields.extend(self.source().map(|f| ("source_field", f)));
+        for (k, f) in fields {
+            if !is_identifier(f) {
+                bad(&key(k), format!("{f:?} is not a field API name"));
+            }
+        }
+        if self.phone_fields.is_empty() {
+            bad(&key("phone_fields"), "list at least one phone field".into());
+        }
+        for f in &self.phone_fields {
+            if !is_identifier(f) {
+                bad(
+                    &key("phone_fields"),
+                    format!("{f:?} is not a field API name"),
+                );
+            }
+        }
+        problems
+    }
+}
+
+impl AuthConfig {
+    /// Semantic problems of the login settings, keyed `auth.*`.
+    fn problems(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        let mut bad = |key: &str, problem: String| problems.push((key.to_string(), problem));
+        match self {
+            AuthConfig::ClientCredentials { client_id, .. } => {
+                if client_id.trim().is_empty() {
+                    bad("auth.client_id", "must not be empty".into());
+                }
+            }
+            AuthConfig::JwtBearer {
+                client_id,
+                username,
+                audience,
+                ..
+            } => {
+                if client_id.trim().is_empty() {
+                    bad("auth.client_id", "must not be empty".into());
+                }
+                if username.trim().is_empty() {
+                    bad("auth.username", "must not be empty".into());
+                }
+                if let Some(p) = url_problem(audience) {
+                    bad("auth.audience", p);
+                }
+            }
+        }
+
+        problems
+    }
 }
 
 fn default_api_version() -> String {
@@ -195,9 +271,17 @@ impl Config {
     /// Semantic problems as (key, problem) pairs; empty when the configuration is usable.
     /// Secrets are not read here.
     pub fn validate(&self) -> Vec<(String, String)> {
+        let mut problems = self.login_problems();
+        problems.extend(self.auth.problems());
+        problems.extend(self.object_problems());
+        problems.extend(self.limit_problems());
+        problems
+    }
+
+    /// Where and with which API version the connector logs in.
+    fn login_problems(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
         let mut bad = |key: &str, problem: String| problems.push((key.to_string(), problem));
-
         match (&self.login_url, &self.auth) {
             (None, AuthConfig::ClientCredentials { .. }) => bad(
                 "login_url",
@@ -225,30 +309,13 @@ impl Config {
                 format!("{:?} is not like v62.0", self.api_version),
             );
         }
-        match &self.auth {
-            AuthConfig::ClientCredentials { client_id, .. } => {
-                if client_id.trim().is_empty() {
-                    bad("auth.client_id", "must not be empty".into());
-                }
-            }
-            AuthConfig::JwtBearer {
-                client_id,
-                username,
-                audience,
-                ..
-            } => {
-                if client_id.trim().is_empty() {
-                    bad("auth.client_id", "must not be empty".into());
-                }
-                if username.trim().is_empty() {
-                    bad("auth.username", "must not be empty".into());
-                }
-                if let Some(p) = url_problem(audience) {
-                    bad("auth.audience", p);
-                }
-            }
-        }
+        problems
+    }
 
+    /// The objects to read and write.
+    fn object_problems(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        let mut bad = |key: &str, problem: String| problems.push((key.to_string(), problem));
         if self.objects.is_empty() && !self.messaging_end_user {
             bad(
                 "objects",
@@ -256,44 +323,15 @@ impl Config {
             );
         }
         for (i, o) in self.objects.iter().enumerate() {
-            let key = |k: &str| format!("objects[{i}].{k}");
-            if !is_identifier(&o.name) {
-                bad(
-                    &key("name"),
-                    format!("{:?} is not an sObject API name", o.name),
-                );
-            } else if o.name.eq_ignore_ascii_case(MESSAGING_END_USER) {
-                bad(
-                    &key("name"),
-                    "MessagingEndUser is read with messaging_end_user = true, not as an object"
-                        .into(),
-                );
-            } else if self.objects[..i]
-                .iter()
-                .any(|p| p.name.eq_ignore_ascii_case(&o.name))
-            {
-                bad(&key("name"), format!("{} is listed twice", o.name));
-            }
-            let mut fields = vec![("consent_field", o.consent_field.as_str())];
-            fields.extend(o.changed_at().map(|f| ("changed_at_field", f)));
-            fields.extend(o.source().map(|f| ("source_field", f)));
-            for (k, f) in fields {
-                if !is_identifier(f) {
-                    bad(&key(k), format!("{f:?} is not a field API name"));
-                }
-            }
-            if o.phone_fields.is_empty() {
-                bad(&key("phone_fields"), "list at least one phone field".into());
-            }
-            for f in &o.phone_fields {
-                if !is_identifier(f) {
-                    bad(
-                        &key("phone_fields"),
-                        format!("{f:?} is not a field API name"),
-                    );
-                }
-            }
+            problems.extend(o.problems(i, &self.objects[..i]));
         }
+        problems
+    }
+
+    /// Page and batch sizes, the API share, and the timings.
+    fn limit_problems(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        let mut bad = |key: &str, problem: String| problems.push((key.to_string(), problem));
         if !(200..=2000).contains(&self.page_size) {
             bad(
                 "page_size",

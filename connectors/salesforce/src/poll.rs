@@ -114,21 +114,7 @@ fn build_query(source: &Source, from: Bound<'_>) -> String {
 
 impl SalesforceConnector {
     pub(crate) async fn poll_page(&self, cursor: Option<&Cursor>) -> Result<Page, ConnectorError> {
-        let mut state = match cursor {
-            None => CursorState {
-                v: CURSOR_VERSION,
-                positions: BTreeMap::new(),
-                pass: Some(self.new_pass(true)),
-            },
-            Some(c) => serde_json::from_str::<CursorState>(&c.0)
-                .ok()
-                .filter(|s| s.v == CURSOR_VERSION)
-                .ok_or_else(|| {
-                    ConnectorError::Config(
-                        "the saved Salesforce cursor cannot be read; run a full resync".into(),
-                    )
-                })?,
-        };
+        let mut state = self.load_state(cursor)?;
         let mut pass = state.pass.take().unwrap_or_else(|| self.new_pass(false));
         // Objects removed from the configuration since the cursor was saved are skipped.
         pass.pending.retain(|n| self.source(n).is_some());
@@ -137,48 +123,9 @@ impl SalesforceConnector {
         };
         let source = self.source(&name).expect("kept above");
         let position = state.positions.get(&name).cloned();
-
-        let data = match pass.next.take() {
-            Some(url) if url.starts_with("/services/data/") => {
-                match self
-                    .client
-                    .call(Method::GET, &url, &[], &self.query_headers(), None)
-                    .await
-                {
-                    Err(e) if e.code.as_deref() == Some("INVALID_QUERY_LOCATOR") => {
-                        tracing::info!(connector = %self.name, object = %name,
-                            "query locator expired; resuming after the last row read");
-                        self.query(
-                            source,
-                            resume_from(pass.last.as_ref().or(position.as_ref())),
-                        )
-                        .await?
-                    }
-                    other => other?,
-                }
-            }
-            // A locator we did not write: continue exactly after the last row.
-            Some(_) => {
-                self.query(
-                    source,
-                    resume_from(pass.last.as_ref().or(position.as_ref())),
-                )
-                .await?
-            }
-            None => {
-                let from = match &position {
-                    Some(p) if !pass.full && self.config.overlap.is_zero() => resume_from(Some(p)),
-                    Some(p) if !pass.full => {
-                        Bound::AtOrAfter(Timestamp::from_millis(p.t).minus(self.config.overlap))
-                    }
-                    _ => Bound::Start,
-                };
-                self.query(source, from).await?
-            }
-        };
-        let resp: QueryResponse = serde_json::from_value(data).map_err(|e| {
-            ConnectorError::Transient(format!("unexpected query response shape: {e}"))
-        })?;
+        let resp = self
+            .fetch(source, &name, &mut pass, position.as_ref())
+            .await?;
 
         let mut observations = Vec::with_capacity(resp.records.len());
         let mut newest = position;
@@ -208,6 +155,71 @@ impl SalesforceConnector {
         }
         let pass = (!pass.pending.is_empty()).then_some(pass);
         Ok(self.page(state, pass, observations))
+    }
+
+    /// The saved cursor, or a full pass when there is none. A cursor this version cannot
+    /// read is a configuration error rather than a silent restart from scratch.
+    fn load_state(&self, cursor: Option<&Cursor>) -> Result<CursorState, ConnectorError> {
+        let Some(c) = cursor else {
+            return Ok(CursorState {
+                v: CURSOR_VERSION,
+                positions: BTreeMap::new(),
+                pass: Some(self.new_pass(true)),
+            });
+        };
+        serde_json::from_str::<CursorState>(&c.0)
+            .ok()
+            .filter(|s| s.v == CURSOR_VERSION)
+            .ok_or_else(|| {
+                ConnectorError::Config(
+                    "the saved Salesforce cursor cannot be read; run a full resync".into(),
+                )
+            })
+    }
+
+    /// The next page of the pass's current object: its query locator's next page, or a new
+    /// query (see the module doc for where it starts).
+    async fn fetch(
+        &self,
+        source: &Source,
+        name: &str,
+        pass: &mut Pass,
+        position: Option<&Position>,
+    ) -> Result<QueryResponse, ConnectorError> {
+        let data = match pass.next.take() {
+            Some(url) if url.starts_with("/services/data/") => {
+                match self
+                    .client
+                    .call(Method::GET, &url, &[], &self.query_headers(), None)
+                    .await
+                {
+                    Err(e) if e.code.as_deref() == Some("INVALID_QUERY_LOCATOR") => {
+                        tracing::info!(connector = %self.name, object = %name,
+                            "query locator expired; resuming after the last row read");
+                        self.query(source, resume_from(pass.last.as_ref().or(position)))
+                            .await?
+                    }
+                    other => other?,
+                }
+            }
+            // A locator we did not write: continue exactly after the last row.
+            Some(_) => {
+                self.query(source, resume_from(pass.last.as_ref().or(position)))
+                    .await?
+            }
+            None => {
+                let from = match position {
+                    Some(p) if !pass.full && self.config.overlap.is_zero() => resume_from(Some(p)),
+                    Some(p) if !pass.full => {
+                        Bound::AtOrAfter(Timestamp::from_millis(p.t).minus(self.config.overlap))
+                    }
+                    _ => Bound::Start,
+                };
+                self.query(source, from).await?
+            }
+        };
+        serde_json::from_value(data)
+            .map_err(|e| ConnectorError::Transient(format!("unexpected query response shape: {e}")))
     }
 
     fn page(

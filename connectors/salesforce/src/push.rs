@@ -50,102 +50,49 @@ struct Write<'a> {
     items: Vec<usize>,
 }
 
+impl<'a> Write<'a> {
+    /// Adds item `i`, which names the same record. Equal values share the write (the later
+    /// change is written); when they disagree the opt-out is written. Returns the value
+    /// written and the items that lost, if any.
+    fn absorb(&mut self, i: usize, item: &'a PushItem) -> Option<(Status, Vec<usize>)> {
+        if self.item.status == item.status {
+            if item.changed_at > self.item.changed_at {
+                self.item = item;
+            }
+            self.items.push(i);
+            return None;
+        }
+        if item.status == Status::OptedOut {
+            let old = std::mem::replace(&mut self.items, vec![i]);
+            self.item = item;
+            Some((item.status, old))
+        } else {
+            Some((self.item.status, vec![i]))
+        }
+    }
+}
+
+/// A batch sorted out before any request: the records to write, and the items answered
+/// without one (malformed records, and the losers of a disagreement).
+struct Plan<'a> {
+    writes: Vec<Write<'a>>,
+    outcomes: Vec<Option<PushOutcome>>,
+}
+
 impl SalesforceConnector {
     pub(crate) async fn push_batch(
         &self,
         batch: &[PushItem],
     ) -> Result<Vec<PushOutcome>, ConnectorError> {
-        let mut outcomes: Vec<Option<PushOutcome>> = vec![None; batch.len()];
-        let mut writes: Vec<Write<'_>> = Vec::new();
-        let mut by_record: HashMap<(&str, &str), usize> = HashMap::new();
-
-        for (i, item) in batch.iter().enumerate() {
-            let target = item.record.split_once('/').and_then(|(ty, id)| {
-                let source = self
-                    .sources
-                    .iter()
-                    .find(|s| s.name().eq_ignore_ascii_case(ty))?;
-                Some((source, id))
-            });
-            let Some((source, id)) = target else {
-                outcomes[i] = Some(PushOutcome::Rejected {
-                    reason: format!(
-                        "{:?} names no configured Salesforce object (expected Object/Id)",
-                        item.record
-                    ),
-                });
-                continue;
-            };
-            if !is_record_id(id) {
-                outcomes[i] = Some(PushOutcome::Rejected {
-                    reason: format!("MALFORMED_ID: {id:?} is not a Salesforce id"),
-                });
-                continue;
-            }
-            match by_record.get(&(source.name(), id)) {
-                None => {
-                    by_record.insert((source.name(), id), writes.len());
-                    writes.push(Write {
-                        source,
-                        id,
-                        item,
-                        items: vec![i],
-                    });
-                }
-                Some(&w) => {
-                    let kept = &mut writes[w];
-                    if kept.item.status == item.status {
-                        if item.changed_at > kept.item.changed_at {
-                            kept.item = item;
-                        }
-                        kept.items.push(i);
-                    } else {
-                        // Opt-out wins; the loser is answered now.
-                        let (winner, loser) = if item.status == Status::OptedOut {
-                            let old = std::mem::replace(&mut kept.items, vec![i]);
-                            kept.item = item;
-                            (item.status, old)
-                        } else {
-                            (kept.item.status, vec![i])
-                        };
-                        for l in loser {
-                            outcomes[l] = Some(PushOutcome::Rejected {
-                                reason: format!(
-                                    "another item in the same batch sets {} on {}; opt-out wins",
-                                    winner, batch[l].record
-                                ),
-                            });
-                        }
-                    }
-                }
-            }
-        }
-
+        let Plan {
+            mut writes,
+            mut outcomes,
+        } = self.plan(batch);
         // Same-type records together (stable, so order within a type is kept).
         writes.sort_by(|a, b| a.source.name().cmp(b.source.name()));
-        let path = format!(
-            "/services/data/{}/composite/sobjects",
-            self.config.api_version
-        );
         for chunk in writes.chunks(self.config.batch_size) {
-            let records: Vec<Value> = chunk.iter().map(|w| w.source.write(w.id, w.item)).collect();
-            let body = json!({ "allOrNone": false, "records": records });
-            let resp = self
-                .client
-                .call(Method::PATCH, &path, &[], &[], Some(&body))
-                .await?;
-            let results: Vec<SaveResult> = serde_json::from_value(resp).map_err(|e| {
-                ConnectorError::Transient(format!("unexpected collections response shape: {e}"))
-            })?;
-            if results.len() != chunk.len() {
-                return Err(ConnectorError::Transient(format!(
-                    "collections answered {} results for {} records",
-                    results.len(),
-                    chunk.len()
-                )));
-            }
-            for (w, r) in chunk.iter().zip(results) {
-                let outcome = outcome(r);
+            let written = self.write(chunk).await?;
+            for (w, outcome) in chunk.iter().zip(written) {
                 if !matches!(outcome, PushOutcome::Done) {
                     tracing::info!(connector = %self.name, record = %w.item.record, ?outcome, "record not written");
                 }
@@ -158,6 +105,93 @@ impl SalesforceConnector {
             .into_iter()
             .map(|o| o.expect("every item is answered"))
             .collect())
+    }
+
+    /// One write per record the batch names; see the module doc for how items naming the
+    /// same record are merged.
+    fn plan<'a>(&'a self, batch: &'a [PushItem]) -> Plan<'a> {
+        let mut plan = Plan {
+            writes: Vec::new(),
+            outcomes: vec![None; batch.len()],
+        };
+        let mut by_record: HashMap<(&str, &str), usize> = HashMap::new();
+        for (i, item) in batch.iter().enumerate() {
+            let (source, id) = match self.target(item) {
+                Ok(target) => target,
+                Err(reason) => {
+                    plan.outcomes[i] = Some(PushOutcome::Rejected { reason });
+                    continue;
+                }
+            };
+            let Some(&w) = by_record.get(&(source.name(), id)) else {
+                by_record.insert((source.name(), id), plan.writes.len());
+                plan.writes.push(Write {
+                    source,
+                    id,
+                    item,
+                    items: vec![i],
+                });
+                continue;
+            };
+            // Opt-out wins; the loser is answered now.
+            if let Some((winner, losers)) = plan.writes[w].absorb(i, item) {
+                for l in losers {
+                    plan.outcomes[l] = Some(PushOutcome::Rejected {
+                        reason: format!(
+                            "another item in the same batch sets {} on {}; opt-out wins",
+                            winner, batch[l].record
+                        ),
+                    });
+                }
+            }
+        }
+        plan
+    }
+
+    /// The configured object and the record id an item's `Object/Id` names, or why not.
+    fn target<'a>(&'a self, item: &'a PushItem) -> Result<(&'a Source, &'a str), String> {
+        let target = item.record.split_once('/').and_then(|(ty, id)| {
+            let source = self
+                .sources
+                .iter()
+                .find(|s| s.name().eq_ignore_ascii_case(ty))?;
+            Some((source, id))
+        });
+        let Some((source, id)) = target else {
+            return Err(format!(
+                "{:?} names no configured Salesforce object (expected Object/Id)",
+                item.record
+            ));
+        };
+        if !is_record_id(id) {
+            return Err(format!("MALFORMED_ID: {id:?} is not a Salesforce id"));
+        }
+        Ok((source, id))
+    }
+
+    /// Writes one request's worth of records; one outcome per write, in order.
+    async fn write(&self, chunk: &[Write<'_>]) -> Result<Vec<PushOutcome>, ConnectorError> {
+        let path = format!(
+            "/services/data/{}/composite/sobjects",
+            self.config.api_version
+        );
+        let records: Vec<Value> = chunk.iter().map(|w| w.source.write(w.id, w.item)).collect();
+        let body = json!({ "allOrNone": false, "records": records });
+        let resp = self
+            .client
+            .call(Method::PATCH, &path, &[], &[], Some(&body))
+            .await?;
+        let results: Vec<SaveResult> = serde_json::from_value(resp).map_err(|e| {
+            ConnectorError::Transient(format!("unexpected collections response shape: {e}"))
+        })?;
+        if results.len() != chunk.len() {
+            return Err(ConnectorError::Transient(format!(
+                "collections answered {} results for {} records",
+                results.len(),
+                chunk.len()
+            )));
+        }
+        Ok(results.into_iter().map(outcome).collect())
     }
 }
 

@@ -48,7 +48,7 @@ pub fn event_id(item: &PushItem) -> String {
     names.sort();
     names.dedup();
     let digest = Sha256::digest(names.join("\n"));
-    let tag: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    let tag = hex::encode(&digest[..4]);
     format!(
         "{}:{}:{}:{}:{tag}",
         item.subject,

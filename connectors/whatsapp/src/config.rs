@@ -23,7 +23,7 @@ use std::time::Duration;
 use optout_core::SecretRef;
 use serde::Deserialize;
 
-use crate::detect;
+use crate::detect::Keywords;
 
 pub const DEFAULT_BASE_URL: &str = "https://graph.facebook.com";
 pub const DEFAULT_GRAPH_VERSION: &str = "v25.0";
@@ -67,27 +67,6 @@ pub struct Config {
     pub keywords: Keywords,
     #[serde(default)]
     pub confirmations: Confirmations,
-}
-
-/// Keyword and button settings; the defaults live in [`crate::detect`].
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Keywords {
-    /// Extra opt-out keywords by language tag: `{ en = ["HALT"], es = ["PARE"] }`.
-    #[serde(default)]
-    pub opt_out: BTreeMap<String, Vec<String>>,
-    /// Extra opt-in keywords by language tag (matched exactly, never with filler words).
-    #[serde(default)]
-    pub opt_in: BTreeMap<String, Vec<String>>,
-    /// Use only the keywords above, not the built-in lists.
-    #[serde(default)]
-    pub replace_defaults: bool,
-    /// Button payload ids (template quick replies, interactive reply ids) that mean opt-out.
-    #[serde(default)]
-    pub opt_out_payloads: Vec<String>,
-    /// Button payload ids that mean opt-in.
-    #[serde(default)]
-    pub opt_in_payloads: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -197,11 +176,51 @@ impl Confirmations {
         all.extend(self.texts.clone());
         all
     }
+
+    /// Every language must have texts WhatsApp accepts, and the default one must have texts.
+    fn problems(&self) -> Vec<(String, String)> {
+        let mut p: Vec<(String, String)> = Vec::new();
+        let mut add = |k: &str, m: String| p.push((k.to_string(), m));
+        if !self.effective_texts().contains_key(&self.default_language) {
+            add(
+                "confirmations.default_language",
+                format!(
+                    "no texts for {:?}; add confirmations.texts.{}",
+                    self.default_language, self.default_language
+                ),
+            );
+        }
+        for (lang, t) in &self.texts {
+            for (which, s) in [("opted_out", &t.opted_out), ("opted_in", &t.opted_in)] {
+                if s.trim().is_empty() {
+                    add(
+                        &format!("confirmations.texts.{lang}.{which}"),
+                        "must not be empty".into(),
+                    );
+                } else if s.chars().count() > MAX_TEXT_CHARS {
+                    add(
+                        &format!("confirmations.texts.{lang}.{which}"),
+                        format!("longer than WhatsApp's {MAX_TEXT_CHARS} characters"),
+                    );
+                }
+            }
+        }
+        p
+    }
 }
 
 impl Config {
     /// Semantic problems as (key, problem) pairs; secrets are not resolved here.
     pub fn validate(&self) -> Vec<(String, String)> {
+        let mut p = self.connection_problems();
+        p.extend(self.keywords.problems());
+        p.extend(self.confirmations.problems());
+        p.extend(self.sender_problems());
+        p
+    }
+
+    /// The webhook's and the Graph API client's settings.
+    fn connection_problems(&self) -> Vec<(String, String)> {
         let mut p: Vec<(String, String)> = Vec::new();
         let mut add = |k: &str, m: String| p.push((k.to_string(), m));
         if self.app_secrets.is_empty() {
@@ -240,75 +259,14 @@ impl Config {
         if self.max_sends_per_second == 0 {
             add("max_sends_per_second", "must be more than zero".into());
         }
-        for (key, lists) in [
-            ("keywords.opt_out", &self.keywords.opt_out),
-            ("keywords.opt_in", &self.keywords.opt_in),
-        ] {
-            for (lang, words) in lists {
-                for w in words {
-                    if detect::tokens(w).is_empty() {
-                        add(
-                            &format!("{key}.{lang}"),
-                            format!(
-                                "keyword {w:?} has no letters or digits left after normalisation"
-                            ),
-                        );
-                    }
-                }
-            }
-        }
-        if self.keywords.replace_defaults && self.keywords.opt_out.values().all(|w| w.is_empty()) {
-            add("keywords.replace_defaults", "replaces the built-in lists but keywords.opt_out is empty: no typed STOP would be recognised".into());
-        }
-        // An opt-in word that is also an opt-out word would be read as an opt-out (opt-out
-        // wins), which is surely not what the operator meant.
-        let detector = detect::Detector::new(&self.keywords);
-        for w in self.keywords.opt_in.values().flatten() {
-            if detector
-                .detect_text(w)
-                .is_some_and(|d| d.status == optout_core::Status::OptedOut)
-            {
-                add(
-                    "keywords.opt_in",
-                    format!("{w:?} is also an opt-out keyword"),
-                );
-            }
-        }
-        for id in &self.keywords.opt_in_payloads {
-            if self.keywords.opt_out_payloads.contains(id) {
-                add(
-                    "keywords.opt_in_payloads",
-                    format!("{id:?} is also listed in opt_out_payloads"),
-                );
-            }
-        }
-        let c = &self.confirmations;
-        let texts = c.effective_texts();
-        if !texts.contains_key(&c.default_language) {
-            add(
-                "confirmations.default_language",
-                format!(
-                    "no texts for {:?}; add confirmations.texts.{}",
-                    c.default_language, c.default_language
-                ),
-            );
-        }
-        for (lang, t) in &c.texts {
-            for (which, s) in [("opted_out", &t.opted_out), ("opted_in", &t.opted_in)] {
-                if s.trim().is_empty() {
-                    add(
-                        &format!("confirmations.texts.{lang}.{which}"),
-                        "must not be empty".into(),
-                    );
-                } else if s.chars().count() > MAX_TEXT_CHARS {
-                    add(
-                        &format!("confirmations.texts.{lang}.{which}"),
-                        format!("longer than WhatsApp's {MAX_TEXT_CHARS} characters"),
-                    );
-                }
-            }
-        }
-        if c.enabled {
+        p
+    }
+
+    /// What sending confirmations needs: a token and the id of the number to send from.
+    fn sender_problems(&self) -> Vec<(String, String)> {
+        let mut p: Vec<(String, String)> = Vec::new();
+        let mut add = |k: &str, m: String| p.push((k.to_string(), m));
+        if self.confirmations.enabled {
             if self.access_token.is_none() {
                 add(
                     "access_token",

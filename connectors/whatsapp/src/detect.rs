@@ -15,10 +15,79 @@
 use std::collections::{BTreeMap, HashSet};
 
 use optout_core::Status;
+use serde::Deserialize;
 use unicode_normalization::UnicodeNormalization;
 use unicode_normalization::char::is_combining_mark;
 
-use crate::config::Keywords;
+/// Keyword and button settings (the `[keywords]` table): additions to, or replacements of,
+/// the built-in lists below.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Keywords {
+    /// Extra opt-out keywords by language tag: `{ en = ["HALT"], es = ["PARE"] }`.
+    #[serde(default)]
+    pub opt_out: BTreeMap<String, Vec<String>>,
+    /// Extra opt-in keywords by language tag (matched exactly, never with filler words).
+    #[serde(default)]
+    pub opt_in: BTreeMap<String, Vec<String>>,
+    /// Use only the keywords above, not the built-in lists.
+    #[serde(default)]
+    pub replace_defaults: bool,
+    /// Button payload ids (template quick replies, interactive reply ids) that mean opt-out.
+    #[serde(default)]
+    pub opt_out_payloads: Vec<String>,
+    /// Button payload ids that mean opt-in.
+    #[serde(default)]
+    pub opt_in_payloads: Vec<String>,
+}
+
+impl Keywords {
+    /// Semantic problems as (key, problem) pairs: keywords that cannot match, and settings
+    /// that contradict each other.
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut p: Vec<(String, String)> = Vec::new();
+        let mut add = |k: &str, m: String| p.push((k.to_string(), m));
+        for (key, lists) in [
+            ("keywords.opt_out", &self.opt_out),
+            ("keywords.opt_in", &self.opt_in),
+        ] {
+            for (lang, words) in lists {
+                for w in words.iter().filter(|w| tokens(w).is_empty()) {
+                    add(
+                        &format!("{key}.{lang}"),
+                        format!("keyword {w:?} has no letters or digits left after normalisation"),
+                    );
+                }
+            }
+        }
+        if self.replace_defaults && self.opt_out.values().all(|w| w.is_empty()) {
+            add("keywords.replace_defaults", "replaces the built-in lists but keywords.opt_out is empty: no typed STOP would be recognised".into());
+        }
+        // An opt-in word that is also an opt-out word would be read as an opt-out (opt-out
+        // wins), which is surely not what the operator meant.
+        let detector = Detector::new(self);
+        for w in self.opt_in.values().flatten() {
+            if detector
+                .detect_text(w)
+                .is_some_and(|d| d.status == Status::OptedOut)
+            {
+                add(
+                    "keywords.opt_in",
+                    format!("{w:?} is also an opt-out keyword"),
+                );
+            }
+        }
+        for id in &self.opt_in_payloads {
+            if self.opt_out_payloads.contains(id) {
+                add(
+                    "keywords.opt_in_payloads",
+                    format!("{id:?} is also listed in opt_out_payloads"),
+                );
+            }
+        }
+        p
+    }
+}
 
 /// Default opt-out keywords by language.
 ///

@@ -38,8 +38,8 @@ use optout_core::{
     SecretRef, Secrets, Takes, Timestamp,
 };
 
-pub use config::{Config, Confirmations, Keywords, Texts};
-pub use detect::{Detection, Detector};
+pub use config::{Config, Confirmations, Texts};
+pub use detect::{Detection, Detector, Keywords};
 pub use optout_core::inbox::{Inbox, InboxEntry, InboxError};
 pub use webhook::{PATH as WEBHOOK_PATH, WebhookState, router};
 

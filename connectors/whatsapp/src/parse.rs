@@ -81,8 +81,9 @@ pub fn repair_surrogates(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
         if b.get(at) != Some(&b'\\') || b.get(at + 1) != Some(&b'u') {
             return None;
         }
-        let hex = std::str::from_utf8(b.get(at + 2..at + 6)?).ok()?;
-        u16::from_str_radix(hex, 16).ok()
+        let mut unit = [0u8; 2];
+        hex::decode_to_slice(b.get(at + 2..at + 6)?, &mut unit).ok()?;
+        Some(u16::from_be_bytes(unit))
     }
     let is_high = |u: u16| (0xD800..0xDC00).contains(&u);
     let is_low = |u: u16| (0xDC00..0xE000).contains(&u);
@@ -384,7 +385,23 @@ impl<'a> Cx<'a> {
             return None;
         }
         let at = self.time(&m.timestamp, "message", id.as_deref().unwrap_or(""));
-        let (detection, signal, evidence) = match kind.as_str() {
+        let (detection, signal, evidence) = self.read(&m, &kind);
+        Some(ConsentEvent {
+            identities,
+            status: detection.as_ref().map(|d| d.status),
+            signal,
+            at,
+            inbound: true,
+            message_id: id,
+            evidence,
+            language: detection.and_then(|d| d.language),
+        })
+    }
+
+    /// What a message says, by its kind: a keyword in a text or an edit, a button or list
+    /// choice, or nothing about consent.
+    fn read(&self, m: &Message, kind: &str) -> Read {
+        match kind {
             "text" => {
                 let body = m
                     .text
@@ -404,28 +421,7 @@ impl<'a> Cx<'a> {
                     "button",
                 )
             }
-            "interactive" => {
-                // The reply object names the kind; some senders omit `interactive.type`.
-                let i = m.interactive.as_ref();
-                let choice = i.and_then(|i| {
-                    (i.button_reply.as_ref().map(|c| ("button_reply", c)))
-                        .or(i.list_reply.as_ref().map(|c| ("list_reply", c)))
-                });
-                match choice {
-                    Some((sub, c)) => {
-                        let (p, t) = (c.id.as_deref(), c.title.as_deref());
-                        button(self.detector.detect_button(p, t), p, t, sub)
-                    }
-                    None => {
-                        let sub = i.and_then(|i| i.kind.as_deref()).unwrap_or("without body");
-                        (
-                            None,
-                            Signal::Inbound,
-                            format!("inbound interactive {}", short(sub)),
-                        )
-                    }
-                }
-            }
+            "interactive" => self.interactive(m.interactive.as_ref()),
             "edit" => {
                 // An edit that turns a message into STOP is honoured; an edit into START is
                 // not taken as consent (the customer never sent START as a message).
@@ -441,17 +437,30 @@ impl<'a> Cx<'a> {
                 keyword(d, body, "edited text")
             }
             other => (None, Signal::Inbound, format!("inbound {}", short(other))),
-        };
-        Some(ConsentEvent {
-            identities,
-            status: detection.as_ref().map(|d| d.status),
-            signal,
-            at,
-            inbound: true,
-            message_id: id,
-            evidence,
-            language: detection.and_then(|d| d.language),
-        })
+        }
+    }
+
+    /// A tapped interactive reply. The reply object names the kind; some senders omit
+    /// `interactive.type`.
+    fn interactive(&self, i: Option<&Interactive>) -> Read {
+        let choice = i.and_then(|i| {
+            (i.button_reply.as_ref().map(|c| ("button_reply", c)))
+                .or(i.list_reply.as_ref().map(|c| ("list_reply", c)))
+        });
+        match choice {
+            Some((sub, c)) => {
+                let (p, t) = (c.id.as_deref(), c.title.as_deref());
+                button(self.detector.detect_button(p, t), p, t, sub)
+            }
+            None => {
+                let sub = i.and_then(|i| i.kind.as_deref()).unwrap_or("without body");
+                (
+                    None,
+                    Signal::Inbound,
+                    format!("inbound interactive {}", short(sub)),
+                )
+            }
+        }
     }
 
     fn status(&self, raw: &Value) -> Option<ConsentEvent> {

@@ -29,23 +29,13 @@ pub(crate) async fn push(
     // Set after an account-wide throttle or an auth refusal: later items are not sent.
     let mut halt: Option<PushOutcome> = None;
     for item in batch {
-        let Some(reply) = &item.reply else {
-            out.push(PushOutcome::Rejected {
-                reason: NOT_A_REPLY.into(),
-            });
-            continue;
+        let reply = match reply_to_send(item, confirmations, now) {
+            Ok(reply) => reply,
+            Err(settled) => {
+                out.push(settled);
+                continue;
+            }
         };
-        if !confirmations.enabled {
-            // Confirmations are optional; the decision itself needs nothing from Meta.
-            out.push(PushOutcome::Done);
-            continue;
-        }
-        if now > reply.window_ends {
-            out.push(PushOutcome::Rejected {
-                reason: WINDOW_CLOSED.into(),
-            });
-            continue;
-        }
         if let Some(h) = &halt {
             out.push(h.clone());
             continue;
@@ -62,61 +52,89 @@ pub(crate) async fn push(
             item.status,
         );
         let body = message_body(&reply.to, &reply.in_reply_to, text);
-        let outcome = match graph.send_message(&body).await {
-            Reply::Ok(_) => {
-                sent_any = true;
-                PushOutcome::Done
-            }
-            Reply::Graph(e) => match e.class() {
-                Class::Throttled => {
-                    let o = PushOutcome::RetryLater {
-                        after: e.retry_after,
-                        reason: e.describe(),
-                    };
-                    halt = Some(o.clone());
-                    o
-                }
-                Class::Retry => PushOutcome::RetryLater {
-                    after: e.retry_after,
-                    reason: e.describe(),
-                },
-                Class::Reject => PushOutcome::Rejected {
-                    reason: e.describe(),
-                },
-                class @ (Class::Unauthorized | Class::Forbidden) => {
-                    if !sent_any {
-                        return Err(auth_error(class, e.describe()));
-                    }
-                    let o = PushOutcome::RetryLater {
-                        after: None,
-                        reason: e.describe(),
-                    };
-                    halt = Some(o.clone());
-                    o
-                }
-            },
-            Reply::Http(reason, class) => match class {
-                Class::Reject => PushOutcome::Rejected { reason },
-                Class::Unauthorized | Class::Forbidden if !sent_any => {
-                    return Err(auth_error(class, reason));
-                }
-                Class::Throttled | Class::Unauthorized | Class::Forbidden => {
-                    let o = PushOutcome::RetryLater {
-                        after: None,
-                        reason,
-                    };
-                    halt = Some(o.clone());
-                    o
-                }
-                Class::Retry => PushOutcome::RetryLater {
-                    after: None,
-                    reason,
-                },
-            },
-        };
-        out.push(outcome);
+        let verdict = verdict(graph.send_message(&body).await, sent_any)?;
+        sent_any |= matches!(verdict.outcome, PushOutcome::Done);
+        if verdict.halts {
+            halt = Some(verdict.outcome.clone());
+        }
+        out.push(verdict.outcome);
     }
     Ok(out)
+}
+
+/// The reply an item asks to send, or the outcome it gets without sending anything: it is
+/// not a reply, confirmations are off, or the 24-hour window has closed.
+fn reply_to_send<'a>(
+    item: &'a PushItem,
+    confirmations: &Confirmations,
+    now: Timestamp,
+) -> Result<&'a optout_core::Reply, PushOutcome> {
+    let Some(reply) = &item.reply else {
+        return Err(PushOutcome::Rejected {
+            reason: NOT_A_REPLY.into(),
+        });
+    };
+    if !confirmations.enabled {
+        // Confirmations are optional; the decision itself needs nothing from Meta.
+        return Err(PushOutcome::Done);
+    }
+    if now > reply.window_ends {
+        return Err(PushOutcome::Rejected {
+            reason: WINDOW_CLOSED.into(),
+        });
+    }
+    Ok(reply)
+}
+
+/// What one send's reply means for its item.
+struct Verdict {
+    outcome: PushOutcome,
+    /// The reply concerns the whole account (a throttle, or credentials refused after
+    /// something was sent): the call's later items get the same outcome without a send.
+    halts: bool,
+}
+
+/// Reads a send's reply. Credentials refused before anything was sent fail the whole call
+/// (the auth alarm); see the module doc for why not later.
+fn verdict(reply: Reply, sent_any: bool) -> Result<Verdict, ConnectorError> {
+    let item = |outcome| Verdict {
+        outcome,
+        halts: false,
+    };
+    let halt = |after, reason| Verdict {
+        outcome: PushOutcome::RetryLater { after, reason },
+        halts: true,
+    };
+    Ok(match reply {
+        Reply::Ok(_) => item(PushOutcome::Done),
+        Reply::Graph(e) => match e.class() {
+            Class::Throttled => halt(e.retry_after, e.describe()),
+            Class::Retry => item(PushOutcome::RetryLater {
+                after: e.retry_after,
+                reason: e.describe(),
+            }),
+            Class::Reject => item(PushOutcome::Rejected {
+                reason: e.describe(),
+            }),
+            class @ (Class::Unauthorized | Class::Forbidden) => {
+                if !sent_any {
+                    return Err(auth_error(class, e.describe()));
+                }
+                halt(None, e.describe())
+            }
+        },
+        Reply::Http(reason, class) => match class {
+            Class::Reject => item(PushOutcome::Rejected { reason }),
+            Class::Unauthorized | Class::Forbidden if !sent_any => {
+                return Err(auth_error(class, reason));
+            }
+            Class::Throttled | Class::Unauthorized | Class::Forbidden => halt(None, reason),
+            Class::Retry => item(PushOutcome::RetryLater {
+                after: None,
+                reason,
+            }),
+        },
+    })
 }
 
 fn auth_error(class: Class, reason: String) -> ConnectorError {

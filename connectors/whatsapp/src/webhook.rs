@@ -199,24 +199,9 @@ async fn receive<I: Inbox + ?Sized>(
 /// `sha256=<64 hex>` → the 32 bytes; anything else is `None`.
 fn signature(headers: &HeaderMap) -> Option<[u8; 32]> {
     let v = headers.get(SIGNATURE_HEADER)?.to_str().ok()?.trim();
-    let hex = v.strip_prefix("sha256=")?.as_bytes();
-    if hex.len() != 64 {
-        return None;
-    }
     let mut out = [0u8; 32];
-    for (i, pair) in hex.chunks(2).enumerate() {
-        out[i] = (nibble(pair[0])? << 4) | nibble(pair[1])?;
-    }
+    hex::decode_to_slice(v.strip_prefix("sha256=")?, &mut out).ok()?;
     Some(out)
-}
-
-fn nibble(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
 }
 
 #[cfg(test)]
