@@ -22,7 +22,7 @@ use optout_core::{Polling, Secret, SecretRef, Secrets, Settings, Takes};
 use serde::Deserialize;
 
 use crate::policy::{PolicyConfig, ScopeMap};
-use crate::registry::Entry;
+use crate::registry::{Entry, ParseError};
 use crate::workers::Linger;
 
 /// One problem in a configuration file.
@@ -350,22 +350,18 @@ fn parse_connector(
     let Some(entry) = crate::registry::find(kinds, &common.kind) else {
         // Worded as serde words an unknown enum variant, which is what a kind is.
         let known = crate::registry::names(kinds);
-        let message = format!(
-            "unknown variant `{}`, expected one of {known}",
-            common.kind
-        );
+        let message = format!("unknown variant `{}`, expected one of {known}", common.kind);
         return Err((path_of("kind"), message));
     };
-    let settings = entry
-        .parse(toml::Value::Table(table))
-        .map_err(|(key, msg)| {
-            let key = if key.is_empty() {
-                format!("connectors.{name}")
-            } else {
-                path_of(&key)
-            };
-            (key, msg)
-        })?;
+    let settings = entry.parse(toml::Value::Table(table)).map_err(|e| {
+        let (key, msg) = located(e);
+        let key = if key.is_empty() {
+            format!("connectors.{name}")
+        } else {
+            path_of(&key)
+        };
+        (key, msg)
+    })?;
     Ok(ConnectorConfig {
         name: name.to_string(),
         common,
@@ -373,30 +369,24 @@ fn parse_connector(
     })
 }
 
-/// Deserialises a connector's table, keeping the path of the key that failed (the table was
-/// detached from the file, so toml itself can no longer say where).
-pub(crate) fn located<T: serde::de::DeserializeOwned>(
-    value: toml::Value,
-) -> Result<T, (String, String)> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let msg = clean_serde(&e.inner().to_string());
-        let mut path: Vec<String> = e
-            .path()
-            .iter()
-            .filter_map(|seg| match seg {
-                serde_path_to_error::Segment::Map { key } => Some(key.clone()),
-                serde_path_to_error::Segment::Seq { .. }
-                | serde_path_to_error::Segment::Enum { .. } => None,
-                serde_path_to_error::Segment::Unknown => None,
-            })
-            .collect();
-        if let Some(field) = unknown_field_key(&msg)
-            && path.last() != Some(&field)
-        {
-            path.push(field);
-        }
-        (path.join("."), msg)
-    })
+/// Where a connector's table failed to deserialise: (the key's path within the table,
+/// message). The table was detached from the file, so toml itself can no longer say where.
+fn located(e: ParseError) -> (String, String) {
+    let msg = clean_serde(&e.inner().to_string());
+    let mut path: Vec<String> = (e.path().iter())
+        .filter_map(|seg| match seg {
+            serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+            serde_path_to_error::Segment::Seq { .. }
+            | serde_path_to_error::Segment::Enum { .. }
+            | serde_path_to_error::Segment::Unknown => None,
+        })
+        .collect();
+    if let Some(field) = unknown_field_key(&msg)
+        && path.last() != Some(&field)
+    {
+        path.push(field);
+    }
+    (path.join("."), msg)
 }
 
 /// serde's messages for nested values end with " in `...`" noise from toml; keep the gist.

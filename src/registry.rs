@@ -23,9 +23,12 @@ pub static KINDS: &[&dyn Entry] = &[
 pub trait Entry: Sync {
     /// The `kind` value.
     fn name(&self) -> &'static str;
-    /// Parses a connector's own keys; an error names the key (dotted, within the table).
-    fn parse(&self, table: toml::Value) -> Result<Arc<dyn Settings>, (String, String)>;
+    /// Parses a connector's own keys; an error keeps the path of the key that failed.
+    fn parse(&self, table: toml::Value) -> Result<Arc<dyn Settings>, ParseError>;
 }
+
+/// Why a connector's table could not be parsed, with the path of the key.
+pub type ParseError = serde_path_to_error::Error<toml::de::Error>;
 
 /// The [`Entry`] of a connector crate's [`Kind`].
 pub struct Register<K>(PhantomData<fn() -> K>);
@@ -39,8 +42,8 @@ impl<K: Kind> Entry for Register<K> {
         K::NAME
     }
 
-    fn parse(&self, table: toml::Value) -> Result<Arc<dyn Settings>, (String, String)> {
-        let settings: K::Settings = crate::config::located(table)?;
+    fn parse(&self, table: toml::Value) -> Result<Arc<dyn Settings>, ParseError> {
+        let settings: K::Settings = serde_path_to_error::deserialize(table)?;
         Ok(Arc::new(settings))
     }
 }

@@ -4,11 +4,15 @@
 //! [`DynConnector`](crate::contract::DynConnector), which every `Connector` is.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::{ConnectorError, Cursor, Page, PushItem, PushOutcome};
+
+/// A boxed future, for the object-safe traits (`DynConnector`, `Inbox`).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What `health` reports.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -16,19 +16,15 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
+pub use crate::connector::BoxFuture;
 use crate::inbox::Inbox;
 use crate::{Connector, ConnectorError, Cursor, Health, Page, PushItem, PushOutcome};
 use crate::{Secret, SecretRef};
-
-/// A boxed future, for the object-safe side of the contract.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What a connector instance takes as pushes.
 #[derive(Clone, Debug, PartialEq, Eq)]

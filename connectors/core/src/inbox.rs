@@ -19,7 +19,7 @@
 use bytes::Bytes;
 
 use crate::Timestamp;
-use crate::contract::BoxFuture;
+use crate::connector::BoxFuture;
 
 /// A storage failure. The message must not contain the body.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
