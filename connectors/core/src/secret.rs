@@ -75,6 +75,9 @@ pub enum SecretError {
     FileUnreadable { path: String, reason: String },
     #[error("secret file {0} is empty")]
     FileEmpty(String),
+    /// Only spaces, tabs or line breaks: a paste gone wrong, never a real secret.
+    #[error("{0} holds only whitespace")]
+    Blank(String),
     #[error(
         "credential {0} requested but CREDENTIALS_DIRECTORY is not set (is LoadCredential= in the unit?)"
     )]
@@ -87,6 +90,9 @@ impl SecretRef {
         match self {
             SecretRef::Env(name) => match std::env::var(name) {
                 Ok(v) if v.is_empty() => Err(SecretError::EnvEmpty(name.clone())),
+                Ok(v) if v.trim().is_empty() => {
+                    Err(SecretError::Blank(format!("environment variable {name}")))
+                }
                 Ok(v) => Ok(Secret::new(v)),
                 Err(_) => Err(SecretError::EnvMissing(name.clone())),
             },
@@ -130,6 +136,9 @@ fn read_secret_file(path: &std::path::Path, check_mode: bool) -> Result<Secret, 
     let value = text.trim_end_matches(['\n', '\r']);
     if value.is_empty() {
         return Err(SecretError::FileEmpty(shown));
+    }
+    if value.trim().is_empty() {
+        return Err(SecretError::Blank(format!("secret file {shown}")));
     }
     Ok(Secret::new(value))
 }
@@ -215,5 +224,19 @@ mod ref_tests {
             SecretRef::Env("OPTOUT_SURELY_UNSET_VAR".into()).resolve(),
             Err(SecretError::EnvMissing("OPTOUT_SURELY_UNSET_VAR".into()))
         );
+    }
+
+    #[test]
+    fn whitespace_is_not_a_secret() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("secret-blank-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("tok");
+        std::fs::write(&p, " \t \n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = SecretRef::File(p).resolve().unwrap_err();
+        assert!(matches!(e, SecretError::Blank(_)), "{e}");
+        assert!(e.to_string().ends_with("holds only whitespace"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
