@@ -31,8 +31,6 @@ use crate::workers::{
 
 /// Default poll interval of CRM connectors when the configuration sets none.
 const DEFAULT_CRM_INTERVAL: Duration = Duration::from_secs(30);
-/// How often the store's high-water mark is recorded (see `Store::save_high_water`).
-const HIGH_WATER_INTERVAL: Duration = Duration::from_secs(30);
 /// WhatsApp is woken by each webhook; this tick only catches a missed wake-up.
 const WHATSAPP_SAFETY_TICK: Duration = Duration::from_secs(5);
 
@@ -211,19 +209,10 @@ pub async fn run_until(
     ));
 
     // Remember how far the audit log reaches, so a store damaged later is noticed.
-    let (store, watch) = (engine.store().clone(), cancel.clone());
-    tracker.spawn(async move {
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(HIGH_WATER_INTERVAL) => {}
-                _ = watch.cancelled() => return,
-            }
-            let s = store.clone();
-            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.save_high_water()).await {
-                tracing::warn!(error = %e, "cannot record the store's high-water mark");
-            }
-        }
-    });
+    tracker.spawn(workers::high_water_worker(
+        engine.store().clone(),
+        cancel.clone(),
+    ));
 
     ready.store(true, Ordering::Release);
     tracing::info!(listen = %bound, control = %socket_path.display(), connectors = config.connectors.len(), "optout-sync is ready");
@@ -496,16 +485,10 @@ impl control::Handler for Daemon {
                     waiting.push((name, rx));
                 }
                 let mut finished = Vec::new();
-                for (name, mut rx) in waiting {
-                    while let Some(msg) = rx.recv().await {
-                        let last = msg.contains(": done");
-                        let _ = progress.send(msg.clone()).await;
-                        if last {
-                            finished.push(msg);
-                            break;
-                        }
+                for (_, rx) in waiting {
+                    if let Some(done) = workers::relay_progress(rx, &progress).await {
+                        finished.push(done);
                     }
-                    let _ = name;
                 }
                 Ok(json!({ "resynced": finished, "full": full }))
             }
