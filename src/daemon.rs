@@ -10,7 +10,6 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use optout_core::{DynConnector, Host, Timestamp};
@@ -29,9 +28,6 @@ use crate::systemd::Notifier;
 use crate::workers::{
     self, ConnectorStatus, PollSettings, Schedule, StatusCell, Trigger, WorkerContext,
 };
-
-/// How often the store's high-water mark is recorded (see `Store::save_high_water`).
-const HIGH_WATER_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Everything the control socket and the metrics scrape need.
 pub struct Daemon {
@@ -184,7 +180,6 @@ fn spawn_workers(
     triggers: mpsc::Receiver<Trigger>,
 ) {
     if let Some(poll) = &c.poll {
-        let committed = connector.clone();
         let settings = PollSettings {
             name: c.name.clone(),
             status: status.clone(),
@@ -194,9 +189,6 @@ fn spawn_workers(
                 PollSchedule::Cron(s) => Schedule::Cron(s.clone()),
             },
             full_resync: c.full_resync.clone().map(|s| Schedule::Cron(Box::new(s))),
-            after_page: Some(Arc::new(move |page: &optout_core::Page| {
-                committed.committed(page)
-            })),
         };
         tracker.spawn(workers::poll_worker(
             connector.clone(),
@@ -271,19 +263,10 @@ fn serve_control(
 
 /// Remembers how far the audit log reaches, so a store damaged later is noticed.
 fn spawn_high_water(daemon: &Daemon, tracker: &TaskTracker, cancel: &CancellationToken) {
-    let (store, watch) = (daemon.engine.store().clone(), cancel.clone());
-    tracker.spawn(async move {
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(HIGH_WATER_INTERVAL) => {}
-                _ = watch.cancelled() => return,
-            }
-            let s = store.clone();
-            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.save_high_water()).await {
-                tracing::warn!(error = %e, "cannot record the store's high-water mark");
-            }
-        }
-    });
+    tracker.spawn(workers::high_water_worker(
+        daemon.engine.store().clone(),
+        cancel.clone(),
+    ));
 }
 
 /// Marks the daemon ready, tells systemd, and starts the watchdog pings.
@@ -480,68 +463,64 @@ impl control::Handler for Daemon {
                     .map_err(|e| e.to_string())
             }
             Request::Resync { connector, full } => {
-                let names: Vec<String> = match &connector {
-                    Some(n) if self.triggers.contains_key(n) => vec![n.clone()],
-                    Some(n) => {
-                        let known: Vec<_> = self.triggers.keys().cloned().collect();
-                        return Err(format!(
-                            "no connector named `{n}` (configured: {})",
-                            known.join(", ")
-                        ));
-                    }
-                    None => self.triggers.keys().cloned().collect(),
-                };
-                let mut waiting = Vec::new();
-                for name in names {
-                    let push_only = self
-                        .checked
-                        .connector(&name)
-                        .is_some_and(|c| c.poll.is_none());
-                    if push_only {
-                        // Push-only: a resync re-queues its dead letters.
-                        let engine = self.engine.clone();
-                        let n = name.clone();
-                        let k = tokio::task::spawn_blocking(move || {
-                            engine.retry_dead_letters(Some(&n), Timestamp::now())
-                        })
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| e.to_string())?;
-                        let _ = progress
-                            .send(format!("{name}: push-only; {k} dead letter(s) re-queued"))
-                            .await;
-                        continue;
-                    }
-                    let (tx, rx) = mpsc::channel(64);
-                    let t = if full {
-                        Trigger::Full { done: Some(tx) }
-                    } else {
-                        Trigger::Incremental { done: Some(tx) }
-                    };
-                    self.triggers[&name]
-                        .send(t)
-                        .await
-                        .map_err(|_| format!("{name}: its worker has stopped"))?;
-                    waiting.push((name, rx));
-                }
-                let mut finished = Vec::new();
-                for (name, mut rx) in waiting {
-                    while let Some(msg) = rx.recv().await {
-                        let last = msg.contains(": done");
-                        let _ = progress.send(msg.clone()).await;
-                        if last {
-                            finished.push(msg);
-                            break;
-                        }
-                    }
-                    let _ = name;
-                }
-                let report = ResyncReport {
-                    resynced: finished,
-                    full,
-                };
+                let report = self.resync(connector, full, progress).await?;
                 serde_json::to_value(report).map_err(|e| e.to_string())
             }
         }
+    }
+}
+
+impl Daemon {
+    /// Polls now (all connectors, or one) and relays progress until each has read to the
+    /// end; a push-only connector has its dead letters queued again instead.
+    async fn resync(
+        &self,
+        connector: Option<String>,
+        full: bool,
+        progress: mpsc::Sender<String>,
+    ) -> Result<ResyncReport, String> {
+        let names: Vec<String> = match &connector {
+            Some(n) if self.triggers.contains_key(n) => vec![n.clone()],
+            Some(n) => {
+                let known: Vec<_> = self.triggers.keys().cloned().collect();
+                let known = known.join(", ");
+                return Err(format!("no connector named `{n}` (configured: {known})"));
+            }
+            None => self.triggers.keys().cloned().collect(),
+        };
+        let mut waiting = Vec::new();
+        for name in names {
+            let push_only = (self.checked.connector(&name)).is_some_and(|c| c.poll.is_none());
+            if push_only {
+                let k = self.requeue_dead_letters(&name).await?;
+                let line = format!("{name}: push-only; {k} dead letter(s) re-queued");
+                let _ = progress.send(line).await;
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(64);
+            let t = if full {
+                Trigger::Full { done: Some(tx) }
+            } else {
+                Trigger::Incremental { done: Some(tx) }
+            };
+            self.triggers[&name]
+                .send(t)
+                .await
+                .map_err(|_| format!("{name}: its worker has stopped"))?;
+            waiting.push(rx);
+        }
+        let mut resynced = Vec::new();
+        for rx in waiting {
+            resynced.extend(workers::relay_progress(rx, &progress).await);
+        }
+        Ok(ResyncReport { resynced, full })
+    }
+
+    async fn requeue_dead_letters(&self, name: &str) -> Result<usize, String> {
+        let (engine, n) = (self.engine.clone(), name.to_string());
+        tokio::task::spawn_blocking(move || engine.retry_dead_letters(Some(&n), Timestamp::now()))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
     }
 }

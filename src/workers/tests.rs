@@ -1,0 +1,616 @@
+//! The workers against a real engine over a store in a temporary directory, with a
+//! scripted connector, in tokio's paused time.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+
+use optout_core::retry::Backoff;
+use optout_core::{
+    ConnectorError, Cursor, Health, Page, PushItem, PushOutcome, Scope, Status, Timestamp,
+};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::runner::{self, Failure, Next, Step, StepCx, Worker};
+use super::*;
+use crate::audit::{AuditEntry, AuditKind};
+use crate::identity::Normalizer;
+use crate::metrics::ConnectorOutcome;
+use crate::policy::PolicyConfig;
+use crate::store::{DeadLetter, OutboxEntry};
+
+const CRM: &str = "crm";
+const SECOND: Duration = Duration::from_secs(1);
+
+/// A call the scripted connector received, and when (tokio's clock).
+#[derive(Debug)]
+enum Call {
+    Poll(Option<Cursor>, Instant),
+    Push(Vec<String>, Instant),
+    Health(Instant),
+}
+
+/// A connector that answers from a script. With no poll scripted it never answers (the
+/// worker is then only cancelled); with no push scripted every item is done.
+struct Scripted {
+    polls: Mutex<VecDeque<Result<Page, ConnectorError>>>,
+    pushes: Mutex<VecDeque<Result<Vec<PushOutcome>, ConnectorError>>>,
+    batch: usize,
+    calls: mpsc::UnboundedSender<Call>,
+}
+
+impl Scripted {
+    fn new(batch: usize) -> (Arc<Self>, mpsc::UnboundedReceiver<Call>) {
+        let (calls, rx) = mpsc::unbounded_channel();
+        let c = Scripted {
+            polls: Mutex::default(),
+            pushes: Mutex::default(),
+            batch,
+            calls,
+        };
+        (Arc::new(c), rx)
+    }
+
+    fn poll_then(self: &Arc<Self>, r: Result<Page, ConnectorError>) -> &Arc<Self> {
+        self.polls.lock().unwrap().push_back(r);
+        self
+    }
+
+    fn push_then(self: &Arc<Self>, r: Result<Vec<PushOutcome>, ConnectorError>) {
+        self.pushes.lock().unwrap().push_back(r);
+    }
+}
+
+impl Connector for Scripted {
+    async fn poll(&self, cursor: Option<&Cursor>) -> Result<Page, ConnectorError> {
+        let _ = self.calls.send(Call::Poll(cursor.cloned(), Instant::now()));
+        let next = self.polls.lock().unwrap().pop_front();
+        match next {
+            Some(r) => r,
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn push(&self, batch: &[PushItem]) -> Result<Vec<PushOutcome>, ConnectorError> {
+        let keys = batch.iter().map(|i| i.key.clone()).collect();
+        let _ = self.calls.send(Call::Push(keys, Instant::now()));
+        let next = self.pushes.lock().unwrap().pop_front();
+        next.unwrap_or_else(|| Ok(vec![PushOutcome::Done; batch.len()]))
+    }
+
+    async fn health(&self) -> Health {
+        let _ = self.calls.send(Call::Health(Instant::now()));
+        Health {
+            ok: false,
+            detail: "token expires tomorrow".into(),
+        }
+    }
+
+    fn max_batch(&self) -> usize {
+        self.batch
+    }
+}
+
+fn page(cursor: &str, more: bool) -> Result<Page, ConnectorError> {
+    Ok(Page {
+        observations: Vec::new(),
+        cursor: Cursor(cursor.into()),
+        more,
+        progress: None,
+    })
+}
+
+/// A worker context over a fresh store in `dir`; `crm` takes records.
+fn context(dir: &std::path::Path) -> Arc<WorkerContext> {
+    let store = Store::open(dir).unwrap();
+    let targets = BTreeMap::from([(CRM.to_string(), Takes::Records)]);
+    let normalizer = Normalizer::new(Normalizer::parse_region("US").unwrap());
+    let engine = Engine::new(store, PolicyConfig::default(), normalizer, targets);
+    Arc::new(WorkerContext {
+        engine: Arc::new(engine),
+        metrics: Arc::new(Metrics::new()),
+        push_wakers: BTreeMap::from([(CRM.to_string(), Arc::new(Notify::new()))]),
+        cancel: CancellationToken::new(),
+    })
+}
+
+fn status() -> StatusCell {
+    Arc::new(Mutex::new(ConnectorStatus {
+        name: CRM.into(),
+        healthy: true,
+        ..ConnectorStatus::default()
+    }))
+}
+
+fn snapshot(s: &StatusCell) -> ConnectorStatus {
+    s.lock().unwrap().clone()
+}
+
+fn poll_settings(status: &StatusCell) -> (PollSettings, mpsc::Sender<Trigger>) {
+    let (tx, rx) = mpsc::channel(4);
+    let settings = PollSettings {
+        name: CRM.into(),
+        status: status.clone(),
+        triggers: rx,
+        schedule: Schedule::OnDemand,
+        full_resync: None,
+    };
+    (settings, tx)
+}
+
+fn item(key: &str) -> PushItem {
+    PushItem {
+        key: key.into(),
+        record: format!("record-{key}"),
+        status: Status::OptedOut,
+        scope: Scope::All,
+        changed_at: Timestamp::now(),
+        source: "whatsapp:keyword".into(),
+        subject: "1".into(),
+        identities: Vec::new(),
+        reply: None,
+    }
+}
+
+fn enqueue(ctx: &WorkerContext, keys: &[&str]) {
+    let now = Timestamp::now();
+    for (version, key) in keys.iter().enumerate() {
+        let e = OutboxEntry {
+            item: item(key),
+            version: version as u64 + 1,
+            enqueued_at: now,
+            not_before: now,
+            attempts: 0,
+            last_error: None,
+            in_flight: false,
+        };
+        let put = |tx: &mut crate::store::Txn<'_>| tx.put_outbox(CRM, key, &e);
+        ctx.engine.store().transaction(true, put).unwrap();
+    }
+}
+
+fn outbox(ctx: &WorkerContext, key: &str) -> Option<OutboxEntry> {
+    ctx.engine.store().outbox_entry(CRM, key).unwrap()
+}
+
+fn cx() -> StepCx {
+    StepCx::new(Backoff::for_http(), CancellationToken::new())
+}
+
+async fn next_call(calls: &mut mpsc::UnboundedReceiver<Call>) -> Call {
+    calls.recv().await.expect("the connector is still held")
+}
+
+async fn polled_at(calls: &mut mpsc::UnboundedReceiver<Call>) -> (Option<Cursor>, Instant) {
+    match next_call(calls).await {
+        Call::Poll(c, at) => (c, at),
+        other => panic!("expected a poll, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn poll_reads_pages_until_the_source_has_no_more_and_saves_the_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(dir.path());
+    let (conn, mut calls) = Scripted::new(10);
+    conn.poll_then(page("1", true))
+        .poll_then(page("2", true))
+        .poll_then(page("3", false));
+    let status = status();
+    let (settings, _triggers) = poll_settings(&status);
+    let mut poll = poll::Poll::new(conn, ctx.clone(), settings);
+    let mut cx = cx();
+
+    assert_eq!(poll.step(&mut cx).await.unwrap(), Step::from(Next::Now));
+    assert_eq!(
+        snapshot(&status).resync.as_deref(),
+        Some("0 records in 1 pages")
+    );
+    assert_eq!(poll.step(&mut cx).await.unwrap(), Step::from(Next::Now));
+    assert_eq!(
+        poll.step(&mut cx).await.unwrap(),
+        Step::recovered(Next::Idle)
+    );
+    // Nothing is pending: the worker waits for a trigger or a tick.
+    assert_eq!(poll.step(&mut cx).await.unwrap(), Step::from(Next::Idle));
+
+    let mut cursors = Vec::new();
+    while let Ok(Call::Poll(c, _)) = calls.try_recv() {
+        cursors.push(c.map(|c| c.0));
+    }
+    assert_eq!(cursors, [None, Some("1".into()), Some("2".into())]);
+    assert_eq!(
+        ctx.engine.store().cursor(CRM).unwrap().as_deref(),
+        Some("3")
+    );
+    let s = snapshot(&status);
+    assert_eq!(s.cursor.as_deref(), Some("3"));
+    assert!(s.last_poll_ok.is_some());
+    assert_eq!(s.resync, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_poll_error_backs_off_and_retries_raising_then_clearing_the_alarm() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(dir.path());
+    let (conn, mut calls) = Scripted::new(10);
+    conn.poll_then(Err(ConnectorError::Unauthorized("token revoked".into())))
+        .poll_then(page("1", false));
+    let status = status();
+    let (settings, _triggers) = poll_settings(&status);
+    let worker = tokio::spawn(poll_worker(conn, ctx.clone(), settings));
+    let alarm = || {
+        let label = crate::metrics::Metrics::connector(CRM);
+        ctx.metrics.alarm.get_or_create(&label).get()
+    };
+
+    let (_, first) = polled_at(&mut calls).await;
+    let (cursor, second) = polled_at(&mut calls).await;
+    // The poll back-off starts at half a second, with jitter.
+    let waited = second - first;
+    assert!((350..=650).contains(&waited.as_millis()), "{waited:?}");
+    assert_eq!(cursor, None, "retried from the saved cursor");
+    let s = snapshot(&status);
+    assert_eq!((s.poll_errors, s.healthy), (1, false));
+    assert_eq!(s.alarm.as_deref(), Some("unauthorized: token revoked"));
+    assert_eq!(alarm(), 1);
+    let errors = ctx.metrics.poll_errors.get_or_create(&ConnectorOutcome {
+        connector: CRM.into(),
+        outcome: "poll_unauthorized".into(),
+    });
+    assert_eq!(errors.get(), 1);
+
+    ctx.cancel.cancel();
+    worker.await.unwrap();
+    let s = snapshot(&status);
+    assert_eq!((s.alarm, s.healthy), (None, true));
+    assert_eq!(
+        s.last_error.as_deref(),
+        Some("poll: unauthorized: token revoked")
+    );
+    assert!(s.last_poll_ok.is_some());
+    assert_eq!(alarm(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancellation_during_a_poll_back_off_ends_the_worker_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(dir.path());
+    let (conn, mut calls) = Scripted::new(10);
+    conn.poll_then(Err(ConnectorError::QuotaExhausted {
+        retry_after: Duration::from_secs(3600),
+        detail: "daily API requests".into(),
+    }));
+    let status = status();
+    let (settings, _triggers) = poll_settings(&status);
+    let worker = tokio::spawn(poll_worker(conn, ctx.clone(), settings));
+
+    let (_, at) = polled_at(&mut calls).await;
+    ctx.cancel.cancel();
+    tokio::time::timeout(SECOND, worker)
+        .await
+        .expect("the worker stops within a second, not after the hour")
+        .unwrap();
+    assert!(at.elapsed() < SECOND);
+    assert!(snapshot(&status).alarm.is_some());
+}
+
+/// A worker whose every step fails in the store.
+struct Stubborn {
+    steps: Arc<Mutex<u32>>,
+}
+
+impl Worker for Stubborn {
+    fn name(&self) -> &str {
+        CRM
+    }
+
+    fn what(&self) -> &'static str {
+        "push"
+    }
+
+    async fn step(&mut self, _cx: &mut StepCx) -> Result<Step, Failure> {
+        *self.steps.lock().unwrap() += 1;
+        Err(Failure::Store {
+            doing: "cannot mark replies in flight; not sending",
+            error: crate::store::StoreError::Io("disk full".into()),
+        })
+    }
+
+    async fn wait(&mut self) -> Next {
+        Next::Now
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancellation_during_an_error_back_off_ends_the_worker_promptly() {
+    let steps = Arc::new(Mutex::new(0));
+    let cancel = CancellationToken::new();
+    let worker = Stubborn {
+        steps: steps.clone(),
+    };
+    let run = tokio::spawn(runner::run(worker, cancel.clone(), None));
+    // The back-off grows from 200 ms: a few retries in two seconds, then a stop at once.
+    tokio::time::sleep(2 * SECOND).await;
+    let before = *steps.lock().unwrap();
+    assert!((2..=6).contains(&before), "{before} steps");
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_millis(1), run)
+        .await
+        .expect("no back-off outlives the cancellation")
+        .unwrap();
+    assert_eq!(*steps.lock().unwrap(), before);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_resync_requeues_dead_letters_and_resumes_where_it_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(dir.path());
+    let dead = DeadLetter {
+        item: item("k1"),
+        reason: "record deleted".into(),
+        at: Timestamp::now(),
+        attempts: 1,
+    };
+    let put = |tx: &mut crate::store::Txn<'_>| tx.put_dead(CRM, "k1", &dead);
+    ctx.engine.store().transaction(true, put).unwrap();
+    let (conn, mut calls) = Scripted::new(10);
+    let counted = optout_core::Progress {
+        done: 1,
+        total: Some(2),
+    };
+    conn.poll_then(page("0", false))
+        .poll_then(page("1", true).map(|p| Page {
+            progress: Some(counted),
+            ..p
+        }))
+        // A vendor's error text that looks like the end of a resync.
+        .poll_then(Err(ConnectorError::Transient("upstream said: done".into())))
+        .poll_then(page("2", false));
+    let status = status();
+    let (settings, triggers) = poll_settings(&status);
+    let worker = tokio::spawn(poll_worker(conn, ctx.clone(), settings));
+
+    let (tx, rx) = mpsc::channel(64);
+    triggers
+        .send(Trigger::Full { done: Some(tx) })
+        .await
+        .unwrap();
+    let (lines_tx, mut lines) = mpsc::channel(64);
+    let done = relay_progress(rx, &lines_tx).await;
+    assert_eq!(
+        done.as_deref(),
+        Some("crm: done (0 records read in 2 pages)")
+    );
+    let mut texts = Vec::new();
+    while let Ok(l) = lines.try_recv() {
+        texts.push(l);
+    }
+    assert_eq!(texts.len(), 4, "{texts:?}");
+    assert_eq!(texts[0], "crm: 1 of 2 records");
+    assert!(
+        texts[1].starts_with("crm: poll failed (transient: upstream said: done); retrying in "),
+        "{texts:?}"
+    );
+    assert_eq!(texts[2], "crm: 0 records in 2 pages");
+
+    let mut cursors = Vec::new();
+    while let Ok(Call::Poll(c, _)) = calls.try_recv() {
+        cursors.push(c.map(|c| c.0));
+    }
+    let one = Some("1".to_string());
+    assert_eq!(cursors, [None, None, one.clone(), one]);
+    assert!(
+        outbox(&ctx, "k1").is_some(),
+        "the dead letter is queued again"
+    );
+    assert_eq!(ctx.engine.store().dead_letters().count(), 0);
+    ctx.cancel.cancel();
+    worker.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_incremental_resync_that_fails_ends_without_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(dir.path());
+    let (conn, _calls) = Scripted::new(10);
+    conn.poll_then(page("0", false))
+        .poll_then(Err(ConnectorError::Transient("503".into())));
+    let status = status();
+    let (settings, triggers) = poll_settings(&status);
+    let worker = tokio::spawn(poll_worker(conn, ctx.clone(), settings));
+
+    let (tx, rx) = mpsc::channel(64);
+    let trigger = Trigger::Incremental { done: Some(tx) };
+    triggers.send(trigger).await.unwrap();
+    let (lines_tx, mut lines) = mpsc::channel(64);
+    assert_eq!(relay_progress(rx, &lines_tx).await, None);
+    let line = lines.try_recv().unwrap();
+    assert!(
+        line.starts_with("crm: poll failed (transient: 503)"),
+        "{line}"
+    );
+    ctx.cancel.cancel();
+    worker.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn push_sends_due_entries_and_records_each_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(dir.path());
+    enqueue(&ctx, &["k1", "k2", "k3"]);
+    let (conn, mut calls) = Scripted::new(3);
+    conn.push_then(Ok(vec![
+        PushOutcome::Done,
+        PushOutcome::Rejected {
+            reason: "record deleted".into(),
+        },
+        PushOutcome::RetryLater {
+            after: None,
+            reason: "locked".into(),
+        },
+    ]));
+    let status = status();
+    let linger = Linger {
+        min: SECOND,
+        max: 10 * SECOND,
+    };
+    let mut push = push::Push::new(
+        CRM.into(),
+        conn,
+        ctx.clone(),
+        status.clone(),
+        Takes::Records,
+        linger,
+    );
+    let mut cx = cx();
+
+    assert_eq!(
+        push.step(&mut cx).await.unwrap(),
+        Step::recovered(Next::Now)
+    );
+    match next_call(&mut calls).await {
+        Call::Push(keys, _) => assert_eq!(keys, ["k1", "k2", "k3"]),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(outbox(&ctx, "k1"), None);
+    assert_eq!(outbox(&ctx, "k2"), None);
+    assert!(ctx.engine.store().dead_letter(CRM, "k2").unwrap().is_some());
+    let retried = outbox(&ctx, "k3").expect("k3 is retried later");
+    assert_eq!(
+        (retried.attempts, retried.last_error.as_deref()),
+        (1, Some("locked"))
+    );
+    assert!(snapshot(&status).last_push_ok.is_some());
+    for outcome in ["done", "rejected", "retry"] {
+        let label = ConnectorOutcome {
+            connector: CRM.into(),
+            outcome: outcome.into(),
+        };
+        assert_eq!(
+            ctx.metrics.pushes.get_or_create(&label).get(),
+            1,
+            "{outcome}"
+        );
+    }
+    // k3 is not due yet: the worker waits.
+    assert_eq!(push.step(&mut cx).await.unwrap(), Step::from(Next::Idle));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_batch_is_deferred_by_the_back_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(dir.path());
+    enqueue(&ctx, &["k1", "k2"]);
+    let (conn, _calls) = Scripted::new(2);
+    conn.push_then(Err(ConnectorError::Transient("503".into())));
+    let status = status();
+    let linger = Linger {
+        min: SECOND,
+        max: 10 * SECOND,
+    };
+    let mut push = push::Push::new(
+        CRM.into(),
+        conn,
+        ctx.clone(),
+        status,
+        Takes::Records,
+        linger,
+    );
+
+    let failure = push.step(&mut cx()).await.unwrap_err();
+    assert!(matches!(
+        failure,
+        Failure::Connector(ConnectorError::Transient(_))
+    ));
+    let before = Timestamp::now();
+    assert_eq!(push.failed(&failure, 60 * SECOND).await, Next::Now);
+    for key in ["k1", "k2"] {
+        let e = outbox(&ctx, key).expect("still queued");
+        assert_eq!(
+            (e.attempts, e.last_error.as_deref()),
+            (1, Some("transient: 503"))
+        );
+        assert!(e.not_before >= before.plus(59 * SECOND), "{key} deferred");
+    }
+    assert_eq!(push.step(&mut cx()).await.unwrap(), Step::from(Next::Idle));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lone_entry_waits_only_the_linger_and_its_push_completes_at_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(dir.path());
+    enqueue(&ctx, &["k1"]);
+    let (conn, mut calls) = Scripted::new(100);
+    let linger = Linger {
+        min: 10 * SECOND,
+        max: 60 * SECOND,
+    };
+    let start = Instant::now();
+    let worker = tokio::spawn(push_worker(
+        CRM.into(),
+        conn,
+        ctx.clone(),
+        status(),
+        Takes::Records,
+        linger,
+    ));
+
+    let Call::Push(keys, at) = next_call(&mut calls).await else {
+        panic!("expected a push");
+    };
+    assert_eq!(keys, ["k1"]);
+    let held = at - start;
+    assert!((9..=11).contains(&held.as_secs()), "held for {held:?}");
+    // The daemon stops while the push is under way: its outcome is still recorded.
+    ctx.cancel.cancel();
+    worker.await.unwrap();
+    assert_eq!(outbox(&ctx, "k1"), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_health_check_records_its_result_every_five_minutes() {
+    let (conn, mut calls) = Scripted::new(10);
+    let status = status();
+    let cancel = CancellationToken::new();
+    let worker = tokio::spawn(health_worker(
+        CRM.into(),
+        conn,
+        status.clone(),
+        cancel.clone(),
+    ));
+
+    let Call::Health(first) = next_call(&mut calls).await else {
+        panic!("expected a health check");
+    };
+    let Call::Health(second) = next_call(&mut calls).await else {
+        panic!("expected a health check");
+    };
+    assert_eq!(second - first, HEALTH_INTERVAL);
+    let health = snapshot(&status).health.expect("recorded");
+    assert_eq!(
+        (health.ok, health.detail.as_str()),
+        (false, "token expires tomorrow")
+    );
+    cancel.cancel();
+    worker.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_high_water_mark_is_saved_on_its_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let entry = AuditEntry::new(AuditKind::Accepted, CRM, Timestamp::now());
+    let audit = |tx: &mut crate::store::Txn<'_>| tx.audit(&entry, &[]);
+    store.transaction(true, audit).unwrap();
+    let marker = || std::fs::read_to_string(dir.path().join("optout-sync.store")).unwrap();
+
+    for (run_for, saved) in [(29, false), (31, true)] {
+        let cancel = CancellationToken::new();
+        let worker = tokio::spawn(high_water_worker(store.clone(), cancel.clone()));
+        tokio::time::sleep(Duration::from_secs(run_for)).await;
+        cancel.cancel();
+        worker.await.unwrap();
+        assert_eq!(marker().contains("audit_high"), saved, "after {run_for} s");
+    }
+}
