@@ -1,7 +1,8 @@
 //! Shared ground of every optout-sync connector: the observation and push types that cross
 //! the boundary between a vendor's system and the consent core, the [`Connector`] trait,
 //! the error enum whose variants say what the caller should do next, a redacting
-//! [`Secret`], the one retry module and small HTTP helpers.
+//! [`Secret`], the one retry module and small HTTP helpers; with the `testkit` feature, what
+//! every connector's tests share (fake-server start-up, helpers, the connector contract).
 //!
 //! Connectors depend only on this crate; the daemon depends on all of them. Nothing here
 //! knows a vendor's JSON or touches the store.
@@ -12,6 +13,8 @@ pub mod http;
 pub mod model;
 pub mod retry;
 pub mod secret;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use connector::{Connector, Health};
 pub use error::ConnectorError;
