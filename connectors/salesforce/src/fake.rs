@@ -1284,6 +1284,7 @@ mod tests {
             faults: Faults::default(),
             locked: HashSet::new(),
             rng: 7,
+            throttle_next: None,
         };
         let hits = (0..10_000).filter(|_| s.chance(0.25)).count();
         assert!((2_200..2_800).contains(&hits), "{hits}");

@@ -140,8 +140,15 @@ pub async fn paging_terminates_and_the_cursor_round_trips<H: Harness>(h: &H) {
     h.let_time_pass();
     let (observations, cursor, pages) = poll_to_end(h.connector(), None).await;
     let read = read_once(&observations, "a full read");
-    assert_eq!(read, first.iter().cloned().collect(), "a full read reads every record");
-    assert!(pages > 1, "the page size is below {PAGED_RECORDS}, so the read pages");
+    assert_eq!(
+        read,
+        first.iter().cloned().collect(),
+        "a full read reads every record"
+    );
+    assert!(
+        pages > 1,
+        "the page size is below {PAGED_RECORDS}, so the read pages"
+    );
 
     let stored = serde_json::to_string(&cursor).expect("a cursor serialises");
     let cursor: Cursor = serde_json::from_str(&stored).expect("a cursor deserialises");
@@ -155,7 +162,11 @@ pub async fn paging_terminates_and_the_cursor_round_trips<H: Harness>(h: &H) {
     let second = h.seed(&numbers(1_000, 3)).await;
     let (newer, _, _) = poll_to_end(h.connector(), Some(cursor)).await;
     let newer = read_once(&newer, "polling on");
-    assert_eq!(newer, second.into_iter().collect(), "polling on reads only what is new");
+    assert_eq!(
+        newer,
+        second.into_iter().collect(),
+        "polling on reads only what is new"
+    );
 }
 
 /// The keys of `observations`, each asserted to appear once.
@@ -164,8 +175,15 @@ fn read_once(observations: &[crate::Observation], what: &str) -> BTreeSet<String
     for o in observations {
         *counts.entry(observation_key(o)).or_default() += 1;
     }
-    let twice: Vec<&String> = counts.iter().filter(|(_, n)| **n > 1).map(|(k, _)| k).collect();
-    assert!(twice.is_empty(), "{what} read these more than once: {twice:?}");
+    let twice: Vec<&String> = counts
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "{what} read these more than once: {twice:?}"
+    );
     counts.into_keys().collect()
 }
 

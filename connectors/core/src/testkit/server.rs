@@ -85,7 +85,8 @@ mod tests {
 
     #[tokio::test]
     async fn serves_until_shut_down() {
-        let server = FakeServer::start(axum::Router::new().route("/", get(|| async { "hi" }))).await;
+        let server =
+            FakeServer::start(axum::Router::new().route("/", get(|| async { "hi" }))).await;
         let url = server.url();
         assert_eq!(server.addr().ip().to_string(), "127.0.0.1");
         let body = reqwest::get(&url).await.unwrap().text().await.unwrap();

@@ -32,11 +32,8 @@ impl Portal {
     }
 
     fn contacts(&self, numbers: &[String]) -> Vec<String> {
-        self.fake.create_contacts(
-            numbers
-                .iter()
-                .map(|n| NewContact::new().with("phone", n)),
-        )
+        self.fake
+            .create_contacts(numbers.iter().map(|n| NewContact::new().with("phone", n)))
     }
 }
 
@@ -72,7 +69,11 @@ impl Harness for Portal {
     }
 
     fn held(&self, item: &PushItem) -> Vec<Status> {
-        match self.fake.property(&item.record, "whatsapp_consent").as_deref() {
+        match self
+            .fake
+            .property(&item.record, "whatsapp_consent")
+            .as_deref()
+        {
             None | Some("") => vec![],
             Some("opted_out") => vec![Status::OptedOut],
             Some("opted_in") => vec![Status::OptedIn],

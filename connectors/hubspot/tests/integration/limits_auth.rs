@@ -1,7 +1,6 @@
 //! Limits, authentication and failures: HubSpot's 429s, the client-side limiter, the daily
 //! allowance, OAuth refresh, missing scopes, server faults, health and property creation.
 
-
 use std::time::{Duration, Instant};
 
 use crate::common::{connector, item, sync};

@@ -2,7 +2,6 @@
 //! equal timestamps, incremental passes with index lag, edits while paging, and the
 //! read-back of our own writes.
 
-
 use std::time::Duration;
 
 use crate::common::{connector, item, sync};

@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
+use optout_core::testkit::{push_item, secret_file};
 use optout_core::{
     Connector, ConnectorError, Cursor, Identity, PushItem, PushOutcome, Scope, SecretRef, Status,
     Timestamp,
 };
-use optout_core::testkit::{push_item, secret_file};
 use optout_webhook::fake::{self, FakeHandle, FakeOptions, Fault, FaultRates};
 use optout_webhook::{Config, WebhookConnector, event_id, verify_signature};
 
@@ -337,9 +337,7 @@ async fn an_unreachable_endpoint_fails_the_whole_batch_without_leaking() {
     let url = format!("http://127.0.0.1:{port}/hooks/catch/PATHTOKEN123/?key=QUERYTOKEN456");
     let dir = tempfile::tempdir().unwrap();
     let token = secret_file(dir.path(), BEARER);
-    let (c, _files) = connector(&url, |cfg| {
-        cfg.bearer_token = Some(token)
-    });
+    let (c, _files) = connector(&url, |cfg| cfg.bearer_token = Some(token));
 
     let err = c.push(&items(20)).await.unwrap_err();
     assert!(matches!(err, ConnectorError::Transient(_)), "{err:?}");

@@ -107,7 +107,10 @@ impl Harness for Account {
     }
 
     fn throttle_next(&self, retry_after: Duration) {
-        assert_eq!(retry_after, RETRY_AFTER, "the fake Graph was started with it");
+        assert_eq!(
+            retry_after, RETRY_AFTER,
+            "the fake Graph was started with it"
+        );
         self.graph.fail_next(1, THROTTLED);
     }
 

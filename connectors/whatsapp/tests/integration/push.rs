@@ -1,6 +1,5 @@
 //! Confirmation replies against the fake Graph API over real HTTP.
 
-
 use std::time::Duration;
 
 use crate::common::*;

@@ -1,12 +1,11 @@
 //! The webhook route served on 127.0.0.1 with an in-memory inbox, driven by the Meta-like
 //! sender, then drained with `poll`.
 
-
 use std::time::Duration;
 
 use crate::common::*;
-use optout_core::{Connector, ConnectorError, Cursor, Identity, Observation, Signal, Status};
 use optout_core::testkit::FakeServer;
+use optout_core::{Connector, ConnectorError, Cursor, Identity, Observation, Signal, Status};
 use optout_whatsapp::WEBHOOK_PATH;
 use optout_whatsapp::fake::envelope::{self, Who};
 use optout_whatsapp::fake::{WebhookSender, sign};
