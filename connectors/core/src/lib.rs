@@ -1,9 +1,11 @@
 //! Shared ground of every optout-sync connector: the observation and push types that cross
 //! the boundary between a vendor's system and the consent core, the [`Connector`] trait,
 //! the error enum whose variants say what the caller should do next, a redacting
-//! [`Secret`], the one retry module and small HTTP helpers; and the connector contract
+//! [`Secret`], the one retry module and small HTTP helpers; the connector contract
 //! ([`contract`]): how the daemon configures, checks and builds any connector, and the
-//! durable [`Inbox`] it offers connectors whose vendor pushes.
+//! durable [`Inbox`] it offers connectors whose vendor pushes; and, with the `testkit`
+//! feature, what every connector's tests share (fake-server start-up, helpers, the
+//! contract test every connector passes against its fake).
 //!
 //! Connectors depend only on this crate; the daemon depends on all of them. Nothing here
 //! knows a vendor's JSON or touches the store.
@@ -16,6 +18,8 @@ pub mod inbox;
 pub mod model;
 pub mod retry;
 pub mod secret;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use connector::{Connector, Health};
 pub use contract::{DynConnector, Host, Kind, Polling, Problem, Secrets, Settings, Takes};

@@ -38,6 +38,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use optout_core::Timestamp;
+use optout_core::testkit::FakeServer;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -197,8 +198,7 @@ pub struct FakeContact {
 /// The running fake. Dropping it stops the server.
 pub struct FakeHandle {
     shared: Arc<Shared>,
-    addr: SocketAddr,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    server: FakeServer,
 }
 
 /// Starts a fake portal on 127.0.0.1 and an ephemeral port.
@@ -218,28 +218,19 @@ pub async fn start(opts: FakeOptions) -> FakeHandle {
             add_date,
         ))
         .with_state(shared.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind 127.0.0.1:0");
-    let addr = listener.local_addr().expect("local address");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = rx.await;
-            })
-            .await;
-    });
     FakeHandle {
         shared,
-        addr,
-        shutdown: Some(tx),
+        server: FakeServer::start(app).await,
     }
 }
 
 impl FakeHandle {
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr()
     }
 
     fn portal(&self) -> MutexGuard<'_, Portal> {
@@ -391,19 +382,20 @@ impl FakeHandle {
         self.portal().poisoned.insert(id.to_string());
     }
 
-    /// Stops the server (also done on drop).
-    pub fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+    /// The next API request answers 429 (the ten-secondly limit) with `Retry-After` set to
+    /// `retry_after` in whole seconds, at least one.
+    pub fn throttle_next(&self, retry_after: Duration) {
+        self.portal().throttle_next = Some(retry_after);
     }
-}
 
-impl Drop for FakeHandle {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+    /// Stops the server (also done on drop).
+    pub fn stop(self) {
+        self.server.stop();
+    }
+
+    /// Stops the server and waits until its connections are closed.
+    pub async fn shutdown(self) {
+        self.server.shutdown().await;
     }
 }
 
@@ -471,6 +463,8 @@ struct Portal {
     issued: u64,
     refresh_revoked: bool,
     poisoned: HashSet<String>,
+    /// The next API request answers the ten-secondly 429 with this `Retry-After`.
+    throttle_next: Option<Duration>,
 }
 
 enum Fault {
@@ -542,6 +536,7 @@ impl Portal {
             issued: 0,
             refresh_revoked: false,
             poisoned: HashSet::new(),
+            throttle_next: None,
         }
     }
 
@@ -721,7 +716,13 @@ impl Portal {
             }
             r
         };
-        let verdict = if self.limits.daily.is_some_and(|d| self.daily_used >= d) {
+        let verdict = if let Some(wait) = self.throttle_next.take() {
+            Err(limited(
+                "You have reached your ten_secondly_rolling limit.",
+                Some("TEN_SECONDLY_ROLLING"),
+                Some(wait.as_secs().max(1)),
+            ))
+        } else if self.limits.daily.is_some_and(|d| self.daily_used >= d) {
             Err(limited(
                 "You have reached your daily limit.",
                 Some("DAILY"),

@@ -38,6 +38,7 @@ use axum::routing::{get, patch, post};
 use axum::{Form, Json, Router};
 use chrono::{TimeZone, Utc};
 use optout_core::Timestamp;
+use optout_core::testkit::FakeServer;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -243,6 +244,8 @@ struct OrgState {
     faults: Faults,
     locked: HashSet<String>,
     rng: u64,
+    /// The next data call answers 429 with this `Retry-After`.
+    throttle_next: Option<Duration>,
 }
 
 impl OrgState {
@@ -353,16 +356,11 @@ struct Shared {
 /// The running fake. Dropping it stops the server.
 pub struct FakeHandle {
     shared: Arc<Shared>,
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: FakeServer,
 }
 
 /// Starts the fake on 127.0.0.1 on a free port.
 pub async fn start(opts: FakeOptions) -> FakeHandle {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind 127.0.0.1:0");
-    let addr = listener.local_addr().expect("local address");
     let mut schemas = HashMap::new();
     for o in ["Contact", "Lead", "MessagingEndUser"] {
         let (name, fields) = schema(o).expect("known object");
@@ -385,34 +383,32 @@ pub async fn start(opts: FakeOptions) -> FakeHandle {
         faults: opts.faults.clone(),
         locked: HashSet::new(),
         rng: opts.seed.max(1),
+        throttle_next: None,
     };
-    let shared = Arc::new(Shared {
-        state: Mutex::new(state),
-        opts,
-        base_url: format!("http://{addr}"),
-    });
-    let app = Router::new()
-        .route("/services/oauth2/token", post(token))
-        .route("/services/data/{ver}/query", get(query))
-        .route("/services/data/{ver}/query/{locator}", get(query_more))
-        .route(
-            "/services/data/{ver}/composite/sobjects",
-            patch(collections),
-        )
-        .route("/services/data/{ver}/limits", get(limits))
-        .with_state(shared.clone());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = rx.await;
-            })
-            .await;
-    });
+    // Answers name the instance URL, so the router is built once the port is known.
+    let mut shared = None;
+    let server = FakeServer::start_with(|addr| {
+        let s = Arc::new(Shared {
+            state: Mutex::new(state),
+            opts,
+            base_url: format!("http://{addr}"),
+        });
+        shared = Some(s.clone());
+        Router::new()
+            .route("/services/oauth2/token", post(token))
+            .route("/services/data/{ver}/query", get(query))
+            .route("/services/data/{ver}/query/{locator}", get(query_more))
+            .route(
+                "/services/data/{ver}/composite/sobjects",
+                patch(collections),
+            )
+            .route("/services/data/{ver}/limits", get(limits))
+            .with_state(s)
+    })
+    .await;
     FakeHandle {
-        shared,
-        addr,
-        stop: Some(tx),
+        shared: shared.expect("the router was built"),
+        server,
     }
 }
 
@@ -423,7 +419,7 @@ impl FakeHandle {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     pub fn options(&self) -> &FakeOptions {
@@ -606,17 +602,21 @@ impl FakeHandle {
         self.state().counters = Counters::default();
     }
 
+    /// The next data call (query, query more, collections, limits) answers 429 with
+    /// `Retry-After` set to `retry_after` in whole seconds, at least one, as a gateway in
+    /// front of the org would.
+    pub fn throttle_next(&self, retry_after: Duration) {
+        self.state().throttle_next = Some(retry_after);
+    }
+
     /// Stops the server (also done on drop).
     pub fn stop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
+        self.server.stop();
     }
-}
 
-impl Drop for FakeHandle {
-    fn drop(&mut self) {
-        self.stop();
+    /// Stops the server and waits until its connections are closed.
+    pub async fn shutdown(self) {
+        self.server.shutdown().await;
     }
 }
 
@@ -785,6 +785,17 @@ async fn admit(shared: &Shared, headers: &HeaderMap, ep: Endpoint) -> Result<Dam
                 "TotalRequests Limit exceeded.",
             );
             return Err(with_limit_info(&s, (st, Json(body)).into_response()));
+        }
+        if let Some(wait) = s.throttle_next.take() {
+            let (st, body) = sf_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOO_MANY_REQUESTS",
+                "Too many requests; retry later.",
+            );
+            let mut r = (st, Json(body)).into_response();
+            r.headers_mut()
+                .insert("retry-after", HeaderValue::from(wait.as_secs().max(1)));
+            return Err(r);
         }
         s.used += 1;
         let f = s.faults.clone();
@@ -1273,6 +1284,7 @@ mod tests {
             faults: Faults::default(),
             locked: HashSet::new(),
             rng: 7,
+            throttle_next: None,
         };
         let hits = (0..10_000).filter(|_| s.chance(0.25)).count();
         assert!((2_200..2_800).contains(&hits), "{hits}");

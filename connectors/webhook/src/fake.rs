@@ -8,7 +8,7 @@
 //! from a seeded generator (reproducible runs): 500, 429 with `Retry-After`, a slow
 //! answer (the event IS recorded first, as a receiver that processes then stalls would,
 //! so the sender's timeout and retry produce a duplicate delivery), a dropped connection,
-//! and 410 Gone.
+//! and 410 Gone. Events of a subject marked refused are answered 422.
 //!
 //! The state sits behind a `std::sync::Mutex` that is never held across an await.
 
@@ -22,7 +22,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use tokio::sync::oneshot;
+use optout_core::testkit::FakeServer;
 
 use crate::event::Event;
 use crate::signature::verify_signature;
@@ -109,6 +109,8 @@ struct Inner {
     rates: FaultRates,
     rng: u64,
     received: Vec<Received>,
+    /// Subjects whose events are answered 422.
+    refused: HashSet<String>,
     counters: Counters,
 }
 
@@ -166,41 +168,29 @@ fn lock(shared: &Shared) -> MutexGuard<'_, Inner> {
 pub struct FakeHandle {
     base_url: String,
     shared: Shared,
-    shutdown: Option<oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<()>>,
+    server: FakeServer,
 }
 
 /// Starts a receiver on 127.0.0.1 on a free port.
 pub async fn start(options: FakeOptions) -> FakeHandle {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind 127.0.0.1:0");
-    let addr = listener.local_addr().expect("local address");
     let shared: Shared = Arc::new(Mutex::new(Inner {
         rng: options.seed,
         options,
         script: VecDeque::new(),
         rates: FaultRates::default(),
         received: Vec::new(),
+        refused: HashSet::new(),
         counters: Counters::default(),
     }));
     let app = Router::new()
         .route("/hook", post(receive))
         .fallback(not_found)
         .with_state(shared.clone());
-    let (tx, rx) = oneshot::channel();
-    let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = rx.await;
-            })
-            .await;
-    });
+    let server = FakeServer::start(app).await;
     FakeHandle {
-        base_url: format!("http://{addr}"),
+        base_url: server.url(),
         shared,
-        shutdown: Some(tx),
-        server: Some(server),
+        server,
     }
 }
 
@@ -253,22 +243,15 @@ impl FakeHandle {
         inner.counters = Counters::default();
     }
 
-    /// Stops accepting connections and waits for open ones to finish.
-    pub async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(server) = self.server.take() {
-            let _ = server.await;
-        }
+    /// Events for this subject are refused with 422 from now on (after the signature
+    /// check), as a receiver that cannot process them would.
+    pub fn refuse_subject(&self, subject: &str) {
+        lock(&self.shared).refused.insert(subject.to_string());
     }
-}
 
-impl Drop for FakeHandle {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+    /// Stops accepting connections and waits for open ones to finish.
+    pub async fn stop(self) {
+        self.server.shutdown().await;
     }
 }
 
@@ -336,6 +319,9 @@ async fn receive(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) 
     let Ok(event) = serde_json::from_slice::<Event>(&body) else {
         return (StatusCode::BAD_REQUEST, "fake: body is not an event").into_response();
     };
+    if lock(&shared).refused.contains(&event.subject) {
+        return (StatusCode::UNPROCESSABLE_ENTITY, "fake: subject refused").into_response();
+    }
     let headers = headers
         .iter()
         .map(|(k, v)| {

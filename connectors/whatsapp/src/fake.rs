@@ -22,6 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hmac::{Hmac, Mac};
 use optout_core::Timestamp;
+use optout_core::testkit::FakeServer;
 use serde_json::{Value, json};
 use sha2::Sha256;
 
@@ -207,9 +208,8 @@ impl GraphState {
 
 /// A running fake Graph API. Stops when dropped.
 pub struct FakeGraph {
-    addr: SocketAddr,
     state: Arc<Mutex<GraphState>>,
-    task: tokio::task::JoinHandle<()>,
+    server: FakeServer,
 }
 
 /// Starts the fake on 127.0.0.1, port 0.
@@ -230,20 +230,19 @@ pub async fn start_graph(opts: GraphOptions) -> FakeGraph {
         .route("/{version}/{phone}/messages", post(graph_send))
         .route("/{version}/{phone}", get(graph_phone))
         .with_state(state.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind 127.0.0.1:0");
-    let addr = listener.local_addr().expect("local addr");
-    let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    FakeGraph { addr, state, task }
+    FakeGraph {
+        state,
+        server: FakeServer::start(app).await,
+    }
 }
 
 impl FakeGraph {
     /// What goes in the connector's `base_url`.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
+    }
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr()
     }
     /// Messages accepted so far, in order.
     pub fn sent(&self) -> Vec<SentMessage> {
@@ -284,15 +283,13 @@ impl FakeGraph {
     pub fn set_token(&self, token: &str) {
         lock(&self.state).token = token.to_string();
     }
-    /// Stop serving now (also done on drop).
+    /// Stop accepting connections now (also done on drop).
     pub fn stop(&self) {
-        self.task.abort();
+        self.server.stop();
     }
-}
-
-impl Drop for FakeGraph {
-    fn drop(&mut self) {
-        self.task.abort();
+    /// Stop serving and wait until every connection is closed.
+    pub async fn shutdown(self) {
+        self.server.shutdown().await;
     }
 }
 

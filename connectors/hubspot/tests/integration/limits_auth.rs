@@ -1,12 +1,12 @@
 //! Limits, authentication and failures: HubSpot's 429s, the client-side limiter, the daily
 //! allowance, OAuth refresh, missing scopes, server faults, health and property creation.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{connector, item, secret_file, sync};
-use optout_core::{Connector, ConnectorError, PushOutcome, SecretRef, Status, Timestamp};
+use crate::common::{connector, item, sync};
+use optout_core::testkit::records;
+use optout_core::testkit::secret_file;
+use optout_core::{Connector, ConnectorError, PushOutcome, Status, Timestamp};
 use optout_hubspot::fake::{self, FakeOAuth, FakeOptions, Faults, Limits, NewContact};
 use optout_hubspot::{HubSpot, OAuthConfig};
 
@@ -178,14 +178,13 @@ async fn an_exhausted_daily_allowance_is_an_alarm_until_midnight() {
 }
 
 fn oauth_connector(fake: &fake::FakeHandle) -> HubSpot {
-    let secret = secret_file("client-secret-1");
-    let refresh = secret_file("refresh-token-1");
+    let secrets = tempfile::tempdir().unwrap();
     let cfg = optout_hubspot::Config {
         base_url: fake.base_url(),
         oauth: Some(OAuthConfig {
             client_id: "client-1".into(),
-            client_secret: SecretRef::File(secret.path().into()),
-            refresh_token: SecretRef::File(refresh.path().into()),
+            client_secret: secret_file(secrets.path(), "client-secret-1"),
+            refresh_token: secret_file(secrets.path(), "refresh-token-1"),
         }),
         page_size: 100,
         requests_per_10s: 1_000_000,
@@ -230,7 +229,7 @@ async fn an_oauth_token_expiring_mid_sync_is_refreshed_without_losing_a_page() {
     let rest = sync(&c, Some(p3.cursor.clone())).await;
     let mut ids: Vec<String> = [p1, p2, p3]
         .into_iter()
-        .flat_map(|p| common::records(p.observations))
+        .flat_map(|p| records(p.observations))
         .map(|r| r.record)
         .collect();
     ids.extend(rest.records.iter().map(|r| r.record.clone()));

@@ -2,9 +2,9 @@
 //! outcome classification, retries and deduplication, an unreachable endpoint, and
 //! secrets kept out of every printed form.
 
-use std::io::Write;
 use std::time::Duration;
 
+use optout_core::testkit::{push_item, secret_file};
 use optout_core::{
     Connector, ConnectorError, Cursor, Identity, PushItem, PushOutcome, Scope, SecretRef, Status,
     Timestamp,
@@ -15,16 +15,9 @@ use optout_webhook::{Config, WebhookConnector, event_id, verify_signature};
 const HMAC_KEY: &str = "whsec-test-key-0123456789";
 const BEARER: &str = "bearer-test-token-abcdef";
 
-/// A secret file (0600, as the core requires) that lives as long as the test.
-fn secret_file(value: &str) -> tempfile::NamedTempFile {
-    let mut f = tempfile::NamedTempFile::new().unwrap();
-    f.write_all(value.as_bytes()).unwrap();
-    f
-}
-
 struct Setup {
     fake: FakeHandle,
-    _files: Vec<tempfile::NamedTempFile>,
+    _secrets: tempfile::TempDir,
 }
 
 async fn receiver() -> FakeHandle {
@@ -35,26 +28,24 @@ async fn receiver() -> FakeHandle {
     .await
 }
 
-/// A connector for `url` with a file-referenced key; `tune` adjusts the config.
-fn connector(
-    url: &str,
-    tune: impl FnOnce(&mut Config),
-) -> (WebhookConnector, Vec<tempfile::NamedTempFile>) {
-    let key = secret_file(HMAC_KEY);
-    let mut config = Config::new(url, SecretRef::File(key.path().to_path_buf()));
+/// A connector for `url` with a file-referenced key (in the returned directory); `tune`
+/// adjusts the config.
+fn connector(url: &str, tune: impl FnOnce(&mut Config)) -> (WebhookConnector, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::new(url, secret_file(dir.path(), HMAC_KEY));
     config.timeout = Duration::from_secs(5);
     tune(&mut config);
-    (WebhookConnector::new("hooks", config).unwrap(), vec![key])
+    (WebhookConnector::new("hooks", config).unwrap(), dir)
 }
 
 async fn setup(tune: impl FnOnce(&mut Config)) -> (WebhookConnector, Setup) {
     let fake = receiver().await;
-    let (c, files) = connector(&fake.url(), tune);
+    let (c, secrets) = connector(&fake.url(), tune);
     (
         c,
         Setup {
             fake,
-            _files: files,
+            _secrets: secrets,
         },
     )
 }
@@ -62,18 +53,13 @@ async fn setup(tune: impl FnOnce(&mut Config)) -> (WebhookConnector, Setup) {
 fn item(subject: &str, status: Status, at: i64) -> PushItem {
     PushItem {
         key: format!("{subject}:all"),
-        record: subject.into(),
-        status,
-        scope: Scope::All,
-        changed_at: Timestamp(at),
-        source: "whatsapp:keyword".into(),
         subject: subject.into(),
         identities: vec![
             Identity::Phone("+15551230001".into()),
             Identity::WaId("15551230001".into()),
             Identity::Bsuid("US.13491208655302741918".into()),
         ],
-        reply: None,
+        ..push_item(subject, status, Timestamp(at))
     }
 }
 
@@ -91,10 +77,10 @@ fn items(n: usize) -> Vec<PushItem> {
 
 #[tokio::test]
 async fn events_arrive_signed_and_verifiable() {
-    let token = secret_file(BEARER);
-    let token_path = token.path().to_path_buf();
+    let dir = tempfile::tempdir().unwrap();
+    let token = secret_file(dir.path(), BEARER);
     let (c, s) = setup(|cfg| {
-        cfg.bearer_token = Some(SecretRef::File(token_path));
+        cfg.bearer_token = Some(token);
         cfg.headers.insert("X-Tenant".into(), "acme".into());
     })
     .await;
@@ -176,8 +162,8 @@ async fn events_arrive_signed_and_verifiable() {
 #[tokio::test]
 async fn a_wrong_key_is_refused_by_the_receiver_and_rejected() {
     let fake = receiver().await;
-    let wrong = secret_file("not-the-receivers-key");
-    let config = Config::new(fake.url(), SecretRef::File(wrong.path().to_path_buf()));
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::new(fake.url(), secret_file(dir.path(), "not-the-receivers-key"));
     let c = WebhookConnector::new("hooks", config).unwrap();
     let outcomes = c.push(&items(1)).await.unwrap();
     match &outcomes[..] {
@@ -349,11 +335,9 @@ async fn an_unreachable_endpoint_fails_the_whole_batch_without_leaking() {
         l.local_addr().unwrap().port()
     };
     let url = format!("http://127.0.0.1:{port}/hooks/catch/PATHTOKEN123/?key=QUERYTOKEN456");
-    let token = secret_file(BEARER);
-    let token_path = token.path().to_path_buf();
-    let (c, _files) = connector(&url, |cfg| {
-        cfg.bearer_token = Some(SecretRef::File(token_path))
-    });
+    let dir = tempfile::tempdir().unwrap();
+    let token = secret_file(dir.path(), BEARER);
+    let (c, _files) = connector(&url, |cfg| cfg.bearer_token = Some(token));
 
     let err = c.push(&items(20)).await.unwrap_err();
     assert!(matches!(err, ConnectorError::Transient(_)), "{err:?}");
@@ -380,8 +364,8 @@ async fn construction_errors_name_the_problem_not_the_secret() {
         "{err}"
     );
 
-    let key = secret_file(HMAC_KEY);
-    config.secret = SecretRef::File(key.path().to_path_buf());
+    let dir = tempfile::tempdir().unwrap();
+    config.secret = secret_file(dir.path(), HMAC_KEY);
     config
         .headers
         .insert("Authorization".into(), "Bearer inline-secret".into());

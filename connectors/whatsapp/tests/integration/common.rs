@@ -1,10 +1,10 @@
-//! Shared test helpers: secrets in private temp files, configs, serving a router on
-//! 127.0.0.1 port 0.
-#![allow(dead_code)]
+//! Shared test helpers: secrets in private temp files, configs, a connector with its
+//! in-memory inbox.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use optout_core::testkit::write_secret;
 use optout_whatsapp::fake::MemoryInbox;
 use optout_whatsapp::{Config, WhatsApp};
 
@@ -28,10 +28,8 @@ impl Secrets {
 
     /// Writes (or rewrites) a secret file and returns its path for `{ file = ".." }`.
     pub fn write(&self, name: &str, value: &str) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt;
         let p = self.dir.path().join(name);
-        std::fs::write(&p, value).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        write_secret(&p, value);
         p
     }
 }
@@ -66,15 +64,4 @@ pub fn connector(cfg: Config) -> (WhatsApp<MemoryInbox>, Arc<MemoryInbox>) {
     let inbox = MemoryInbox::new();
     let wa = WhatsApp::new("whatsapp", cfg, inbox.clone()).unwrap();
     (wa, inbox)
-}
-
-/// Serves `router` on 127.0.0.1 port 0; returns the base URL. The server task ends with
-/// the test's runtime.
-pub async fn serve(router: axum::Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(listener, router).await.unwrap();
-    });
-    format!("http://{addr}")
 }

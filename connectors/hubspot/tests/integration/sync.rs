@@ -2,11 +2,10 @@
 //! equal timestamps, incremental passes with index lag, edits while paging, and the
 //! read-back of our own writes.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{connector, item, sync};
+use crate::common::{connector, item, sync};
+use optout_core::testkit::records;
 use optout_core::{Connector, Status, Timestamp};
 use optout_hubspot::fake::{self, FakeOptions, Limits, NewContact};
 
@@ -141,7 +140,7 @@ async fn records_modified_while_paging_are_not_skipped() {
     fake.edit_contact(&ids[500], &[("whatsapp_consent", "opted_in")]);
 
     let rest = sync(&c, Some(first.cursor)).await;
-    let mut all: Vec<String> = common::records(first.observations)
+    let mut all: Vec<String> = records(first.observations)
         .into_iter()
         .map(|r| r.record)
         .collect();

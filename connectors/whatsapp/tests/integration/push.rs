@@ -1,10 +1,8 @@
 //! Confirmation replies against the fake Graph API over real HTTP.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use optout_core::{
     Connector, ConnectorError, Identity, PushItem, PushOutcome, Reply, Scope, Status, Timestamp,
 };

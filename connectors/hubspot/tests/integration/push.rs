@@ -2,9 +2,7 @@
 //! outcomes of partial failures, whole-batch refusals, and the request count of a large
 //! suppression push.
 
-mod common;
-
-use common::{connector, item, sync};
+use crate::common::{connector, item, sync};
 use optout_core::{Connector, PushOutcome, Status, Timestamp};
 use optout_hubspot::fake::{self, FakeOptions, Faults, Limits, NewContact};
 

@@ -1,32 +1,23 @@
 //! Helpers shared by the integration tests: a connector wired to a fake portal, and a
-//! poll loop that behaves like the daemon's poll worker.
-#![allow(dead_code)]
+//! poll loop that behaves like the daemon's poll worker (retrying what is retryable, which
+//! the test kit's `poll_to_end` does not).
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::time::Duration;
 
-use optout_core::{
-    Connector, ConnectorError, Cursor, Observation, PushItem, RecordSnapshot, Scope, SecretRef,
-    Status, Timestamp,
-};
+use optout_core::testkit::{push_item, records, secret_file};
+use optout_core::{Connector, ConnectorError, Cursor, PushItem, RecordSnapshot, Status, Timestamp};
 use optout_hubspot::fake::{self, FakeHandle};
 use optout_hubspot::{Config, HubSpot};
-
-/// A secret in a private temporary file (created with mode 0600).
-pub fn secret_file(value: &str) -> tempfile::NamedTempFile {
-    let mut f = tempfile::NamedTempFile::new().unwrap();
-    f.write_all(value.as_bytes()).unwrap();
-    f
-}
 
 /// The connector's defaults against the fake, with the private-app token, and the
 /// client-side limiter out of the way unless `tweak` sets it.
 pub fn connector(fake: &FakeHandle, tweak: impl FnOnce(&mut Config)) -> HubSpot {
-    let token = secret_file(fake::TOKEN);
+    // The connector reads its secrets when built; the files may go afterwards.
+    let secrets = tempfile::tempdir().unwrap();
     let mut cfg = Config {
         base_url: fake.base_url(),
-        token: Some(SecretRef::File(token.path().into())),
+        token: Some(secret_file(secrets.path(), fake::TOKEN)),
         requests_per_10s: 1_000_000,
         search_per_second: 1_000_000,
         timeout: Duration::from_secs(5),
@@ -34,15 +25,6 @@ pub fn connector(fake: &FakeHandle, tweak: impl FnOnce(&mut Config)) -> HubSpot 
     };
     tweak(&mut cfg);
     HubSpot::new("hubspot-test", cfg).unwrap()
-}
-
-pub fn records(obs: Vec<Observation>) -> Vec<RecordSnapshot> {
-    obs.into_iter()
-        .map(|o| match o {
-            Observation::Record(r) => r,
-            other => panic!("HubSpot reports records only, got {other:?}"),
-        })
-        .collect()
 }
 
 pub struct Synced {
@@ -98,15 +80,5 @@ pub async fn sync(c: &HubSpot, cursor: Option<Cursor>) -> Synced {
 }
 
 pub fn item(record: &str, status: Status, changed_at: Timestamp) -> PushItem {
-    PushItem {
-        key: format!("{record}/all"),
-        record: record.to_string(),
-        status,
-        scope: Scope::All,
-        changed_at,
-        source: "whatsapp:keyword".into(),
-        subject: format!("subject-{record}"),
-        identities: vec![],
-        reply: None,
-    }
+    push_item(record, status, changed_at)
 }

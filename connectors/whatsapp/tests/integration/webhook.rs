@@ -1,11 +1,10 @@
 //! The webhook route served on 127.0.0.1 with an in-memory inbox, driven by the Meta-like
 //! sender, then drained with `poll`.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
+use optout_core::testkit::FakeServer;
 use optout_core::{Connector, ConnectorError, Cursor, Identity, Observation, Signal, Status};
 use optout_whatsapp::WEBHOOK_PATH;
 use optout_whatsapp::fake::envelope::{self, Who};
@@ -15,17 +14,19 @@ struct Rig {
     wa: optout_whatsapp::WhatsApp<optout_whatsapp::fake::MemoryInbox>,
     inbox: std::sync::Arc<optout_whatsapp::fake::MemoryInbox>,
     url: String,
+    _server: FakeServer,
     _secrets: Secrets,
 }
 
 async fn rig(extra: &str) -> Rig {
     let secrets = Secrets::new();
     let (wa, inbox) = connector(config(&secrets, "http://127.0.0.1:9", extra));
-    let base = serve(wa.router()).await;
+    let server = FakeServer::start(wa.router()).await;
     Rig {
         wa,
         inbox,
-        url: format!("{base}{WEBHOOK_PATH}"),
+        url: format!("{}{WEBHOOK_PATH}", server.url()),
+        _server: server,
         _secrets: secrets,
     }
 }

@@ -3,28 +3,29 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use optout_core::testkit::{poll_to_end, push_item, records, secret_file};
 use optout_core::{
-    Connector, ConnectorError, Cursor, Observation, PushItem, PushOutcome, RecordSnapshot, Scope,
-    SecretRef, Status, Timestamp,
+    Connector, ConnectorError, Cursor, PushItem, PushOutcome, RecordSnapshot, SecretRef, Status,
+    Timestamp,
 };
 use optout_salesforce::fake::{self, FakeHandle, FakeOptions, Faults, JwtTrust};
 use optout_salesforce::{AuthConfig, Config, ObjectConfig, SalesforceConnector, soql};
 use serde_json::json;
 use tempfile::TempDir;
 
-const TEST_KEY: &str = include_str!("fixtures/jwt-test-key.pem");
-const TEST_PUB: &str = include_str!("fixtures/jwt-test-pub.pem");
-const OTHER_KEY: &str = include_str!("fixtures/jwt-other-key.pem");
+const TEST_KEY: &str = include_str!("../fixtures/jwt-test-key.pem");
+const TEST_PUB: &str = include_str!("../fixtures/jwt-test-pub.pem");
+const OTHER_KEY: &str = include_str!("../fixtures/jwt-other-key.pem");
 const JWT_USER: &str = "integration@acme.example";
 
 /// A fake org and a private directory for secret files (removed on drop).
-struct Org {
-    fake: FakeHandle,
+pub(crate) struct Org {
+    pub(crate) fake: FakeHandle,
     dir: TempDir,
 }
 
 impl Org {
-    async fn start(opts: FakeOptions) -> Org {
+    pub(crate) async fn start(opts: FakeOptions) -> Org {
         Org {
             fake: fake::start(opts).await,
             dir: tempfile::tempdir().unwrap(),
@@ -32,19 +33,15 @@ impl Org {
     }
 
     /// A secret file readable only by its owner, as `SecretRef::File` demands.
-    fn secret(&self, name: &str, value: &str) -> SecretRef {
-        use std::os::unix::fs::PermissionsExt;
-        let p = self.dir.path().join(name);
-        std::fs::write(&p, value).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        SecretRef::File(p)
+    fn secret(&self, value: &str) -> SecretRef {
+        secret_file(self.dir.path(), value)
     }
 
-    fn client_credentials(&self) -> Config {
+    pub(crate) fn client_credentials(&self) -> Config {
         let opts = self.fake.options();
         let auth = AuthConfig::ClientCredentials {
             client_id: opts.client_id.clone(),
-            client_secret: self.secret("client-secret", &opts.client_secret),
+            client_secret: self.secret(&opts.client_secret),
         };
         Config::new(Some(self.fake.base_url()), auth)
     }
@@ -53,7 +50,7 @@ impl Org {
         let auth = AuthConfig::JwtBearer {
             client_id: "jwt-consumer-key".into(),
             username: username.into(),
-            private_key: self.secret("jwt-key.pem", key_pem),
+            private_key: self.secret(key_pem),
             audience: "https://login.salesforce.com".into(),
         };
         Config::new(Some(self.fake.base_url()), auth)
@@ -72,39 +69,22 @@ fn jwt_options() -> FakeOptions {
     }
 }
 
-fn connector(config: Config) -> SalesforceConnector {
+pub(crate) fn connector(config: Config) -> SalesforceConnector {
     SalesforceConnector::new("salesforce-test", config).unwrap()
 }
 
-fn only(objects: &[&str], mut config: Config) -> Config {
+pub(crate) fn only(objects: &[&str], mut config: Config) -> Config {
     config.objects = objects.iter().map(|o| ObjectConfig::named(o)).collect();
     config
-}
-
-fn snapshots(obs: Vec<Observation>) -> Vec<RecordSnapshot> {
-    obs.into_iter()
-        .map(|o| match o {
-            Observation::Record(r) => r,
-            other => panic!("unexpected observation {other:?}"),
-        })
-        .collect()
 }
 
 /// Polls until `more` is false: (records in order, the final cursor, pages).
 async fn drain(
     conn: &SalesforceConnector,
-    mut cursor: Option<Cursor>,
+    cursor: Option<Cursor>,
 ) -> (Vec<RecordSnapshot>, Cursor, usize) {
-    let mut out = Vec::new();
-    for pages in 1..=1000 {
-        let page = conn.poll(cursor.as_ref()).await.unwrap();
-        out.extend(snapshots(page.observations));
-        cursor = Some(page.cursor);
-        if !page.more {
-            return (out, cursor.unwrap(), pages);
-        }
-    }
-    panic!("the sync never ended");
+    let (observations, cursor, pages) = poll_to_end(conn, cursor).await;
+    (records(observations), cursor, pages)
 }
 
 fn unique(records: &[RecordSnapshot]) -> HashSet<&str> {
@@ -112,17 +92,11 @@ fn unique(records: &[RecordSnapshot]) -> HashSet<&str> {
 }
 
 fn item(record: &str, status: Status) -> PushItem {
-    PushItem {
-        key: format!("{record}/all"),
-        record: record.into(),
+    push_item(
+        record,
         status,
-        scope: Scope::All,
-        changed_at: Timestamp::parse("2026-05-06T07:08:09.123Z").unwrap(),
-        source: "whatsapp:keyword".into(),
-        subject: "subject-1".into(),
-        identities: vec![],
-        reply: None,
-    }
+        Timestamp::parse("2026-05-06T07:08:09.123Z").unwrap(),
+    )
 }
 
 fn contact(i: usize) -> serde_json::Value {
@@ -146,7 +120,7 @@ async fn token_expiry_mid_sync(org: &Org, config: Config) {
     org.fake.expire_tokens();
     let (rest, _, pages) = drain(&conn, Some(first.cursor)).await;
     assert_eq!(rest.len(), 800, "no page lost or repeated");
-    let mut all = snapshots(first.observations);
+    let mut all = records(first.observations);
     all.extend(rest);
     assert_eq!(unique(&all).len(), 1000);
     assert_eq!(pages, 4);
@@ -177,7 +151,7 @@ async fn refused_logins_are_unauthorized_and_name_no_secret() {
     let org = Org::start(jwt_options()).await;
     let mut bad = org.client_credentials();
     if let AuthConfig::ClientCredentials { client_secret, .. } = &mut bad.auth {
-        *client_secret = org.secret("wrong", "sekrit-wrong-value");
+        *client_secret = org.secret("sekrit-wrong-value");
     }
     let conn = connector(bad);
     assert!(!format!("{conn:?}").contains("sekrit"));
@@ -295,7 +269,7 @@ async fn five_thousand_rows_with_one_modstamp_are_read_exactly_once() {
     loop {
         let page = conn.poll(cursor.as_ref()).await.unwrap();
         pages += 1;
-        all.extend(snapshots(page.observations));
+        all.extend(records(page.observations));
         if let Some(p) = page.progress {
             assert_eq!(p.done as usize, all.len());
         }
@@ -332,7 +306,7 @@ async fn an_expired_query_locator_resumes_exactly_after_the_last_row() {
     let mut all = Vec::new();
     for _ in 0..3 {
         let page = conn.poll(cursor.as_ref()).await.unwrap();
-        all.extend(snapshots(page.observations));
+        all.extend(records(page.observations));
         cursor = Some(page.cursor);
     }
     org.fake.expire_locators();
@@ -366,7 +340,7 @@ async fn soql_built_from_data_is_escaped() {
     config.page_size = 200;
     let conn = connector(config);
     let first = conn.poll(None).await.unwrap();
-    let mut all = snapshots(first.observations);
+    let mut all = records(first.observations);
     assert_eq!(
         all.last().unwrap().record,
         format!("Contact/{}", hostile(199))
@@ -793,7 +767,7 @@ async fn faults_are_transient_and_the_cursor_holds() {
     config.timeout = Duration::from_millis(500);
     let conn = connector(config);
     let first = conn.poll(None).await.unwrap();
-    let mut all = snapshots(first.observations);
+    let mut all = records(first.observations);
     let cursor = first.cursor;
     let faults = [
         Faults {
