@@ -155,6 +155,9 @@ pub fn main() -> ExitCode {
 fn check_config(path: &Path) -> ExitCode {
     match config::load(path).and_then(|c| c.validate()) {
         Ok(c) => {
+            for w in &c.warnings {
+                eprintln!("warning: {w}");
+            }
             println!(
                 "{}: ok ({} connector{})",
                 path.display(),
@@ -202,6 +205,9 @@ fn init_tracing(format: crate::config::LogFormat) {
 fn run(config_path: &Path) -> Result<ExitCode> {
     let config = app::load(config_path)?;
     init_tracing(config.daemon.log_format);
+    for w in &config.warnings {
+        tracing::warn!(problem = %w, "the configuration is allowed but probably a mistake");
+    }
     // A panic in a worker task would leave the daemon running without that worker (its
     // pushes or polls silently stopped). Exiting instead makes the failure visible and lets
     // the service manager restart the whole daemon; nothing is lost, since every

@@ -412,6 +412,8 @@ pub struct Checked {
     /// The send gate's token; `None` when the gate is off or secrets were not read.
     pub gate_token: Option<Secret>,
     pub connectors: Vec<CheckedConnector>,
+    /// Allowed but probably a mistake (`file:line:column: key: message`).
+    pub warnings: Vec<String>,
 }
 
 /// One connector instance, checked.
@@ -451,13 +453,31 @@ impl Checked {
 struct Found<'a> {
     loc: Locator<'a>,
     problems: Vec<Problem>,
+    /// Allowed but probably a mistake: shown by `check-config` and logged by `run`.
+    warnings: Vec<Problem>,
 }
 
 impl Found<'_> {
     fn add(&mut self, key: &str, message: impl Into<String>) {
         self.problems.push(self.loc.problem(key, message.into()));
     }
+
+    fn warn(&mut self, key: &str, message: impl Into<String>) {
+        self.warnings.push(self.loc.problem(key, message.into()));
+    }
 }
+
+/// The shortest send-gate token accepted: a guessable token opens the gate to anyone on
+/// the network path.
+pub const MIN_TOKEN_CHARS: usize = 16;
+/// A full resync re-reads every record (API quota, time): at most this often.
+pub const MIN_FULL_RESYNC_INTERVAL: Duration = Duration::from_secs(3600);
+/// The most `policy.future_tolerance` may be: beyond it, a clock far ahead would let an
+/// opt-in dated in the future outrank every later STOP.
+pub const MAX_FUTURE_TOLERANCE: Duration = Duration::from_secs(3600);
+/// Connector names with a meaning of their own elsewhere (sources in the audit log and in
+/// `policy.accept_opt_ins_from`).
+pub const RESERVED_NAMES: [&str; 3] = ["import", "api", "operator"];
 
 impl Config {
     /// Checks meaning: regions, schedules, references between sections, and that every
@@ -477,6 +497,7 @@ impl Config {
         let mut found = Found {
             loc: Locator::new(&self.source),
             problems: Vec::new(),
+            warnings: Vec::new(),
         };
         let region = self.check_daemon(&mut found);
         let gate_token = match &self.daemon.gate_token {
@@ -496,6 +517,19 @@ impl Config {
                 "only one whatsapp connector per daemon: it owns the webhook route",
             );
         }
+        check_secrets_apart(gate_token.as_ref(), &connectors, &mut found);
+        let warnings = (found.warnings.iter())
+            .map(|w| {
+                format!(
+                    "{}:{}:{}: {}: {}",
+                    self.path.display(),
+                    w.line,
+                    w.column,
+                    w.key,
+                    w.message
+                )
+            })
+            .collect();
         match region {
             Some(region) if found.problems.is_empty() => Ok(Checked {
                 daemon: self.daemon.clone(),
@@ -503,6 +537,7 @@ impl Config {
                 region,
                 gate_token,
                 connectors,
+                warnings,
             }),
             _ => Err(Problems {
                 file: self.path.clone(),
@@ -530,6 +565,21 @@ impl Config {
         if !d.control_socket.is_absolute() {
             found.add("daemon.control_socket", "must be an absolute path");
         }
+        if d.control_socket.starts_with(&d.state_dir) {
+            found.add(
+                "daemon.control_socket",
+                "must not be inside daemon.state_dir: the store's files live there",
+            );
+        }
+        if !d.listen.ip().is_loopback() {
+            found.warn(
+                "daemon.listen",
+                format!(
+                    "{} is reachable from other hosts; the send gate, /metrics and the webhook intake are served there (put a TLS reverse proxy in front and listen on 127.0.0.1)",
+                    d.listen
+                ),
+            );
+        }
         if d.shutdown_timeout < Duration::from_secs(1)
             || d.shutdown_timeout > Duration::from_secs(300)
         {
@@ -544,6 +594,12 @@ impl Config {
     /// `[policy]`: the margin and the sources whose opt-ins count.
     fn check_policy(&self, found: &mut Found) {
         let pol = &self.policy;
+        if pol.future_tolerance > MAX_FUTURE_TOLERANCE {
+            found.add(
+                "policy.future_tolerance",
+                "at most 1h: a longer tolerance lets an event dated in the future outrank every later opt-out",
+            );
+        }
         if pol.opt_in_margin > Duration::from_secs(24 * 3600) {
             found.add(
                 "policy.opt_in_margin",
@@ -574,6 +630,16 @@ fn check_connector(
         found.add(
             &format!("connectors.{}", c.name),
             "connector names use letters, digits, `-` and `_` (at most 64)",
+        );
+    }
+    if RESERVED_NAMES.contains(&c.name.as_str()) {
+        found.add(
+            &format!("connectors.{}", c.name),
+            format!(
+                "`{}` is reserved (it names a source of its own); reserved: {}",
+                c.name,
+                RESERVED_NAMES.join(", ")
+            ),
         );
     }
     let (poll, full_resync) = check_schedules(c, found);
@@ -641,6 +707,17 @@ fn check_schedules(
     };
     let poll_cron = cron_of("poll_cron", &common.poll_cron);
     let full = cron_of("full_resync_cron", &common.full_resync_cron);
+    if let Some(Some(every)) = full.as_ref().map(|f| f.as_ref().and_then(shortest_gap))
+        && every < MIN_FULL_RESYNC_INTERVAL
+    {
+        found.add(
+            &key("full_resync_cron"),
+            format!(
+                "runs a full resync every {}; a full resync re-reads every record, so at most once an hour (nightly or weekly is usual)",
+                humantime::format_duration(every)
+            ),
+        );
+    }
     let poll = poll_cron.map(|cron| match (c.settings.polling(), cron) {
         (Polling::Never, _) => None,
         (_, Some(cron)) => Some(PollSchedule::Cron(Box::new(cron))),
@@ -649,6 +726,46 @@ fn check_schedules(
         }
     });
     (poll, full)
+}
+
+/// The shortest gap between the next few runs of a schedule.
+fn shortest_gap(s: &cron::Schedule) -> Option<Duration> {
+    let next: Vec<_> = s.upcoming(chrono::Utc).take(8).collect();
+    (next.windows(2))
+        .filter_map(|w| (w[1] - w[0]).to_std().ok())
+        .min()
+}
+
+/// Every secret read is used for one role only, and the gate's token is long enough: a
+/// shared value means one leak (a log of bearer tokens, a rotated app secret) opens both
+/// doors. A role is a key: two WhatsApp accounts of one Meta app share its app secret
+/// legitimately. Messages name keys, never values.
+fn check_secrets_apart(gate: Option<&Secret>, connectors: &[CheckedConnector], found: &mut Found) {
+    // (role, full key, value)
+    let mut seen: Vec<(String, String, Secret)> = Vec::new();
+    if let Some(token) = gate {
+        let chars = token.expose().chars().count();
+        if chars < MIN_TOKEN_CHARS {
+            found.add(
+                "daemon.gate_token",
+                format!("too short ({chars} characters); use at least {MIN_TOKEN_CHARS} random characters, e.g. `openssl rand -hex 32`"),
+            );
+        }
+        let key = "daemon.gate_token".to_string();
+        seen.push((key.clone(), key, token.clone()));
+    }
+    for c in connectors {
+        for (key, secret) in c.secrets.iter() {
+            let role = key.split('[').next().unwrap_or(key).to_string();
+            let full = format!("connectors.{}.{key}", c.name);
+            if let Some((_, other, _)) = seen.iter().find(|(r, _, s)| s == secret && *r != role) {
+                let message =
+                    format!("has the same value as {other}; give each role a secret of its own");
+                found.add(&full, message);
+            }
+            seen.push((role, full, secret.clone()));
+        }
+    }
 }
 
 fn cron_problem(expr: &str, e: &cron::error::Error) -> String {

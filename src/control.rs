@@ -41,10 +41,22 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Result<Value, String>> + Send;
 }
 
-/// Binds the socket: removes a stale socket file, refuses to steal a live one, and
-/// restricts it to the daemon's user.
+/// Binds the socket: removes a stale socket file, refuses to steal a live one or to remove
+/// anything that is not a socket, and restricts it to the daemon's user.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        // Only a stale socket is ours to remove: a path pointing at anything else (the
+        // store, a configuration file) is a mistake that must not cost that file.
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket; refusing to replace it (check daemon.control_socket)",
+                    path.display()
+                ),
+            ));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
@@ -131,6 +143,27 @@ async fn session<H: Handler>(
 }
 
 use tokio::io::AsyncReadExt as _;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn binding_never_removes_what_is_not_a_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        std::fs::write(&path, "the store").unwrap();
+        let e = super::bind(&path).unwrap_err();
+        assert!(e.to_string().contains("is not a socket"), "{e}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "the store");
+        // A stale socket left by a killed daemon is replaced.
+        let sock = dir.path().join("control.sock");
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async { super::bind(&sock).unwrap() });
+    }
+}
 
 /// Why the CLI could not talk to the daemon.
 #[derive(Debug, thiserror::Error)]

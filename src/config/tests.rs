@@ -15,14 +15,14 @@ accept_opt_ins_from = ["whatsapp"]
 [connectors.whatsapp]
 kind = "whatsapp"
 app_secrets = [{ env = "PATH" }]
-verify_token = { env = "PATH" }
+verify_token = { env = "HOME" }
 
 [connectors.crm-eu]
 kind = "hubspot"
 poll_interval = "30s"
 full_resync_cron = "0 0 3 * * Sun"
-# Any variable that is always set, so the test need not change the environment.
-token = { env = "PATH" }
+# Variables always set (a different one per secret): the test need not change the environment.
+token = { env = "CARGO_MANIFEST_DIR" }
 "#;
 
 fn problems(src: &str) -> Problems {
@@ -115,7 +115,7 @@ fn secrets_missing_inline_or_too_open() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("gate");
-    std::fs::write(&f, "s3cret-value\n").unwrap();
+    std::fs::write(&f, "s3cret-value-of-the-gate\n").unwrap();
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
     let src = GOOD.replace(
         "[policy]",
@@ -142,7 +142,7 @@ fn every_semantic_problem_is_reported_at_once() {
         .replace("\"GB\"", "\"Atlantis\"")
         .replace("\"/var/lib/optout-sync\"", "\"relative/dir\"")
         .replace("[\"whatsapp\"]", "[\"whatsapp\", \"zapier\"]")
-        + "[connectors.wa2]\nkind = \"whatsapp\"\napp_secrets = [{ env = \"PATH\" }]\nverify_token = { env = \"PATH\" }\n";
+        + "[connectors.wa2]\nkind = \"whatsapp\"\napp_secrets = [{ env = \"PATH\" }]\nverify_token = { env = \"HOME\" }\n";
     let p = problems(&src);
     let keys: Vec<_> = p.problems.iter().map(|p| p.key.as_str()).collect();
     assert_eq!(
@@ -173,7 +173,10 @@ fn shipped_example_passes_with_its_variables_set() {
 
 #[test]
 fn problems_inside_a_connectors_own_settings_name_and_locate_their_key() {
-    let p = problems(&GOOD.replace("\ntoken = { env = \"PATH\" }", "\ntoken = \"pat-inline\""));
+    let p = problems(&GOOD.replace(
+        "\ntoken = { env = \"CARGO_MANIFEST_DIR\" }",
+        "\ntoken = \"pat-inline\"",
+    ));
     let text = p.to_string();
     assert!(
         text.contains("test.toml:21:9: connectors.crm-eu.token: secrets must not be written"),
@@ -181,8 +184,8 @@ fn problems_inside_a_connectors_own_settings_name_and_locate_their_key() {
     );
     assert!(!text.contains("pat-inline"));
     let p = problems(&GOOD.replace(
-        "\ntoken = { env = \"PATH\" }",
-        "\ntoken = { env = \"PATH\" }\noverlap = 5",
+        "\ntoken = { env = \"CARGO_MANIFEST_DIR\" }",
+        "\ntoken = { env = \"CARGO_MANIFEST_DIR\" }\noverlap = 5",
     ));
     assert!(
         p.to_string()
@@ -231,4 +234,82 @@ fn checking_yields_parsed_values_once() {
             .get("token")
             .is_err()
     );
+}
+
+#[test]
+fn dangerous_settings_are_refused() {
+    let cases = [
+        (
+            GOOD.replace("[policy]", "[policy]\nfuture_tolerance = \"100y\""),
+            "policy.future_tolerance: at most 1h",
+        ),
+        (
+            GOOD.replace("0 0 3 * * Sun", "* * * * * *"),
+            "connectors.crm-eu.full_resync_cron: runs a full resync every 1s",
+        ),
+        (
+            GOOD.replace("[connectors.crm-eu]", "[connectors.import]"),
+            "connectors.import: `import` is reserved",
+        ),
+        (
+            GOOD.replace(
+                "listen = \"127.0.0.1:8088\"",
+                "listen = \"127.0.0.1:8088\"\ncontrol_socket = \"/var/lib/optout-sync/control.sock\"",
+            ),
+            "daemon.control_socket: must not be inside daemon.state_dir",
+        ),
+        (
+            GOOD.replace("[policy]", "gate_token = { env = \"PATH\" }\n[policy]"),
+            "connectors.whatsapp.app_secrets[0]: has the same value as daemon.gate_token",
+        ),
+        (
+            GOOD.replace("{ env = \"HOME\" }", "{ env = \"PATH\" }"),
+            "connectors.whatsapp.verify_token: has the same value as connectors.whatsapp.app_secrets[0]",
+        ),
+    ];
+    for (src, expected) in cases {
+        let text = problems(&src).to_string();
+        assert!(text.contains(expected), "expected {expected:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn a_short_gate_token_is_refused_without_showing_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("gate");
+    std::fs::write(&f, "short-tok\n").unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let src = GOOD.replace(
+        "[policy]",
+        &format!("gate_token = {{ file = \"{}\" }}\n[policy]", f.display()),
+    );
+    let text = problems(&src).to_string();
+    assert!(
+        text.contains("daemon.gate_token: too short (9 characters); use at least 16"),
+        "{text}"
+    );
+    assert!(!text.contains("short-tok"), "{text}");
+}
+
+#[test]
+fn a_listener_beyond_loopback_is_a_warning() {
+    let src = GOOD.replace("127.0.0.1:8088", "0.0.0.0:8088");
+    let checked = parse(Path::new("test.toml"), &src)
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert_eq!(checked.warnings.len(), 1, "{:?}", checked.warnings);
+    assert!(
+        checked.warnings[0].starts_with(
+            "test.toml:4:10: daemon.listen: 0.0.0.0:8088 is reachable from other hosts"
+        ),
+        "{:?}",
+        checked.warnings
+    );
+    let quiet = parse(Path::new("test.toml"), GOOD)
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert!(quiet.warnings.is_empty());
 }

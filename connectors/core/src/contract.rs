@@ -86,6 +86,11 @@ impl Secrets {
             .ok_or_else(|| ConnectorError::Config(format!("{key}: secret not resolved")))
     }
 
+    /// Every secret with its key.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Secret)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
     /// The secret under `key` if the settings referenced one.
     pub fn optional(&self, key: &str) -> Option<Secret> {
         self.0.get(key).cloned()
