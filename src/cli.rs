@@ -182,23 +182,70 @@ fn check_config(path: &Path) -> ExitCode {
     }
 }
 
+/// Sets up logging to standard error, or to the journal. Under systemd (`log_format` `auto`,
+/// the default) the journal gets native entries: journald stamps each entry itself, so no
+/// timestamp is written twice, and every field stays a field (`SUBJECT`, `CONNECTOR`, …)
+/// with a `PRIORITY` from the level, so `journalctl -p warning` and
+/// `journalctl CONNECTOR=hubspot` work.
 fn init_tracing(format: crate::config::LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("OPTOUT_SYNC_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colours only on a terminal: under systemd, escape codes would land in the journal.
+    use crate::config::LogFormat;
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OPTOUT_SYNC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let on_journal = crate::systemd::stderr_is_journal();
+    let format = match format {
+        LogFormat::Auto if on_journal => LogFormat::Journald,
+        LogFormat::Auto => LogFormat::Text,
+        chosen => chosen,
+    };
+    let mut fallback = None;
+    let layer: LogLayer = match format {
+        LogFormat::Journald => match journald_layer() {
+            Ok(journal) => Box::new(journal),
+            Err(error) => {
+                fallback = Some(error);
+                text_layer(on_journal)
+            }
+        },
+        LogFormat::Json => Box::new(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_writer(std::io::stderr),
+        ),
+        LogFormat::Text | LogFormat::Auto => text_layer(on_journal),
+    };
+    tracing_subscriber::registry()
+        .with(layer.with_filter(filter))
+        .init();
+    if let Some(error) = fallback {
+        tracing::warn!(%error, "cannot reach the journal's socket; logging text to standard error");
+    }
+}
+
+type LogLayer = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+
+/// Native journal entries. Fields keep their own names (no `F_` prefix): the daemon's field
+/// names are plain words that never collide with journald's (`MESSAGE`, `PRIORITY`, `CODE_*`,
+/// `SYSLOG_*`), and fields starting with `_` (trusted, set by journald) cannot be forged.
+fn journald_layer() -> std::io::Result<tracing_journald::Layer> {
+    Ok(tracing_journald::layer()?
+        .with_field_prefix(None)
+        .with_syslog_identifier("optout-sync".to_owned()))
+}
+
+/// Readable lines. Colours only on a terminal (escape codes would land in a log file or the
+/// journal), and no timestamp when standard error is the journal, which stamps each line.
+fn text_layer(on_journal: bool) -> LogLayer {
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    match format {
-        crate::config::LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
-        crate::config::LogFormat::Text => builder.init(),
+    if on_journal {
+        Box::new(layer.without_time())
+    } else {
+        Box::new(layer)
     }
 }
 

@@ -68,11 +68,18 @@ impl std::error::Error for Problems {}
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
-    /// Human-readable lines for a terminal.
+    /// `journald` when standard error is the journal (systemd says so in `JOURNAL_STREAM`),
+    /// `text` otherwise: the right choice under systemd and on a terminal alike.
     #[default]
+    Auto,
+    /// Human-readable lines for a terminal (without timestamps when standard error is the
+    /// journal, which stamps each line itself).
     Text,
-    /// One JSON object per line (journald and log shippers).
+    /// One JSON object per line (log shippers).
     Json,
+    /// Native journal entries: structured fields (`SUBJECT`, `CONNECTOR`, …) and a
+    /// `PRIORITY` from the level, sent to journald's socket.
+    Journald,
 }
 
 /// `[daemon]`

@@ -9,6 +9,9 @@
 //! `$NOTIFY_SOCKET` (a filesystem path, or an abstract name written with a leading `@`).
 //! systemd learns who sent it from the kernel-attached credentials, so nothing else is needed.
 //!
+//! It also tells whether standard error is the journal (`$JOURNAL_STREAM`, for the choice of
+//! log format) and words the `STATUS=` line from the connectors' alarms.
+//!
 //! Notifying is best effort by design: when the daemon is not run by systemd (a terminal, a
 //! container, tests) every call is a no-op, and a failed send is logged once and never stops
 //! the daemon, since a missing notification is systemd's concern to time out on, not ours.
@@ -260,6 +263,77 @@ pub fn parse_watchdog(usec: Option<&str>, pid: Option<&str>, our_pid: u32) -> Op
     Some(Duration::from_micros(usec))
 }
 
+/// Whether standard error is connected to the journal: systemd sets `$JOURNAL_STREAM` to
+/// the `device:inode` of the stream it connects a service's output to, and it names our
+/// standard error only if that is still the same file (not redirected by a wrapper, nor
+/// inherited by a child whose output goes elsewhere). See systemd.exec(5).
+pub fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some(expected) = stream.to_str().and_then(parse_journal_stream) else {
+        return false;
+    };
+    let stderr = std::io::stderr();
+    let Ok(fd) = stderr.as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    std::fs::File::from(fd)
+        .metadata()
+        .is_ok_and(|m| (m.dev(), m.ino()) == expected)
+}
+
+/// `$JOURNAL_STREAM` (`"device:inode"`, both decimal) → `(device, inode)`.
+pub fn parse_journal_stream(value: &str) -> Option<(u64, u64)> {
+    let (dev, ino) = value.trim().split_once(':')?;
+    Some((dev.parse().ok()?, ino.parse().ok()?))
+}
+
+/// The `STATUS=` text for a running daemon: where it listens, preceded by every connector
+/// that needs attention and why (`attention` holds `(connector, problem)` pairs, e.g. from
+/// [`connector_attention`]), so `systemctl status` shows an alarm rather than "running".
+///
+/// `2 connectors need attention: hubspot: property whatsapp_consent missing; salesforce:
+/// invalid_grant — listening on 127.0.0.1:8088`, or `running; listening on 127.0.0.1:8088`.
+#[allow(dead_code)] // the daemon does not refresh its STATUS= line with it yet
+pub fn status_text<C, P>(listen: &str, attention: &[(C, P)]) -> String
+where
+    C: AsRef<str>,
+    P: AsRef<str>,
+{
+    if attention.is_empty() {
+        return format!("running; listening on {listen}");
+    }
+    let n = attention.len();
+    let problems: Vec<String> = attention
+        .iter()
+        .map(|(c, p)| format!("{}: {}", c.as_ref(), p.as_ref()))
+        .collect();
+    format!(
+        "{n} connector{} need{} attention: {} — listening on {listen}",
+        if n == 1 { "" } else { "s" },
+        if n == 1 { "s" } else { "" },
+        problems.join("; ")
+    )
+}
+
+/// What a connector's status says needs attention: its alarm (an operator must act), else
+/// the last error while it is failing; `None` when it is healthy.
+#[allow(dead_code)] // the daemon does not refresh its STATUS= line with it yet
+pub fn connector_attention(status: &crate::workers::ConnectorStatus) -> Option<String> {
+    if let Some(alarm) = &status.alarm {
+        return Some(alarm.clone());
+    }
+    if status.healthy {
+        return None;
+    }
+    Some(
+        (status.last_error.clone()).unwrap_or_else(|| "failing (no error recorded yet)".to_owned()),
+    )
+}
+
 /// One protocol-safe line: control characters become spaces, trailing blanks go, and the
 /// result is cut (on a character boundary) to [`MAX_STATUS_BYTES`].
 fn status_line(text: &str) -> String {
@@ -423,6 +497,64 @@ mod tests {
         assert_eq!(parse_watchdog(Some("-5"), None, me), None);
         assert_eq!(parse_watchdog(Some("30s"), None, me), None);
         assert_eq!(parse_watchdog(Some(""), None, me), None);
+    }
+
+    #[test]
+    fn status_text_names_every_connector_that_needs_attention() {
+        let none: [(&str, &str); 0] = [];
+        assert_eq!(
+            status_text("127.0.0.1:8088", &none),
+            "running; listening on 127.0.0.1:8088"
+        );
+        assert_eq!(
+            status_text(
+                "127.0.0.1:8088",
+                &[("hubspot", "property whatsapp_consent missing")]
+            ),
+            "1 connector needs attention: hubspot: property whatsapp_consent missing \
+             — listening on 127.0.0.1:8088"
+        );
+        assert_eq!(
+            status_text(
+                "[::1]:9000",
+                &[
+                    ("hubspot", "property whatsapp_consent missing"),
+                    ("salesforce", "invalid_grant")
+                ]
+            ),
+            "2 connectors need attention: hubspot: property whatsapp_consent missing; \
+             salesforce: invalid_grant — listening on [::1]:9000"
+        );
+    }
+
+    #[test]
+    fn attention_is_the_alarm_else_the_failure_else_nothing() {
+        let mut s = crate::workers::ConnectorStatus {
+            healthy: true,
+            ..Default::default()
+        };
+        assert_eq!(connector_attention(&s), None);
+        s.healthy = false;
+        assert_eq!(
+            connector_attention(&s).as_deref(),
+            Some("failing (no error recorded yet)")
+        );
+        s.last_error = Some("poll: HTTP 503".into());
+        assert_eq!(connector_attention(&s).as_deref(), Some("poll: HTTP 503"));
+        s.alarm = Some("token rejected".into());
+        assert_eq!(connector_attention(&s).as_deref(), Some("token rejected"));
+        // An alarm counts even while polls succeed.
+        s.healthy = true;
+        assert_eq!(connector_attention(&s).as_deref(), Some("token rejected"));
+    }
+
+    #[test]
+    fn journal_stream_is_device_colon_inode() {
+        assert_eq!(parse_journal_stream("8:123456"), Some((8, 123456)));
+        assert_eq!(parse_journal_stream(" 0:1\n"), Some((0, 1)));
+        for bad in ["", "8", "8:", ":1", "a:1", "8:1:2", "-1:2"] {
+            assert_eq!(parse_journal_stream(bad), None, "{bad:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
