@@ -283,12 +283,48 @@ fn announce_ready(
     tracing::info!(listen = %bound, control = %socket, connectors = count, "optout-sync is ready");
     notifier.ready();
     notifier.status(&format!("running; listening on {bound}"));
+    spawn_status_line(daemon, notifier, bound, tracker, cancel);
     let d = daemon.clone();
     tracker.spawn(crate::systemd::watchdog_loop(
         notifier.clone(),
         move || d.ready.load(Ordering::Acquire),
         cancel.clone(),
     ));
+}
+
+/// How often systemd's `STATUS=` line is brought up to date.
+const STATUS_LINE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Keeps systemd's `STATUS=` line (`systemctl status`) saying which connectors need
+/// attention and why; sent only when it changes.
+fn spawn_status_line(
+    daemon: &Arc<Daemon>,
+    notifier: &Notifier,
+    bound: std::net::SocketAddr,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) {
+    let (d, notifier, cancel) = (daemon.clone(), notifier.clone(), cancel.clone());
+    tracker.spawn(async move {
+        let mut last = String::new();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(STATUS_LINE_INTERVAL) => {}
+            }
+            let attention: Vec<(String, String)> = (d.statuses.iter())
+                .filter_map(|(name, cell)| {
+                    let s = cell.lock().unwrap_or_else(|p| p.into_inner());
+                    crate::systemd::connector_attention(&s).map(|why| (name.clone(), why))
+                })
+                .collect();
+            let text = crate::systemd::status_text(&bound.to_string(), &attention);
+            if text != last {
+                notifier.status(&text);
+                last = text;
+            }
+        }
+    });
 }
 
 /// Stops polling, lets in-flight pushes finish within the deadline, flushes the store.
@@ -354,6 +390,9 @@ impl Daemon {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
+            // Present for every connector, 0 without an alarm: an alert rule can then tell
+            // "no alarm" from "no data".
+            m.alarm.get_or_create(&l).set(i64::from(s.alarm.is_some()));
             let since = s.last_poll_ok.unwrap_or(self.started);
             m.cursor_lag
                 .get_or_create(&l)

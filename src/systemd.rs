@@ -297,7 +297,6 @@ pub fn parse_journal_stream(value: &str) -> Option<(u64, u64)> {
 ///
 /// `2 connectors need attention: hubspot: property whatsapp_consent missing; salesforce:
 /// invalid_grant — listening on 127.0.0.1:8088`, or `running; listening on 127.0.0.1:8088`.
-#[allow(dead_code)] // the daemon does not refresh its STATUS= line with it yet
 pub fn status_text<C, P>(listen: &str, attention: &[(C, P)]) -> String
 where
     C: AsRef<str>,
@@ -321,7 +320,6 @@ where
 
 /// What a connector's status says needs attention: its alarm (an operator must act), else
 /// the last error while it is failing; `None` when it is healthy.
-#[allow(dead_code)] // the daemon does not refresh its STATUS= line with it yet
 pub fn connector_attention(status: &crate::workers::ConnectorStatus) -> Option<String> {
     if let Some(alarm) = &status.alarm {
         return Some(alarm.clone());
