@@ -53,13 +53,10 @@ pub fn find<'a>(kinds: &[&'a dyn Entry], kind: &str) -> Option<&'a dyn Entry> {
     kinds.iter().copied().find(|e| e.name() == kind)
 }
 
-/// The known kinds, for messages: `whatsapp, hubspot, salesforce, webhook`.
+/// The known kinds, for messages: `` `whatsapp`, `hubspot`, `salesforce`, `webhook` ``.
 pub fn names(kinds: &[&dyn Entry]) -> String {
-    kinds
-        .iter()
-        .map(|e| e.name())
-        .collect::<Vec<_>>()
-        .join(", ")
+    let quoted: Vec<String> = kinds.iter().map(|e| format!("`{}`", e.name())).collect();
+    quoted.join(", ")
 }
 
 #[cfg(test)]
