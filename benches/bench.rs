@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use optout_core::Timestamp;
+use optout_sync::report::{GateBatchReply, GateReply, StatusReport};
 use optout_whatsapp::fake::envelope::{self, Who};
 use serde_json::{Value, json};
 use tokio::net::UnixDatagram;
@@ -542,8 +543,8 @@ impl Daemon {
         cpu_secs(self.pid)
     }
 
-    async fn status(&self) -> Value {
-        optout_sync::control::request(&self.socket, &optout_sync::control::Request::Status, |_| {})
+    async fn status(&self) -> StatusReport {
+        optout_sync::control::status(&self.socket)
             .await
             .unwrap_or_else(|e| panic!("status: {e}; log:\n{}", self.log_tail()))
     }
@@ -562,17 +563,14 @@ impl Daemon {
         let deadline = Instant::now() + within;
         loop {
             let s = self.status().await;
-            let done = s["connectors"].as_array().is_some_and(|cs| {
-                names.iter().all(|n| {
-                    cs.iter()
-                        .any(|c| c["name"] == *n && !c["last_poll_ok"].is_null())
-                })
-            });
+            let done = names
+                .iter()
+                .all(|n| s.connector(n).is_some_and(|c| c.last_poll_ok.is_some()));
             if done {
                 return;
             }
             if Instant::now() > deadline {
-                panic!("first sync not done: {s}\nlog:\n{}", self.log_tail());
+                panic!("first sync not done: {s:?}\nlog:\n{}", self.log_tail());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -662,7 +660,7 @@ async fn not_blocked(d: &Daemon, customers: impl Iterator<Item = usize>) -> usiz
         .collect();
     let mut open = 0;
     for chunk in ids.chunks(1000) {
-        let v: Value = client
+        let v: GateBatchReply = client
             .post(d.url("/v1/consent/batch"))
             .bearer_auth(GATE_TOKEN)
             .json(&json!({ "category": "marketing", "ids": chunk }))
@@ -672,9 +670,11 @@ async fn not_blocked(d: &Daemon, customers: impl Iterator<Item = usize>) -> usiz
             .json()
             .await
             .expect("gate batch json");
-        open += v["results"].as_array().map_or(chunk.len(), |r| {
-            r.iter().filter(|x| x["allowed"] != false).count()
-        });
+        open += v
+            .results
+            .iter()
+            .filter(|x| x.allowed != Some(false))
+            .count();
     }
     open
 }
@@ -1305,7 +1305,7 @@ async fn intake(sizes: &Sizes) {
         // Until the daemon has applied everything it acknowledged.
         loop {
             let s = d.status().await;
-            if s["webhook_inbox"] == 0 || t.elapsed() > Duration::from_secs(600) {
+            if s.webhook_inbox == 0 || t.elapsed() > Duration::from_secs(600) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1349,7 +1349,7 @@ async fn intake(sizes: &Sizes) {
     );
     println!(
         "subjects opted out at the end: {}; daemon RSS {rss:.0} MiB (peak {hwm:.0} MiB), {threads:.0} threads\n",
-        s["subjects"]["all:opted_out"]
+        s.people("all", "opted_out")
     );
 }
 
@@ -1549,9 +1549,9 @@ async fn resync(sizes: &Sizes) -> BigStore {
         memory_flatness(&raw_tx.samples)
     );
     println!(
-        "Store after the resync: subjects {}, decisions {}; per tree (entries, average key + value bytes): {}\n",
-        status["subjects_total"],
-        status["subjects"],
+        "Store after the resync: subjects {}, decisions {:?}; per tree (entries, average key + value bytes): {}\n",
+        status.subjects_total,
+        status.subjects,
         stats
             .iter()
             .filter(|t| t.entries > 0)
@@ -1904,7 +1904,7 @@ async fn store_bench(sizes: &Sizes, big: BigStore) {
             let i = rng.below(n as u64) as usize;
             let c = Customer::new(i);
             let t = Instant::now();
-            let v: Value = client
+            let v: GateReply = client
                 .get(d.url(&format!(
                     "/v1/consent/+1{}{}{:04}?category=marketing",
                     c.area, c.exchange, c.line
@@ -1917,7 +1917,7 @@ async fn store_bench(sizes: &Sizes, big: BigStore) {
                 .await
                 .expect("gate json");
             lat.push(ms(t.elapsed()));
-            if v["allowed"] == false {
+            if v.allowed == Some(false) {
                 blocked += 1;
             }
         }
@@ -1938,7 +1938,7 @@ async fn store_bench(sizes: &Sizes, big: BigStore) {
                 pct(&lat, 50.0),
                 pct(&lat, 99.0)
             ),
-            format!("{status_ms:.0} ({} subjects)", s["subjects_total"]),
+            format!("{status_ms:.0} ({} subjects)", s.subjects_total),
             format!("{:.0}", ms(stop)),
         ]);
     }

@@ -31,6 +31,7 @@ use std::time::Duration;
 use common::config::Config;
 use common::{Daemon, GATE_TOKEN};
 use optout_core::Timestamp;
+use optout_sync::report::{ConnectorReport, GateReply, StatusReport};
 use optout_whatsapp::fake::envelope::{self, Who};
 use optout_whatsapp::fake::{GraphOptions, WebhookSender, sign, start_graph};
 use reqwest::StatusCode;
@@ -119,7 +120,7 @@ async fn start_with(dir: &Path, config: &str, env: &[(&str, String)], log: &str)
     d
 }
 
-async fn gate(d: &Daemon, token: &str, id: &str, category: &str) -> Value {
+async fn gate(d: &Daemon, token: &str, id: &str, category: &str) -> GateReply {
     let r = reqwest::Client::new()
         .get(d.url(&format!("/v1/consent/{id}?category={category}")))
         .bearer_auth(token)
@@ -146,13 +147,10 @@ fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn connector<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["connectors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no connector {name} in {status}"))
+fn connector<'a>(status: &'a StatusReport, name: &str) -> &'a ConnectorReport {
+    status
+        .connector(name)
+        .unwrap_or_else(|| panic!("no connector {name} in {status:?}"))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -231,7 +229,7 @@ impl Intake {
 /// page is applied).
 async fn inbox_drained(d: &Daemon) {
     d.until("the webhook inbox is drained", WITHIN, async || {
-        d.status().await["webhook_inbox"] == 0
+        d.status().await.webhook_inbox == 0
     })
     .await;
 }
@@ -376,7 +374,7 @@ async fn whatsapp_intake_refuses_quarantines_or_survives_every_kind_of_bad_body(
     }
     let quarantined = unusable.len();
     d.until("every unusable body is quarantined", WITHIN, async || {
-        d.status().await["quarantined_webhooks"] == quarantined
+        d.status().await.quarantined_webhooks == quarantined
     })
     .await;
 
@@ -449,7 +447,7 @@ async fn whatsapp_intake_refuses_quarantines_or_survives_every_kind_of_bad_body(
     assert_eq!(intake.signed(&deeply_nested()).await, 200);
     inbox_drained(&d).await;
     let quarantined = quarantined + 1;
-    assert_eq!(d.status().await["quarantined_webhooks"], quarantined);
+    assert_eq!(d.status().await.quarantined_webhooks, quarantined);
 
     // 5. Invalid identities, hostile ones included: each STOP is refused as an identity and
     //    audited, nothing else happens.
@@ -586,8 +584,10 @@ async fn whatsapp_intake_refuses_quarantines_or_survives_every_kind_of_bad_body(
 
     // Nothing but the hostile STOP changed consent.
     assert_eq!(
-        gate(&d, GATE_TOKEN, &format!("+{WA_HOSTILE_STOP}"), "utility").await["allowed"],
-        false
+        gate(&d, GATE_TOKEN, &format!("+{WA_HOSTILE_STOP}"), "utility")
+            .await
+            .allowed,
+        Some(false)
     );
     for (who, what) in [
         (WA_HOSTILE_TEXT, "hostile text"),
@@ -596,21 +596,15 @@ async fn whatsapp_intake_refuses_quarantines_or_survives_every_kind_of_bad_body(
     ] {
         for category in ["utility", "marketing"] {
             let v = gate(&d, GATE_TOKEN, &format!("+{who}"), category).await;
-            assert_eq!(v["allowed"], true, "{what} changed consent: {v}");
+            assert_eq!(v.allowed, Some(true), "{what} changed consent: {v:?}");
         }
     }
     let v = gate(&d, GATE_TOKEN, &format!("+{WA_REFUSED}"), "utility").await;
-    assert_eq!(v["known"], false, "a refused body was applied: {v}");
+    assert_eq!(v.known, Some(false), "a refused body was applied: {v:?}");
     let status = d.status().await;
-    assert_eq!(status["subjects"]["all:opted_out"], 1, "{status}");
-    assert_eq!(
-        status["subjects"]["marketing:opted_out"]
-            .as_i64()
-            .unwrap_or(0),
-        0,
-        "{status}"
-    );
-    assert_eq!(status["quarantined_webhooks"], quarantined, "{status}");
+    assert_eq!(status.people("all", "opted_out"), 1, "{status:?}");
+    assert_eq!(status.people("marketing", "opted_out"), 0, "{status:?}");
+    assert_eq!(status.quarantined_webhooks, quarantined, "{status:?}");
 
     // 9. Still healthy, and a normal STOP still goes end to end.
     let http = reqwest::Client::new();
@@ -621,7 +615,7 @@ async fn whatsapp_intake_refuses_quarantines_or_survives_every_kind_of_bad_body(
             "{path}"
         );
     }
-    assert_eq!(status["ready"], true);
+    assert!(status.ready);
     let sender = WebhookSender::new(d.url("/webhooks/whatsapp"), WA_SECRET);
     let delivery = sender
         .deliver(&envelope::text(
@@ -637,8 +631,10 @@ async fn whatsapp_intake_refuses_quarantines_or_survives_every_kind_of_bad_body(
     })
     .await;
     assert_eq!(
-        gate(&d, GATE_TOKEN, "+14155552671", "marketing").await["allowed"],
-        false
+        gate(&d, GATE_TOKEN, "+14155552671", "marketing")
+            .await
+            .allowed,
+        Some(false)
     );
     let m = metrics(&d).await;
     assert_eq!(
@@ -716,15 +712,16 @@ async fn deeply_nested_envelope_is_quarantined_and_a_stop_beside_a_lone_surrogat
     inbox_drained(&d).await;
     let v = gate(&d, GATE_TOKEN, &format!("+{WA_NORMAL}"), "utility").await;
     assert_eq!(
-        v["allowed"], false,
-        "the STOP beside the broken string was lost: {v}"
+        v.allowed,
+        Some(false),
+        "the STOP beside the broken string was lost: {v:?}"
     );
     let v = gate(&d, GATE_TOKEN, &format!("+{WA_BIG}"), "utility").await;
-    assert_eq!(v["allowed"], true, "{v}");
+    assert_eq!(v.allowed, Some(true), "{v:?}");
     let status = d.status().await;
     assert_eq!(
-        status["quarantined_webhooks"], 1,
-        "the nested body is not quarantined: {status}"
+        status.quarantined_webhooks, 1,
+        "the nested body is not quarantined: {status:?}"
     );
     let m = metrics(&d).await;
     assert_eq!(
@@ -865,7 +862,7 @@ async fn hostile_crm_records_neither_crash_nor_stall_polling_and_quoted_names_ge
         let s = d.status().await;
         ["hubspot", "salesforce"]
             .iter()
-            .all(|c| !connector(&s, c)["last_poll_ok"].is_null())
+            .all(|c| connector(&s, c).last_poll_ok.is_some())
     })
     .await;
 
@@ -901,7 +898,10 @@ async fn hostile_crm_records_neither_crash_nor_stall_polling_and_quoted_names_ge
     )
     .await;
     d.until("the new opted-out contact is read", WITHIN, async || {
-        gate(&d, GATE_TOKEN, "+14155552681", "utility").await["allowed"] == false
+        gate(&d, GATE_TOKEN, "+14155552681", "utility")
+            .await
+            .allowed
+            == Some(false)
     })
     .await;
     let _ = hs_new;
@@ -918,22 +918,22 @@ async fn hostile_crm_records_neither_crash_nor_stall_polling_and_quoted_names_ge
     }
     // A garbage consent value is no opt-out.
     let v = gate(&d, GATE_TOKEN, "+14155552671", "utility").await;
-    assert_eq!(v["allowed"], false, "{v}");
+    assert_eq!(v.allowed, Some(false), "{v:?}");
 
     d.until("every push is done", WITHIN, async || {
         let s = d.status().await;
         ["hubspot", "salesforce"]
             .iter()
-            .all(|c| connector(&s, c)["outbox_depth"] == 0)
+            .all(|c| connector(&s, c).outbox_depth == 0)
     })
     .await;
     let s = d.status().await;
     for c in ["hubspot", "salesforce"] {
         let c = connector(&s, c);
-        assert_eq!(c["dead_letters"], 0, "{c}");
-        assert!(c["alarm"].is_null(), "{c}");
+        assert_eq!(c.dead_letters, 0, "{c:?}");
+        assert!(c.alarm.is_none(), "{c:?}");
     }
-    assert_eq!(s["ready"], true);
+    assert!(s.ready);
     let log = d.log_text();
     assert!(!log.contains("panicked"), "{log}");
     assert!(!log.contains("MALFORMED_QUERY"), "{log}");
@@ -1721,13 +1721,17 @@ async fn no_secret_appears_in_logs_status_metrics_or_cli_output() {
         let s = d.status().await;
         ["hubspot", "hubspot_oauth", "salesforce"]
             .iter()
-            .all(|c| !connector(&s, c)["last_poll_ok"].is_null())
+            .all(|c| connector(&s, c).last_poll_ok.is_some())
     })
     .await;
     d.until(
         "the wrong Salesforce secret is refused",
         WITHIN,
-        async || !connector(&d.status().await, "salesforce_wrong")["last_error"].is_null(),
+        async || {
+            connector(&d.status().await, "salesforce_wrong")
+                .last_error
+                .is_some()
+        },
     )
     .await;
 
@@ -1845,24 +1849,28 @@ async fn no_secret_appears_in_logs_status_metrics_or_cli_output() {
     d.until("every refusal is noticed", WITHIN, async || {
         let s = d.status().await;
         graph.errors_returned(190) > 0
-            && ["hubspot_oauth", "salesforce"].iter().all(|c| {
-                !connector(&s, c)["last_error"].is_null() || !connector(&s, c)["alarm"].is_null()
-            })
+            && ["hubspot_oauth", "salesforce"]
+                .iter()
+                .all(|c| connector(&s, c).last_error.is_some() || connector(&s, c).alarm.is_some())
     })
     .await;
 
     // What operators and scrapers see.
     seen += &cli(&["status"]);
     let status_json = cli(&["status", "--json"]);
-    let v: Value =
+    let v: StatusReport =
         serde_json::from_str(&status_json[..status_json.rfind('}').map(|i| i + 1).unwrap_or(0)])
             .unwrap_or_else(|e| panic!("{e}: {status_json}"));
     assert!(
-        !connector(&v, "salesforce_wrong")["last_error"].is_null(),
-        "{v}"
+        connector(&v, "salesforce_wrong").last_error.is_some(),
+        "{v:?}"
     );
     seen += &status_json;
-    seen += &d.status().await.to_string();
+    // The status answer as the daemon serialises it, not as the report type would.
+    let raw =
+        optout_sync::control::request(&d.socket, &optout_sync::control::Request::Status, |_| {})
+            .await;
+    seen += &raw.unwrap().to_string();
     let m = metrics(&d).await;
     assert!(m.contains("optout_poll_errors_total"), "{m}");
     seen += &m;

@@ -31,10 +31,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::GATE_TOKEN;
 use common::config::Config;
-use common::{GATE_TOKEN, connectors};
+use optout_sync::report::{GateBatchReply, StatusReport};
 use optout_whatsapp::fake::envelope::{self, Who};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::watch;
 
 const APP_SECRET: &str = "meta-app-secret-for-crash-tests";
@@ -170,9 +171,8 @@ enum KillAt {
     Millis(u64),
 }
 
-async fn status_of(d: &common::Daemon) -> Option<Value> {
-    let f =
-        optout_sync::control::request(&d.socket, &optout_sync::control::Request::Status, |_| {});
+async fn status_of(d: &common::Daemon) -> Option<StatusReport> {
+    let f = optout_sync::control::status(&d.socket);
     tokio::time::timeout(Duration::from_secs(2), f)
         .await
         .ok()?
@@ -301,10 +301,7 @@ async fn acknowledged_stops_survive_repeated_sigkills_during_pushes_and_converge
         }
         // Is anything waiting to be pushed at this moment? (Only reported.)
         let pending: i64 = match status_of(&d).await {
-            Some(s) => connectors(&s)
-                .iter()
-                .map(|c| c["outbox_depth"].as_i64().unwrap_or(0))
-                .sum(),
+            Some(s) => s.connectors.iter().map(|c| c.outbox_depth).sum(),
             None => 0,
         };
         if pending > 0 {
@@ -348,12 +345,12 @@ async fn acknowledged_stops_survive_repeated_sigkills_during_pushes_and_converge
                     .send()
                     .await
                     .unwrap();
-                let v: Value = r.json().await.unwrap();
-                let results = v["results"].as_array().unwrap();
+                let v: GateBatchReply = r.json().await.unwrap();
+                let results = &v.results;
                 if results.len() != chunk.len()
                     || results
                         .iter()
-                        .any(|r| r["allowed"] != false || r["blocked_by"] != "all")
+                        .any(|r| r.allowed != Some(false) || r.blocked_by.as_deref() != Some("all"))
                 {
                     return false;
                 }
@@ -388,18 +385,18 @@ async fn acknowledged_stops_survive_repeated_sigkills_during_pushes_and_converge
         Duration::from_secs(60),
         async || {
             let s = d.status().await;
-            s["webhook_inbox"] == 0 && connectors(&s).iter().all(|c| c["outbox_depth"] == 0)
+            s.webhook_inbox == 0 && s.connectors.iter().all(|c| c.outbox_depth == 0)
         },
     )
     .await;
     let s = d.status().await;
-    for c in connectors(&s) {
-        assert_eq!(c["dead_letters"], 0, "{c}");
-        assert_eq!(c["unverified_pushes"], 0, "{c}");
-        assert!(c["alarm"].is_null(), "{c}");
+    for c in &s.connectors {
+        assert_eq!(c.dead_letters, 0, "{c:?}");
+        assert_eq!(c.unverified_pushes, 0, "{c:?}");
+        assert!(c.alarm.is_none(), "{c:?}");
     }
-    assert_eq!(s["subjects"]["all:opted_out"], n, "{s}");
-    assert_eq!(s["quarantined_webhooks"], 0, "{s}");
+    assert_eq!(s.people("all", "opted_out"), n as i64, "{s:?}");
+    assert_eq!(s.quarantined_webhooks, 0, "{s:?}");
 
     // Every automation event arrived (duplicates from retries are dropped by event id).
     let events = hook.events();

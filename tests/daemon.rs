@@ -10,7 +10,8 @@ use std::time::Duration;
 use common::config::Config;
 use common::{GATE_TOKEN, eventually};
 use optout_core::Timestamp;
-use serde_json::{Value, json};
+use optout_sync::report::{GateBatchReply, GateReply};
+use serde_json::json;
 
 const PHONE: &str = "+1 415 555 2671";
 
@@ -59,12 +60,10 @@ fn sf_opted_out(f: &Fakes, id: &str) -> bool {
 
 async fn synced(d: &common::Daemon) -> bool {
     let s = d.status().await;
-    s["connectors"]
-        .as_array()
-        .unwrap()
+    s.connectors
         .iter()
-        .filter(|c| c["kind"] != "webhook")
-        .all(|c| !c["last_poll_ok"].is_null())
+        .filter(|c| c.kind != "webhook")
+        .all(|c| c.last_poll_ok.is_some())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,9 +124,9 @@ async fn crm_opt_out_reaches_every_system_the_gate_status_and_metrics_then_full_
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["allowed"], false, "{v}");
-    assert_eq!(v["blocked_by"], "all");
+    let v: GateReply = r.json().await.unwrap();
+    assert_eq!(v.allowed, Some(false), "{v:?}");
+    assert_eq!(v.blocked_by.as_deref(), Some("all"));
     let r = http
         .get(d.url("/v1/consent/+14155552671"))
         .send()
@@ -140,8 +139,8 @@ async fn crm_opt_out_reaches_every_system_the_gate_status_and_metrics_then_full_
         .send()
         .await
         .unwrap();
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["allowed"], true, "{v}");
+    let v: GateReply = r.json().await.unwrap();
+    assert_eq!(v.allowed, Some(true), "{v:?}");
     let r = http
         .post(d.url("/v1/consent/batch"))
         .bearer_auth(GATE_TOKEN)
@@ -149,31 +148,22 @@ async fn crm_opt_out_reaches_every_system_the_gate_status_and_metrics_then_full_
         .send()
         .await
         .unwrap();
-    let v: Value = r.json().await.unwrap();
-    let allowed: Vec<Value> = v["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["allowed"].clone())
-        .collect();
-    assert_eq!(allowed, [json!(false), json!(true), Value::Null], "{v}");
+    let v: GateBatchReply = r.json().await.unwrap();
+    let allowed: Vec<Option<bool>> = v.results.iter().map(|r| r.allowed).collect();
+    assert_eq!(allowed, [Some(false), Some(true), None], "{v:?}");
 
     // status and /metrics report what happened.
     eventually("pushes settle", Duration::from_secs(30), async || {
         let s = d.status().await;
-        s["connectors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|c| c["outbox_depth"] == 0)
+        s.connectors.iter().all(|c| c.outbox_depth == 0)
     })
     .await;
     let s = d.status().await;
-    assert_eq!(s["subjects"]["all:opted_out"], 1, "{s}");
-    assert_eq!(s["ready"], true);
-    for c in s["connectors"].as_array().unwrap() {
-        assert_eq!(c["health"]["ok"], true, "{c}");
-        assert_eq!(c["healthy"], true, "{c}");
+    assert_eq!(s.people("all", "opted_out"), 1, "{s:?}");
+    assert!(s.ready);
+    for c in &s.connectors {
+        assert_eq!(c.health.as_ref().map(|h| h.ok), Some(true), "{c:?}");
+        assert!(c.healthy, "{c:?}");
     }
     let metrics = http
         .get(d.url("/metrics"))

@@ -61,14 +61,15 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::GATE_TOKEN;
 use common::config::Config;
-use common::{GATE_TOKEN, connectors};
 use optout_hubspot::fake as hsfake;
 use optout_salesforce::fake as sffake;
+use optout_sync::report::GateBatchReply;
 use optout_webhook::fake as hookfake;
 use optout_whatsapp::fake::WebhookSender;
 use optout_whatsapp::fake::envelope::{self, Who};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const APP_SECRET: &str = "meta-app-secret-for-fault-tests";
 const DEFAULT_SEED: u64 = 0xfa17_5eed_2026;
@@ -407,10 +408,10 @@ async fn run(n: usize, seed: u64, mix: Mix, within: Duration) -> Figures {
         within,
         async || {
             let s = d.status().await;
-            if connectors(&s).iter().all(|c| c["outbox_depth"] == 0) {
+            if s.connectors.iter().all(|c| c.outbox_depth == 0) {
                 Ok(())
             } else {
-                Err(s.to_string())
+                Err(format!("{s:?}"))
             }
         },
     )
@@ -425,15 +426,15 @@ async fn run(n: usize, seed: u64, mix: Mix, within: Duration) -> Figures {
 
     // Nothing lost, nothing rejected, nobody alarmed; the gate blocks every number.
     let s = d.status().await;
-    for c in connectors(&s) {
-        assert_eq!(c["dead_letters"], 0, "{label}: {c}");
-        assert!(c["alarm"].is_null(), "{label}: {c}");
+    for c in &s.connectors {
+        assert_eq!(c.dead_letters, 0, "{label}: {c:?}");
+        assert!(c.alarm.is_none(), "{label}: {c:?}");
     }
-    assert_eq!(s["subjects"]["all:opted_out"], n, "{label}: {s}");
-    assert_eq!(s["webhook_inbox"], 0, "{label}: {s}");
+    assert_eq!(s.people("all", "opted_out"), n as i64, "{label}: {s:?}");
+    assert_eq!(s.webhook_inbox, 0, "{label}: {s:?}");
     assert_eq!(hook.events().len(), n, "{label}: one event per decision");
     for chunk in phones.chunks(1000) {
-        let v: Value = http
+        let v: GateBatchReply = http
             .post(&gate_url)
             .bearer_auth(GATE_TOKEN)
             .json(&json!({"category": "marketing", "ids": chunk}))
@@ -443,10 +444,10 @@ async fn run(n: usize, seed: u64, mix: Mix, within: Duration) -> Figures {
             .json()
             .await
             .unwrap();
-        let results = v["results"].as_array().unwrap();
+        let results = &v.results;
         assert_eq!(results.len(), chunk.len());
         assert!(
-            results.iter().all(|r| r["allowed"] == false),
+            results.iter().all(|r| r.allowed == Some(false)),
             "{label}: the gate lets someone through"
         );
     }
@@ -457,11 +458,10 @@ async fn run(n: usize, seed: u64, mix: Mix, within: Duration) -> Figures {
         assert!(figures.hubspot.unauthorized > 0, "{figures:?}");
         assert!(figures.salesforce.unauthorized > 0, "{figures:?}");
         // Both CRMs' workers met failures and retried (the status counts them).
-        for c in connectors(&s) {
-            if c["kind"] == "hubspot" || c["kind"] == "salesforce" {
-                let errors =
-                    c["poll_errors"].as_u64().unwrap() + c["push_errors"].as_u64().unwrap();
-                assert!(errors > 0, "{label}: {c}");
+        for c in &s.connectors {
+            if c.kind == "hubspot" || c.kind == "salesforce" {
+                let errors = c.poll_errors + c.push_errors;
+                assert!(errors > 0, "{label}: {c:?}");
             }
         }
         assert!(mix != Mix::All || figures.hook.faults > 0, "{figures:?}");
@@ -629,12 +629,13 @@ async fn concurrently_acknowledged_stops_are_all_applied() {
         Duration::from_secs(60),
         async || {
             let s = d.status().await;
-            if s["subjects"]["all:opted_out"] == N && s["webhook_inbox"] == 0 {
+            let opted_out = s.people("all", "opted_out");
+            if opted_out == N as i64 && s.webhook_inbox == 0 {
                 Ok(())
             } else {
                 Err(format!(
-                    "{} of {N} opted out, {} webhooks left in the inbox",
-                    s["subjects"]["all:opted_out"], s["webhook_inbox"]
+                    "{opted_out} of {N} opted out, {} webhooks left in the inbox",
+                    s.webhook_inbox
                 ))
             }
         },

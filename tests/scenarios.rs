@@ -25,6 +25,7 @@ use common::config::Config;
 use common::{Daemon, GATE_TOKEN};
 use optout_core::Timestamp;
 use optout_sync::control::{self, Request};
+use optout_sync::report::GateReply;
 use optout_whatsapp::fake::envelope::{self, Who};
 use optout_whatsapp::fake::{FakeGraph, GraphOptions, WebhookSender, start_graph};
 use serde_json::{Value, json};
@@ -247,7 +248,7 @@ fn sf_ms(v: &Value) -> Option<i64> {
 // ---------------------------------------------------------------------------------------
 // The daemon's read side.
 
-async fn gate(d: &Daemon, id: &str, category: &str) -> Value {
+async fn gate(d: &Daemon, id: &str, category: &str) -> GateReply {
     let mut url = reqwest::Url::parse(&d.url("/v1/consent")).unwrap();
     url.path_segments_mut().unwrap().push(id);
     url.query_pairs_mut().append_pair("category", category);
@@ -267,9 +268,9 @@ async fn assert_blocked_everywhere(d: &Daemon, id: &str) -> Value {
     let mut evidence = Value::Null;
     for c in CATEGORIES {
         let g = gate(d, id, c).await;
-        assert_eq!(g["allowed"], false, "{id} {c}: {g}");
-        assert_eq!(g["blocked_by"], "all", "{id} {c}: {g}");
-        evidence = g["evidence"].clone();
+        assert_eq!(g.allowed, Some(false), "{id} {c}: {g:?}");
+        assert_eq!(g.blocked_by.as_deref(), Some("all"), "{id} {c}: {g:?}");
+        evidence = g.evidence.unwrap_or(Value::Null);
     }
     evidence
 }
@@ -277,7 +278,7 @@ async fn assert_blocked_everywhere(d: &Daemon, id: &str) -> Value {
 async fn assert_allowed_everywhere(d: &Daemon, id: &str) {
     for c in CATEGORIES {
         let g = gate(d, id, c).await;
-        assert_eq!(g["allowed"], true, "{id} {c}: {g}");
+        assert_eq!(g.allowed, Some(true), "{id} {c}: {g:?}");
     }
 }
 
@@ -299,11 +300,9 @@ fn history<'a>(l: &'a Value, kind: &str) -> Vec<&'a Value> {
 
 async fn outboxes_empty(d: &Daemon) -> bool {
     let s = d.status().await;
-    s["connectors"]
-        .as_array()
-        .unwrap()
+    s.connectors
         .iter()
-        .all(|c| c["outbox_depth"] == 0 && c["dead_letters"] == 0)
+        .all(|c| c.outbox_depth == 0 && c.dead_letters == 0)
 }
 
 /// Waits until nothing is left to do: every outbox empty, then a whole poll of each CRM
@@ -472,8 +471,10 @@ async fn airline_customer_stops_on_whatsapp_then_starts_again() {
     for id in [PHONE, &format!("wa:{WA}")] {
         assert_allowed_everywhere(&d, id).await;
         let g = gate(&d, id, "utility").await;
-        assert_eq!(g["decisions"]["all"], "opted_in", "{g}");
-        assert_eq!(g["evidence"]["record"], "wamid.START", "{g}");
+        let all = g.decisions.as_ref().and_then(|d| d.get("all"));
+        assert_eq!(all.map(String::as_str), Some("opted_in"), "{g:?}");
+        let record = g.evidence.as_ref().and_then(|e| e["record"].as_str());
+        assert_eq!(record, Some("wamid.START"), "{g:?}");
     }
     d.until("the second confirmation", WITHIN, async || {
         w.graph.sent().len() >= 2
@@ -498,12 +499,8 @@ async fn airline_customer_stops_on_whatsapp_then_starts_again() {
         ("all", "whatsapp:keyword")
     );
     let s = d.status().await;
-    assert_eq!(s["subjects"]["all:opted_in"], 1, "{s}");
-    assert_eq!(
-        s["subjects"]["all:opted_out"].as_i64().unwrap_or(0),
-        0,
-        "{s}"
-    );
+    assert_eq!(s.people("all", "opted_in"), 1, "{s:?}");
+    assert_eq!(s.people("all", "opted_out"), 0, "{s:?}");
     w.assert_bystander_untouched(&by);
     stop(d).await;
 }
@@ -578,7 +575,7 @@ async fn agent_opt_out_in_hubspot_reaches_salesforce_the_gate_and_automations() 
     assert!(w.suppressed(&p), "{:?}", w.values(&p));
     w.assert_bystander_untouched(&by);
     let s = d.status().await;
-    assert_eq!(s["subjects"]["all:opted_out"], 1, "{s}");
+    assert_eq!(s.people("all", "opted_out"), 1, "{s:?}");
     stop(d).await;
 }
 
@@ -777,7 +774,7 @@ async fn new_crm_records_with_an_opted_out_number_are_suppressed_on_first_sight(
     )
     .await;
     d.until("the STOP is applied", WITHIN, async || {
-        gate(&d, PHONE, "utility").await["allowed"] == false
+        gate(&d, PHONE, "utility").await.allowed == Some(false)
     })
     .await;
     d.until("the automation event", WITHIN, async || {
@@ -850,7 +847,7 @@ async fn new_crm_records_with_an_opted_out_number_are_suppressed_on_first_sight(
     assert_eq!(w.events().len(), 1, "{:?}", w.events());
     assert_eq!(w.graph.sent().len(), 1);
     let s = d.status().await;
-    assert_eq!(s["subjects"]["all:opted_out"], 1, "{s}");
+    assert_eq!(s.people("all", "opted_out"), 1, "{s:?}");
     w.assert_bystander_untouched(&by);
     stop(d).await;
 }
@@ -871,7 +868,7 @@ async fn one_person_under_two_formats_and_a_bsuid_becomes_one_opted_out_subject(
     )
     .await;
     d.until("the BSUID is blocked", WITHIN, async || {
-        gate(&d, BSUID, "utility").await["allowed"] == false
+        gate(&d, BSUID, "utility").await.allowed == Some(false)
     })
     .await;
     d.until("the confirmation to the BSUID", WITHIN, async || {
@@ -917,7 +914,7 @@ async fn one_person_under_two_formats_and_a_bsuid_becomes_one_opted_out_subject(
     }
     assert!(!history(&l, "merged").is_empty(), "{l}");
     let s = d.status().await;
-    assert_eq!(s["subjects"]["all:opted_out"], 1, "{s}");
+    assert_eq!(s.people("all", "opted_out"), 1, "{s:?}");
     assert_eq!(w.graph.sent().len(), 1, "{:?}", w.graph.sent());
     // The automations hear of the person with every identity once they are known.
     let events = w.events();
@@ -949,12 +946,12 @@ async fn marketing_stop_then_stop_all() {
     )
     .await;
     d.until("marketing is blocked", WITHIN, async || {
-        gate(&d, PHONE, "marketing").await["blocked_by"] == "marketing"
+        gate(&d, PHONE, "marketing").await.blocked_by.as_deref() == Some("marketing")
     })
     .await;
     for c in ["utility", "authentication"] {
         let g = gate(&d, PHONE, c).await;
-        assert_eq!(g["allowed"], true, "{c}: {g}");
+        assert_eq!(g.allowed, Some(true), "{c}: {g:?}");
     }
     d.until("the marketing event", WITHIN, async || {
         !w.events().is_empty()
@@ -1028,7 +1025,7 @@ async fn bsuid_stop_before_the_crms_know_the_number_still_reaches_their_records(
     )
     .await;
     d.until("the BSUID is blocked", WITHIN, async || {
-        gate(&d, BSUID, "utility").await["allowed"] == false
+        gate(&d, BSUID, "utility").await.allowed == Some(false)
     })
     .await;
     let p = w.seed_person();
@@ -1054,7 +1051,7 @@ async fn bsuid_stop_before_the_crms_know_the_number_still_reaches_their_records(
     read_back(&d, PHONE, 5, "opted_out").await;
     quiet(&d).await;
     let s = d.status().await;
-    assert_eq!(s["subjects"]["all:opted_out"], 1, "{s}");
+    assert_eq!(s.people("all", "opted_out"), 1, "{s:?}");
     assert_eq!(w.graph.sent().len(), 1, "{:?}", w.graph.sent());
     let events = w.events();
     assert!(
@@ -1090,7 +1087,7 @@ async fn automations_learn_the_number_of_a_bsuid_only_stop_once_it_is_linked() {
     )
     .await;
     d.until("the number is blocked", WITHIN, async || {
-        gate(&d, PHONE, "utility").await["allowed"] == false
+        gate(&d, PHONE, "utility").await.allowed == Some(false)
     })
     .await;
     quiet(&d).await;
@@ -1133,15 +1130,10 @@ async fn a_read_back_before_the_push_outcome_is_recorded_is_an_echo() {
     // Right after a Salesforce poll, Salesforce starts doing the work but cutting the
     // connection before answering; as soon as the first collections request is made, it
     // behaves again. The next poll (100 ms) comes before the push is retried (140 ms+).
-    let sf_poll = async || -> Value {
+    let sf_poll = async || -> Option<String> {
         let s = d.status().await;
-        s["connectors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == "salesforce")
-            .map(|c| c["last_poll_ok"].clone())
-            .unwrap_or_default()
+        s.connector("salesforce")
+            .and_then(|c| c.last_poll_ok.clone())
     };
     let before = sf_poll().await;
     let deadline = std::time::Instant::now() + WITHIN;

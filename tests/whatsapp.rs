@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use common::GATE_TOKEN;
 use common::config::Config;
+use optout_sync::report::GateReply;
 use optout_whatsapp::fake::envelope::{self, Who};
 use optout_whatsapp::fake::{GraphOptions, WebhookSender, start_graph};
-use serde_json::Value;
 
 const APP_SECRET: &str = "meta-app-secret-for-tests";
 const WA: &str = "14155552671";
@@ -46,7 +46,7 @@ async fn hubspot() -> optout_hubspot::fake::FakeHandle {
     .await
 }
 
-async fn gate(d: &common::Daemon, id: &str, category: &str) -> Value {
+async fn gate(d: &common::Daemon, id: &str, category: &str) -> GateReply {
     reqwest::Client::new()
         .get(d.url(&format!("/v1/consent/{id}?category={category}")))
         .bearer_auth(GATE_TOKEN)
@@ -85,7 +85,7 @@ async fn an_acknowledged_stop_survives_sigkill_right_after_the_200() {
     d.until(
         "the STOP is applied after the restart",
         Duration::from_secs(30),
-        async || gate(&d, "+14155552671", "utility").await["allowed"] == false,
+        async || gate(&d, "+14155552671", "utility").await.allowed == Some(false),
     )
     .await;
     d.until(
@@ -117,7 +117,7 @@ async fn bsuid_only_stop_is_linked_to_the_phone_later_and_replies_are_sent_once(
     d.until(
         "the BSUID is blocked",
         Duration::from_secs(30),
-        async || gate(&d, "US.13491208655302741918", "utility").await["allowed"] == false,
+        async || gate(&d, "US.13491208655302741918", "utility").await.allowed == Some(false),
     )
     .await;
     // Meta redelivers the same message: still exactly one confirmation.
@@ -132,7 +132,10 @@ async fn bsuid_only_stop_is_linked_to_the_phone_later_and_replies_are_sent_once(
     assert_eq!(reply.recipient.as_deref(), Some("US.13491208655302741918"));
     assert_eq!(reply.context_message_id.as_deref(), Some("wamid.B1"));
     // The phone is not yet known to be that person.
-    assert_eq!(gate(&d, "+14155552671", "utility").await["allowed"], true);
+    assert_eq!(
+        gate(&d, "+14155552671", "utility").await.allowed,
+        Some(true)
+    );
     assert_eq!(hs.property(&contact, "whatsapp_consent"), None);
 
     // A later message shows both ids: one person, and the CRM contact is suppressed.
@@ -150,8 +153,8 @@ async fn bsuid_only_stop_is_linked_to_the_phone_later_and_replies_are_sent_once(
     )
     .await;
     assert_eq!(
-        gate(&d, "+14155552671", "marketing").await["allowed"],
-        false
+        gate(&d, "+14155552671", "marketing").await.allowed,
+        Some(false)
     );
     assert_eq!(
         graph.sent().len(),
@@ -159,7 +162,7 @@ async fn bsuid_only_stop_is_linked_to_the_phone_later_and_replies_are_sent_once(
         "no message to an opted-out person but the one confirmation"
     );
     let status = d.status().await;
-    assert_eq!(status["subjects"]["all:opted_out"], 1, "{status}");
+    assert_eq!(status.people("all", "opted_out"), 1, "{status:?}");
     let _ = d.terminate().await;
 }
 
@@ -240,12 +243,12 @@ async fn unsigned_bodies_are_refused_and_unusable_ones_quarantined() {
     assert_eq!(r.status(), 403);
 
     let status = d.status().await;
-    assert_eq!(status["quarantined_webhooks"], 1, "{status}");
+    assert_eq!(status.quarantined_webhooks, 1, "{status:?}");
     assert_eq!(
-        status["subjects_total"], 0,
-        "nothing from refused bodies was applied: {status}"
+        status.subjects_total, 0,
+        "nothing from refused bodies was applied: {status:?}"
     );
-    assert_eq!(gate(&d, "+14155552671", "utility").await["known"], false);
+    assert_eq!(gate(&d, "+14155552671", "utility").await.known, Some(false));
     let out = Command::new(env!("CARGO_BIN_EXE_optout-sync"))
         .args(["status", "--config"])
         .arg(&d.config)

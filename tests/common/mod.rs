@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use optout_sync::report::StatusReport;
 use tokio::net::UnixDatagram;
 use tokio::process::{Child, Command};
 
@@ -139,30 +140,25 @@ impl Daemon {
         }
     }
 
-    pub async fn status(&self) -> serde_json::Value {
-        optout_sync::control::request(&self.socket, &optout_sync::control::Request::Status, |_| {})
-            .await
-            .unwrap()
+    pub async fn status(&self) -> StatusReport {
+        optout_sync::control::status(&self.socket).await.unwrap()
     }
 
     /// Whether every CRM connector finished a poll after `t` (or at all, for `None`): the
     /// point from which a test may count on the daemon knowing the CRMs' records.
     pub async fn crms_polled_since(&self, t: Option<optout_core::Timestamp>) -> bool {
-        connectors(&self.status().await)
+        self.status()
+            .await
+            .connectors
             .iter()
-            .filter(|c| c["kind"] == "hubspot" || c["kind"] == "salesforce")
+            .filter(|c| c.kind == "hubspot" || c.kind == "salesforce")
             .all(|c| {
-                c["last_poll_ok"]
-                    .as_str()
+                c.last_poll_ok
+                    .as_deref()
                     .and_then(optout_core::Timestamp::parse)
                     .is_some_and(|p| t.is_none_or(|t| p > t))
             })
     }
-}
-
-/// The per-connector entries of a `status` answer.
-pub fn connectors(status: &serde_json::Value) -> Vec<serde_json::Value> {
-    status["connectors"].as_array().cloned().unwrap_or_default()
 }
 
 unsafe extern "C" {
