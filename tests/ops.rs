@@ -506,10 +506,9 @@ async fn exposition_with_every_family(dir: &Path) -> String {
         "both working CRMs polled",
         Duration::from_secs(30),
         async || {
-            common::connectors(&d.status().await)
-                .iter()
-                .filter(|c| c["name"] == "hubspot" || c["name"] == "salesforce")
-                .all(|c| !c["last_poll_ok"].is_null())
+            (d.status().await.connectors.iter())
+                .filter(|c| c.name == "hubspot" || c.name == "salesforce")
+                .all(|c| c.last_poll_ok.is_some())
         },
     )
     .await;
