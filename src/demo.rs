@@ -19,7 +19,7 @@ use crate::report::GateReply;
 const PHONE: &str = "+1 415 555 2671";
 const WA_ID: &str = "14155552671";
 const APP_SECRET: &str = "demo-app-secret";
-const GATE: &str = "demo-gate-token";
+const GATE: &str = "demo-send-gate-token";
 
 fn secret_file(dir: &Path, name: &str, value: &str) -> Result<String> {
     use std::os::unix::fs::PermissionsExt;

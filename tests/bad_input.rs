@@ -951,7 +951,7 @@ gate_token = { env = "T_GATE" }
 [connectors.whatsapp]
 kind = "whatsapp"
 app_secrets = [{ env = "T_WA" }]
-verify_token = { env = "T_WA" }
+verify_token = { env = "T_WA_VERIFY" }
 
 [connectors.hubspot]
 kind = "hubspot"
@@ -970,9 +970,12 @@ url = "https://automations.example.com/hook"
 secret = { env = "T_HOOK" }
 "#;
 
-const CONFIG_ENV: [(&str, &str); 5] = [
-    ("T_GATE", "gate-value"),
+const CONFIG_ENV: [(&str, &str); 8] = [
+    ("T_GATE", "gate-value-of-the-tests"),
+    ("T_SHORT", "short-gate"),
+    ("T_BLANK", " \t "),
     ("T_WA", "wa-value"),
+    ("T_WA_VERIFY", "wa-verify-value"),
     ("T_HS", "hs-value"),
     ("T_SF", "sf-value"),
     ("T_HOOK", "hook-value"),
@@ -1159,6 +1162,57 @@ fn malformed_configuration_is_located_by_check_config_and_refused_by_run() {
             "not TOML at all",
             base.replace("[connectors.hubspot]", "[connectors.hubspot"),
             vec![format!("{file}:12:")],
+        ),
+        (
+            "a gate token too short to be secret",
+            base.replace("{ env = \"T_GATE\" }", "{ env = \"T_SHORT\" }"),
+            vec![format!(
+                "{file}:5:14: daemon.gate_token: too short (10 characters); use at least 16 random characters"
+            )],
+        ),
+        (
+            "a secret of only whitespace",
+            base.replace("{ env = \"T_GATE\" }", "{ env = \"T_BLANK\" }"),
+            vec![format!(
+                "{file}:5:14: daemon.gate_token: environment variable T_BLANK holds only whitespace"
+            )],
+        ),
+        (
+            "one secret in two roles",
+            base.replace("{ env = \"T_WA_VERIFY\" }", "{ env = \"T_WA\" }"),
+            vec![format!(
+                "{file}:10:16: connectors.whatsapp.verify_token: has the same value as connectors.whatsapp.app_secrets[0]"
+            )],
+        ),
+        (
+            "a future tolerance of a century",
+            base.replace(
+                "[connectors.whatsapp]",
+                "[policy]\nfuture_tolerance = \"100y\"\n\n[connectors.whatsapp]",
+            ),
+            vec![format!("{file}:8:20: policy.future_tolerance: at most 1h")],
+        ),
+        (
+            "a full resync every second",
+            base.replace("0 0 3 * * Sun", "* * * * * *"),
+            vec![format!(
+                "{file}:15:20: connectors.hubspot.full_resync_cron: runs a full resync every 1s"
+            )],
+        ),
+        (
+            "a reserved connector name",
+            base.replace("[connectors.automations]", "[connectors.import]"),
+            vec![format!("connectors.import: `import` is reserved")],
+        ),
+        (
+            "the control socket inside the store",
+            base.replace(
+                &dir.path().join("control.sock").display().to_string(),
+                &dir.path().join("state/db").display().to_string(),
+            ),
+            vec![format!(
+                "{file}:4:18: daemon.control_socket: must not be inside daemon.state_dir"
+            )],
         ),
     ];
     for (what, config, expect) in &cases {

@@ -81,12 +81,12 @@ fn shipped_example_passes_check_config_with_its_variables_set() {
     let o = bin()
         .arg("check-config")
         .arg(&example)
-        .env("OPTOUT_GATE_TOKEN", "example")
-        .env("HUBSPOT_TOKEN", "example")
-        .env("WHATSAPP_APP_SECRET", "example")
-        .env("WHATSAPP_VERIFY_TOKEN", "example")
-        .env("SALESFORCE_CLIENT_SECRET", "example")
-        .env("AUTOMATIONS_WEBHOOK_SECRET", "example")
+        .env("OPTOUT_GATE_TOKEN", "example-gate-token-0123")
+        .env("HUBSPOT_TOKEN", "example-hubspot")
+        .env("WHATSAPP_APP_SECRET", "example-app-secret")
+        .env("WHATSAPP_VERIFY_TOKEN", "example-verify")
+        .env("SALESFORCE_CLIENT_SECRET", "example-salesforce")
+        .env("AUTOMATIONS_WEBHOOK_SECRET", "example-automations")
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));

@@ -320,7 +320,7 @@ async fn notifies_ready_then_stopping_and_refuses_a_second_instance() {
         .args(["run", "--config"])
         .arg(&d.config)
         .envs(c.env())
-        .env("OPTOUT_GATE_TOKEN", "x")
+        .env("OPTOUT_GATE_TOKEN", "second-instance-gate-token")
         .output()
         .unwrap();
     assert!(!out.status.success());
