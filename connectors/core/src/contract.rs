@@ -67,6 +67,20 @@ impl Problem {
     }
 }
 
+/// A crate's `validate()` list of (key, message) as problems.
+pub fn problems(list: impl IntoIterator<Item = (String, String)>) -> Vec<Problem> {
+    list.into_iter().map(|(k, m)| Problem::new(k, m)).collect()
+}
+
+/// A crate's `secrets()` list of (key, reference) as owned pairs.
+pub fn secret_refs<'a>(
+    list: impl IntoIterator<Item = (&'a str, &'a SecretRef)>,
+) -> Vec<(String, SecretRef)> {
+    list.into_iter()
+        .map(|(k, r)| (k.to_string(), r.clone()))
+        .collect()
+}
+
 /// A connector's secrets, read once by the daemon, keyed as [`Settings::secrets`] named
 /// them (`token`, `oauth.client_secret`, `app_secrets[0]` …).
 #[derive(Clone, Debug, Default)]

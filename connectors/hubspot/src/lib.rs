@@ -65,14 +65,11 @@ impl optout_core::Kind for Kind {
 
 impl optout_core::Settings for Config {
     fn validate(&self) -> Vec<Problem> {
-        to_problems(Config::validate(self))
+        optout_core::contract::problems(Config::validate(self))
     }
 
     fn secrets(&self) -> Vec<(String, SecretRef)> {
-        Config::secrets(self)
-            .into_iter()
-            .map(|(k, r)| (k.to_string(), r.clone()))
-            .collect()
+        optout_core::contract::secret_refs(Config::secrets(self))
     }
 
     fn takes(&self) -> Takes {
@@ -99,10 +96,6 @@ impl optout_core::Settings for Config {
 
 /// How often a portal is searched for changes when the configuration sets no schedule.
 const DEFAULT_POLL: Duration = Duration::from_secs(30);
-
-fn to_problems(list: Vec<(String, String)>) -> Vec<Problem> {
-    list.into_iter().map(|(k, m)| Problem::new(k, m)).collect()
-}
 
 impl HubSpot {
     /// Validates the configuration and resolves its secrets. No request is sent.
@@ -135,7 +128,7 @@ impl HubSpot {
         let problems = Config::validate(&config)
             .into_iter()
             .filter(|(key, _)| key != "token" && !key.starts_with("oauth."));
-        optout_core::contract::refuse(to_problems(problems.collect()))?;
+        optout_core::contract::refuse(optout_core::contract::problems(problems))?;
         Ok(HubSpot::build(name, config, Some(token), None))
     }
 

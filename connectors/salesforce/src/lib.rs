@@ -61,17 +61,11 @@ const DEFAULT_POLL: Duration = Duration::from_secs(30);
 
 impl optout_core::Settings for Config {
     fn validate(&self) -> Vec<Problem> {
-        Config::validate(self)
-            .into_iter()
-            .map(|(k, m)| Problem::new(k, m))
-            .collect()
+        optout_core::contract::problems(Config::validate(self))
     }
 
     fn secrets(&self) -> Vec<(String, SecretRef)> {
-        Config::secrets(self)
-            .into_iter()
-            .map(|(k, r)| (k.to_string(), r.clone()))
-            .collect()
+        optout_core::contract::secret_refs(Config::secrets(self))
     }
 
     fn takes(&self) -> Takes {

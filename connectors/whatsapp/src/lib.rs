@@ -61,10 +61,7 @@ const SAFETY_TICK: Duration = Duration::from_secs(5);
 
 impl optout_core::Settings for Config {
     fn validate(&self) -> Vec<Problem> {
-        Config::validate(self)
-            .into_iter()
-            .map(|(k, m)| Problem::new(k, m))
-            .collect()
+        optout_core::contract::problems(Config::validate(self))
     }
 
     /// App secrets are keyed `app_secrets[i]`, so a message names which one.
