@@ -265,7 +265,11 @@ fn existing_store(config: &crate::config::Checked) -> Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
-    Err(Refused(format!("there is no store at {} (daemon.state_dir)", dir.display())).into())
+    Err(Refused(format!(
+        "there is no store at {} (daemon.state_dir)",
+        dir.display()
+    ))
+    .into())
 }
 
 fn check_config(path: &Path) -> ExitCode {
@@ -472,7 +476,9 @@ fn print_status(r: &StatusReport) {
         r.webhook_inbox, r.quarantined_webhooks
     );
     if let Some(why) = &r.store_alarm {
-        println!("STORE ALARM: {why}; webhooks get 503 and nothing is applied until it works again");
+        println!(
+            "STORE ALARM: {why}; webhooks get 503 and nothing is applied until it works again"
+        );
     }
     println!();
     println!(

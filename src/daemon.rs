@@ -430,7 +430,9 @@ async fn shut_down(
         Ok(Ok(())) => tracing::info!("stopped"),
         // Everything acknowledged is already durable; the next start replays the log.
         Ok(Err(e)) => tracing::warn!(error = %e, "stopped without a final flush of the store"),
-        Err(_) => tracing::warn!("stopped without a final flush of the store: it did not finish within the deadline"),
+        Err(_) => tracing::warn!(
+            "stopped without a final flush of the store: it did not finish within the deadline"
+        ),
     }
     Ok(())
 }
@@ -459,7 +461,10 @@ fn stop_signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
                 _ = usr2.recv() => "SIGUSR2",
                 _ = alrm.recv() => "SIGALRM",
             };
-            tracing::warn!(signal = ignored, "signal ignored: it has no meaning to optout-sync (SIGTERM stops it)");
+            tracing::warn!(
+                signal = ignored,
+                "signal ignored: it has no meaning to optout-sync (SIGTERM stops it)"
+            );
         }
     })
 }
@@ -645,9 +650,7 @@ impl control::Handler for Daemon {
         progress: mpsc::Sender<String>,
     ) -> Result<Value, String> {
         match request {
-            Request::Status => {
-                serde_json::to_value(self.status().await).map_err(|e| e.to_string())
-            }
+            Request::Status => serde_json::to_value(self.status().await).map_err(|e| e.to_string()),
             Request::Lookup { id } => {
                 let engine = self.engine.clone();
                 tokio::task::spawn_blocking(move || crate::lookup::lookup(&engine, &id))

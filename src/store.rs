@@ -547,7 +547,12 @@ impl Store {
         if self.failure().is_none() {
             return Ok(());
         }
-        let current = self.shared.db.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let current = self
+            .shared
+            .db
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         if let Some(db) = current
             && probe(&db).is_ok()
         {
@@ -573,9 +578,17 @@ impl Store {
         self.check_schema()
     }
 
-    fn with_db_unchecked<T>(&self, f: impl FnOnce(&Db) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let db = (self.shared.db.read().unwrap_or_else(|p| p.into_inner()).clone())
-            .ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?;
+    fn with_db_unchecked<T>(
+        &self,
+        f: impl FnOnce(&Db) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let db = (self
+            .shared
+            .db
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone())
+        .ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?;
         self.shared.reserve.lend();
         let r = f(&db);
         self.shared.reserve.refill();
@@ -620,8 +633,11 @@ impl Store {
         }
         db.trees[META].insert("schema_version", SCHEMA_VERSION.to_string().as_bytes())?;
         db.db.flush()?;
-        std::fs::write(self.path().join(MARKER), format!("schema {SCHEMA_VERSION}\n"))
-            .map_err(|e| StoreError::Io(format!("cannot write the store marker: {e}")))
+        std::fs::write(
+            self.path().join(MARKER),
+            format!("schema {SCHEMA_VERSION}\n"),
+        )
+        .map_err(|e| StoreError::Io(format!("cannot write the store marker: {e}")))
     }
 
     /// The last audit sequence number known to be on disk, from the marker file.
@@ -693,12 +709,13 @@ impl Store {
                 }
                 Ok(r)
             });
+            // Only sled's own failures mark the store failing, not an abort of ours.
             match r {
-                Ok(v) => Ok(v),
-                Err(TransactionError::Abort(e)) => Err(e),
+                Ok(v) => Ok(Ok(v)),
+                Err(TransactionError::Abort(e)) => Ok(Err(e)),
                 Err(TransactionError::Storage(e)) => Err(e.into()),
             }
-        })
+        })?
     }
 
     /// Flushes everything written so far to disk (off the async threads).
@@ -723,6 +740,12 @@ impl Store {
         Ok(())
     }
 
+    /// One of sled's trees, for tests that tamper with the store.
+    #[cfg(test)]
+    fn tree(&self, i: usize) -> Tree {
+        self.db().expect("store open").trees[i].clone()
+    }
+
     #[cfg(test)]
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
         self.with(|db| Ok(db.db.flush().map(drop)?))
@@ -735,7 +758,11 @@ impl Store {
         range: impl std::ops::RangeBounds<Vec<u8>>,
     ) -> Box<dyn Iterator<Item = Result<(sled::IVec, sled::IVec), StoreError>> + Send> {
         match self.db() {
-            Ok(db) => Box::new(db.trees[tree].range(range).map(|kv| kv.map_err(StoreError::from))),
+            Ok(db) => Box::new(
+                db.trees[tree]
+                    .range(range)
+                    .map(|kv| kv.map_err(StoreError::from)),
+            ),
             Err(e) => Box::new(std::iter::once(Err(e))),
         }
     }

@@ -29,7 +29,9 @@ pub enum StoreFatal {
     #[error("the store cannot be used: {0}")]
     Damaged(StoreError),
     /// The store failed and this process cannot reopen it; a fresh process can.
-    #[error("the store failed and cannot be reopened in this process ({0}); exiting so that the service manager restarts the daemon")]
+    #[error(
+        "the store failed and cannot be reopened in this process ({0}); exiting so that the service manager restarts the daemon"
+    )]
     Restart(StoreError),
 }
 
@@ -92,7 +94,10 @@ async fn bring_back(store: &Store, cancel: &CancellationToken) -> Option<Result<
         match r {
             Ok(()) => return Some(Ok(())),
             Err(e) if e.is_damage() => return Some(Err(StoreFatal::Damaged(e))),
-            Err(e @ StoreError::Open { .. }) => return Some(Err(StoreFatal::Restart(e))),
+            // Our own old handle still holds sled's lock: only a new process can open it.
+            Err(e @ StoreError::Open { .. }) if e.to_string().contains("in use") => {
+                return Some(Err(StoreFatal::Restart(e)));
+            }
             Err(e) => {
                 // One line per episode, then one a minute or so: a full disk may last.
                 if attempts == 1 || delay == MAX_DELAY && attempts % 6 == 0 {
