@@ -233,7 +233,7 @@ fn descriptor_limit() -> Result<u64> {
             }
         }
     }
-    let n = lim.rlim_cur as u64;
+    let n: u64 = lim.rlim_cur;
     if n < MIN_NOFILE {
         return Err(Refused(format!(
             "the open-file limit (RLIMIT_NOFILE) is {n}; optout-sync needs at least {MIN_NOFILE} (set LimitNOFILE= in the unit, or ulimit -n)"

@@ -477,7 +477,7 @@ async fn a_failing_store_refuses_work_until_recovered() {
     let dir = tempfile::tempdir().unwrap();
     let s = Store::open(dir.path()).unwrap();
     let seq = s.inbox_append(Timestamp(1), b"{}").await.unwrap();
-    let mut health = s.health();
+    let health = s.health();
     s.note(&StoreError::Io(
         "No space left on device (os error 28)".into(),
     ));
