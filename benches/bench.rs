@@ -475,6 +475,7 @@ async fn spawn_daemon(dir: &Path, config: &str) -> Daemon {
     let log = dir.join(format!("daemon-{n}.log"));
     let mut cmd = Command::new(BIN);
     cmd.arg("run")
+        .arg("--create-state-dir")
         .arg("--config")
         .arg(&config_path)
         .env("NOTIFY_SOCKET", &notify_path)

@@ -1,6 +1,9 @@
 //! The command line: `optout-sync <command>`. Each command is a small function over the
 //! library; output for people on stdout, problems on stderr, and exit codes that scripts
-//! and systemd can act on (0 ok, 1 failure, 2 bad configuration or usage).
+//! and systemd can act on: 0 ok, 1 failure (the unit restarts the daemon), 2 bad
+//! configuration or usage, 3 not running (`status`), 65 a damaged store or one of another
+//! schema (not restarted: an operator restores it), 70 an internal error (a panic), 75 a
+//! store that failed at run time and cannot be reopened in the process (restarted).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -16,6 +19,15 @@ use crate::report::{ConnectorReport, StatusReport};
 use crate::store::Store;
 
 const DEFAULT_CONFIG: &str = "/etc/optout-sync/optout-sync.toml";
+
+/// The store is damaged or of another schema (EX_DATAERR): restarting cannot help.
+pub const EXIT_DAMAGED_STORE: u8 = 65;
+/// A panic in any task (EX_SOFTWARE).
+pub const EXIT_INTERNAL: u8 = 70;
+/// The store failed and this process cannot reopen it; a new one can (EX_TEMPFAIL).
+pub const EXIT_RESTART: u8 = 75;
+/// Descriptors the daemon needs at least (HTTP connections, the store's files, vendors).
+const MIN_NOFILE: u64 = 256;
 
 /// Makes a customer's WhatsApp opt-out ("STOP") take effect in every system the business
 /// messages from: WhatsApp, HubSpot, Salesforce and automation webhooks.
@@ -34,6 +46,11 @@ enum Command {
     Run {
         #[arg(long, short, env = "OPTOUT_SYNC_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Create daemon.state_dir (mode 0700) if it does not exist. Without it a missing
+        /// directory is an error: under systemd, StateDirectory= creates it, and a typo in
+        /// the path must not start an empty store in which everyone is allowed.
+        #[arg(long)]
+        create_state_dir: bool,
     },
     /// Run everything on this machine against fakes of WhatsApp, HubSpot, Salesforce and
     /// an automation webhook: seed records, send a signed "STOP", and show what happened in
@@ -121,8 +138,12 @@ fn parse_time(s: &str) -> Result<Timestamp, String> {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    private_files();
     let result = match cli.command {
-        Command::Run { config } => run(&config),
+        Command::Run {
+            config,
+            create_state_dir,
+        } => run(&config, create_state_dir),
         #[cfg(feature = "demo")]
         Command::Demo => demo(),
         Command::Status { config, json } => status(&config, json),
@@ -147,9 +168,108 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("optout-sync: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// The exit code of a failed command: see the module doc.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    use crate::workers::store_health::StoreFatal;
+    for cause in e.chain() {
+        if let Some(f) = cause.downcast_ref::<StoreFatal>() {
+            return match f {
+                StoreFatal::Damaged(_) => EXIT_DAMAGED_STORE,
+                StoreFatal::Restart(_) => EXIT_RESTART,
+            };
+        }
+        if cause
+            .downcast_ref::<crate::store::StoreError>()
+            .is_some_and(crate::store::StoreError::is_damage)
+        {
+            return EXIT_DAMAGED_STORE;
+        }
+        if cause.downcast_ref::<Refused>().is_some() {
+            return 2;
+        }
+    }
+    1
+}
+
+/// A start refused for a reason restarting cannot cure (exit code 2, like a bad
+/// configuration).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
+
+/// Every file and directory the process creates is private to the service (0600/0700),
+/// whatever umask it was started with: the store holds phone numbers and message texts.
+/// A umask rather than a chmod after each creation, because sled creates files of its own
+/// as it runs (snapshots, blobs), out of our sight.
+fn private_files() {
+    // SAFETY: umask(2) only changes this process's file mode creation mask.
+    unsafe { libc::umask(0o077) };
+}
+
+/// Raises the soft descriptor limit to the hard one (as systemd's LimitNOFILE= sets
+/// both, this is a no-op there) and refuses a limit too low to run with.
+fn descriptor_limit() -> Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Ok(u64::MAX);
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    let n: u64 = lim.rlim_cur;
+    if n < MIN_NOFILE {
+        return Err(Refused(format!(
+            "the open-file limit (RLIMIT_NOFILE) is {n}; optout-sync needs at least {MIN_NOFILE} (set LimitNOFILE= in the unit, or ulimit -n)"
+        ))
+        .into());
+    }
+    Ok(n)
+}
+
+/// A missing `state_dir` is refused (exit code 2) unless `create` is set.
+fn state_dir_ready(dir: &Path, create: bool) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if create {
+        return crate::store::create_state_dir(dir)
+            .with_context(|| format!("creating daemon.state_dir {}", dir.display()));
+    }
+    Err(Refused(format!(
+        "daemon.state_dir {} does not exist; create it (systemd's StateDirectory= does), or start once with `optout-sync run --create-state-dir` for a new store",
+        dir.display()
+    ))
+    .into())
+}
+
+/// The store commands read an existing store and never create one.
+fn existing_store(config: &crate::config::Checked) -> Result<()> {
+    let dir = &config.daemon.state_dir;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    Err(Refused(format!(
+        "there is no store at {} (daemon.state_dir)",
+        dir.display()
+    ))
+    .into())
 }
 
 fn check_config(path: &Path) -> ExitCode {
@@ -249,26 +369,38 @@ fn text_layer(on_journal: bool) -> LogLayer {
     }
 }
 
-fn run(config_path: &Path) -> Result<ExitCode> {
+fn run(config_path: &Path, create_state_dir: bool) -> Result<ExitCode> {
     let config = app::load(config_path)?;
     init_tracing(config.daemon.log_format);
     for w in &config.warnings {
         tracing::warn!(problem = %w, "the configuration is allowed but probably a mistake");
     }
+    let nofile = descriptor_limit()?;
+    tracing::debug!(limit = nofile, "open-file limit");
+    state_dir_ready(&config.daemon.state_dir, create_state_dir)?;
     // A panic in a worker task would leave the daemon running without that worker (its
     // pushes or polls silently stopped). Exiting instead makes the failure visible and lets
     // the service manager restart the whole daemon; nothing is lost, since every
     // acknowledged change is on disk before it is acknowledged.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        // sled panics on some damaged files while opening them; the store turns that
+        // into an error of its own (exit code 65), so it is neither fatal nor printed.
+        if crate::store::opening_store() {
+            return;
+        }
         tracing::error!(panic = %info, "internal error: exiting so that the service manager restarts the daemon");
         default_hook(info);
-        std::process::exit(70);
+        std::process::exit(EXIT_INTERNAL.into());
     }));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    match rt.block_on(crate::daemon::run(config)) {
+    let result = rt.block_on(crate::daemon::run(config));
+    // A store call stuck on a failing disk must not hold the exit: the deadline was
+    // already spent waiting for work in flight.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {
             tracing::error!(
@@ -343,6 +475,11 @@ fn print_status(r: &StatusReport) {
         "webhooks: {} waiting in the inbox, {} quarantined",
         r.webhook_inbox, r.quarantined_webhooks
     );
+    if let Some(why) = &r.store_alarm {
+        println!(
+            "STORE ALARM: {why}; webhooks get 503 and nothing is applied until it works again"
+        );
+    }
     println!();
     println!(
         "{:<16} {:<11} {:<8} {:<25} {:>7} {:>6} {:>5} {:>10}",
@@ -410,6 +547,7 @@ fn resync(config_path: &Path, connector: Option<String>, full: bool) -> Result<E
 
 fn lookup(config_path: &Path, id: &str, json: bool) -> Result<ExitCode> {
     let config = app::load_offline(config_path)?;
+    existing_store(&config)?;
     let value = match Store::open(&config.daemon.state_dir) {
         Ok(store) => crate::lookup::lookup(&app::engine(&config, store), id)?,
         // The running daemon holds the store: ask it.
@@ -442,6 +580,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn audit_export(config_path: &Path, since: Option<Timestamp>, format: Format) -> Result<ExitCode> {
     let config = app::load_offline(config_path)?;
+    existing_store(&config)?;
     let store = Store::open(&config.daemon.state_dir)?;
     let out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut exporter = Exporter::new(format, out)?;

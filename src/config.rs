@@ -108,6 +108,13 @@ pub struct DaemonConfig {
     /// A push not confirmed by a read-back within this is an alarm.
     #[serde(default = "default_unverified", with = "humantime_serde")]
     pub unverified_after: Duration,
+    /// How long WhatsApp message ids already applied are remembered (duplicate deliveries
+    /// within it count once); longer than Meta's redelivery window of 7 days.
+    #[serde(default = "default_retention", with = "humantime_serde")]
+    pub dedup_retention: Duration,
+    /// How long quarantined webhook bodies are kept for an operator.
+    #[serde(default = "default_retention", with = "humantime_serde")]
+    pub quarantine_retention: Duration,
 }
 
 fn default_listen() -> SocketAddr {
@@ -125,6 +132,10 @@ fn default_shutdown() -> Duration {
 fn default_unverified() -> Duration {
     Duration::from_secs(15 * 60)
 }
+fn default_retention() -> Duration {
+    Duration::from_secs(30 * DAY)
+}
+const DAY: u64 = 24 * 3600;
 
 /// `[policy]`
 #[derive(Clone, Debug, Deserialize)]
@@ -595,6 +606,7 @@ impl Config {
                 "must be between 1s and 5m (and below systemd's TimeoutStopSec)",
             );
         }
+        check_retention(d, found);
         region
     }
 
@@ -855,6 +867,24 @@ impl<'a> Locator<'a> {
             column,
             message,
         }
+    }
+}
+
+/// `daemon.dedup_retention` and `daemon.quarantine_retention`.
+fn check_retention(d: &DaemonConfig, found: &mut Found) {
+    // Meta retries a webhook for up to 7 days; forgetting a message id sooner would apply a
+    // late redelivery twice (a second confirmation reply, an old opt-out replayed).
+    if d.dedup_retention < Duration::from_secs(8 * DAY) {
+        found.add(
+            "daemon.dedup_retention",
+            "at least 8d: Meta redelivers a webhook for up to 7 days",
+        );
+    }
+    if d.quarantine_retention < Duration::from_secs(DAY) {
+        found.add(
+            "daemon.quarantine_retention",
+            "at least 1d: quarantined bodies are kept for an operator to look at",
+        );
     }
 }
 

@@ -4,8 +4,14 @@
 //! connectors, start one poll worker and one push worker per connector instance, bind the
 //! HTTP listener and the control socket, then tell systemd READY=1. On SIGTERM or SIGINT:
 //! STOPPING=1, stop polling, let in-flight pushes finish within the shutdown deadline
-//! (unfinished ones simply stay in the outbox), flush the store and exit 0. SIGHUP does not
-//! reload the configuration: a restart applies it, and restarting loses nothing.
+//! (unfinished ones simply stay in the outbox), flush the store and exit 0, all within the
+//! shutdown deadline. SIGHUP does not reload the configuration: a restart applies it, and
+//! restarting loses nothing; SIGUSR1, SIGUSR2 and SIGALRM are logged and ignored.
+//!
+//! Readiness (`/readyz`, the watchdog pings) holds while the daemon runs *and* its store
+//! works: a failing store (a full disk) makes it not ready until the store health worker
+//! has brought the store back; damage it finds then, or a store it cannot reopen, stops
+//! the daemon with an error ([`StoreFatal`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +31,7 @@ use crate::metrics::{Metrics, ScopeDecision};
 use crate::reconcile::Engine;
 use crate::report::{ConnectorReport, ResyncReport, StatusReport};
 use crate::systemd::Notifier;
+use crate::workers::store_health::{StoreFatal, StoreHooks};
 use crate::workers::{
     self, ConnectorStatus, PollSettings, Schedule, StatusCell, Trigger, WorkerContext,
 };
@@ -36,7 +43,10 @@ pub struct Daemon {
     pub metrics: Arc<Metrics>,
     pub statuses: BTreeMap<String, StatusCell>,
     pub triggers: BTreeMap<String, mpsc::Sender<Trigger>>,
+    /// What `/readyz` and the watchdog read: running and the store works.
     pub ready: Arc<AtomicBool>,
+    /// Between READY=1 and the start of shutdown.
+    running: AtomicBool,
     pub started: Timestamp,
 }
 
@@ -78,17 +88,27 @@ pub async fn run_until(
         statuses: started_connectors.statuses,
         triggers: started_connectors.triggers,
         ready: Arc::new(AtomicBool::new(false)),
+        running: AtomicBool::new(false),
         started,
     });
     let bound = serve_http(&daemon, started_connectors.routes, &tracker, &cancel).await?;
     serve_control(&daemon, &tracker, &cancel)?;
     spawn_high_water(&daemon, &tracker, &cancel);
+    spawn_retention(&daemon, &tracker, &cancel);
+    let mut fatal = spawn_store_health(&daemon, &ctx, &tracker, &cancel);
     announce_ready(&daemon, &notifier, bound, &tracker, &cancel);
     if let Some(tx) = bound_tx {
         let _ = tx.send(bound);
     }
-    stop.await;
-    shut_down(&daemon, &notifier, &tracker, &cancel).await
+    let fatal = tokio::select! {
+        _ = stop => None,
+        f = fatal.recv() => f,
+    };
+    if let Some(f) = &fatal {
+        tracing::error!(error = %f, "stopping: the store cannot be used");
+    }
+    shut_down(&daemon, &notifier, &tracker, &cancel).await?;
+    fatal.map_or(Ok(()), |f| Err(f.into()))
 }
 
 /// Confirmation replies a crash left in flight are abandoned (and audited), never re-sent.
@@ -269,6 +289,48 @@ fn spawn_high_water(daemon: &Daemon, tracker: &TaskTracker, cancel: &Cancellatio
     ));
 }
 
+/// Prunes delivery keys and quarantined bodies past their retention.
+fn spawn_retention(daemon: &Daemon, tracker: &TaskTracker, cancel: &CancellationToken) {
+    let d = &daemon.checked.daemon;
+    tracker.spawn(workers::retention_worker(
+        daemon.engine.store().clone(),
+        d.dedup_retention,
+        d.quarantine_retention,
+        cancel.clone(),
+    ));
+}
+
+/// Starts the store health worker; returns where it reports a store the daemon cannot use.
+fn spawn_store_health(
+    daemon: &Arc<Daemon>,
+    ctx: &Arc<WorkerContext>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> mpsc::UnboundedReceiver<StoreFatal> {
+    let (fatal, rx) = mpsc::unbounded_channel();
+    let (d, wake) = (daemon.clone(), daemon.clone());
+    let pushes: Vec<_> = ctx.push_wakers.values().cloned().collect();
+    let hooks = StoreHooks {
+        changed: Box::new(move || d.update_ready()),
+        // Every poll reads what it missed (WhatsApp: the inbox), every push worker
+        // looks at its outbox again.
+        recovered: Box::new(move || {
+            for tx in wake.triggers.values() {
+                let _ = tx.try_send(Trigger::Incremental { done: None });
+            }
+            pushes.iter().for_each(|w| w.notify_one());
+        }),
+        fatal,
+    };
+    tracker.spawn(workers::store_health::store_health_worker(
+        daemon.engine.store().clone(),
+        daemon.metrics.clone(),
+        hooks,
+        cancel.clone(),
+    ));
+    rx
+}
+
 /// Marks the daemon ready, tells systemd, and starts the watchdog pings.
 fn announce_ready(
     daemon: &Arc<Daemon>,
@@ -277,7 +339,8 @@ fn announce_ready(
     tracker: &TaskTracker,
     cancel: &CancellationToken,
 ) {
-    daemon.ready.store(true, Ordering::Release);
+    daemon.running.store(true, Ordering::Release);
+    daemon.update_ready();
     let socket = daemon.checked.daemon.control_socket.display().to_string();
     let count = daemon.checked.connectors.len();
     tracing::info!(listen = %bound, control = %socket, connectors = count, "optout-sync is ready");
@@ -318,7 +381,10 @@ fn spawn_status_line(
                     crate::systemd::connector_attention(&s).map(|why| (name.clone(), why))
                 })
                 .collect();
-            let text = crate::systemd::status_text(&bound.to_string(), &attention);
+            let mut text = crate::systemd::status_text(&bound.to_string(), &attention);
+            if let Some(why) = d.engine.store().failure() {
+                text = format!("STORE FAILING ({why}): webhooks get 503 — {text}");
+            }
             if text != last {
                 notifier.status(&text);
                 last = text;
@@ -327,7 +393,8 @@ fn spawn_status_line(
     });
 }
 
-/// Stops polling, lets in-flight pushes finish within the deadline, flushes the store.
+/// Stops polling, lets in-flight pushes finish, flushes the store: all within the
+/// shutdown deadline, so a store stuck on a failing disk cannot hold the exit.
 async fn shut_down(
     daemon: &Daemon,
     notifier: &Notifier,
@@ -336,42 +403,87 @@ async fn shut_down(
 ) -> Result<()> {
     notifier.stopping();
     notifier.status("stopping");
-    daemon.ready.store(false, Ordering::Release);
+    daemon.running.store(false, Ordering::Release);
+    daemon.update_ready();
     tracing::info!("stopping: no new polls; letting in-flight pushes finish");
     cancel.cancel();
     tracker.close();
     let deadline = daemon.checked.daemon.shutdown_timeout;
-    if tokio::time::timeout(deadline, tracker.wait())
+    let end = tokio::time::Instant::now() + deadline;
+    // The last quarter (at most 2 s) is kept for the final flush.
+    let flush_time = (deadline / 4).min(std::time::Duration::from_secs(2));
+    if tokio::time::timeout_at(end - flush_time, tracker.wait())
         .await
         .is_err()
     {
         tracing::warn!(deadline = ?deadline, "shutdown deadline reached; unfinished pushes stay in the outbox for the next start");
     }
-    daemon.engine.store().flush().await?;
-    daemon.engine.store().save_high_water()?;
-    tracing::info!("stopped");
+    let store = daemon.engine.store().clone();
+    let last = async move {
+        store.flush().await?;
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.save_high_water())
+            .await
+            .map_err(|e| crate::store::StoreError::Io(e.to_string()))?
+    };
+    match tokio::time::timeout_at(end, last).await {
+        Ok(Ok(())) => tracing::info!("stopped"),
+        // Everything acknowledged is already durable; the next start replays the log.
+        Ok(Err(e)) => tracing::warn!(error = %e, "stopped without a final flush of the store"),
+        Err(_) => tracing::warn!(
+            "stopped without a final flush of the store: it did not finish within the deadline"
+        ),
+    }
     Ok(())
 }
 
 /// Installs the signal handlers and returns a future that completes on SIGTERM or SIGINT;
-/// SIGHUP is logged (not a reload).
+/// SIGHUP, SIGUSR1, SIGUSR2 and SIGALRM are logged and ignored.
 fn stop_signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    // Their default action ends the process; a stray `kill -USR1` must not.
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    let mut alrm = signal(SignalKind::alarm())?;
     Ok(async move {
         loop {
-            tokio::select! {
+            let ignored = tokio::select! {
                 _ = term.recv() => return,
                 _ = int.recv() => return,
-                _ = hup.recv() => tracing::warn!("SIGHUP ignored: configuration reload is not supported; restart the service to apply changes (nothing is lost)"),
-            }
+                _ = hup.recv() => {
+                    tracing::warn!("SIGHUP ignored: configuration reload is not supported; restart the service to apply changes (nothing is lost)");
+                    continue;
+                }
+                _ = usr1.recv() => "SIGUSR1",
+                _ = usr2.recv() => "SIGUSR2",
+                _ = alrm.recv() => "SIGALRM",
+            };
+            tracing::warn!(
+                signal = ignored,
+                "signal ignored: it has no meaning to optout-sync (SIGTERM stops it)"
+            );
         }
     })
 }
 
 impl Daemon {
+    /// Ready while running and while the store works.
+    fn update_ready(&self) {
+        let now_ready =
+            || self.running.load(Ordering::Acquire) && self.engine.store().failure().is_none();
+        // Stored, then checked again: a change racing with the store is never left behind.
+        loop {
+            let ready = now_ready();
+            self.ready.store(ready, Ordering::Release);
+            if now_ready() == ready {
+                return;
+            }
+        }
+    }
+
     /// Sets the gauges that mirror the store, just before a scrape.
     pub fn refresh_metrics(&self, m: &Metrics) {
         let (depth, dead, unverified) = self.pending_counts();
@@ -411,35 +523,22 @@ impl Daemon {
     }
 
     /// Outbox depth, dead letters and overdue unverified pushes per connector.
-    fn pending_counts(
-        &self,
-    ) -> (
-        BTreeMap<String, i64>,
-        BTreeMap<String, i64>,
-        BTreeMap<String, i64>,
-    ) {
-        let store = self.engine.store();
-        let mut depth = BTreeMap::new();
-        for (c, _, _) in store.outbox().flatten() {
-            *depth.entry(c).or_insert(0) += 1;
-        }
-        let mut dead = BTreeMap::new();
-        for (c, _, _) in store.dead_letters().flatten() {
-            *dead.entry(c).or_insert(0) += 1;
-        }
-        let overdue = Timestamp::now().minus(self.checked.daemon.unverified_after);
-        let mut unverified = BTreeMap::new();
-        for (c, _, at) in store.unverified().flatten() {
-            if at < overdue {
-                *unverified.entry(c).or_insert(0) += 1;
-            }
-        }
-        (depth, dead, unverified)
+    fn pending_counts(&self) -> Pending {
+        pending_counts(self.engine.store(), self.checked.daemon.unverified_after)
     }
 
-    pub fn status(&self) -> StatusReport {
-        let (depth, dead, unverified) = self.pending_counts();
-        let store = self.engine.store();
+    /// The `status` report. The store is read off the async threads.
+    pub async fn status(&self) -> StatusReport {
+        let store = self.engine.store().clone();
+        let after = self.checked.daemon.unverified_after;
+        let facts = tokio::task::spawn_blocking(move || StoreFacts::read(&store, after))
+            .await
+            .unwrap_or_else(|e| StoreFacts::failed(e.to_string()));
+        self.report(facts)
+    }
+
+    fn report(&self, facts: StoreFacts) -> StatusReport {
+        let (depth, dead, unverified) = facts.pending;
         let connectors = (self.statuses.iter())
             .map(|(name, cell)| {
                 let s = cell.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -466,7 +565,7 @@ impl Daemon {
                 }
             })
             .collect();
-        let counts = store.counts().unwrap_or_default();
+        let counts = facts.counts;
         let people = (counts.iter())
             .find(|(k, _)| k == crate::reconcile::PEOPLE)
             .map_or(0, |(_, v)| *v);
@@ -479,9 +578,67 @@ impl Daemon {
                 .into_iter()
                 .filter(|(k, _)| k.contains(':'))
                 .collect(),
-            webhook_inbox: store.inbox_len(),
-            quarantined_webhooks: store.quarantine_len(),
+            webhook_inbox: facts.inbox,
+            quarantined_webhooks: facts.quarantined,
+            store_alarm: facts.alarm,
             connectors,
+        }
+    }
+}
+
+/// Outbox depth, dead letters and overdue unverified pushes, per connector.
+type Pending = (
+    BTreeMap<String, i64>,
+    BTreeMap<String, i64>,
+    BTreeMap<String, i64>,
+);
+
+fn pending_counts(store: &crate::store::Store, unverified_after: std::time::Duration) -> Pending {
+    let mut depth = BTreeMap::new();
+    for (c, _, _) in store.outbox().flatten() {
+        *depth.entry(c).or_insert(0) += 1;
+    }
+    let mut dead = BTreeMap::new();
+    for (c, _, _) in store.dead_letters().flatten() {
+        *dead.entry(c).or_insert(0) += 1;
+    }
+    let overdue = Timestamp::now().minus(unverified_after);
+    let mut unverified = BTreeMap::new();
+    for (c, _, at) in store.unverified().flatten() {
+        if at < overdue {
+            *unverified.entry(c).or_insert(0) += 1;
+        }
+    }
+    (depth, dead, unverified)
+}
+
+/// What `status` reads from the store.
+struct StoreFacts {
+    pending: Pending,
+    counts: Vec<(String, i64)>,
+    inbox: usize,
+    quarantined: usize,
+    alarm: Option<String>,
+}
+
+impl StoreFacts {
+    fn read(store: &crate::store::Store, unverified_after: std::time::Duration) -> StoreFacts {
+        StoreFacts {
+            pending: pending_counts(store, unverified_after),
+            counts: store.counts().unwrap_or_default(),
+            inbox: store.inbox_len(),
+            quarantined: store.quarantine_len(),
+            alarm: store.failure(),
+        }
+    }
+
+    fn failed(why: String) -> StoreFacts {
+        StoreFacts {
+            pending: Default::default(),
+            counts: Vec::new(),
+            inbox: 0,
+            quarantined: 0,
+            alarm: Some(format!("the store could not be read: {why}")),
         }
     }
 }
@@ -493,7 +650,7 @@ impl control::Handler for Daemon {
         progress: mpsc::Sender<String>,
     ) -> Result<Value, String> {
         match request {
-            Request::Status => serde_json::to_value(self.status()).map_err(|e| e.to_string()),
+            Request::Status => serde_json::to_value(self.status().await).map_err(|e| e.to_string()),
             Request::Lookup { id } => {
                 let engine = self.engine.clone();
                 tokio::task::spawn_blocking(move || crate::lookup::lookup(&engine, &id))

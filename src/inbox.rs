@@ -1,5 +1,6 @@
 //! The WhatsApp webhook inbox on the store: the WhatsApp connector appends verified bodies
-//! (durably, before Meta gets its 200) and its poll reads them back.
+//! (durably, before Meta gets its 200) and its poll reads them back. Every store call runs
+//! off the async threads, so a slow or failing disk never stalls the HTTP listener.
 
 use std::sync::Arc;
 
@@ -66,10 +67,11 @@ impl Inbox for StoreInbox {
         after: u64,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<InboxEntry>, InboxError>> {
+        let store = self.store.clone();
         Box::pin(async move {
-            let entries = self
-                .store
-                .inbox_after(after, limit)
+            let entries = tokio::task::spawn_blocking(move || store.inbox_after(after, limit))
+                .await
+                .map_err(|e| InboxError(e.to_string()))?
                 .map_err(|e| InboxError(e.to_string()))?;
             Ok(entries
                 .into_iter()
@@ -82,10 +84,19 @@ impl Inbox for StoreInbox {
         })
     }
 
+    /// Trimming is housekeeping (safe to skip or repeat: polls read after the cursor), so
+    /// on the runtime it is handed to a blocking thread and not awaited.
     fn trim(&self, seq: u64) -> Result<(), InboxError> {
-        self.store
-            .inbox_trim(seq)
-            .map(|_| ())
-            .map_err(|e| InboxError(e.to_string()))
+        let store = self.store.clone();
+        let trim = move || {
+            if let Err(e) = store.inbox_trim(seq) {
+                tracing::warn!(error = %e, "cannot trim the webhook inbox; will try again after the next poll");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(trim)),
+            Err(_) => trim(),
+        }
+        Ok(())
     }
 }

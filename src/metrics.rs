@@ -51,6 +51,8 @@ pub struct Metrics {
     pub cursor_lag: Family<ConnectorLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub alarm: Family<ConnectorLabel, Gauge>,
     pub subjects: Family<ScopeDecision, Gauge>,
+    /// 1 while the store takes writes, 0 while it is failing (an alarm).
+    pub store_healthy: Gauge,
     /// Seconds from the customer's act (event time) to the push that carries it being
     /// done in a target system.
     pub propagation: Family<ConnectorLabel, Histogram>,
@@ -114,6 +116,11 @@ impl Metrics {
                 "1 when a connector needs an operator (credentials, quota, configuration)",
             ),
             subjects: registered(&mut r, "subjects", "People by scope and decision"),
+            store_healthy: registered(
+                &mut r,
+                "store_healthy",
+                "1 while the store takes writes; 0 while it fails (webhooks get 503, not ready)",
+            ),
             propagation: registered_as(
                 &mut r,
                 "propagation_seconds",

@@ -20,6 +20,10 @@ pub struct StatusReport {
     pub subjects: BTreeMap<String, i64>,
     pub webhook_inbox: usize,
     pub quarantined_webhooks: usize,
+    /// Set while the store fails (a full disk, an I/O error): webhooks get 503 and nothing
+    /// is applied until it works again.
+    #[serde(default)]
+    pub store_alarm: Option<String>,
     pub connectors: Vec<ConnectorReport>,
 }
 
@@ -30,9 +34,9 @@ impl StatusReport {
         self.subjects.get(&key).copied().unwrap_or(0)
     }
 
-    /// Whether any connector needs an operator (exit code 1 of `status`).
+    /// Whether the store or any connector needs an operator (exit code 1 of `status`).
     pub fn needs_attention(&self) -> bool {
-        self.connectors.iter().any(ConnectorReport::needs_attention)
+        self.store_alarm.is_some() || self.connectors.iter().any(ConnectorReport::needs_attention)
     }
 
     pub fn connector(&self, name: &str) -> Option<&ConnectorReport> {

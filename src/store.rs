@@ -14,6 +14,9 @@
 //! when asked, durably (flushed to disk before it returns).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::{Arc, Mutex, RwLock};
 
 use optout_core::{PushItem, Timestamp};
 use serde::de::DeserializeOwned;
@@ -22,6 +25,7 @@ use sled::transaction::{
     ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
 };
 use sled::{Transactional, Tree};
+use tokio::sync::watch;
 
 use crate::audit::AuditEntry;
 use crate::policy::{Consent, RecordMemory};
@@ -46,16 +50,34 @@ pub enum StoreError {
         found: String,
         expected: u32,
     },
+    /// A value or the store's layout is not what this build wrote.
     #[error("the store is corrupt: {0}")]
     Corrupt(String),
+    /// sled itself reports damage.
+    #[error("the store is corrupt: {0}")]
+    Damaged(String),
     #[error("storage error: {0}")]
     Io(String),
+    /// The store failed earlier and has not been proved to work again.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    /// Damage or a foreign schema: retrying or restarting cannot cure it; an operator must
+    /// restore the store (the daemon exits with a code its unit does not restart on).
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Corrupt(_) | StoreError::Damaged(_) | StoreError::Schema { .. }
+        )
+    }
 }
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
         match e {
-            sled::Error::Corruption { .. } => StoreError::Corrupt(e.to_string()),
+            sled::Error::Corruption { .. } => StoreError::Damaged(e.to_string()),
             other => StoreError::Io(other.to_string()),
         }
     }
@@ -251,13 +273,35 @@ const COUNTS: usize = 11;
 const META: usize = 12;
 const UNVERIFIED: usize = 13;
 
-/// The embedded database. Cheap to clone (sled handles are reference-counted).
+/// The embedded database. Cheap to clone: clones share one open database, its health and
+/// its group commit.
+///
+/// sled poisons itself after a failed write to its log (a full disk, an I/O error): every
+/// later write fails with the same error until the database is opened again. So the first
+/// failure of sled's own marks the store *failing* ([`Store::failure`]): every call then
+/// answers [`StoreError::Unavailable`] at once, without touching sled, until
+/// [`Store::recover`] has proved the store works again (a probe write made durable) or
+/// reopened it in-process (sled recovers the on-disk log as after a crash; what was not
+/// flushed was never acknowledged).
 #[derive(Clone)]
 pub struct Store {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    path: PathBuf,
+    /// `None` only while [`Store::recover`] reopens the database.
+    db: RwLock<Option<Arc<Db>>>,
+    group: GroupCommit,
+    /// `Some(reason)` while the store is failing; watched by the daemon.
+    health: watch::Sender<Option<String>>,
+    reserve: FdReserve,
+}
+
+/// One open sled database and its trees.
+struct Db {
     db: sled::Db,
     trees: Vec<Tree>,
-    path: PathBuf,
-    group: std::sync::Arc<GroupCommit>,
 }
 
 /// Group commit for webhook appends: many concurrent appends share one flush to disk
@@ -265,116 +309,346 @@ pub struct Store {
 #[derive(Default)]
 struct GroupCommit {
     /// Tickets handed out after a write (one per write that must become durable).
-    written: std::sync::atomic::AtomicU64,
+    written: AtomicU64,
     /// Every ticket up to this one is on disk.
-    flushed: std::sync::atomic::AtomicU64,
+    flushed: AtomicU64,
     /// One flush at a time; waiters find their write already covered when they get it.
     lock: tokio::sync::Mutex<()>,
-    /// Serialises numbering and inserting inbox entries (never held across an await).
-    append_order: std::sync::Mutex<()>,
+    /// Serialises numbering and inserting inbox entries.
+    append_order: Mutex<()>,
+}
+
+/// File descriptors kept for the store: a flood of connections can take every descriptor
+/// the process may open, and sled opens files as it runs (a blob file for each large
+/// value, snapshots). Each store call gives one placeholder back to the kernel for its
+/// duration, so the store finds a free descriptor where an accept loop found none.
+struct FdReserve {
+    spare: Mutex<Vec<std::fs::File>>,
+}
+
+/// Placeholders kept (each a descriptor of `/dev/null`).
+const FD_RESERVE: usize = 8;
+
+impl FdReserve {
+    fn new() -> Self {
+        let r = FdReserve {
+            spare: Mutex::new(Vec::new()),
+        };
+        r.refill();
+        r
+    }
+
+    /// Tops the reserve up, as far as descriptors allow.
+    fn refill(&self) {
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        while spare.len() < FD_RESERVE {
+            match std::fs::File::open("/dev/null") {
+                Ok(f) => spare.push(f),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Frees one placeholder for the caller's store call.
+    fn lend(&self) {
+        drop(self.spare.lock().unwrap_or_else(|p| p.into_inner()).pop());
+    }
+}
+
+/// Whether this thread is opening the store (a panic inside sled is then turned into an
+/// error by the caller; the process-wide panic hook must not end the process).
+pub fn opening_store() -> bool {
+    OPENING.with(|o| o.get())
+}
+
+thread_local! {
+    static OPENING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Creates `dir` (and its parents) for a new store, private to the service (0700).
+pub fn create_state_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Opens sled in `dir`, retrying while a handle of this process lets go of the lock, and
+/// turning a panic inside sled (it panics on some damaged files) into an error.
+fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
+    let shown = dir.display().to_string();
+    let config = sled::Config::new()
+        .path(dir)
+        .mode(sled::Mode::HighThroughput)
+        // sled's default cache is 1 GiB; the daemon should stay small.
+        .cache_capacity(64 << 20);
+    // A previous handle in this process may still be closing (sled's flusher thread lets
+    // go of the lock a moment after the last handle is dropped); another process holding
+    // the lock is reported clearly after that grace period.
+    let mut tries = 0;
+    let opened = loop {
+        match guarded_open(&config) {
+            Err(sled::Error::Io(e)) if e.to_string().contains("acquire lock") && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(sled::Error::Io(e)) if e.to_string().contains("acquire lock") => {
+                return Err(StoreError::Open {
+                    path: shown,
+                    reason: "it is in use by another process (is optout-sync already running?)"
+                        .into(),
+                });
+            }
+            other => break other,
+        }
+    };
+    opened.map_err(|e| match e {
+        sled::Error::Corruption { .. } | sled::Error::ReportableBug(_) => {
+            StoreError::Corrupt(format!("{shown}: {e}; restore it from a backup"))
+        }
+        other => StoreError::Open {
+            path: shown.clone(),
+            reason: other.to_string(),
+        },
+    })
+}
+
+/// `config.open()`, with a panic inside sled reported as corruption.
+fn guarded_open(config: &sled::Config) -> sled::Result<sled::Db> {
+    OPENING.with(|o| o.set(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+    OPENING.with(|o| o.set(false));
+    r.unwrap_or_else(|panic| {
+        let what = (panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown failure".into());
+        Err(sled::Error::ReportableBug(format!(
+            "sled could not read its files ({what})"
+        )))
+    })
+}
+
+impl Db {
+    fn open(dir: &Path) -> Result<Db, StoreError> {
+        let db = open_sled(dir)?;
+        let trees = TREES
+            .iter()
+            .map(|n| db.open_tree(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Db { db, trees })
+    }
+}
+
+/// Runs store work off the async threads; a task that could not run is a storage error.
+async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Io(format!("store task failed: {e}"))))
 }
 
 impl Store {
     /// Opens (or creates) the store in `dir`. An unknown schema version or a corrupt
     /// store is an error, never a silent reset.
+    ///
+    /// sled rewrites a damaged log while opening it (it keeps what precedes the damage and
+    /// drops the rest). A small store's files are therefore read beforehand and, when the
+    /// store is refused as damaged, written back as they were, for whoever restores it.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let shown = dir.display().to_string();
-        let config = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            // sled's default cache is 1 GiB; the daemon should stay small.
-            .cache_capacity(64 << 20);
-        // A previous handle in this process may still be closing (sled's flusher thread
-        // lets go of the lock a moment after the last handle is dropped); another process
-        // holding the lock is reported clearly after that grace period.
-        let mut tries = 0;
-        let opened = loop {
-            match config.open() {
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("acquire lock") && tries < 100 =>
-                {
-                    tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(sled::Error::Io(e)) if e.to_string().contains("acquire lock") => {
-                    return Err(StoreError::Open {
-                        path: shown,
-                        reason: "it is in use by another process (is optout-sync already running?)"
-                            .into(),
-                    });
-                }
-                other => break other,
-            }
-        };
-        let db = opened.map_err(|e| match e {
-            sled::Error::Corruption { .. } => {
-                StoreError::Corrupt(format!("{shown}: {e}; restore it from a backup"))
-            }
-            other => StoreError::Open {
-                path: shown.clone(),
-                reason: other.to_string(),
-            },
-        })?;
-        let trees = TREES
-            .iter()
-            .map(|n| db.open_tree(n))
-            .collect::<Result<Vec<_>, _>>()?;
+        let saved = Saved::take(dir);
+        let opened = Self::open_checked(dir);
+        if let (Err(e), Some(saved)) = (&opened, saved)
+            && e.is_damage()
+        {
+            saved.restore(dir);
+        }
+        opened
+    }
+
+    fn open_checked(dir: &Path) -> Result<Store, StoreError> {
+        let reserve = FdReserve::new();
+        let db = Db::open(dir)?;
         let store = Store {
-            db,
-            trees,
-            path: dir.to_path_buf(),
-            group: Default::default(),
+            shared: Arc::new(Shared {
+                path: dir.to_path_buf(),
+                db: RwLock::new(Some(Arc::new(db))),
+                group: Default::default(),
+                health: watch::Sender::new(None),
+                reserve,
+            }),
         };
         store.check_schema()?;
         Ok(store)
     }
 
-    fn check_schema(&self) -> Result<(), StoreError> {
-        let meta = &self.trees[META];
-        match meta.get("schema_version")? {
-            Some(v) => {
-                let found = std::str::from_utf8(&v).unwrap_or("?").to_string();
-                if found != SCHEMA_VERSION.to_string() {
-                    return Err(StoreError::Schema {
-                        path: self.path.display().to_string(),
-                        found,
-                        expected: SCHEMA_VERSION,
-                    });
-                }
-                self.check_high_water()?;
-            }
-            None => {
-                let has_data = self.trees.iter().any(|t| !t.is_empty());
-                if self.path.join(MARKER).exists() {
-                    return Err(StoreError::Corrupt(format!(
-                        "{}: the store was initialised before but its data is gone or damaged; restore it from a backup (refusing to start empty)",
-                        self.path.display()
-                    )));
-                }
-                if has_data {
-                    return Err(StoreError::Corrupt(format!(
-                        "{}: data present but no schema version; refusing to guess",
-                        self.path.display()
-                    )));
-                }
-                meta.insert("schema_version", SCHEMA_VERSION.to_string().as_bytes())?;
-                self.db.flush()?;
-                std::fs::write(self.path.join(MARKER), format!("schema {SCHEMA_VERSION}\n"))
-                    .map_err(|e| StoreError::Io(format!("cannot write the store marker: {e}")))?;
-            }
+    fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// The open database, unless the store is failing.
+    fn db(&self) -> Result<Arc<Db>, StoreError> {
+        if let Some(reason) = self.failure() {
+            return Err(StoreError::Unavailable(reason));
         }
+        let db = self.shared.db.read().unwrap_or_else(|p| p.into_inner());
+        db.clone()
+            .ok_or_else(|| StoreError::Unavailable("the store is being reopened".into()))
+    }
+
+    /// Runs `f` on the open database: with a descriptor of the reserve freed for it, and
+    /// marking the store failing if sled itself fails.
+    fn with<T>(&self, f: impl FnOnce(&Db) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let db = self.db()?;
+        self.shared.reserve.lend();
+        let r = f(&db);
+        self.shared.reserve.refill();
+        if let Err(e) = &r {
+            self.note(e);
+        }
+        r
+    }
+
+    /// Marks the store failing after an error of sled's own (not a bad value of ours).
+    fn note(&self, e: &StoreError) {
+        if !matches!(e, StoreError::Io(_) | StoreError::Damaged(_)) {
+            return;
+        }
+        let reason = e.to_string();
+        let first = self.shared.health.send_if_modified(|h| {
+            let first = h.is_none();
+            if first {
+                *h = Some(reason.clone());
+            }
+            first
+        });
+        if first {
+            tracing::error!(error = %reason, "the store failed; refusing work until it is proved to work again");
+        }
+    }
+
+    /// Why the store is failing, while it is.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.health.borrow().clone()
+    }
+
+    /// Follows the store's health: `Some(reason)` while failing.
+    pub fn health(&self) -> watch::Receiver<Option<String>> {
+        self.shared.health.subscribe()
+    }
+
+    /// Brings a failing store back (blocking): a probe write made durable proves the open
+    /// database works; otherwise the database is closed and opened again, which replays
+    /// sled's log as after a crash. An error leaves the store failing; see
+    /// [`StoreError::is_damage`] for the ones retrying cannot cure.
+    pub fn recover(&self) -> Result<(), StoreError> {
+        if self.failure().is_none() {
+            return Ok(());
+        }
+        let current = self
+            .shared
+            .db
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(db) = current
+            && probe(&db).is_ok()
+        {
+            self.shared.health.send_replace(None);
+            return Ok(());
+        }
+        self.reopen()?;
+        self.with_db_unchecked(probe)?;
+        self.shared.health.send_replace(None);
         Ok(())
+    }
+
+    /// Closes the database (every handle of this store) and opens it again.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut slot = self.shared.db.write().unwrap_or_else(|p| p.into_inner());
+        // Dropping our handle lets sled release its files once calls under way return;
+        // `open_sled` waits a moment for that.
+        drop(slot.take());
+        let db = Db::open(self.path())?;
+        *slot = Some(Arc::new(db));
+        drop(slot);
+        // The reopened store must still be the one we had.
+        self.check_schema()
+    }
+
+    fn with_db_unchecked<T>(
+        &self,
+        f: impl FnOnce(&Db) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let db = (self
+            .shared
+            .db
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone())
+        .ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?;
+        self.shared.reserve.lend();
+        let r = f(&db);
+        self.shared.reserve.refill();
+        r
+    }
+
+    fn check_schema(&self) -> Result<(), StoreError> {
+        self.with_db_unchecked(|db| {
+            let meta = &db.trees[META];
+            match meta.get("schema_version")? {
+                Some(v) => {
+                    let found = std::str::from_utf8(&v).unwrap_or("?").to_string();
+                    if found != SCHEMA_VERSION.to_string() {
+                        return Err(StoreError::Schema {
+                            path: self.path().display().to_string(),
+                            found,
+                            expected: SCHEMA_VERSION,
+                        });
+                    }
+                    self.check_high_water(db)
+                }
+                None => self.initialise(db),
+            }
+        })
+    }
+
+    /// A store without a schema version: a new one (initialised now), or one whose data
+    /// is gone (refused).
+    fn initialise(&self, db: &Db) -> Result<(), StoreError> {
+        let has_data = db.trees.iter().any(|t| !t.is_empty());
+        if self.path().join(MARKER).exists() {
+            return Err(StoreError::Corrupt(format!(
+                "{}: the store was initialised before but its data is gone or damaged; restore it from a backup (refusing to start empty)",
+                self.path().display()
+            )));
+        }
+        if has_data {
+            return Err(StoreError::Corrupt(format!(
+                "{}: data present but no schema version; refusing to guess",
+                self.path().display()
+            )));
+        }
+        db.trees[META].insert("schema_version", SCHEMA_VERSION.to_string().as_bytes())?;
+        db.db.flush()?;
+        std::fs::write(
+            self.path().join(MARKER),
+            format!("schema {SCHEMA_VERSION}\n"),
+        )
+        .map_err(|e| StoreError::Io(format!("cannot write the store marker: {e}")))
     }
 
     /// The last audit sequence number known to be on disk, from the marker file.
     fn marker_high_water(&self) -> Option<u64> {
-        let text = std::fs::read_to_string(self.path.join(MARKER)).ok()?;
+        let text = std::fs::read_to_string(self.path().join(MARKER)).ok()?;
         text.lines()
             .find_map(|l| l.strip_prefix("audit_high ")?.trim().parse().ok())
     }
 
-    fn last_audit_seq(&self) -> Result<Option<u64>, StoreError> {
-        match self.trees[AUDIT].last()? {
+    fn last_audit_seq(db: &Db) -> Result<Option<u64>, StoreError> {
+        match db.trees[AUDIT].last()? {
             Some((k, _)) => Ok(Some(u64_of(&k)?)),
             None => Ok(None),
         }
@@ -383,15 +657,15 @@ impl Store {
     /// sled recovers a damaged log by dropping everything after the damage, silently. The
     /// marker file remembers how far the audit log (append-only, every write durable)
     /// reached; a store that now ends before that has lost acknowledged data.
-    fn check_high_water(&self) -> Result<(), StoreError> {
+    fn check_high_water(&self, db: &Db) -> Result<(), StoreError> {
         let Some(expected) = self.marker_high_water() else {
             return Ok(());
         };
-        let found = self.last_audit_seq()?;
+        let found = Self::last_audit_seq(db)?;
         if found.is_none_or(|f| f < expected) {
             return Err(StoreError::Corrupt(format!(
                 "{}: the audit log ended at entry {expected} when last checked but now ends at {}; the store lost data it had acknowledged (a damaged disk or file?); restore it from a backup",
-                self.path.display(),
+                self.path().display(),
                 found.map(|f| f.to_string()).unwrap_or("nothing".into())
             )));
         }
@@ -402,19 +676,19 @@ impl Store {
     /// Called periodically and at shutdown; every audit entry is already durable, so the
     /// mark never runs ahead of the disk.
     pub fn save_high_water(&self) -> Result<(), StoreError> {
-        let Some(seq) = self.last_audit_seq()? else {
+        let Some(seq) = self.with(Self::last_audit_seq)? else {
             return Ok(());
         };
         if self.marker_high_water() == Some(seq) {
             return Ok(());
         }
         let io = |e: std::io::Error| StoreError::Io(format!("cannot write the store marker: {e}"));
-        let tmp = self.path.join(format!("{MARKER}.tmp"));
+        let tmp = self.path().join(format!("{MARKER}.tmp"));
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
         use std::io::Write as _;
         write!(f, "schema {SCHEMA_VERSION}\naudit_high {seq}\n").map_err(io)?;
         f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, self.path.join(MARKER)).map_err(io)?;
+        std::fs::rename(&tmp, self.path().join(MARKER)).map_err(io)?;
         Ok(())
     }
 
@@ -426,61 +700,87 @@ impl Store {
         durable: bool,
         f: impl Fn(&mut Txn<'_>) -> TxResult<R>,
     ) -> Result<R, StoreError> {
-        let r = self.trees.as_slice().transaction(|view| {
-            let mut tx = Txn { t: view };
-            let r = f(&mut tx).map_err(|e| e.0)?;
-            if durable {
-                view[0].flush();
+        self.with(|db| {
+            let r = db.trees.as_slice().transaction(|view| {
+                let mut tx = Txn { t: view };
+                let r = f(&mut tx).map_err(|e| e.0)?;
+                if durable {
+                    view[0].flush();
+                }
+                Ok(r)
+            });
+            // Only sled's own failures mark the store failing, not an abort of ours.
+            match r {
+                Ok(v) => Ok(Ok(v)),
+                Err(TransactionError::Abort(e)) => Ok(Err(e)),
+                Err(TransactionError::Storage(e)) => Err(e.into()),
             }
-            Ok(r)
-        });
-        match r {
-            Ok(v) => Ok(v),
-            Err(TransactionError::Abort(e)) => Err(e),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
-        }
+        })?
     }
 
-    /// Flushes everything written so far to disk.
+    /// Flushes everything written so far to disk (off the async threads).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
-        Ok(())
+        let store = self.clone();
+        off_runtime(move || store.with(|db| Ok(db.db.flush().map(drop)?))).await
     }
 
     /// Makes a write that has already happened durable, sharing the flush with concurrent
     /// callers: a flush that starts after our write covers it, so whoever gets the lock
     /// after someone else flushed past our ticket returns at once.
     async fn commit_write(&self) -> Result<(), StoreError> {
-        use std::sync::atomic::Ordering::SeqCst;
-        let ticket = self.group.written.fetch_add(1, SeqCst) + 1;
-        let _guard = self.group.lock.lock().await;
-        if self.group.flushed.load(SeqCst) >= ticket {
+        let group = &self.shared.group;
+        let ticket = group.written.fetch_add(1, SeqCst) + 1;
+        let _guard = group.lock.lock().await;
+        if group.flushed.load(SeqCst) >= ticket {
             return Ok(());
         }
-        let upto = self.group.written.load(SeqCst);
-        self.db.flush_async().await?;
-        self.group.flushed.fetch_max(upto, SeqCst);
+        let upto = group.written.load(SeqCst);
+        self.flush().await?;
+        group.flushed.fetch_max(upto, SeqCst);
         Ok(())
+    }
+
+    /// One of sled's trees, for tests that tamper with the store.
+    #[cfg(test)]
+    fn tree(&self, i: usize) -> Tree {
+        self.db().expect("store open").trees[i].clone()
     }
 
     #[cfg(test)]
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        self.with(|db| Ok(db.db.flush().map(drop)?))
+    }
+
+    /// A tree's entries (in `range`), streamed; an unavailable store yields one error.
+    fn scan(
+        &self,
+        tree: usize,
+        range: impl std::ops::RangeBounds<Vec<u8>>,
+    ) -> Box<dyn Iterator<Item = Result<(sled::IVec, sled::IVec), StoreError>> + Send> {
+        match self.db() {
+            Ok(db) => Box::new(
+                db.trees[tree]
+                    .range(range)
+                    .map(|kv| kv.map_err(StoreError::from)),
+            ),
+            Err(e) => Box::new(std::iter::once(Err(e))),
+        }
     }
 
     // -- reads outside transactions (read side: lookup, gate, status, workers) --
 
     pub fn subject(&self, id: u64) -> Result<Option<SubjectRecord>, StoreError> {
-        self.trees[SUBJECTS]
-            .get(id.to_be_bytes())?
-            .map(|v| decode("subject", &v))
-            .transpose()
+        self.with(|db| {
+            db.trees[SUBJECTS]
+                .get(id.to_be_bytes())?
+                .map(|v| decode("subject", &v))
+                .transpose()
+        })
     }
 
     /// The live subject an alias belongs to (following merges).
     pub fn subject_by_alias(&self, alias: &str) -> Result<Option<SubjectRecord>, StoreError> {
-        let Some(id) = self.trees[ALIASES].get(alias.as_bytes())? else {
+        let Some(id) = self.with(|db| Ok(db.trees[ALIASES].get(alias.as_bytes())?))? else {
             return Ok(None);
         };
         let mut id = u64_of(&id)?;
@@ -499,16 +799,20 @@ impl Store {
     }
 
     pub fn link(&self, connector: &str, record: &str) -> Result<Option<LinkRecord>, StoreError> {
-        self.trees[LINKS]
-            .get(link_key(connector, record))?
-            .map(|v| decode("link", &v))
-            .transpose()
+        self.with(|db| {
+            db.trees[LINKS]
+                .get(link_key(connector, record))?
+                .map(|v| decode("link", &v))
+                .transpose()
+        })
     }
 
     pub fn cursor(&self, connector: &str) -> Result<Option<String>, StoreError> {
-        Ok(self.trees[CURSORS]
-            .get(connector.as_bytes())?
-            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+        self.with(|db| {
+            Ok(db.trees[CURSORS]
+                .get(connector.as_bytes())?
+                .map(|v| String::from_utf8_lossy(&v).into_owned()))
+        })
     }
 
     /// Up to `limit` outbox entries of a connector that may be tried at `now` and are
@@ -519,31 +823,35 @@ impl Store {
         now: Timestamp,
         limit: usize,
     ) -> Result<Vec<(String, OutboxEntry)>, StoreError> {
-        let mut out = Vec::new();
-        for kv in self.trees[OUTBOX].scan_prefix(prefix(connector)) {
-            let (k, v) = kv?;
-            let e: OutboxEntry = decode("outbox", &v)?;
-            if e.not_before <= now && !e.in_flight {
-                out.push((split_key(&k).1, e));
-                if out.len() >= limit {
-                    break;
+        self.with(|db| {
+            let mut out = Vec::new();
+            for kv in db.trees[OUTBOX].scan_prefix(prefix(connector)) {
+                let (k, v) = kv?;
+                let e: OutboxEntry = decode("outbox", &v)?;
+                if e.not_before <= now && !e.in_flight {
+                    out.push((split_key(&k).1, e));
+                    if out.len() >= limit {
+                        break;
+                    }
                 }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// The earliest time any pending entry of the connector becomes due.
     pub fn next_due(&self, connector: &str) -> Result<Option<Timestamp>, StoreError> {
-        let mut min: Option<Timestamp> = None;
-        for kv in self.trees[OUTBOX].scan_prefix(prefix(connector)) {
-            let (_, v) = kv?;
-            let e: OutboxEntry = decode("outbox", &v)?;
-            if !e.in_flight {
-                min = Some(min.map_or(e.not_before, |m| m.min(e.not_before)));
+        self.with(|db| {
+            let mut min: Option<Timestamp> = None;
+            for kv in db.trees[OUTBOX].scan_prefix(prefix(connector)) {
+                let (_, v) = kv?;
+                let e: OutboxEntry = decode("outbox", &v)?;
+                if !e.in_flight {
+                    min = Some(min.map_or(e.not_before, |m| m.min(e.not_before)));
+                }
             }
-        }
-        Ok(min)
+            Ok(min)
+        })
     }
 
     pub fn outbox_entry(
@@ -551,17 +859,19 @@ impl Store {
         connector: &str,
         key: &str,
     ) -> Result<Option<OutboxEntry>, StoreError> {
-        self.trees[OUTBOX]
-            .get(link_key(connector, key))?
-            .map(|v| decode("outbox", &v))
-            .transpose()
+        self.with(|db| {
+            db.trees[OUTBOX]
+                .get(link_key(connector, key))?
+                .map(|v| decode("outbox", &v))
+                .transpose()
+        })
     }
 
     /// Every outbox entry (connector, key, entry); for status and tests.
     pub fn outbox(
         &self,
     ) -> impl Iterator<Item = Result<(String, String, OutboxEntry), StoreError>> + '_ {
-        self.trees[OUTBOX].iter().map(|kv| {
+        self.scan(OUTBOX, ..).map(|kv| {
             let (k, v) = kv?;
             let (c, key) = split_key(&k);
             Ok((c, key, decode("outbox", &v)?))
@@ -570,13 +880,13 @@ impl Store {
 
     #[cfg(test)]
     pub fn outbox_len(&self) -> usize {
-        self.trees[OUTBOX].len()
+        self.with(|db| Ok(db.trees[OUTBOX].len())).unwrap_or(0)
     }
 
     pub fn dead_letters(
         &self,
     ) -> impl Iterator<Item = Result<(String, String, DeadLetter), StoreError>> + '_ {
-        self.trees[DEAD].iter().map(|kv| {
+        self.scan(DEAD, ..).map(|kv| {
             let (k, v) = kv?;
             let (c, key) = split_key(&k);
             Ok((c, key, decode("dead letter", &v)?))
@@ -588,10 +898,12 @@ impl Store {
         connector: &str,
         key: &str,
     ) -> Result<Option<DeadLetter>, StoreError> {
-        self.trees[DEAD]
-            .get(link_key(connector, key))?
-            .map(|v| decode("dead letter", &v))
-            .transpose()
+        self.with(|db| {
+            db.trees[DEAD]
+                .get(link_key(connector, key))?
+                .map(|v| decode("dead letter", &v))
+                .transpose()
+        })
     }
 
     /// Audit entries with `seq >= from`, in order, streamed.
@@ -599,7 +911,7 @@ impl Store {
         &self,
         from: u64,
     ) -> impl Iterator<Item = Result<AuditEntry, StoreError>> + '_ {
-        self.trees[AUDIT].range(from.to_be_bytes()..).map(|kv| {
+        self.scan(AUDIT, from.to_be_bytes().to_vec()..).map(|kv| {
             let (k, v) = kv?;
             let mut e: AuditEntry = decode("audit", &v)?;
             e.seq = u64_of(&k)?;
@@ -609,45 +921,50 @@ impl Store {
 
     /// The audit entries of one subject (and of the subjects merged into it), in order.
     pub fn subject_audit(&self, subject: &SubjectRecord) -> Result<Vec<AuditEntry>, StoreError> {
-        let mut seqs = Vec::new();
-        for id in std::iter::once(subject.id).chain(subject.merged_from.iter().copied()) {
-            for kv in self.trees[SUBJECT_AUDIT].scan_prefix(id.to_be_bytes()) {
-                let (k, _) = kv?;
-                seqs.push(u64_of(&k[8..])?);
+        self.with(|db| {
+            let mut seqs = Vec::new();
+            for id in std::iter::once(subject.id).chain(subject.merged_from.iter().copied()) {
+                for kv in db.trees[SUBJECT_AUDIT].scan_prefix(id.to_be_bytes()) {
+                    let (k, _) = kv?;
+                    seqs.push(u64_of(&k[8..])?);
+                }
             }
-        }
-        seqs.sort_unstable();
-        seqs.dedup();
-        let mut out = Vec::with_capacity(seqs.len());
-        for seq in seqs {
-            if let Some(v) = self.trees[AUDIT].get(seq.to_be_bytes())? {
-                let mut e: AuditEntry = decode("audit", &v)?;
-                e.seq = seq;
-                out.push(e);
+            seqs.sort_unstable();
+            seqs.dedup();
+            let mut out = Vec::with_capacity(seqs.len());
+            for seq in seqs {
+                if let Some(v) = db.trees[AUDIT].get(seq.to_be_bytes())? {
+                    let mut e: AuditEntry = decode("audit", &v)?;
+                    e.seq = seq;
+                    out.push(e);
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Decision totals: (`scope:decision`, count).
     pub fn counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        self.trees[COUNTS]
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok((String::from_utf8_lossy(&k).into_owned(), i64_of(&v)))
-            })
-            .collect()
+        self.with(|db| {
+            db.trees[COUNTS]
+                .iter()
+                .map(|kv| {
+                    let (k, v) = kv?;
+                    Ok((String::from_utf8_lossy(&k).into_owned(), i64_of(&v)))
+                })
+                .collect()
+        })
     }
 
     #[cfg(test)]
     pub fn subject_count(&self) -> usize {
-        self.trees[SUBJECTS].len()
+        self.with(|db| Ok(db.trees[SUBJECTS].len())).unwrap_or(0)
     }
 
     // -- webhook inbox --
 
-    /// Appends a webhook body durably and returns its sequence number.
+    /// Appends a webhook body durably and returns its sequence number. The store's work
+    /// (numbering, inserting, the flush) runs off the async threads.
     pub async fn inbox_append(
         &self,
         received_at: Timestamp,
@@ -659,22 +976,25 @@ impl Store {
             reason: None,
         };
         let value = encode(&rec);
-        let seq = {
+        drop(rec);
+        let store = self.clone();
+        let seq = off_runtime(move || store.insert_inbox(value)).await?;
+        self.commit_write().await?;
+        Ok(seq)
+    }
+
+    fn insert_inbox(&self, value: Vec<u8>) -> Result<u64, StoreError> {
+        self.with(|db| {
             // Numbering and inserting under one lock makes entries visible in sequence
             // order: otherwise a poll could read number 6, move its cursor past 5 while 5
             // is still being written, and never read that acknowledged webhook.
-            let _order = self
-                .group
-                .append_order
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let group = &self.shared.group;
+            let _order = group.append_order.lock().unwrap_or_else(|p| p.into_inner());
             // Sequence numbers start at 1: a cursor of 0 means "nothing read yet".
-            let seq = self.db.generate_id()? + 1;
-            self.trees[INBOX].insert(seq.to_be_bytes(), value)?;
-            seq
-        };
-        self.commit_write().await?;
-        Ok(seq)
+            let seq = db.db.generate_id()? + 1;
+            db.trees[INBOX].insert(seq.to_be_bytes(), value)?;
+            Ok(seq)
+        })
     }
 
     /// Keeps a signed but unusable body for the operator, durably.
@@ -684,19 +1004,26 @@ impl Store {
         body: &[u8],
         reason: &str,
     ) -> Result<(), StoreError> {
-        let seq = self.db.generate_id()?;
         let rec = InboxRecord {
             received_at,
             body: body.to_vec(),
             reason: Some(reason.to_string()),
         };
-        self.trees[QUARANTINE].insert(seq.to_be_bytes(), encode(&rec))?;
-        self.commit_write().await?;
-        Ok(())
+        let value = encode(&rec);
+        let store = self.clone();
+        off_runtime(move || {
+            store.with(|db| {
+                let seq = db.db.generate_id()?;
+                db.trees[QUARANTINE].insert(seq.to_be_bytes(), value)?;
+                Ok(())
+            })
+        })
+        .await?;
+        self.commit_write().await
     }
 
     pub fn quarantine_len(&self) -> usize {
-        self.trees[QUARANTINE].len()
+        self.with(|db| Ok(db.trees[QUARANTINE].len())).unwrap_or(0)
     }
 
     /// Inbox entries after `after`, oldest first.
@@ -706,43 +1033,141 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<(u64, InboxRecord)>, StoreError> {
         let start = after.saturating_add(1);
-        self.trees[INBOX]
-            .range(start.to_be_bytes()..)
-            .take(limit)
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok((u64_of(&k)?, decode("inbox", &v)?))
-            })
-            .collect()
+        self.with(|db| {
+            db.trees[INBOX]
+                .range(start.to_be_bytes()..)
+                .take(limit)
+                .map(|kv| {
+                    let (k, v) = kv?;
+                    Ok((u64_of(&k)?, decode("inbox", &v)?))
+                })
+                .collect()
+        })
     }
 
     pub fn inbox_len(&self) -> usize {
-        self.trees[INBOX].len()
+        self.with(|db| Ok(db.trees[INBOX].len())).unwrap_or(0)
     }
 
     /// Drops inbox entries up to and including `seq` (already applied: their cursor is
     /// saved). Safe to skip or repeat after a crash: polls read only after the cursor.
     pub fn inbox_trim(&self, seq: u64) -> Result<usize, StoreError> {
-        let keys: Vec<_> = self.trees[INBOX]
-            .range(..=seq.to_be_bytes())
-            .keys()
-            .collect::<Result<_, _>>()?;
-        for k in &keys {
-            self.trees[INBOX].remove(k)?;
-        }
-        Ok(keys.len())
+        self.with(|db| {
+            let keys: Vec<_> = db.trees[INBOX]
+                .range(..=seq.to_be_bytes())
+                .keys()
+                .collect::<Result<_, _>>()?;
+            for k in &keys {
+                db.trees[INBOX].remove(k)?;
+            }
+            Ok(keys.len())
+        })
     }
 
     /// Pushes done but not yet read back: (connector, record, pushed at).
     pub fn unverified(
         &self,
     ) -> impl Iterator<Item = Result<(String, String, Timestamp), StoreError>> + '_ {
-        self.trees[UNVERIFIED].iter().map(|kv| {
+        self.scan(UNVERIFIED, ..).map(|kv| {
             let (k, v) = kv?;
             let (c, r) = split_key(&k);
             Ok((c, r, Timestamp(i64_of(&v))))
         })
     }
+
+    // -- retention --
+
+    /// Forgets delivery keys (`seen`) first seen before `before`; returns how many. A key
+    /// seen again meanwhile is kept (the removal compares the stored value).
+    pub fn prune_seen(&self, before: Timestamp) -> Result<usize, StoreError> {
+        self.prune(SEEN, |v| Ok(i64_of(v) < before.millis()))
+    }
+
+    /// Drops quarantined bodies received before `before`; returns how many.
+    pub fn prune_quarantine(&self, before: Timestamp) -> Result<usize, StoreError> {
+        self.prune(QUARANTINE, |v| {
+            let rec: InboxRecord = decode("quarantine", v)?;
+            Ok(rec.received_at < before)
+        })
+    }
+
+    fn prune(
+        &self,
+        tree: usize,
+        expired: impl Fn(&[u8]) -> Result<bool, StoreError>,
+    ) -> Result<usize, StoreError> {
+        self.with(|db| {
+            let mut removed = 0;
+            for kv in db.trees[tree].iter() {
+                let (k, v) = kv?;
+                // An undecodable entry is left for an operator to look at.
+                if expired(&v).unwrap_or(false)
+                    && db.trees[tree]
+                        .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?
+                        .is_ok()
+                {
+                    removed += 1;
+                }
+            }
+            Ok(removed)
+        })
+    }
+}
+
+/// The files of an initialised store, read before sled opens them (see [`Store::open`]).
+struct Saved {
+    files: Vec<(PathBuf, Vec<u8>)>,
+}
+
+/// Stores larger than this are not copied before opening (the copy is held in memory).
+const SAVE_LIMIT: u64 = 64 << 20;
+
+impl Saved {
+    /// The regular files directly in `dir`, if the store was initialised before and they
+    /// are small enough to hold.
+    fn take(dir: &Path) -> Option<Saved> {
+        if !dir.join(MARKER).exists() {
+            return None;
+        }
+        let mut files = Vec::new();
+        let mut total = 0;
+        for entry in std::fs::read_dir(dir).ok()? {
+            let entry = entry.ok()?;
+            let meta = entry.metadata().ok()?;
+            if !meta.is_file() {
+                continue;
+            }
+            total += meta.len();
+            if total > SAVE_LIMIT {
+                return None;
+            }
+            files.push((entry.path(), std::fs::read(entry.path()).ok()?));
+        }
+        Some(Saved { files })
+    }
+
+    /// Writes every saved file back as it was and removes regular files sled added.
+    fn restore(self, dir: &Path) {
+        let known: Vec<&Path> = self.files.iter().map(|(p, _)| p.as_path()).collect();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = entry.path();
+            if entry.metadata().is_ok_and(|m| m.is_file()) && !known.contains(&p.as_path()) {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+        for (path, bytes) in &self.files {
+            if let Err(e) = std::fs::write(path, bytes) {
+                tracing::warn!(file = %path.display(), error = %e, "cannot put a store file back as it was");
+            }
+        }
+    }
+}
+
+/// Makes one small write durable: proves the database takes writes again.
+fn probe(db: &Db) -> Result<(), StoreError> {
+    db.trees[META].insert("probe", &Timestamp::now().millis().to_be_bytes())?;
+    db.db.flush()?;
+    Ok(())
 }
 
 fn u64_of(b: &[u8]) -> Result<u64, StoreError> {

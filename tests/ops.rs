@@ -87,7 +87,15 @@ fn unit_restarts_after_crashes_forever_and_stops_on_a_broken_configuration() {
         .collect();
     assert!(forced.contains(&70), "a panic (exit 70) must restart");
     assert!(forced.contains(&1), "a runtime error (exit 1) must restart");
-    assert_eq!(one("Service", "RestartPreventExitStatus"), None);
+    assert!(
+        forced.contains(&75),
+        "a store that cannot be reopened (exit 75) must restart"
+    );
+    // A damaged store is refused at every start: no restart loop.
+    let prevented =
+        one("Service", "RestartPreventExitStatus").expect("RestartPreventExitStatus= set");
+    assert_eq!(prevented.trim(), "65");
+    assert!(!forced.contains(&65));
 
     // The configuration is checked before the daemon starts, and its failure code is not
     // among those that restart: the unit fails on the first attempt.

@@ -90,7 +90,7 @@ fn unknown_value_format_is_a_clear_error() {
     let s = Store::open(dir.path()).unwrap();
     let mut v = vec![42u8];
     v.extend_from_slice(b"{}");
-    s.trees[SUBJECTS].insert(7u64.to_be_bytes(), v).unwrap();
+    s.tree(SUBJECTS).insert(7u64.to_be_bytes(), v).unwrap();
     let err = s.subject(7).unwrap_err().to_string();
     assert!(err.contains("value format 42"), "{err}");
 }
@@ -439,7 +439,13 @@ async fn concurrent_appends_are_all_stored() {
     all.dedup();
     assert_eq!(all.len(), 400);
     assert_eq!(s.inbox_len(), 400);
-    assert!(s.group.flushed.load(std::sync::atomic::Ordering::SeqCst) >= 400);
+    assert!(
+        s.shared
+            .group
+            .flushed
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 400
+    );
 }
 
 #[test]
@@ -455,11 +461,95 @@ fn a_store_that_lost_acknowledged_entries_is_refused() {
     }
     let s = Store::open(dir.path()).unwrap();
     // Simulate sled dropping the tail of its log: the last audit entries vanish.
-    let last = s.trees[AUDIT].last().unwrap().unwrap().0;
-    s.trees[AUDIT].remove(last).unwrap();
+    let last = s.tree(AUDIT).last().unwrap().unwrap().0;
+    s.tree(AUDIT).remove(last).unwrap();
     s.flush_blocking().unwrap();
     drop(s);
     let err = Store::open(dir.path()).err().expect("refused");
     assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
     assert!(err.to_string().contains("lost data"), "{err}");
+}
+
+/// A failure of sled's own marks the store failing: every call answers at once without
+/// touching sled, until `recover` proves it works (here the probe write succeeds).
+#[tokio::test]
+async fn a_failing_store_refuses_work_until_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let seq = s.inbox_append(Timestamp(1), b"{}").await.unwrap();
+    let health = s.health();
+    s.note(&StoreError::Io(
+        "No space left on device (os error 28)".into(),
+    ));
+    assert!(health.has_changed().unwrap());
+    assert!(s.failure().unwrap().contains("No space left"));
+    let err = s.inbox_append(Timestamp(2), b"{}").await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    assert!(matches!(
+        s.inbox_after(0, 10),
+        Err(StoreError::Unavailable(_))
+    ));
+    // A bad value of ours is not a failing store.
+    s.note(&StoreError::Corrupt("a bad value".into()));
+    assert!(s.failure().unwrap().contains("No space left"));
+
+    tokio::task::spawn_blocking({
+        let s = s.clone();
+        move || s.recover()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(s.failure(), None);
+    let next = s.inbox_append(Timestamp(3), b"{}").await.unwrap();
+    assert!(next > seq);
+    assert_eq!(s.inbox_after(0, 10).unwrap().len(), 2);
+}
+
+/// Reopening in the process keeps everything made durable and numbers new entries after
+/// the old ones (the WhatsApp poll's cursor stays valid).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopening_keeps_durable_data_and_ordering() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let first = s.inbox_append(Timestamp(1), b"one").await.unwrap();
+    let clone = s.clone();
+    tokio::task::spawn_blocking(move || clone.reopen())
+        .await
+        .unwrap()
+        .unwrap();
+    let second = s.inbox_append(Timestamp(2), b"two").await.unwrap();
+    assert!(second > first, "{second} after {first}");
+    let bodies: Vec<_> = (s.inbox_after(0, 10).unwrap().into_iter())
+        .map(|(_, r)| r.body)
+        .collect();
+    assert_eq!(bodies, vec![b"one".to_vec(), b"two".to_vec()]);
+}
+
+#[tokio::test]
+async fn retention_prunes_only_what_is_older_than_the_cutoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let (old, new) = (Timestamp(1_000_000), Timestamp(9_000_000));
+    s.transaction(true, |tx| {
+        assert!(tx.first_sight("whatsapp", "wamid.old", old)?);
+        assert!(tx.first_sight("whatsapp", "wamid.new", new)?);
+        Ok(())
+    })
+    .unwrap();
+    s.quarantine(old, b"old body", "unusable").await.unwrap();
+    s.quarantine(new, b"new body", "unusable").await.unwrap();
+
+    let cutoff = Timestamp(5_000_000);
+    assert_eq!(s.prune_seen(cutoff).unwrap(), 1);
+    assert_eq!(s.prune_quarantine(cutoff).unwrap(), 1);
+    assert_eq!(s.quarantine_len(), 1);
+    s.transaction(true, |tx| {
+        // The old id is forgotten (a delivery now would count again), the new one kept.
+        assert!(!tx.first_sight("whatsapp", "wamid.new", new)?);
+        assert!(tx.first_sight("whatsapp", "wamid.old", new)?);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(s.prune_seen(cutoff).unwrap(), 0);
 }

@@ -13,15 +13,19 @@
 //!   ([`Linger`]), and records every outcome; an unfinished push stays in the outbox.
 //! - [`health`]: the connector's own health check, every few minutes.
 //! - [`high_water`]: records how far the audit log reaches, every half minute.
+//! - [`retention`]: prunes delivery keys and quarantined bodies past their retention.
+//! - [`store_health`]: turns a failing store into "not ready" and brings it back.
 //!
-//! The daemon starts them with [`poll_worker`], [`push_worker`], [`health_worker`] and
-//! [`high_water_worker`].
+//! The daemon starts them with [`poll_worker`], [`push_worker`], [`health_worker`],
+//! [`high_water_worker`], [`retention_worker`] and [`store_health::store_health_worker`].
 
 pub mod health;
 pub mod high_water;
 pub mod poll;
 pub mod push;
+pub mod retention;
 pub mod runner;
+pub mod store_health;
 
 #[cfg(test)]
 mod tests;
@@ -190,6 +194,17 @@ pub async fn health_worker<C: Connector + ?Sized>(
 /// Records the store's high-water mark every [`HIGH_WATER_INTERVAL`]; see [`high_water`].
 pub async fn high_water_worker(store: Store, cancel: CancellationToken) {
     let worker = high_water::HighWater::new(store, HIGH_WATER_INTERVAL);
+    runner::run(worker, cancel, None).await
+}
+
+/// Prunes expired delivery keys and quarantined bodies every hour; see [`retention`].
+pub async fn retention_worker(
+    store: Store,
+    dedup: Duration,
+    quarantine: Duration,
+    cancel: CancellationToken,
+) {
+    let worker = retention::Retention::new(store, dedup, quarantine);
     runner::run(worker, cancel, None).await
 }
 

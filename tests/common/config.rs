@@ -26,8 +26,11 @@ pub struct Config {
 }
 
 impl Config {
-    /// `[daemon]`: state and control socket in `dir`, any free port for HTTP.
+    /// `[daemon]`: state and control socket in `dir`, any free port for HTTP. The state
+    /// directory is created here, as systemd's `StateDirectory=` does in production (the
+    /// daemon refuses a missing one).
     pub fn new(dir: &Path) -> Config {
+        std::fs::create_dir_all(dir.join("state")).expect("create the state directory");
         Config {
             tables: Vec::new(),
             env: Vec::new(),

@@ -1,0 +1,78 @@
+//! The retention worker: forgets what the store need not keep for ever, every hour.
+//!
+//! - Delivery keys (`seen`: WhatsApp message ids already applied) older than
+//!   `daemon.dedup_retention`. Meta redelivers a webhook for up to 7 days, so the
+//!   configuration refuses a retention shorter than that.
+//! - Quarantined webhook bodies older than `daemon.quarantine_retention`: they hold
+//!   message texts and numbers, kept only for an operator to look at.
+
+use std::time::Duration;
+
+use optout_core::Timestamp;
+
+use super::blocking;
+use super::runner::{Failure, Next, Step, StepCx, Worker};
+use crate::store::Store;
+
+/// How often the retention worker runs (and how long after start it first does).
+pub const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
+const FIRST_RUN: Duration = Duration::from_secs(60);
+
+/// Prunes expired entries on an interval.
+pub struct Retention {
+    store: Store,
+    dedup: Duration,
+    quarantine: Duration,
+}
+
+impl Retention {
+    pub fn new(store: Store, dedup: Duration, quarantine: Duration) -> Self {
+        Retention {
+            store,
+            dedup,
+            quarantine,
+        }
+    }
+}
+
+impl Worker for Retention {
+    fn name(&self) -> &str {
+        "store"
+    }
+
+    fn what(&self) -> &'static str {
+        "retention"
+    }
+
+    fn start(&self) -> Next {
+        Next::After(FIRST_RUN)
+    }
+
+    async fn step(&mut self, _cx: &mut StepCx) -> Result<Step, Failure> {
+        let (store, dedup, quarantine) = (self.store.clone(), self.dedup, self.quarantine);
+        let now = Timestamp::now();
+        let pruned = blocking(move || {
+            let seen = store.prune_seen(now.minus(dedup))?;
+            let bodies = store.prune_quarantine(now.minus(quarantine))?;
+            Ok((seen, bodies))
+        })
+        .await
+        .map_err(|error| Failure::Store {
+            doing: "could not prune expired entries; will try again",
+            error,
+        })?;
+        if pruned != (0, 0) {
+            tracing::info!(
+                delivery_keys = pruned.0,
+                quarantined = pruned.1,
+                "pruned entries past their retention"
+            );
+        }
+        Ok(Step::from(Next::After(RETENTION_INTERVAL)))
+    }
+
+    /// Never idle: each step says when the next runs.
+    async fn wait(&mut self) -> Next {
+        Next::Now
+    }
+}
