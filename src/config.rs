@@ -108,6 +108,16 @@ pub struct DaemonConfig {
     /// A push not confirmed by a read-back within this is an alarm.
     #[serde(default = "default_unverified", with = "humantime_serde")]
     pub unverified_after: Duration,
+    /// HTTP connections served at once; further ones wait in the kernel's backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Time allowed for a request's headers, counted from the connection's opening or
+    /// from the end of the previous response (so it also closes idle keep-alives).
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Time allowed for a request's whole body, from the end of its headers.
+    #[serde(default = "default_body_timeout", with = "humantime_serde")]
+    pub body_timeout: Duration,
 }
 
 fn default_listen() -> SocketAddr {
@@ -124,6 +134,15 @@ fn default_shutdown() -> Duration {
 }
 fn default_unverified() -> Duration {
     Duration::from_secs(15 * 60)
+}
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// `[policy]`
@@ -595,6 +614,7 @@ impl Config {
                 "must be between 1s and 5m (and below systemd's TimeoutStopSec)",
             );
         }
+        check_http_limits(d, found);
         region
     }
 
@@ -772,6 +792,21 @@ fn check_secrets_apart(gate: Option<&Secret>, connectors: &[CheckedConnector], f
             }
             seen.push((role, full, secret.clone()));
         }
+    }
+}
+
+/// The HTTP listener's limits: a connection limit of 0 would serve nothing, and timeouts
+/// outside these bounds either cut off honest clients or let slow ones hold connections.
+fn check_http_limits(d: &DaemonConfig, found: &mut Found) {
+    if !(1..=65_536).contains(&d.max_connections) {
+        found.add("daemon.max_connections", "must be between 1 and 65536");
+    }
+    let second = Duration::from_secs(1);
+    if d.header_timeout < second || d.header_timeout > Duration::from_secs(300) {
+        found.add("daemon.header_timeout", "must be between 1s and 5m");
+    }
+    if d.body_timeout < second || d.body_timeout > Duration::from_secs(600) {
+        found.add("daemon.body_timeout", "must be between 1s and 10m");
     }
 }
 
