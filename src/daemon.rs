@@ -236,10 +236,10 @@ async fn serve_http(
             daemon.metrics.signature_failure(&c.name, reason);
         }
     }
-    let guard = Arc::new(crate::http::Guard {
-        body_timeout: cfg.body_timeout,
-        refusals: crate::http::Refusals::new(daemon.metrics.clone()),
-    });
+    let guard = Arc::new(crate::http::Guard::new(
+        cfg.body_timeout,
+        crate::http::Refusals::new(daemon.metrics.clone()),
+    ));
     let app = crate::http::app(http_state, routes, guard);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await

@@ -75,6 +75,18 @@ pub fn app(state: Arc<HttpState>, routes: Vec<Router>, guard: Arc<Guard>) -> Rou
 pub struct Guard {
     pub body_timeout: Duration,
     pub refusals: Refusals,
+    /// Read permits for request bodies ([`serve::MAX_BODIES_READ`]).
+    readers: Arc<tokio::sync::Semaphore>,
+}
+
+impl Guard {
+    pub fn new(body_timeout: Duration, refusals: Refusals) -> Self {
+        Guard {
+            body_timeout,
+            refusals,
+            readers: Arc::new(tokio::sync::Semaphore::new(serve::MAX_BODIES_READ)),
+        }
+    }
 }
 
 /// Every request: a deadline on its body, and the accounting of signature refusals.
@@ -83,7 +95,8 @@ async fn guard_request(State(g): State<Arc<Guard>>, req: Request, next: Next) ->
     let expired = Arc::new(AtomicBool::new(false));
     let within = g.body_timeout;
     let flag = expired.clone();
-    let req = req.map(|b| Body::new(serve::DeadlineBody::new(b, within, flag)));
+    let readers = g.readers.clone();
+    let req = req.map(|b| Body::new(serve::DeadlineBody::new(b, within, flag, readers)));
     let mut response = next.run(req).await;
     if expired.load(Ordering::Acquire) {
         let msg = format!(

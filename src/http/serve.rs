@@ -16,14 +16,14 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::ConnectInfo;
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, PollSemaphore};
 use tower_service::Service;
 
 /// The connections' limits (`[daemon]` `max_connections`, `header_timeout`); the body's
@@ -190,13 +190,23 @@ impl AcceptBackoff {
     }
 }
 
-/// A request body that fails once its deadline has passed while it still waits for data:
-/// a client that uploads too slowly (or stops) is cut off instead of holding a connection
-/// and a buffer. `expired` tells the middleware to answer 408.
+/// Request bodies read at once, across all connections. A body being read is buffered
+/// (up to `max_body_bytes`, 1 MiB for a webhook): without this bound, connections that
+/// trickle their uploads could pin `max_connections` × that much memory until their
+/// deadline. A body waits for its turn before its first byte is read (so no
+/// `100 Continue` is sent meanwhile), and its deadline runs while it waits.
+pub const MAX_BODIES_READ: usize = 64;
+
+/// A request body that waits for a read permit (see [`MAX_BODIES_READ`]) and fails once its
+/// deadline has passed while it still waits for data: a client that uploads too slowly (or
+/// stops) is cut off instead of holding a connection and a buffer. `expired` tells the
+/// guard to answer 408. The permit is released when the body is dropped.
 pub struct DeadlineBody {
     inner: Body,
     deadline: Pin<Box<tokio::time::Sleep>>,
     expired: Arc<AtomicBool>,
+    turn: PollSemaphore,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 /// The error a [`DeadlineBody`] ends with.
@@ -205,11 +215,33 @@ pub struct DeadlineBody {
 pub struct BodyTimeout;
 
 impl DeadlineBody {
-    pub fn new(inner: Body, within: Duration, expired: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        inner: Body,
+        within: Duration,
+        expired: Arc<AtomicBool>,
+        readers: Arc<Semaphore>,
+    ) -> Self {
         DeadlineBody {
             inner,
             deadline: Box::pin(tokio::time::sleep(within)),
             expired,
+            turn: PollSemaphore::new(readers),
+            permit: None,
+        }
+    }
+
+    /// Ready once this body may be read: at once for an empty body, else with a permit.
+    fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.permit.is_some() || self.inner.is_end_stream() {
+            return Poll::Ready(());
+        }
+        match self.turn.poll_acquire(cx) {
+            Poll::Ready(permit) => {
+                // `None` only if the semaphore were closed, which it never is.
+                self.permit = permit;
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -222,8 +254,10 @@ impl http_body::Body for DeadlineBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
-            return Poll::Ready(frame);
+        if self.poll_turn(cx).is_ready() {
+            if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+                return Poll::Ready(frame);
+            }
         }
         if self.deadline.as_mut().poll(cx).is_ready() {
             self.expired.store(true, Ordering::Release);
@@ -264,6 +298,65 @@ mod tests {
     fn reads_the_descriptor_limit() {
         // Linux always has the line; the value is whatever the test runs with.
         assert!(descriptor_limit().is_some_and(|n| n > 0));
+    }
+
+    /// A body that never sends anything, like a stalled upload.
+    struct Silent;
+
+    impl http_body::Body for Silent {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Pending
+        }
+    }
+
+    /// Polls `body` once; `None` if it is still waiting.
+    async fn poll_once(body: &mut DeadlineBody) -> Option<bool> {
+        std::future::poll_fn(|cx| {
+            Poll::Ready(match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Ready(r) => Some(matches!(r, Some(Err(_)))),
+                Poll::Pending => None,
+            })
+        })
+        .await
+    }
+
+    /// A stalled body holds its read permit until its deadline; the next one waits for the
+    /// permit, and gets it once the first is dropped.
+    #[tokio::test(start_paused = true)]
+    async fn bodies_take_turns_and_expire() {
+        let readers = Arc::new(Semaphore::new(1));
+        let body = |secs| {
+            let expired = Arc::new(AtomicBool::new(false));
+            let b = DeadlineBody::new(
+                Body::new(Silent),
+                Duration::from_secs(secs),
+                expired.clone(),
+                readers.clone(),
+            );
+            (b, expired)
+        };
+        let (mut first, first_expired) = body(10);
+        let (mut second, _) = body(60);
+        assert_eq!(poll_once(&mut first).await, None);
+        assert!(first.permit.is_some());
+        assert_eq!(poll_once(&mut second).await, None);
+        assert!(second.permit.is_none());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(
+            poll_once(&mut first).await,
+            Some(true),
+            "cut at its deadline"
+        );
+        assert!(first_expired.load(Ordering::Acquire));
+        drop(first);
+        assert_eq!(poll_once(&mut second).await, None);
+        assert!(second.permit.is_some());
     }
 
     /// The pauses double from 10 ms to 1 s, and a success starts over.
