@@ -6,7 +6,7 @@
 //! from `daemon.gate_token`; without one configured it is off. The token is checked before
 //! any body is read, and a category the gate does not know is a 400, never "allowed".
 //!
-//! Every request passes [`guard`]: its body gets a deadline (`daemon.body_timeout`, 408
+//! Every request passes [`guard_request`]: its body gets a deadline (`daemon.body_timeout`, 408
 //! after it), and webhook refusals for a bad signature are counted and logged at a bounded
 //! rate ([`refusals`]). Connections are accepted and limited in [`serve`].
 
@@ -54,7 +54,7 @@ pub struct HttpState {
 /// refused from their `Content-Length` (or while reading, if they did not announce it).
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 
-/// The daemon's routes plus the connectors' (`routes`), behind [`guard`].
+/// The daemon's routes plus the connectors' (`routes`), behind [`guard_request`].
 pub fn app(state: Arc<HttpState>, routes: Vec<Router>, guard: Arc<Guard>) -> Router {
     let own = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -71,7 +71,7 @@ pub fn app(state: Arc<HttpState>, routes: Vec<Router>, guard: Arc<Guard>) -> Rou
         .layer(axum::middleware::from_fn_with_state(guard, guard_request))
 }
 
-/// What [`guard`] needs.
+/// What [`guard_request`] needs.
 pub struct Guard {
     pub body_timeout: Duration,
     pub refusals: Refusals,
