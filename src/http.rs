@@ -6,9 +6,10 @@
 //! from `daemon.gate_token`; without one configured it is off. The token is checked before
 //! any body is read, and a category the gate does not know is a 400, never "allowed".
 //!
-//! Every request passes [`guard_request`]: its body gets a deadline (`daemon.body_timeout`, 408
-//! after it), and webhook refusals for a bad signature are counted and logged at a bounded
-//! rate ([`refusals`]). Connections are accepted and limited in [`serve`].
+//! Every request passes [`guard_request`]: its body gets a deadline (`daemon.body_timeout`,
+//! 408 after it) and waits its turn to be read, and webhook refusals for a bad signature
+//! are counted and logged at a bounded rate ([`refusals`]). Connections are accepted and
+//! limited in [`serve`].
 
 mod refusals;
 mod serve;
