@@ -115,6 +115,16 @@ pub struct DaemonConfig {
     /// How long quarantined webhook bodies are kept for an operator.
     #[serde(default = "default_retention", with = "humantime_serde")]
     pub quarantine_retention: Duration,
+    /// HTTP connections served at once; further ones wait in the kernel's backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Time allowed for a request's headers, counted from the connection's opening or
+    /// from the end of the previous response (so it also closes idle keep-alives).
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Time allowed for a request's whole body, from the end of its headers.
+    #[serde(default = "default_body_timeout", with = "humantime_serde")]
+    pub body_timeout: Duration,
 }
 
 fn default_listen() -> SocketAddr {
@@ -136,6 +146,15 @@ fn default_retention() -> Duration {
     Duration::from_secs(30 * DAY)
 }
 const DAY: u64 = 24 * 3600;
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(30)
+}
 
 /// `[policy]`
 #[derive(Clone, Debug, Deserialize)]
@@ -607,6 +626,7 @@ impl Config {
             );
         }
         check_retention(d, found);
+        check_http_limits(d, found);
         region
     }
 
@@ -784,6 +804,21 @@ fn check_secrets_apart(gate: Option<&Secret>, connectors: &[CheckedConnector], f
             }
             seen.push((role, full, secret.clone()));
         }
+    }
+}
+
+/// The HTTP listener's limits: a connection limit of 0 would serve nothing, and timeouts
+/// outside these bounds either cut off honest clients or let slow ones hold connections.
+fn check_http_limits(d: &DaemonConfig, found: &mut Found) {
+    if !(1..=65_536).contains(&d.max_connections) {
+        found.add("daemon.max_connections", "must be between 1 and 65536");
+    }
+    let second = Duration::from_secs(1);
+    if d.header_timeout < second || d.header_timeout > Duration::from_secs(300) {
+        found.add("daemon.header_timeout", "must be between 1s and 5m");
+    }
+    if d.body_timeout < second || d.body_timeout > Duration::from_secs(600) {
+        found.add("daemon.body_timeout", "must be between 1s and 10m");
     }
 }
 

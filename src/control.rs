@@ -74,13 +74,15 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves connections until cancelled, then removes the socket file.
+/// Serves connections until cancelled, then removes the socket file. A failing `accept`
+/// (descriptors exhausted) backs off and is logged once per episode, never in a spin.
 pub async fn serve<H: Handler>(
     listener: UnixListener,
     path: PathBuf,
     handler: std::sync::Arc<H>,
     cancel: CancellationToken,
 ) {
+    let mut backoff = crate::http::AcceptBackoff::new("control socket");
     loop {
         let conn = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -88,6 +90,7 @@ pub async fn serve<H: Handler>(
         };
         match conn {
             Ok((stream, _)) => {
+                backoff.succeeded();
                 let h = handler.clone();
                 tokio::spawn(async move {
                     if let Err(e) = session(stream, h).await {
@@ -95,11 +98,15 @@ pub async fn serve<H: Handler>(
                     }
                 });
             }
-            Err(e) => tracing::warn!(error = %e, "control socket accept failed"),
+            Err(e) => backoff.failed(&e, &cancel).await,
         }
     }
     let _ = std::fs::remove_file(&path);
 }
+
+/// How long a client has to send its request line: a connection that says nothing does
+/// not hold a descriptor for ever.
+const REQUEST_LINE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn session<H: Handler>(
     stream: UnixStream,
@@ -107,7 +114,10 @@ async fn session<H: Handler>(
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(64 * 1024)).lines();
-    let Some(line) = lines.next_line().await? else {
+    let line = tokio::time::timeout(REQUEST_LINE_TIMEOUT, lines.next_line())
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request line"))?;
+    let Some(line) = line? else {
         return Ok(());
     };
     let request: Request = match serde_json::from_str(&line) {

@@ -232,7 +232,8 @@ fn spawn_workers(
     ));
 }
 
-/// Binds the HTTP listener (gate, metrics, health, connectors' routes) and serves it.
+/// Binds the HTTP listener (gate, metrics, health, connectors' routes) and serves it with
+/// its connection limit and timeouts.
 async fn serve_http(
     daemon: &Arc<Daemon>,
     routes: Vec<axum::Router>,
@@ -247,19 +248,31 @@ async fn serve_http(
         ready: daemon.ready.clone(),
         refresh: Arc::new(move |m: &Metrics| d.refresh_metrics(m)),
     });
-    let app = (routes.into_iter()).fold(crate::http::router(http_state), axum::Router::merge);
-    let listen = daemon.checked.daemon.listen;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding the HTTP listener on {listen}"))?;
-    let bound = listener.local_addr()?;
-    let stop = cancel.clone();
-    tracker.spawn(async move {
-        let server = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
-        if let Err(e) = server.await {
-            tracing::error!(error = %e, "HTTP listener failed");
+    let cfg = &daemon.checked.daemon;
+    // Present from the start (at 0) for every WhatsApp connector: an alert rule can tell
+    // "no failures" from "no data".
+    for c in (daemon.checked.connectors.iter()).filter(|c| c.kind == "whatsapp") {
+        for reason in ["missing", "invalid"] {
+            daemon.metrics.signature_failure(&c.name, reason);
         }
-    });
+    }
+    let guard = Arc::new(crate::http::Guard::new(
+        cfg.body_timeout,
+        crate::http::Refusals::new(daemon.metrics.clone()),
+    ));
+    let app = crate::http::app(http_state, routes, guard);
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding the HTTP listener on {}", cfg.listen))?;
+    let bound = listener.local_addr()?;
+    let limits = crate::http::Limits {
+        max_connections: crate::http::connection_budget(
+            cfg.max_connections,
+            crate::http::descriptor_limit(),
+        ),
+        header_timeout: cfg.header_timeout,
+    };
+    tracker.spawn(crate::http::serve(listener, app, limits, cancel.clone()));
     Ok(bound)
 }
 

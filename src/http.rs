@@ -3,25 +3,42 @@
 //!
 //! The send gate answers "may we message this person, in this category?" for the systems
 //! that send. It reads the store and never creates anything. It needs the bearer token
-//! from `daemon.gate_token`; without one configured it is off.
+//! from `daemon.gate_token`; without one configured it is off. The token is checked before
+//! any body is read, and a category the gate does not know is a 400, never "allowed".
+//!
+//! Every request passes [`guard_request`]: its body gets a deadline (`daemon.body_timeout`,
+//! 408 after it) and waits its turn to be read, and webhook refusals for a bad signature
+//! are counted and logged at a bounded rate ([`refusals`]). Connections are accepted and
+//! limited in [`serve`].
 
+mod refusals;
+mod serve;
+
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use optout_core::{Scope, Secret};
+use optout_whatsapp::webhook::SignatureRefused;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::metrics::Metrics;
-use crate::policy;
+use crate::policy::{self, Category};
 use crate::reconcile::{Engine, subject_name};
 use crate::report::{GateBatchReply, GateReply};
+
+pub use refusals::Refusals;
+pub use serve::{AcceptBackoff, Limits, connection_budget, descriptor_limit, serve};
 
 /// State shared by the handlers.
 pub struct HttpState {
@@ -34,14 +51,70 @@ pub struct HttpState {
     pub refresh: Arc<dyn Fn(&Metrics) + Send + Sync>,
 }
 
-pub fn router(state: Arc<HttpState>) -> Router {
-    Router::new()
+/// The largest batch request body: 1,000 identifiers with room to spare. Larger ones are
+/// refused from their `Content-Length` (or while reading, if they did not announce it).
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// The daemon's routes plus the connectors' (`routes`), behind [`guard_request`].
+pub fn app(state: Arc<HttpState>, routes: Vec<Router>, guard: Arc<Guard>) -> Router {
+    let own = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/v1/consent/batch", post(gate_batch))
+        .route(
+            "/v1/consent/batch",
+            post(gate_batch).layer(DefaultBodyLimit::max(MAX_BATCH_BYTES)),
+        )
         .route("/v1/consent/{id}", get(gate_one))
-        .with_state(state)
+        .with_state(state);
+    (routes.into_iter())
+        .fold(own, Router::merge)
+        .layer(axum::middleware::from_fn_with_state(guard, guard_request))
+}
+
+/// What [`guard_request`] needs.
+pub struct Guard {
+    pub body_timeout: Duration,
+    pub refusals: Refusals,
+    /// Read permits for request bodies ([`serve::MAX_BODIES_READ`]).
+    readers: Arc<tokio::sync::Semaphore>,
+}
+
+impl Guard {
+    pub fn new(body_timeout: Duration, refusals: Refusals) -> Self {
+        Guard {
+            body_timeout,
+            refusals,
+            readers: Arc::new(tokio::sync::Semaphore::new(serve::MAX_BODIES_READ)),
+        }
+    }
+}
+
+/// Every request: a deadline on its body, and the accounting of signature refusals.
+async fn guard_request(State(g): State<Arc<Guard>>, req: Request, next: Next) -> Response {
+    let peer = serve::peer(&req).map(|a: SocketAddr| a.ip());
+    let expired = Arc::new(AtomicBool::new(false));
+    let within = g.body_timeout;
+    let flag = expired.clone();
+    let readers = g.readers.clone();
+    let req = req.map(|b| Body::new(serve::DeadlineBody::new(b, within, flag, readers)));
+    let mut response = next.run(req).await;
+    if expired.load(Ordering::Acquire) {
+        let msg = format!(
+            "request body not received within {}",
+            humantime::format_duration(within)
+        );
+        return (
+            StatusCode::REQUEST_TIMEOUT,
+            [(header::CONNECTION, "close")],
+            msg,
+        )
+            .into_response();
+    }
+    if let Some(r) = response.extensions_mut().remove::<SignatureRefused>() {
+        g.refusals.record(peer, &r);
+    }
+    response
 }
 
 async fn readyz(State(s): State<Arc<HttpState>>) -> Response {
@@ -81,6 +154,23 @@ struct BatchRequest {
 
 const MAX_BATCH: usize = 1000;
 
+/// The category a request names; none means marketing, the strictest common case. An
+/// unknown name (a typo, an empty value, a trailing space) is a 400 with the known set.
+fn category(name: Option<&str>) -> Result<Category, Box<Response>> {
+    let Some(name) = name else {
+        return Ok(Category::Marketing);
+    };
+    Category::parse(name).ok_or_else(|| {
+        let shown: String = name.chars().take(64).collect();
+        let known: Vec<&str> = Category::NAMES.iter().map(|(n, _)| *n).collect();
+        let error = format!(
+            "unknown category {shown:?}: use one of {} (any case)",
+            known.join(", ")
+        );
+        Box::new((StatusCode::BAD_REQUEST, Json(json!({"error": error}))).into_response())
+    })
+}
+
 fn authorize(s: &HttpState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let Some(token) = &s.gate_token else {
         return Err(Box::new(
@@ -94,7 +184,7 @@ fn authorize(s: &HttpState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer)
         .unwrap_or("");
     if constant_time_eq(given.as_bytes(), token.expose().as_bytes()) {
         Ok(())
@@ -110,6 +200,14 @@ fn authorize(s: &HttpState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     }
 }
 
+/// The token of `Bearer <token>`; the scheme is case-insensitive (RFC 9110, 11.1).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
+}
+
 /// Compares without an early exit, so response time says nothing about the token.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
@@ -120,7 +218,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The gate's answer for one identifier.
-pub fn answer(engine: &Engine, id: &str, category: &str) -> GateReply {
+pub fn answer(engine: &Engine, id: &str, category: Category) -> GateReply {
     let base = GateReply {
         id: id.to_string(),
         ..GateReply::default()
@@ -153,7 +251,7 @@ pub fn answer(engine: &Engine, id: &str, category: &str) -> GateReply {
         }
     }
     let base = GateReply {
-        category: Some(category.to_string()),
+        category: Some(category.as_str().to_string()),
         ..base
     };
     let Some(s) = subject else {
@@ -193,9 +291,12 @@ async fn gate_one(
     if let Err(r) = authorize(&s, &headers) {
         return *r;
     }
-    let category = q.category.unwrap_or_else(|| "marketing".into());
+    let category = match category(q.category.as_deref()) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
     let engine = s.engine.clone();
-    let v = tokio::task::spawn_blocking(move || answer(&engine, &id, &category))
+    let v = tokio::task::spawn_blocking(move || answer(&engine, &id, category))
         .await
         .unwrap_or_default();
     let code = if v.error.is_some() && v.allowed.is_none() {
@@ -206,22 +307,24 @@ async fn gate_one(
     (code, Json(v)).into_response()
 }
 
-async fn gate_batch(
-    State(s): State<Arc<HttpState>>,
-    headers: HeaderMap,
-    body: Result<Json<BatchRequest>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
+/// The token, then the announced length, are checked before the body is read: an
+/// unauthenticated or oversized request costs no parsing and gets no `100 Continue`.
+async fn gate_batch(State(s): State<Arc<HttpState>>, req: Request) -> Response {
+    if let Err(r) = authorize(&s, req.headers()) {
         return *r;
     }
-    let Json(req) = match body {
-        Ok(b) => b,
+    if content_length(req.headers()).is_some_and(|n| n > MAX_BATCH_BYTES as u64) {
+        let error = format!("body over {MAX_BATCH_BYTES} bytes");
+        return (StatusCode::PAYLOAD_TOO_LARGE, Json(json!({"error": error}))).into_response();
+    }
+    let req = match Json::<BatchRequest>::from_request(req, &()).await {
+        Ok(Json(b)) => b,
         Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(json!({"error": e.body_text()})),
-            )
-                .into_response();
+            let code = match e.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            return (code, Json(json!({"error": e.body_text()}))).into_response();
         }
     };
     if req.ids.len() > MAX_BATCH {
@@ -231,12 +334,15 @@ async fn gate_batch(
         )
             .into_response();
     }
-    let category = req.category.unwrap_or_else(|| "marketing".into());
+    let category = match category(req.category.as_deref()) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
     let engine = s.engine.clone();
     let results = tokio::task::spawn_blocking(move || {
         req.ids
             .iter()
-            .map(|id| answer(&engine, id, &category))
+            .map(|id| answer(&engine, id, category))
             .collect::<Vec<_>>()
     })
     .await
@@ -244,9 +350,30 @@ async fn gate_batch(
     Json(GateBatchReply { results }).into_response()
 }
 
+/// The announced body length, if the header is present and a number.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{bearer, constant_time_eq};
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer abc"), Some("abc"));
+        assert_eq!(bearer("BEARER  abc"), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearerabc"), None);
+        assert_eq!(bearer("abc"), None);
+    }
 
     #[test]
     fn token_comparison() {

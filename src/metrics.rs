@@ -34,6 +34,12 @@ pub struct ConnectorOutcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectorReason {
+    pub connector: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectorLabel {
     pub connector: String,
 }
@@ -45,6 +51,9 @@ pub struct Metrics {
     pub pushes: Family<ConnectorOutcome, Counter>,
     pub poll_errors: Family<ConnectorOutcome, Counter>,
     pub webhooks: Family<SourceResult, Counter>,
+    /// Webhooks refused for their signature (`missing`, `invalid`): a wrong app secret
+    /// after a rotation, or someone probing the endpoint.
+    pub signature_failures: Family<ConnectorReason, Counter>,
     pub outbox_depth: Family<ConnectorLabel, Gauge>,
     pub dead_letters: Family<ConnectorLabel, Gauge>,
     pub unverified: Family<ConnectorLabel, Gauge>,
@@ -94,6 +103,11 @@ impl Metrics {
                 "Failed polls and pushes, by connector and error kind",
             ),
             webhooks: registered(&mut r, "webhooks", "Webhook deliveries, by result"),
+            signature_failures: registered(
+                &mut r,
+                "webhook_signature_failures",
+                "Webhooks refused for a missing or invalid signature, by connector and reason",
+            ),
             outbox_depth: registered(&mut r, "outbox_depth", "Pushes waiting, by connector"),
             dead_letters: registered(
                 &mut r,
@@ -143,6 +157,16 @@ impl Metrics {
         ConnectorLabel {
             connector: c.to_string(),
         }
+    }
+
+    /// The signature-failure counter of one connector and reason (`missing`, `invalid`).
+    pub fn signature_failure(&self, connector: &str, reason: &str) -> Counter {
+        self.signature_failures
+            .get_or_create(&ConnectorReason {
+                connector: connector.to_string(),
+                reason: reason.to_string(),
+            })
+            .clone()
     }
 
     pub fn observe_propagation(&self, connector: &str, d: Duration) {

@@ -258,9 +258,54 @@ pub struct GateAnswer {
     pub evidence: Option<Fact>,
 }
 
-/// May a message of `category` (`marketing`, `utility`, `authentication`, …) be sent?
-/// An `all` opt-out blocks every category; a `marketing` opt-out blocks marketing only.
-pub fn gate(consent: &Consent, category: &str, margin: Duration) -> GateAnswer {
+/// A message category the send gate knows: Meta's template categories, plus `service` for
+/// free-form replies inside the 24-hour window. The set is closed on purpose: a category
+/// the gate cannot name is refused (a 400), never guessed, so a misspelling cannot turn
+/// into "allowed".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Category {
+    Marketing,
+    Utility,
+    Authentication,
+    Service,
+}
+
+impl Category {
+    /// Every name [`Category::parse`] accepts (case-insensitive), with its category. Meta's
+    /// names are aliases: `marketing_messages` (the Marketing Messages API and the
+    /// `user_preferences` webhook), `marketing_lite` and `authentication_international`
+    /// (pricing categories).
+    pub const NAMES: [(&'static str, Category); 7] = [
+        ("marketing", Category::Marketing),
+        ("marketing_messages", Category::Marketing),
+        ("marketing_lite", Category::Marketing),
+        ("utility", Category::Utility),
+        ("authentication", Category::Authentication),
+        ("authentication_international", Category::Authentication),
+        ("service", Category::Service),
+    ];
+
+    /// The category a name stands for, ignoring ASCII case only: no trimming, no
+    /// guessing.
+    pub fn parse(name: &str) -> Option<Category> {
+        (Self::NAMES.iter())
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|&(_, c)| c)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Category::Marketing => "marketing",
+            Category::Utility => "utility",
+            Category::Authentication => "authentication",
+            Category::Service => "service",
+        }
+    }
+}
+
+/// May a message of `category` be sent? An `all` opt-out blocks every category; a
+/// `marketing` opt-out blocks marketing only.
+pub fn gate(consent: &Consent, category: Category, margin: Duration) -> GateAnswer {
     let blocked = |scope: Scope| GateAnswer {
         allowed: false,
         blocked_by: Some(scope),
@@ -269,7 +314,7 @@ pub fn gate(consent: &Consent, category: &str, margin: Duration) -> GateAnswer {
     if consent.all.decide(margin) == Decision::OptedOut {
         return blocked(Scope::All);
     }
-    let marketing = category.eq_ignore_ascii_case("marketing");
+    let marketing = category == Category::Marketing;
     if marketing && consent.marketing.decide(margin) == Decision::OptedOut {
         return blocked(Scope::Marketing);
     }

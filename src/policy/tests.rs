@@ -286,7 +286,7 @@ fn airline_case() {
     let c0 = Consent::default();
     let now = Timestamp::from_secs(10_000);
     // Flight updates (utility) flow to a customer with no opt-out.
-    assert!(gate(&c0, "utility", MARGIN).allowed);
+    assert!(gate(&c0, Category::Utility, MARGIN).allowed);
     // An ordinary reply ("thanks!") decides nothing.
     assert_eq!(
         judge_event(&event(None, Signal::Inbound, 100), "whatsapp", now, &cfg()),
@@ -303,9 +303,9 @@ fn airline_case() {
     };
     assert!(wants_confirmation(&stop));
     let c1 = consent_of(std::slice::from_ref(&stop));
-    for category in ["utility", "marketing", "authentication", "service"] {
+    for (name, category) in Category::NAMES {
         let g = gate(&c1, category, MARGIN);
-        assert!(!g.allowed, "{category} allowed after STOP");
+        assert!(!g.allowed, "{name} allowed after STOP");
         assert_eq!(g.evidence.as_ref(), Some(&stop));
     }
     // Every CRM record holding the number must be suppressed.
@@ -316,7 +316,7 @@ fn airline_case() {
     // A CRM automation re-setting opt-in a moment later does not undo it.
     let crm_in = fact(Status::OptedIn, Scope::All, 202, "hubspot", "c1");
     let c2 = consent_of(&[stop.clone(), crm_in]);
-    assert!(!gate(&c2, "utility", MARGIN).allowed);
+    assert!(!gate(&c2, Category::Utility, MARGIN).allowed);
     // START an hour later restores everything.
     let Judgement::Fact(start) = judge_event(
         &event(Some(Status::OptedIn), Signal::Keyword, 3_800),
@@ -327,8 +327,8 @@ fn airline_case() {
         panic!()
     };
     let c3 = consent_of(&[stop, start]);
-    assert!(gate(&c3, "utility", MARGIN).allowed);
-    assert!(gate(&c3, "marketing", MARGIN).allowed);
+    assert!(gate(&c3, Category::Utility, MARGIN).allowed);
+    assert!(gate(&c3, Category::Marketing, MARGIN).allowed);
     assert_eq!(
         desired_record_value([&c3], MARGIN).map(|f| f.status),
         Some(Status::OptedIn)
@@ -349,8 +349,11 @@ fn marketing_stop_then_stop_all() {
     assert_eq!(pref.scope, Scope::Marketing);
     assert!(!wants_confirmation(&pref));
     let c1 = consent_of(std::slice::from_ref(&pref));
-    assert!(!gate(&c1, "marketing", MARGIN).allowed);
-    assert!(gate(&c1, "utility", MARGIN).allowed);
+    assert!(!gate(&c1, Category::Marketing, MARGIN).allowed);
+    // Meta's own name for the category is the same category.
+    let meta = Category::parse("MARKETING_MESSAGES").unwrap();
+    assert!(!gate(&c1, meta, MARGIN).allowed);
+    assert!(gate(&c1, Category::Utility, MARGIN).allowed);
     // A marketing stop alone does not change what CRM records hold.
     assert_eq!(desired_record_value([&c1], MARGIN), None);
     let Judgement::Fact(all) = judge_event(
@@ -362,8 +365,11 @@ fn marketing_stop_then_stop_all() {
         panic!()
     };
     let c2 = consent_of(&[pref, all]);
-    assert!(!gate(&c2, "utility", MARGIN).allowed);
-    assert_eq!(gate(&c2, "marketing", MARGIN).blocked_by, Some(Scope::All));
+    assert!(!gate(&c2, Category::Utility, MARGIN).allowed);
+    assert_eq!(
+        gate(&c2, Category::Marketing, MARGIN).blocked_by,
+        Some(Scope::All)
+    );
 }
 
 #[test]
@@ -439,5 +445,28 @@ fn an_opt_in_after_our_write_on_a_never_read_record_is_a_change() {
             (Status::OptedIn, Timestamp::from_secs(500))
         ),
         other => panic!("{other:?}"),
+    }
+}
+
+/// The gate's categories are a closed set: a name it does not know is no category at all
+/// (the HTTP layer answers 400), so a typo can never read as "allowed".
+#[test]
+fn categories_are_a_closed_set() {
+    for (name, c) in Category::NAMES {
+        assert_eq!(Category::parse(name), Some(c));
+        assert_eq!(Category::parse(&name.to_uppercase()), Some(c));
+    }
+    assert_eq!(Category::parse("Utility"), Some(Category::Utility));
+    for bad in [
+        "",
+        " ",
+        "promotional",
+        "marketting",
+        "marketing ",
+        " marketing",
+        "market",
+        "all",
+    ] {
+        assert_eq!(Category::parse(bad), None, "{bad:?}");
     }
 }

@@ -4,12 +4,17 @@
 //! The POST path is the hot path, so it does the least that keeps the guarantees:
 //! 1. `X-Hub-Signature-256` must be present and well-formed (else 401) — checked before the
 //!    body is even read;
-//! 2. the body is read up to `max_body_bytes` (else 413);
+//! 2. a `Content-Length` over `max_body_bytes` is a 413 at once, before reading (so no
+//!    `100 Continue` is sent for it); the body is read up to `max_body_bytes` (else 413);
 //! 3. the HMAC-SHA256 of the raw bytes must verify with one of the app secrets, compared in
 //!    constant time (else 403). Nothing unsigned or badly signed is ever stored;
 //! 4. a WhatsApp envelope is appended to the inbox and acknowledged 200 only after the
 //!    append returned; anything else that was signed is quarantined and acknowledged 200,
 //!    so Meta does not redeliver it forever; a storage failure answers 503 (Meta retries).
+//!
+//! A refusal for the signature (401, 403) carries a [`SignatureRefused`] response extension
+//! and is logged here only at DEBUG: the host counts refusals and logs them at a bounded
+//! rate, so a client hammering the endpoint cannot flood the journal.
 //!
 //! Parsing into observations happens later, in the poll, so a parser bug can never lose a
 //! delivery: the raw body is what is stored.
@@ -36,6 +41,33 @@ pub const PATH: &str = "/webhooks/whatsapp";
 pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// Attached as a response extension to every delivery refused for its signature, for the
+/// host to count (`connector`, `reason`) and to log at a bounded rate per source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignatureRefused {
+    /// The connector instance that refused it.
+    pub connector: String,
+    pub reason: RefusalReason,
+}
+
+/// Why a delivery's signature was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// No `X-Hub-Signature-256` header.
+    Missing,
+    /// A malformed header, or a signature that no app secret verifies.
+    Invalid,
+}
+
+impl RefusalReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::Missing => "missing",
+            RefusalReason::Invalid => "invalid",
+        }
+    }
+}
 
 /// Everything the handlers need, shared by all requests.
 pub struct WebhookState<I: ?Sized> {
@@ -158,21 +190,32 @@ async fn receive<I: Inbox + ?Sized>(
 ) -> Response {
     let received_at = Timestamp::now();
     let Some(sig) = signature(req.headers()) else {
-        tracing::warn!(connector = %st.name, "webhook without a valid X-Hub-Signature-256 refused");
-        return (
-            StatusCode::UNAUTHORIZED,
-            "missing or malformed X-Hub-Signature-256",
-        )
-            .into_response();
+        let reason = match req.headers().contains_key(SIGNATURE_HEADER) {
+            true => RefusalReason::Invalid,
+            false => RefusalReason::Missing,
+        };
+        tracing::debug!(connector = %st.name, "webhook without a valid X-Hub-Signature-256 refused");
+        let msg = "missing or malformed X-Hub-Signature-256";
+        return st.refused(StatusCode::UNAUTHORIZED, msg, reason);
     };
+    // Refused before the body is touched: hyper sends `100 Continue` only when a body is
+    // first read, and a client announcing too much need not send a byte of it.
+    if content_length(req.headers()).is_some_and(|n| n > st.max_body_bytes as u64) {
+        let msg = format!("body over {} bytes", st.max_body_bytes);
+        return (StatusCode::PAYLOAD_TOO_LARGE, msg).into_response();
+    }
     // Bytes honours the DefaultBodyLimit layer: a body over the limit is a 413 rejection.
     let body = match Bytes::from_request(req, &()).await {
         Ok(b) => b,
         Err(rejection) => return rejection.into_response(),
     };
     if !st.signature_ok(&body, &sig) {
-        tracing::warn!(connector = %st.name, bytes = body.len(), "webhook with a wrong signature refused");
-        return (StatusCode::FORBIDDEN, "signature mismatch").into_response();
+        tracing::debug!(connector = %st.name, bytes = body.len(), "webhook with a wrong signature refused");
+        return st.refused(
+            StatusCode::FORBIDDEN,
+            "signature mismatch",
+            RefusalReason::Invalid,
+        );
     }
     let stored = match parse::check_envelope(&body) {
         Ok(()) => st
@@ -194,6 +237,29 @@ async fn receive<I: Inbox + ?Sized>(
             (StatusCode::SERVICE_UNAVAILABLE, "not stored").into_response()
         }
     }
+}
+
+impl<I: ?Sized> WebhookState<I> {
+    /// A refusal for the signature, marked for the host's accounting.
+    fn refused(&self, code: StatusCode, msg: &'static str, reason: RefusalReason) -> Response {
+        let mut r = (code, msg).into_response();
+        r.extensions_mut().insert(SignatureRefused {
+            connector: self.name.clone(),
+            reason,
+        });
+        r
+    }
+}
+
+/// The announced body length, if the header is present and a number.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// `sha256=<64 hex>` → the 32 bytes; anything else is `None`.
