@@ -88,7 +88,9 @@ async fn start_with(dir: &Path, config: &str, env: &[(&str, String)], log: &str)
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     let log_path = dir.join("daemon-0.log");
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_optout-sync"));
+    // A new store's directory, as systemd's StateDirectory= provides it.
     cmd.arg("run")
+        .arg("--create-state-dir")
         .arg("--config")
         .arg(&config_path)
         .env("NOTIFY_SOCKET", &notify_path)
