@@ -327,13 +327,14 @@ impl OrgState {
     }
 }
 
-/// Salesforce's JSON datetime form: milliseconds and an offset without a colon.
 /// Salesforce datetimes are whole seconds: a stamp given with milliseconds (a test's
 /// `insert_at`) is stored rounded down, as Salesforce would store it.
 fn whole_second(ms: i64) -> i64 {
     ms - ms.rem_euclid(1000)
 }
 
+/// Salesforce's JSON datetime form: milliseconds (`.000` for system stamps) and an offset
+/// without a colon.
 fn sf_time(ms: i64) -> String {
     Utc.timestamp_millis_opt(ms)
         .single()
