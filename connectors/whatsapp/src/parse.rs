@@ -255,10 +255,8 @@ fn mark_invalid_utf8(body: &[u8]) -> (std::borrow::Cow<'_, str>, Vec<usize>) {
             Err(e) => {
                 let start = at + e.valid_up_to();
                 let len = e.error_len().unwrap_or(out.len() - start);
-                for i in start..start + len {
-                    out[i] = b'?';
-                    bad.push(i);
-                }
+                out[start..start + len].fill(b'?');
+                bad.extend(start..start + len);
                 at = start + len;
             }
         }
