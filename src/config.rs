@@ -172,6 +172,10 @@ pub struct PolicySection {
     /// Which scope each kind of signal affects.
     #[serde(default)]
     pub scopes: ScopeMap,
+    /// Event times before this date (`YYYY-MM-DD` or RFC 3339) are refused as evidence;
+    /// omitted = 2009-01-01.
+    #[serde(default)]
+    pub event_time_floor: Option<String>,
 }
 
 impl Default for PolicySection {
@@ -181,6 +185,7 @@ impl Default for PolicySection {
             future_tolerance: default_tolerance(),
             accept_opt_ins_from: None,
             scopes: ScopeMap::default(),
+            event_time_floor: None,
         }
     }
 }
@@ -197,6 +202,10 @@ impl PolicySection {
         PolicyConfig {
             margin: self.opt_in_margin,
             future_tolerance: self.future_tolerance,
+            // Checked by `check_policy`: an unreadable floor never gets this far.
+            event_time_floor: (self.event_time_floor.as_deref())
+                .and_then(optout_core::Timestamp::parse)
+                .unwrap_or(crate::policy::EVENT_TIME_FLOOR),
             scopes: self.scopes,
             accept_opt_ins_from: self
                 .accept_opt_ins_from
@@ -638,6 +647,21 @@ impl Config {
                 "policy.future_tolerance",
                 "at most 1h: a longer tolerance lets an event dated in the future outrank every later opt-out",
             );
+        }
+        match pol
+            .event_time_floor
+            .as_deref()
+            .map(|s| (s, optout_core::Timestamp::parse(s)))
+        {
+            Some((_, None)) => found.add(
+                "policy.event_time_floor",
+                "not a date: write YYYY-MM-DD or an RFC 3339 date-time",
+            ),
+            Some((_, Some(t))) if t > optout_core::Timestamp::now() => found.add(
+                "policy.event_time_floor",
+                "lies in the future: every act would be refused",
+            ),
+            _ => {}
         }
         if pol.opt_in_margin > Duration::from_secs(24 * 3600) {
             found.add(

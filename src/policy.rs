@@ -8,8 +8,15 @@
 //! A tie or near-tie therefore goes to opt-out.
 //!
 //! The judging functions turn one observation into a [`Judgement`]: a [`Fact`] for the
-//! registers, an echo of our own write, an unchanged re-read, or an ignored opt-in (with
-//! the reason, for the audit log).
+//! registers, an echo of our own write, an unchanged re-read, an ignored opt-in, or an act
+//! refused because its time lies before the event-time floor (with the reason, for the
+//! audit log).
+//!
+//! Time is bounded on both sides: an event time further in the future than the tolerance
+//! is clamped to the observed time, and one before the floor ([`EVENT_TIME_FLOOR`] by
+//! default: WhatsApp did not exist before it) is no evidence at all. A 0, -1 or year-0001
+//! timestamp is a sender's bug, not an act in 1970; taking it as one would also let it lose
+//! every tie it should not be in.
 
 use std::cmp::Ordering;
 use std::collections::BTreeSet;
@@ -25,6 +32,8 @@ pub struct PolicyConfig {
     pub margin: Duration,
     /// Event times further than this in the future are clamped to the observed time.
     pub future_tolerance: Duration,
+    /// Event times before this are refused as evidence (audited, not decided on).
+    pub event_time_floor: Timestamp,
     /// Which scope each kind of signal affects.
     pub scopes: ScopeMap,
     /// Sources whose opt-ins count; `None` = every source.
@@ -36,11 +45,17 @@ impl Default for PolicyConfig {
         PolicyConfig {
             margin: Duration::from_secs(5),
             future_tolerance: Duration::from_secs(300),
+            event_time_floor: EVENT_TIME_FLOOR,
             scopes: ScopeMap::default(),
             accept_opt_ins_from: None,
         }
     }
 }
+
+/// The default event-time floor, 2009-01-01T00:00:00Z: WhatsApp's founding. No consent
+/// act any source reports can be older (HubSpot and Salesforce fields included); an
+/// import of older records needs `policy.event_time_floor` set lower.
+pub const EVENT_TIME_FLOOR: Timestamp = Timestamp(1_230_768_000_000);
 
 impl PolicyConfig {
     pub fn accepts_opt_ins_from(&self, source: &str) -> bool {
@@ -354,6 +369,8 @@ pub enum Judgement {
     Fact(Fact),
     /// An opt-in from a source whose opt-ins are not accepted: audited, not decided on.
     NotAccepted(Fact, String),
+    /// An act whose time lies before the event-time floor: audited, not decided on.
+    Refused(Fact, String),
     /// A read-back of what the daemon itself wrote: confirms the push, decides nothing.
     Echo(Status),
     /// The record still holds the value last seen.
@@ -402,9 +419,11 @@ pub fn judge_record(
     // The companion change-time field is trusted only when someone other than us set it:
     // if it still holds the time we wrote, the value changed without it (a bulk edit, an
     // import), and the record's modification time is the better witness.
+    // A change time before the floor is no witness either (a date field set to 0001 by
+    // hand): the record's own modification time stands in, and is itself checked.
     let our_stamp = last_pushed.map(|(_, t)| t);
     let at = match snap.changed_at {
-        Some(t) if Some(t) != our_stamp => t,
+        Some(t) if Some(t) != our_stamp && t >= cfg.event_time_floor => t,
         _ => snap.modified_at,
     };
     let fact = Fact {
@@ -442,6 +461,13 @@ pub fn judge_event(
 }
 
 fn offer(fact: Fact, cfg: &PolicyConfig) -> Judgement {
+    if fact.at < cfg.event_time_floor {
+        let why = format!(
+            "event time {} lies before the floor {}: refused as evidence",
+            fact.at, cfg.event_time_floor
+        );
+        return Judgement::Refused(fact, why);
+    }
     if fact.status == Status::OptedIn && !cfg.accepts_opt_ins_from(&fact.source) {
         let why = format!("opt-ins from {} are not accepted", fact.source);
         return Judgement::NotAccepted(fact, why);

@@ -586,6 +586,7 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
                 }
             }
             Judgement::NotAccepted(fact, why) => self.ignore(&[id], &fact, &why)?,
+            Judgement::Refused(fact, why) => self.refuse(&[id], &fact, &why)?,
             _ => self.tally("no_consent_value"),
         }
         Ok(())
@@ -596,9 +597,15 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
         s.consent.record(fact);
         let mut a = fact_audit(AuditKind::Accepted, fact, self.now);
         a.subject = Some(subject_name(id));
-        if reported_at != fact.at {
+        let policy = &self.engine.policy;
+        if reported_at != fact.at && reported_at > self.now.plus(policy.future_tolerance) {
             a.reason = Some(format!(
                 "event time {reported_at} lies in the future; clamped"
+            ));
+        } else if reported_at < policy.event_time_floor {
+            a.reason = Some(format!(
+                "change time {reported_at} lies before the floor {}; the record's modification time stands in",
+                policy.event_time_floor
             ));
         }
         self.tx.audit(&a, &[id])?;
@@ -607,6 +614,23 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
     }
 
     fn ignore(&mut self, ids: &[u64], fact: &Fact, why: &str) -> TxResult<()> {
+        self.set_aside(ids, fact, why, "ignored")
+    }
+
+    /// An act dated before the event-time floor: kept in the audit log with the time as
+    /// reported, never decided on.
+    fn refuse(&mut self, ids: &[u64], fact: &Fact, why: &str) -> TxResult<()> {
+        self.set_aside(ids, fact, why, "refused")
+    }
+
+    /// Audits a fact that does not enter the registers.
+    fn set_aside(
+        &mut self,
+        ids: &[u64],
+        fact: &Fact,
+        why: &str,
+        result: &'static str,
+    ) -> TxResult<()> {
         let mut a = fact_audit(AuditKind::Ignored, fact, self.now);
         a.subject = Some(
             ids.iter()
@@ -616,7 +640,7 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
         );
         a.reason = Some(why.to_string());
         self.tx.audit(&a, ids)?;
-        self.tally("ignored");
+        self.tally(result);
         Ok(())
     }
 
@@ -735,6 +759,7 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
                 }
             }
             Judgement::NotAccepted(fact, why) => self.ignore(ids, &fact, &why)?,
+            Judgement::Refused(fact, why) => self.refuse(ids, &fact, &why)?,
             Judgement::Echo(status) => self.echo(snap, ids, status)?,
             Judgement::InitialOptIn => {
                 let fact = Fact {

@@ -131,8 +131,12 @@ fn tie_and_near_tie_go_to_opt_out() {
     }
 }
 
+/// The named cases use small numbers for times; the floor has cases of its own.
 fn cfg() -> PolicyConfig {
-    PolicyConfig::default()
+    PolicyConfig {
+        event_time_floor: Timestamp::MIN,
+        ..PolicyConfig::default()
+    }
 }
 
 fn snap(value: Option<Status>, changed_at: Option<i64>, modified: i64) -> RecordSnapshot {
@@ -263,6 +267,80 @@ fn future_times_are_clamped_and_opt_ins_can_be_refused() {
     assert!(matches!(
         judge_record(Some(&seen_out), &snap(Some(Status::OptedIn), None, 10), "hubspot", now, &strict),
         Judgement::NotAccepted(_, why) if why.contains("hubspot")
+    ));
+}
+
+#[test]
+fn times_before_the_floor_are_refused_as_evidence() {
+    let real = PolicyConfig::default();
+    let now = Timestamp::from_secs(1_800_000_000);
+    let year_one = Timestamp::parse("0001-01-01T00:00:00Z").unwrap();
+    for at in [
+        Timestamp(0),
+        Timestamp(-1000),
+        year_one,
+        Timestamp::from_secs(1_230_767_999),
+    ] {
+        let mut ev = event(Some(Status::OptedOut), Signal::Keyword, 0);
+        ev.at = at;
+        match judge_event(&ev, "whatsapp", now, &real) {
+            Judgement::Refused(f, why) => {
+                assert_eq!(f.at, at, "kept as reported, not re-dated");
+                assert!(why.contains("before the floor 2009-01-01"), "{why}");
+            }
+            other => panic!("{at}: {other:?}"),
+        }
+        // An opt-in dated before the floor cannot outrank anything either.
+        ev.status = Some(Status::OptedIn);
+        assert!(matches!(
+            judge_event(&ev, "whatsapp", now, &real),
+            Judgement::Refused(..)
+        ));
+    }
+    let mut ev = event(Some(Status::OptedOut), Signal::Keyword, 0);
+    ev.at = EVENT_TIME_FLOOR;
+    assert!(matches!(
+        judge_event(&ev, "whatsapp", now, &real),
+        Judgement::Fact(_)
+    ));
+
+    // A CRM change-time field before the floor is no witness: the record's modification
+    // time stands in; a record whose modification time is before it too is refused.
+    let seen_in = RecordMemory {
+        last_seen: Some(Status::OptedIn),
+        ..Default::default()
+    };
+    let modified = 1_700_000_000;
+    match judge_record(
+        Some(&seen_in),
+        &snap(Some(Status::OptedOut), Some(0), modified),
+        "hubspot",
+        now,
+        &real,
+    ) {
+        Judgement::Fact(f) => assert_eq!(f.at, Timestamp::from_secs(modified)),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        judge_record(
+            Some(&seen_in),
+            &snap(Some(Status::OptedOut), Some(0), -1),
+            "hubspot",
+            now,
+            &real
+        ),
+        Judgement::Refused(..)
+    ));
+    // The floor is a setting.
+    let lower = PolicyConfig {
+        event_time_floor: Timestamp::from_secs(-1),
+        ..PolicyConfig::default()
+    };
+    let mut ev = event(Some(Status::OptedOut), Signal::Import, 0);
+    ev.at = Timestamp(0);
+    assert!(matches!(
+        judge_event(&ev, "import", now, &lower),
+        Judgement::Fact(_)
     ));
 }
 

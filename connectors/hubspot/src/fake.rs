@@ -1081,10 +1081,22 @@ impl Portal {
                 json!({ "status": "error", "message": format!("Property named '{name}' already exists."), "category": "OBJECT_ALREADY_EXISTS" }),
             );
         }
-        let options: Vec<String> = def["options"]
-            .as_array()
-            .into_iter()
-            .flatten()
+        // Like HubSpot's `OptionInput`: `label`, `value`, `displayOrder` and `hidden` are
+        // required on every option.
+        let raw_options = def["options"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+        if let Some(bad) = raw_options.iter().find(|o| {
+            !(o["label"].is_string()
+                && o["value"].is_string()
+                && o["displayOrder"].is_i64()
+                && o["hidden"].is_boolean())
+        }) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                json!({ "status": "error", "message": format!("Invalid input JSON: an option needs label, value, displayOrder and hidden: {bad}"), "category": "VALIDATION_ERROR" }),
+            );
+        }
+        let options: Vec<String> = raw_options
+            .iter()
             .filter_map(|o| o["value"].as_str().map(String::from))
             .collect();
         if kind == PropKind::Enumeration && options.is_empty() {

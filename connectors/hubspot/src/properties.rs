@@ -28,9 +28,11 @@ impl HubSpot {
                 "groupName": "contactinformation",
                 "type": "enumeration",
                 "fieldType": "select",
+                // HubSpot's `OptionInput` requires `hidden` (and `label`, `value`,
+                // `displayOrder`) on every option.
                 "options": [
-                    { "label": "Opted out", "value": cfg.opted_out_value, "displayOrder": 0 },
-                    { "label": "Opted in", "value": cfg.opted_in_value, "displayOrder": 1 },
+                    { "label": "Opted out", "value": cfg.opted_out_value, "displayOrder": 0, "hidden": false },
+                    { "label": "Opted in", "value": cfg.opted_in_value, "displayOrder": 1, "hidden": false },
                 ],
             }),
             json!({

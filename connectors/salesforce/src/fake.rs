@@ -249,9 +249,11 @@ struct OrgState {
 }
 
 impl OrgState {
-    /// A fresh `SystemModstamp`: now, and always later than the previous one.
+    /// A fresh `SystemModstamp`: now in whole seconds, as Salesforce stores it, and never
+    /// earlier than the previous one. Rows written within one second share a stamp, as
+    /// they do in a real org under a bulk load.
     fn tick(&mut self) -> i64 {
-        self.clock = Utc::now().timestamp_millis().max(self.clock + 1);
+        self.clock = whole_second(Utc::now().timestamp_millis()).max(self.clock);
         self.clock
     }
 
@@ -293,7 +295,7 @@ impl OrgState {
         let mut row = Row {
             object: canonical.to_string(),
             fields: BTreeMap::new(),
-            modstamp: modstamp.unwrap_or_else(|| self.tick()),
+            modstamp: modstamp.map_or_else(|| self.tick(), whole_second),
             visible,
             deleted: false,
         };
@@ -325,7 +327,14 @@ impl OrgState {
     }
 }
 
-/// Salesforce's JSON datetime form: milliseconds and an offset without a colon.
+/// Salesforce datetimes are whole seconds: a stamp given with milliseconds (a test's
+/// `insert_at`) is stored rounded down, as Salesforce would store it.
+fn whole_second(ms: i64) -> i64 {
+    ms - ms.rem_euclid(1000)
+}
+
+/// Salesforce's JSON datetime form: milliseconds (`.000` for system stamps) and an offset
+/// without a colon.
 fn sf_time(ms: i64) -> String {
     Utc.timestamp_millis_opt(ms)
         .single()
@@ -511,7 +520,7 @@ impl FakeHandle {
 
     /// Sets a record's `SystemModstamp` (to force ties or age a record).
     pub fn set_modstamp(&self, id: &str, t: Timestamp) {
-        self.state().rows.get_mut(id).expect("known id").modstamp = t.millis();
+        self.state().rows.get_mut(id).expect("known id").modstamp = whole_second(t.millis());
     }
 
     /// Moves a record to the recycle bin: queries skip it, updates fail `ENTITY_IS_DELETED`.

@@ -302,13 +302,13 @@ mod tests {
         );
         assert!(
             build_query(&c, Bound::AtOrAfter(t))
-                .contains(" WHERE SystemModstamp >= 2026-01-02T10:11:12.345Z ORDER BY")
+                .contains(" WHERE SystemModstamp >= 2026-01-02T10:11:12Z ORDER BY")
         );
         assert_eq!(
             build_query(&Source::MessagingEndUser, Bound::After(t, "0PA'x")),
             "SELECT Id, SystemModstamp, MessagingPlatformKey, MessagingConsentStatus FROM MessagingEndUser \
-             WHERE MessageType = 'WhatsApp' AND (SystemModstamp > 2026-01-02T10:11:12.345Z OR \
-             (SystemModstamp = 2026-01-02T10:11:12.345Z AND Id > '0PA\\'x')) ORDER BY SystemModstamp, Id"
+             WHERE MessageType = 'WhatsApp' AND (SystemModstamp > 2026-01-02T10:11:12Z OR \
+             (SystemModstamp = 2026-01-02T10:11:12Z AND Id > '0PA\\'x')) ORDER BY SystemModstamp, Id"
         );
     }
 }

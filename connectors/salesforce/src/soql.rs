@@ -27,10 +27,15 @@ pub fn string_literal(value: &str) -> String {
     out
 }
 
-/// A SOQL datetime literal (unquoted, UTC, milliseconds kept: `SystemModstamp` ties are
-/// decided to the millisecond, so the cursor must not round).
+/// A SOQL datetime literal (unquoted, UTC), in whole seconds as Salesforce documents them
+/// (`YYYY-MM-DDThh:mm:ssZ`). Rounded down: a bound that is a little early only re-reads
+/// rows, which the core recognises, while one a little late could skip them. Real
+/// `SystemModstamp` values are whole seconds, so the cursor's ties are exact.
 pub fn datetime_literal(t: Timestamp) -> String {
-    t.to_rfc3339()
+    let whole = Timestamp::from_secs(t.millis().div_euclid(1000));
+    whole
+        .to_datetime()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 #[cfg(test)]
@@ -58,8 +63,11 @@ mod tests {
     }
 
     #[test]
-    fn datetime_literals_keep_milliseconds() {
-        let t = Timestamp::parse("2026-01-02T10:11:12.345+0000").unwrap();
-        assert_eq!(datetime_literal(t), "2026-01-02T10:11:12.345Z");
+    fn datetime_literals_are_whole_seconds_rounded_down() {
+        let t = Timestamp::parse("2026-01-02T10:11:12.999+0000").unwrap();
+        assert_eq!(datetime_literal(t), "2026-01-02T10:11:12Z");
+        let t = Timestamp::parse("2026-01-02T10:11:12.000+0000").unwrap();
+        assert_eq!(datetime_literal(t), "2026-01-02T10:11:12Z");
+        assert_eq!(datetime_literal(Timestamp(-1)), "1969-12-31T23:59:59Z");
     }
 }

@@ -33,6 +33,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A BSUID (`US.1349…`) or parent BSUID (`US.ENT.1181…`): a two-letter country code, a
+/// period, then letters, digits and periods.
+fn is_bsuid(v: &str) -> bool {
+    let mut parts = v.splitn(2, '.');
+    let cc = parts.next().unwrap_or("");
+    let rest = parts.next().unwrap_or("");
+    cc.len() == 2
+        && cc.bytes().all(|b| b.is_ascii_uppercase())
+        && !rest.is_empty()
+        && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.')
+}
+
 // ---------------------------------------------------------------------------------------
 // In-memory inbox
 
@@ -397,9 +409,13 @@ async fn graph_send(
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
+    // Meta's BSUID rules for the Messages API: `to` takes a phone number, `recipient` a
+    // BSUID (or parent BSUID); with both, `to` wins; with neither, the request is invalid.
     let valid = v.get("messaging_product").and_then(Value::as_str) == Some("whatsapp")
         && v.get("type").and_then(Value::as_str) == Some("text")
-        && to.is_some() != recipient.is_some()
+        && (to.is_some() || recipient.is_some())
+        && to.as_deref().is_none_or(|t| !is_bsuid(t))
+        && recipient.as_deref().is_none_or(is_bsuid)
         && !text.is_empty()
         && text.chars().count() <= 4096;
     if !valid {
@@ -437,9 +453,11 @@ async fn graph_send(
             .map(String::from),
         body: v,
     });
+    // `wa_id` for a send by phone number, `user_id` for a BSUID-only one.
     let mut contact = json!({"input": who});
-    if let Some(t) = &to {
-        contact["wa_id"] = json!(t.trim_start_matches('+'));
+    match &to {
+        Some(t) => contact["wa_id"] = json!(t.trim_start_matches('+')),
+        None => contact["user_id"] = json!(who),
     }
     axum::Json(
         json!({"messaging_product": "whatsapp", "contacts": [contact], "messages": [{"id": id}]}),

@@ -23,20 +23,23 @@
 //! removes duplicates within a page; across pages the core dedupes on the same key.
 //!
 //! The parser is lenient the way Meta's payloads require (timestamps as strings or integers,
-//! fields missing for username users) and isolates failures: a message that cannot be read
-//! is skipped with a warning naming only its id, and the rest of the body still counts.
+//! fields missing for username users) and isolates failures: a body is read as a sequence
+//! of parts ([`parts`]), and a part that cannot be read (bytes that are not UTF-8, nesting
+//! too deep, a wrong shape, no sender) is returned as [`Part::Unreadable`] with its byte
+//! span, for the quarantine, while the rest of the body still counts. Nothing here logs:
+//! what a body holds (numbers, texts) never reaches a log line.
 
 use optout_core::{ConsentEvent, Identity, Observation, Signal, Status, Timestamp};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::detect::Detector;
 
 /// Error code of a failed send to someone who stopped marketing messages.
 pub const MARKETING_STOPPED: i64 = 131050;
 
-/// Why a whole body is unusable.
+/// Why a whole body is unusable. The text never quotes the body.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BodyError {
     #[error("not JSON: {0}")]
@@ -55,11 +58,13 @@ pub fn check_envelope(body: &[u8]) -> Result<(), BodyError> {
         entry: Option<Vec<IgnoredAny>>,
     }
     let body = repair_surrogates(body);
+    // serde_json's message can quote the body; only its class and position are kept.
     let shape: Shape = serde_json::from_slice(&body).map_err(|e| {
+        let at = format!("at line {} column {}", e.line(), e.column());
         if e.is_data() {
-            BodyError::NotEnvelope(e.to_string())
+            BodyError::NotEnvelope(format!("{} {at}", why(&e)))
         } else {
-            BodyError::NotJson(e.to_string())
+            BodyError::NotJson(format!("{:?} error {at}", e.classify()))
         }
     })?;
     match (shape.object.as_deref(), shape.entry) {
@@ -67,7 +72,10 @@ pub fn check_envelope(body: &[u8]) -> Result<(), BodyError> {
         (Some("whatsapp_business_account"), None) => {
             Err(BodyError::NotEnvelope("no entry array".into()))
         }
-        (other, _) => Err(BodyError::NotEnvelope(format!("object is {other:?}"))),
+        (Some(_), _) => Err(BodyError::NotEnvelope(
+            "object is not whatsapp_business_account".into(),
+        )),
+        (None, _) => Err(BodyError::NotEnvelope("no object".into())),
     }
 }
 
@@ -121,70 +129,329 @@ pub fn repair_surrogates(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     }
 }
 
-/// All observations in one body, in the body's order.
+/// The most events and unreadable parts the poll takes into one page, however many one
+/// body holds: each page is one store transaction, and a 9,000-message envelope in one
+/// transaction held hundreds of megabytes.
+pub const MAX_PAGE_PARTS: usize = 500;
+
+/// Why a part of a body (or a whole body) cannot be used. The text names the kind of
+/// damage only and never quotes the body: it is logged and kept as the quarantine reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// Bytes that are not UTF-8 inside it.
+    InvalidUtf8,
+    /// Nested deeper than the reader follows (serde_json's recursion limit).
+    TooDeep,
+    /// Not the shape Meta documents (a string where an object belongs, say).
+    Shape,
+    /// A message or preference that names nobody.
+    NoSender,
+}
+
+impl std::fmt::Display for Why {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Why::InvalidUtf8 => "invalid UTF-8",
+            Why::TooDeep => "nested too deep",
+            Why::Shape => "not the documented shape",
+            Why::NoSender => "names no sender",
+        })
+    }
+}
+
+/// serde_json's message may quote the offending value (a number, a text): it is only
+/// classified here, never shown.
+fn why(e: &serde_json::Error) -> Why {
+    if e.to_string().contains("recursion limit") {
+        Why::TooDeep
+    } else {
+        Why::Shape
+    }
+}
+
+/// One unit of a body. A body is read as a fixed sequence of units (each entry's changes,
+/// and in each change its contacts, then messages, statuses or preferences), so the poll
+/// can stop inside a large body and resume at the same unit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Part {
+    /// A customer's act or inbound message.
+    Event(ConsentEvent),
+    /// Readable, and says nothing the core needs (a delivery status, a contact).
+    Nothing,
+    /// Cannot be used: `span` (bytes of the stored body) goes to the quarantine; `at`
+    /// locates it by position (`entry 0 change 1 message 3`).
+    Unreadable {
+        span: std::ops::Range<usize>,
+        at: String,
+        why: Why,
+    },
+}
+
+/// All observations in one body, in the body's order; unreadable parts are left out
+/// (the poll uses [`parts`], which keeps them for the quarantine).
 pub fn parse(
     body: &[u8],
     received_at: Timestamp,
     detector: &Detector,
 ) -> Result<Vec<Observation>, BodyError> {
+    Ok(parts(body, received_at, detector)?
+        .into_iter()
+        .filter_map(|p| match p {
+            Part::Event(e) => Some(Observation::Event(e)),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Every unit of one body, in order. A body whose envelope cannot be read at all is an
+/// error (the whole body is quarantined); within a readable envelope, each entry, change,
+/// contact, message, status and preference stands alone: a damaged one (bytes that are not
+/// UTF-8, nesting too deep, a wrong shape) becomes [`Part::Unreadable`] and the others
+/// still count. Damage is charged to the smallest unit that holds it.
+///
+/// No tree of the body is built: the body is read once into borrowed spans
+/// (`RawValue`), and each item into its own small struct.
+pub fn parts(
+    body: &[u8],
+    received_at: Timestamp,
+    detector: &Detector,
+) -> Result<Vec<Part>, BodyError> {
     check_envelope(body)?;
-    let body = repair_surrogates(body);
-    let envelope: Envelope =
-        serde_json::from_slice(&body).map_err(|e| BodyError::NotEnvelope(e.to_string()))?;
-    let mut out = Vec::new();
-    for entry in envelope.entry {
-        let Ok(entry) = serde_json::from_value::<EntryRaw>(entry) else {
-            tracing::warn!("skipping a webhook entry without a readable changes array");
-            continue;
-        };
-        for change in entry.changes {
-            let Ok(change) = serde_json::from_value::<ChangeRaw>(change) else {
-                tracing::warn!("skipping a webhook change without field/value");
-                continue;
-            };
-            let cx = Cx::new(&change.value, received_at, detector);
-            match change.field.as_str() {
-                "messages" => {
-                    out.extend(items(&change.value, "messages").filter_map(|m| cx.message(m)));
-                    out.extend(items(&change.value, "statuses").filter_map(|s| cx.status(s)));
-                }
-                "user_preferences" => {
-                    out.extend(
-                        items(&change.value, "user_preferences").filter_map(|p| cx.preference(p)),
-                    );
-                }
-                _ => {} // account, template and other management updates say nothing about consent
+    let repaired = repair_surrogates(body);
+    let (text, bad) = mark_invalid_utf8(&repaired);
+    let envelope: Envelope<'_> = serde_json::from_str(&text)
+        .map_err(|e| BodyError::NotEnvelope(format!("{} at column {}", why(&e), e.column())))?;
+    let mut walk = Walk {
+        base: text.as_ptr() as usize,
+        bad,
+        received_at,
+        detector,
+        out: Vec::new(),
+    };
+    let in_entries: usize = envelope.entry.iter().map(|e| walk.bad_in(e)).sum();
+    if in_entries < walk.bad.len() {
+        return Err(BodyError::NotEnvelope(
+            "invalid UTF-8 outside the entries".into(),
+        ));
+    }
+    for (i, e) in envelope.entry.iter().enumerate() {
+        walk.entry(i, e);
+    }
+    Ok(walk.out)
+}
+
+/// The body as text with each byte of an invalid UTF-8 sequence replaced by `?` (same
+/// length, so every span still locates the stored bytes), and where those bytes were.
+fn mark_invalid_utf8(body: &[u8]) -> (std::borrow::Cow<'_, str>, Vec<usize>) {
+    if let Ok(s) = std::str::from_utf8(body) {
+        return (std::borrow::Cow::Borrowed(s), Vec::new());
+    }
+    let mut out = body.to_vec();
+    let mut bad = Vec::new();
+    let mut at = 0;
+    while at < out.len() {
+        match std::str::from_utf8(&out[at..]) {
+            Ok(_) => break,
+            Err(e) => {
+                let start = at + e.valid_up_to();
+                let len = e.error_len().unwrap_or(out.len() - start);
+                out[start..start + len].fill(b'?');
+                bad.extend(start..start + len);
+                at = start + len;
             }
         }
     }
-    Ok(out.into_iter().map(Observation::Event).collect())
+    let text = String::from_utf8(out).expect("every invalid sequence was replaced");
+    (std::borrow::Cow::Owned(text), bad)
 }
 
 #[derive(Deserialize)]
-struct Envelope {
-    #[serde(default)]
-    entry: Vec<Value>,
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    entry: Vec<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
-struct EntryRaw {
-    #[serde(default)]
-    changes: Vec<Value>,
+struct EntryRaw<'a> {
+    #[serde(borrow, default)]
+    changes: Option<Vec<&'a RawValue>>,
 }
 
 #[derive(Deserialize)]
-struct ChangeRaw {
+struct ChangeRaw<'a> {
     field: String,
-    #[serde(default)]
-    value: Value,
+    #[serde(borrow)]
+    value: Option<&'a RawValue>,
 }
 
-fn items<'a>(value: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> {
-    value
-        .get(key)
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+#[derive(Deserialize)]
+struct ValueRaw<'a> {
+    #[serde(borrow, default)]
+    contacts: Option<Vec<&'a RawValue>>,
+    #[serde(borrow, default)]
+    messages: Option<Vec<&'a RawValue>>,
+    #[serde(borrow, default)]
+    statuses: Option<Vec<&'a RawValue>>,
+    #[serde(borrow, default)]
+    user_preferences: Option<Vec<&'a RawValue>>,
+}
+
+/// The state of one body's reading: where the text starts (to turn borrowed spans into
+/// offsets), where its damaged bytes are, and the units found so far.
+struct Walk<'d> {
+    base: usize,
+    bad: Vec<usize>,
+    received_at: Timestamp,
+    detector: &'d Detector,
+    out: Vec<Part>,
+}
+
+impl<'d> Walk<'d> {
+    fn span(&self, raw: &RawValue) -> std::ops::Range<usize> {
+        let start = raw.get().as_ptr() as usize - self.base;
+        start..start + raw.get().len()
+    }
+
+    /// How many damaged bytes lie inside `raw`.
+    fn bad_in(&self, raw: &RawValue) -> usize {
+        let s = self.span(raw);
+        self.bad.partition_point(|&b| b < s.end) - self.bad.partition_point(|&b| b < s.start)
+    }
+
+    /// Whether `raw` holds damaged bytes outside all of `children` (then `raw` itself is
+    /// the smallest unit holding them).
+    fn bad_outside<'r>(
+        &self,
+        raw: &RawValue,
+        children: impl Iterator<Item = &'r RawValue>,
+    ) -> bool {
+        self.bad_in(raw) > children.map(|c| self.bad_in(c)).sum()
+    }
+
+    fn unreadable(&mut self, raw: &RawValue, at: String, why: Why) {
+        let span = self.span(raw);
+        self.out.push(Part::Unreadable { span, at, why });
+    }
+
+    fn entry(&mut self, i: usize, raw: &RawValue) {
+        let at = format!("entry {i}");
+        let entry = match serde_json::from_str::<EntryRaw<'_>>(raw.get()) {
+            Ok(e) => e,
+            Err(e) => return self.unreadable(raw, at, why(&e)),
+        };
+        let changes = entry.changes.unwrap_or_default();
+        if self.bad_outside(raw, changes.iter().copied()) {
+            return self.unreadable(raw, at, Why::InvalidUtf8);
+        }
+        for (j, c) in changes.iter().enumerate() {
+            self.change(&format!("{at} change {j}"), c);
+        }
+    }
+
+    fn change(&mut self, at: &str, raw: &RawValue) {
+        let change = match serde_json::from_str::<ChangeRaw<'_>>(raw.get()) {
+            Ok(c) => c,
+            Err(e) => return self.unreadable(raw, at.to_string(), why(&e)),
+        };
+        let consent = matches!(change.field.as_str(), "messages" | "user_preferences");
+        let value = match change.value {
+            // Account, template and other management updates say nothing about consent;
+            // damage inside their value is not read.
+            Some(v) if !consent => {
+                let damaged = self.bad_outside(raw, std::iter::once(v));
+                return self.nothing_or_damaged(raw, at, damaged);
+            }
+            None => {
+                let damaged = self.bad_in(raw) > 0;
+                return self.nothing_or_damaged(raw, at, damaged);
+            }
+            Some(v) => v,
+        };
+        let v = match serde_json::from_str::<ValueRaw<'_>>(value.get()) {
+            Ok(v) => v,
+            Err(e) => return self.unreadable(raw, at.to_string(), why(&e)),
+        };
+        let contacts = v.contacts.unwrap_or_default();
+        let items: Vec<(&str, &RawValue)> = if change.field == "messages" {
+            let m = v
+                .messages
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| ("message", r));
+            m.chain(
+                v.statuses
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|r| ("status", r)),
+            )
+            .collect()
+        } else {
+            let p = v.user_preferences.unwrap_or_default();
+            p.into_iter().map(|r| ("preference", r)).collect()
+        };
+        let children = contacts.iter().chain(items.iter().map(|(_, r)| r)).copied();
+        if self.bad_outside(raw, children) {
+            return self.unreadable(raw, at.to_string(), Why::InvalidUtf8);
+        }
+        let cx = self.contacts(at, &contacts);
+        for (k, (what, item)) in items.into_iter().enumerate() {
+            self.item(format!("{at} {what} {k}"), item, |text| match what {
+                "message" => cx.message(serde_json::from_str(text).map_err(|e| why(&e))?),
+                "status" => cx.status(text),
+                _ => cx.preference(serde_json::from_str(text).map_err(|e| why(&e))?),
+            });
+        }
+    }
+
+    fn nothing_or_damaged(&mut self, raw: &RawValue, at: &str, damaged: bool) {
+        if damaged {
+            self.unreadable(raw, at.to_string(), Why::InvalidUtf8);
+        } else {
+            self.out.push(Part::Nothing);
+        }
+    }
+
+    /// The change's readable contacts; each unreadable one is a part of its own (it only
+    /// ever links identities, so leaving it out links less, never wrongly).
+    fn contacts(&mut self, at: &str, raws: &[&RawValue]) -> Cx<'d> {
+        let mut contacts = Vec::new();
+        for (k, raw) in raws.iter().enumerate() {
+            let read = match self.bad_in(raw) {
+                0 => serde_json::from_str::<Contact>(raw.get()).map_err(|e| why(&e)),
+                _ => Err(Why::InvalidUtf8),
+            };
+            match read {
+                Ok(c) => {
+                    contacts.push(c);
+                    self.out.push(Part::Nothing);
+                }
+                Err(w) => self.unreadable(raw, format!("{at} contact {k}"), w),
+            }
+        }
+        Cx {
+            contacts,
+            received_at: self.received_at,
+            detector: self.detector,
+        }
+    }
+
+    /// One message, status or preference: an event, nothing, or unreadable.
+    fn item(
+        &mut self,
+        at: String,
+        raw: &RawValue,
+        judge: impl FnOnce(&str) -> Result<Option<ConsentEvent>, Why>,
+    ) {
+        let judged = match self.bad_in(raw) {
+            0 => judge(raw.get()),
+            _ => Err(Why::InvalidUtf8),
+        };
+        match judged {
+            Ok(Some(ev)) => self.out.push(Part::Event(ev)),
+            Ok(None) => self.out.push(Part::Nothing),
+            Err(w) => self.unreadable(raw, at, w),
+        }
+    }
 }
 
 /// A string or a number, as Meta sends ids and timestamps either way.
@@ -313,30 +580,13 @@ struct Cx<'a> {
 }
 
 impl<'a> Cx<'a> {
-    fn new(value: &Value, received_at: Timestamp, detector: &'a Detector) -> Self {
-        let contacts = items(value, "contacts")
-            .filter_map(|c| Contact::deserialize(c).ok())
-            .collect();
-        Cx {
-            contacts,
-            received_at,
-            detector,
-        }
-    }
-
     /// The act's time by Meta's clock; the receive time if Meta's is missing, so an opt-out
-    /// with a damaged timestamp is still honoured.
-    fn time(&self, ts: &Option<Lenient>, what: &str, id: &str) -> Timestamp {
+    /// with a damaged timestamp is still honoured. A readable but implausible time (0, a
+    /// negative one) is passed on as it is: the policy refuses it as evidence, visibly.
+    fn time(&self, ts: &Option<Lenient>) -> Timestamp {
         match ts.as_ref().and_then(Lenient::seconds) {
             Some(s) => Timestamp::from_secs(s),
-            None => {
-                tracing::warn!(
-                    item = what,
-                    id,
-                    "no readable timestamp; using the receive time"
-                );
-                self.received_at
-            }
+            None => self.received_at,
         }
     }
 
@@ -360,33 +610,21 @@ impl<'a> Cx<'a> {
         ids
     }
 
-    fn message(&self, raw: &Value) -> Option<ConsentEvent> {
-        let raw_id = raw.get("id").map(|v| v.to_string()).unwrap_or_default();
-        let m = match Message::deserialize(raw) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(id = %raw_id, error = %e, "skipping an unreadable message");
-                return None;
-            }
-        };
+    fn message(&self, m: Message) -> Result<Option<ConsentEvent>, Why> {
         let id = text_of(&m.id);
         let kind = m.kind.clone().unwrap_or_else(|| "unknown".to_string());
         // A system notice (number or identity change) and a deleted message are not the
         // customer writing to us.
         if matches!(kind.as_str(), "system" | "revoke") {
-            return None;
+            return Ok(None);
         }
         let identities = self.identities(text_of(&m.from), text_of(&m.from_user_id));
         if identities.is_empty() {
-            tracing::warn!(
-                id = id.as_deref().unwrap_or(""),
-                "skipping a message that names no sender"
-            );
-            return None;
+            return Err(Why::NoSender);
         }
-        let at = self.time(&m.timestamp, "message", id.as_deref().unwrap_or(""));
+        let at = self.time(&m.timestamp);
         let (detection, signal, evidence) = self.read(&m, &kind);
-        Some(ConsentEvent {
+        Ok(Some(ConsentEvent {
             identities,
             status: detection.as_ref().map(|d| d.status),
             signal,
@@ -395,7 +633,7 @@ impl<'a> Cx<'a> {
             message_id: id,
             evidence,
             language: detection.and_then(|d| d.language),
-        })
+        }))
     }
 
     /// What a message says, by its kind: a keyword in a text or an edit, a button or list
@@ -463,23 +701,24 @@ impl<'a> Cx<'a> {
         }
     }
 
-    fn status(&self, raw: &Value) -> Option<ConsentEvent> {
-        // Most statuses are sent/delivered/read: look before deserialising.
-        if raw.get("status").and_then(Value::as_str) != Some("failed") {
-            return None;
+    fn status(&self, text: &str) -> Result<Option<ConsentEvent>, Why> {
+        // Most statuses are sent/delivered/read: look before reading the rest.
+        #[derive(Deserialize)]
+        struct Head {
+            status: Option<Lenient>,
         }
-        let s = match StatusItem::deserialize(raw) {
-            Ok(s) => s,
-            Err(e) => {
-                let id = raw.get("id").map(|v| v.to_string()).unwrap_or_default();
-                tracing::warn!(%id, error = %e, "skipping an unreadable status");
-                return None;
-            }
-        };
+        let head: Head = serde_json::from_str(text).map_err(|e| why(&e))?;
+        if text_of(&head.status).as_deref() != Some("failed") {
+            return Ok(None);
+        }
+        let s: StatusItem = serde_json::from_str(text).map_err(|e| why(&e))?;
         let err = s
             .errors
             .iter()
-            .find(|e| e.code.as_ref().and_then(Lenient::seconds) == Some(MARKETING_STOPPED))?;
+            .find(|e| e.code.as_ref().and_then(Lenient::seconds) == Some(MARKETING_STOPPED));
+        let Some(err) = err else {
+            return Ok(None);
+        };
         let id = text_of(&s.id).unwrap_or_default();
         let (wa, bsuid) = if s.recipient_type.as_deref() == Some("group") {
             (
@@ -491,14 +730,13 @@ impl<'a> Cx<'a> {
         };
         let identities = self.identities(wa, bsuid);
         if identities.is_empty() {
-            tracing::warn!(%id, "skipping a 131050 status that names no recipient");
-            return None;
+            return Err(Why::NoSender);
         }
-        Some(ConsentEvent {
+        Ok(Some(ConsentEvent {
             identities,
             status: Some(Status::OptedOut),
             signal: Signal::MarketingSendFailure,
-            at: self.time(&s.timestamp, "status", &id),
+            at: self.time(&s.timestamp),
             inbound: false,
             message_id: Some(format!("{id}:{}", s.status.as_deref().unwrap_or("failed"))),
             evidence: format!(
@@ -507,35 +745,27 @@ impl<'a> Cx<'a> {
                 short(err.title.as_deref().unwrap_or(""))
             ),
             language: None,
-        })
+        }))
     }
 
-    fn preference(&self, raw: &Value) -> Option<ConsentEvent> {
-        let p = match Preference::deserialize(raw) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "skipping an unreadable user preference");
-                return None;
-            }
-        };
+    fn preference(&self, p: Preference) -> Result<Option<ConsentEvent>, Why> {
         if p.category.as_deref() != Some("marketing_messages") {
-            return None;
+            return Ok(None);
         }
         let value = p.value.as_deref().unwrap_or("");
         let status = match value {
             "stop" => Status::OptedOut,
             "resume" => Status::OptedIn,
-            _ => return None, // "signup" and future values express no stop/resume
+            _ => return Ok(None), // "signup" and future values express no stop/resume
         };
         let (wa, bsuid) = (text_of(&p.wa_id), text_of(&p.user_id));
         let who = wa.clone().or_else(|| bsuid.clone());
         let identities = self.identities(wa, bsuid);
         let Some(first) = who.or_else(|| identities.first().map(identity_value)) else {
-            tracing::warn!(value, "skipping a user preference that names nobody");
-            return None;
+            return Err(Why::NoSender);
         };
-        let at = self.time(&p.timestamp, "user_preference", &first);
-        Some(ConsentEvent {
+        let at = self.time(&p.timestamp);
+        Ok(Some(ConsentEvent {
             identities,
             status: Some(status),
             signal: Signal::MarketingPreference,
@@ -544,7 +774,7 @@ impl<'a> Cx<'a> {
             message_id: Some(format!("pref:{first}:{value}:{}", at.millis() / 1000)),
             evidence: format!("user_preferences marketing_messages={value}"),
             language: None,
-        })
+        }))
     }
 }
 
@@ -632,7 +862,7 @@ mod tests {
     }
 
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn envelope(field: &str, value: Value) -> Vec<u8> {
         serde_json::to_vec(&json!({"object":"whatsapp_business_account","entry":[{"id":"1","changes":[{"field":field,"value":value}]}]})).unwrap()

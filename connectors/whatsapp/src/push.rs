@@ -165,7 +165,11 @@ pub(crate) fn pick_text<'a>(
 }
 
 /// A free-form text reply in the context of the customer's message. Username users without
-/// a phone number are addressed by BSUID in `recipient` instead of `to`.
+/// a phone number are addressed by BSUID in `recipient` instead of `to`: Meta's
+/// business-scoped user ID documentation (2026) adds `recipient` to the Messages API for a
+/// BSUID or parent BSUID, keeps `to` for phone numbers, and lets `to` win when both are
+/// sent. The v23.0 OpenAPI description predates that field. A phone number is preferred
+/// whenever one is known (the core picks `wa_id` first), as Meta recommends.
 pub(crate) fn message_body(to: &Identity, in_reply_to: &str, text: &str) -> Value {
     let mut body = json!({
         "messaging_product": "whatsapp",

@@ -409,3 +409,42 @@ async fn create_properties_creates_what_is_missing_once() {
     let fresh = connector(&fake, |cfg| cfg.create_properties = true);
     assert!(fresh.poll(None).await.is_ok());
 }
+
+/// Like HubSpot (its `OptionInput` requires `hidden`, `label`, `value` and
+/// `displayOrder`), the fake refuses an enumeration option without `hidden`; the
+/// connector's own definitions carry it.
+#[tokio::test]
+async fn property_options_need_hidden_as_hubspot_requires() {
+    let fake = fake::start(FakeOptions {
+        consent_properties: false,
+        limits: Limits::off(),
+        ..FakeOptions::default()
+    })
+    .await;
+    let create = |option: serde_json::Value| {
+        let url = format!("{}/crm/v3/properties/contacts", fake.base_url());
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth(fake::TOKEN)
+                .json(&serde_json::json!({
+                    "name": "probe", "label": "Probe", "groupName": "contactinformation",
+                    "type": "enumeration", "fieldType": "select", "options": [option],
+                }))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let without = serde_json::json!({"label": "A", "value": "a", "displayOrder": 0});
+    assert_eq!(create(without).await, 400);
+    assert!(!fake.has_property("probe"));
+    let with = serde_json::json!({"label": "A", "value": "a", "displayOrder": 0, "hidden": false});
+    assert_eq!(create(with).await, 201);
+
+    let c = connector(&fake, |cfg| cfg.create_properties = true);
+    c.ensure_properties().await.unwrap();
+    assert!(fake.has_property("whatsapp_consent"));
+}

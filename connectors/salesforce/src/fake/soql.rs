@@ -178,8 +178,13 @@ fn tokenize(src: &str) -> Result<Vec<Token>, SyntaxError> {
                     i += 1;
                 }
                 let word: String = chars[start..i].iter().collect();
+                // Salesforce documents `YYYY-MM-DDThh:mm:ss` with `Z` or an offset: whole
+                // seconds, no fraction.
                 if word.contains('T') {
-                    match chrono::DateTime::parse_from_rfc3339(&word) {
+                    match chrono::DateTime::parse_from_rfc3339(&word)
+                        .map_err(|_| ())
+                        .and_then(|dt| if word.contains('.') { Err(()) } else { Ok(dt) })
+                    {
                         Ok(dt) => out.push(Token::DateTime(dt.timestamp_millis())),
                         Err(_) => {
                             return err(format!(
@@ -447,7 +452,7 @@ mod tests {
     fn parses_the_connectors_query() {
         let q = parse(
             "SELECT Id, SystemModstamp FROM MessagingEndUser WHERE MessageType = 'WhatsApp' AND \
-             (SystemModstamp > 2026-01-02T10:11:12.345Z OR (SystemModstamp = 2026-01-02T10:11:12.345Z AND Id > '0PA\\'x')) \
+             (SystemModstamp > 2026-01-02T10:11:12Z OR (SystemModstamp = 2026-01-02T10:11:12Z AND Id > '0PA\\'x')) \
              ORDER BY SystemModstamp, Id DESC LIMIT 10",
         )
         .unwrap();
@@ -467,7 +472,7 @@ mod tests {
                 }
             ]
         );
-        let t = 1767348672345;
+        let t = 1767348672000;
         let row = |id: &'static str, ms: i64| {
             move |f: &str| match f {
                 "MessageType" => Literal::Str("whatsapp".into()),
@@ -496,6 +501,8 @@ mod tests {
             "SELECT Id FROM Contact WHERE Name = 'bad \\q escape'",
             "SELECT Id FROM Contact WHERE (Name = 'x'",
             "SELECT Id FROM Contact WHERE SystemModstamp > 2026-13-01T00:00:00Z",
+            // Salesforce documents datetime literals in whole seconds.
+            "SELECT Id FROM Contact WHERE SystemModstamp > 2026-01-02T10:11:12.345Z",
             "SELECT Id FROM Contact WHERE Name = Smith",
             "SELECT Id FROM Contact LIMIT x",
             "SELECT Id FROM Contact ORDER Id",

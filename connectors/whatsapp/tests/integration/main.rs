@@ -4,5 +4,6 @@
 mod common;
 mod contract;
 mod fixtures;
+mod parts;
 mod push;
 mod webhook;

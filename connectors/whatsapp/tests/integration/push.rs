@@ -413,3 +413,62 @@ fn construction_refuses_bad_config_and_unreadable_secrets() {
     );
     assert!(!msg.contains(APP_SECRET));
 }
+
+/// The fake follows Meta's BSUID rules for the Messages API: `recipient` takes a BSUID,
+/// `to` a phone number, `to` wins when both are sent, and the answer names the user by
+/// `user_id` for a BSUID-only send and by `wa_id` otherwise.
+#[tokio::test]
+async fn the_graph_fake_addresses_by_to_or_recipient_as_meta_documents() {
+    let g = graph().await;
+    let send = |body: serde_json::Value| {
+        let url = format!("{}/v23.0/{PHONE_NUMBER_ID}/messages", g.base_url());
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(ACCESS_TOKEN)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let text = |extra: serde_json::Value| {
+        let mut b = serde_json::json!({"messaging_product": "whatsapp", "recipient_type": "individual",
+            "type": "text", "text": {"body": "hi"}});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let (status, v) = send(text(
+        serde_json::json!({"recipient": "US.13491208655302741918"}),
+    ))
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["contacts"][0]["user_id"], "US.13491208655302741918");
+    assert!(v["contacts"][0].get("wa_id").is_none(), "{v}");
+
+    let (status, v) = send(text(
+        serde_json::json!({"to": "16505551234", "recipient": "US.13491208655302741918"}),
+    ))
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["contacts"][0]["input"], "16505551234",
+        "`to` takes precedence"
+    );
+    assert_eq!(v["contacts"][0]["wa_id"], "16505551234");
+
+    for wrong in [
+        serde_json::json!({"to": "US.13491208655302741918"}),
+        serde_json::json!({"recipient": "16505551234"}),
+        serde_json::json!({}),
+    ] {
+        let (status, v) = send(text(wrong.clone())).await;
+        assert_eq!(status, 400, "{wrong}: {v}");
+    }
+}
