@@ -231,8 +231,11 @@ async fn a_full_disk_makes_the_daemon_unready_and_it_recovers_when_space_returns
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn descriptor_exhaustion_neither_freezes_the_runtime_nor_the_shutdown() {
     let dir = tempfile::tempdir().unwrap();
+    // Opening hundreds of connections against a full backlog can take longer than the
+    // default header timeout, which would close the connection kept for the webhook.
     let config = Config::new(dir.path())
         .shutdown_timeout("5s")
+        .set("daemon", "header_timeout = \"5m\"")
         .whatsapp(APP_SECRET)
         .set("whatsapp", "max_body_bytes = 2000000");
     let wrapper: Vec<String> = ["prlimit", "--nofile=300:300"].map(String::from).to_vec();
@@ -252,10 +255,16 @@ async fn descriptor_exhaustion_neither_freezes_the_runtime_nor_the_shutdown() {
         request(&mut health, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             .starts_with("HTTP/1.1 200")
     );
+    // More connections than the daemon's 300 descriptors could hold: it serves as many as
+    // its connection limit allows (the limit minus a reserve for the store) and the rest
+    // wait in the kernel's backlog; once that is full, connecting times out.
+    let sock: std::net::SocketAddr = addr.parse().unwrap();
     let idle: Vec<_> = (0..400)
-        .filter_map(|_| std::net::TcpStream::connect(&addr).ok())
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&sock, Duration::from_millis(200)).ok()
+        })
         .collect();
-    assert!(idle.len() > 300, "only {} idle connections", idle.len());
+    assert!(idle.len() > 250, "only {} idle connections", idle.len());
 
     let text = "STOP ".to_string() + &"x".repeat(900_000);
     let body = envelope::text(&Who::wa("14155550002"), "wamid.large", now_s(), &text);
@@ -265,7 +274,9 @@ async fn descriptor_exhaustion_neither_freezes_the_runtime_nor_the_shutdown() {
         body.len()
     );
     hook.write_all(head.as_bytes()).unwrap();
-    hook.write_all(&body).unwrap();
+    // A daemon that answers before reading the whole body (a refusal) closes the
+    // connection: the answer is still there to read.
+    let _ = hook.write_all(&body);
     let answer = read_head(&mut hook);
     assert!(
         answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.1 503"),
