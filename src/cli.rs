@@ -550,12 +550,13 @@ fn is_not_running(e: &anyhow::Error) -> bool {
 /// The store directory belongs to another user than the one running this command.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the store {dir} belongs to {owner}, and this command runs as uid {me}: files it created \
-     there could not be read by the daemon, so it opens nothing. Run it as the store's owner:\n{how}"
+    "the store {dir} {whose}, and this command runs as uid {me}; it opens a store only as \
+     its owner, so that every file in it stays readable by the daemon. Run it as the \
+     store's owner:\n{how}"
 )]
 struct NotOwner {
     dir: String,
-    owner: String,
+    whose: String,
     me: u32,
     how: String,
 }
@@ -570,32 +571,33 @@ struct NotOwner {
 fn store_owner(dir: &Path, command: &str) -> Result<(), NotOwner> {
     use std::os::unix::fs::MetadataExt;
     let me = rustix::process::geteuid().as_raw();
-    let owner = match std::fs::metadata(dir) {
+    let (owner, whose) = match std::fs::metadata(dir) {
         Ok(m) if m.uid() == me => return Ok(()),
-        Ok(m) => Some(m.uid()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        // Cannot even look (e.g. /var/lib/private is 0700 root): certainly not ours.
-        Err(_) => None,
+        Ok(m) => match user_name(m.uid()) {
+            Some(name) => (
+                Some(name.clone()),
+                format!("belongs to user {name} (uid {})", m.uid()),
+            ),
+            None => (None, format!("belongs to uid {}", m.uid())),
+        },
+        // E.g. a dynamic user's own uid outside its service: /var/lib/private is 0700 root.
+        Err(e) => (None, format!("cannot be examined ({e})")),
     };
-    let name = owner.and_then(user_name);
     let mut how = format!(
         "  the packaged service (DynamicUser=yes; systemd runs this as the uid that owns the \
          store):\n    systemd-run --pipe --wait --quiet --collect -p DynamicUser=yes \
          -p User=optout-sync -p StateDirectory=optout-sync -p StateDirectoryMode=0700 \
          optout-sync {command} …"
     );
-    if let Some(name) = &name {
+    if let Some(name) = owner {
         how += &format!(
             "\n  a store owned by a regular account:\n    runuser -u {name} -- optout-sync {command} …"
         );
     }
     Err(NotOwner {
         dir: dir.display().to_string(),
-        owner: match (owner, &name) {
-            (Some(uid), Some(name)) => format!("user {name} (uid {uid})"),
-            (Some(uid), None) => format!("uid {uid}"),
-            (None, _) => "another user".into(),
-        },
+        whose,
         me,
         how,
     })

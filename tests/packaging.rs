@@ -341,7 +341,7 @@ fn offline_commands_refuse_a_store_owned_by_another_user_and_create_nothing() {
         assert!(
             t.contains(&format!("the store {} belongs to", state.display()))
                 && t.contains("uid 65534")
-                && t.contains("could not be read by the daemon"),
+                && t.contains("so that every file in it stays readable by the daemon"),
             "{args:?}: {t}"
         );
         // The way that works for the packaged service, with the command named.
