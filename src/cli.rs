@@ -5,6 +5,7 @@
 //! schema (not restarted: an operator restores it), 70 an internal error (a panic), 75 a
 //! store that failed at run time and cannot be reopened in the process (restarted).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -114,6 +115,16 @@ enum Command {
         #[arg(long, short, env = "OPTOUT_SYNC_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Write man pages or shell completions, from this command line's definition, into a
+    /// directory (for packaging).
+    #[cfg(feature = "generate")]
+    #[command(hide = true)]
+    Generate {
+        #[arg(value_enum)]
+        what: generate::What,
+        /// The directory to write into (created if missing).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,7 +149,16 @@ fn parse_time(s: &str) -> Result<Timestamp, String> {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    private_files();
+    // Every file this program creates (the store's files when a command opens it, the
+    // control socket) is private to its user, whatever the caller's umask: a root shell's
+    // 022 would otherwise leave the store's files world-readable.
+    #[cfg(feature = "generate")]
+    let private = !matches!(cli.command, Command::Generate { .. });
+    #[cfg(not(feature = "generate"))]
+    let private = true;
+    if private {
+        private_files();
+    }
     let result = match cli.command {
         Command::Run {
             config,
@@ -163,9 +183,13 @@ pub fn main() -> ExitCode {
                 },
         } => audit_export(&config, since, format),
         Command::Import { file, config } => import(&config, &file),
+        #[cfg(feature = "generate")]
+        Command::Generate { what, dir } => generate::write(what, &dir),
     };
     match result {
         Ok(code) => code,
+        // The reader went away (`lookup … | head`): what it wanted was written.
+        Err(e) if e.is::<OutputClosed>() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("optout-sync: {e:#}");
             ExitCode::from(exit_code(&e))
@@ -207,33 +231,27 @@ struct Refused(String);
 /// A umask rather than a chmod after each creation, because sled creates files of its own
 /// as it runs (snapshots, blobs), out of our sight.
 fn private_files() {
-    // SAFETY: umask(2) only changes this process's file mode creation mask.
-    unsafe { libc::umask(0o077) };
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
 }
 
 /// Raises the soft descriptor limit to the hard one (as systemd's LimitNOFILE= sets
 /// both, this is a no-op there) and refuses a limit too low to run with.
 fn descriptor_limit() -> Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return Ok(u64::MAX);
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                lim = raised;
-            }
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    if let (Some(current), Some(maximum)) = (lim.current, lim.maximum)
+        && current < maximum
+    {
+        let raised = Rlimit {
+            current: Some(maximum),
+            maximum: Some(maximum),
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            lim = raised;
         }
     }
-    let n: u64 = lim.rlim_cur;
+    // `None` is unlimited.
+    let n: u64 = lim.current.unwrap_or(u64::MAX);
     if n < MIN_NOFILE {
         return Err(Refused(format!(
             "the open-file limit (RLIMIT_NOFILE) is {n}; optout-sync needs at least {MIN_NOFILE} (set LimitNOFILE= in the unit, or ulimit -n)"
@@ -448,11 +466,14 @@ fn status(config_path: &Path, json: bool) -> Result<ExitCode> {
         }
         Err(e) => return Err(e.into()),
     };
+    let mut out = std::io::stdout().lock();
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let text = serde_json::to_string_pretty(&report)?;
+        output(writeln!(out, "{text}"))?;
     } else {
-        print_status(&report);
+        output(print_status(&mut out, &report))?;
     }
+    output(out.flush())?;
     Ok(if report.needs_attention() {
         ExitCode::FAILURE
     } else {
@@ -460,37 +481,69 @@ fn status(config_path: &Path, json: bool) -> Result<ExitCode> {
     })
 }
 
-fn print_status(r: &StatusReport) {
+/// Standard output was closed by its reader (`optout-sync lookup … | head`): a normal end
+/// of the command, not a failure to report.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output closed")]
+struct OutputClosed;
+
+/// A write to standard output, with a closed pipe turned into [`OutputClosed`].
+fn output(written: std::io::Result<()>) -> Result<()> {
+    match written {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(OutputClosed.into()),
+        other => Ok(other?),
+    }
+}
+
+fn print_status(o: &mut impl Write, r: &StatusReport) -> std::io::Result<()> {
     let ready = if r.ready { "ready" } else { "not ready" };
-    println!("optout-sync {} — {ready} since {}", r.version, r.started);
-    println!(
+    writeln!(o, "optout-sync {} — {ready} since {}", r.version, r.started)?;
+    writeln!(
+        o,
         "people: {} known; all messages: {} opted out, {} opted in; marketing: {} opted out, {} opted in",
         r.subjects_total,
         r.people("all", "opted_out"),
         r.people("all", "opted_in"),
         r.people("marketing", "opted_out"),
         r.people("marketing", "opted_in")
-    );
-    println!(
+    )?;
+    writeln!(
+        o,
         "webhooks: {} waiting in the inbox, {} quarantined",
         r.webhook_inbox, r.quarantined_webhooks
-    );
+    )?;
     if let Some(why) = &r.store_alarm {
-        println!(
+        writeln!(
+            o,
             "STORE ALARM: {why}; webhooks get 503 and nothing is applied until it works again"
-        );
+        )?;
     }
-    println!();
-    println!(
-        "{:<16} {:<11} {:<8} {:<25} {:>7} {:>6} {:>5} {:>10}",
-        "CONNECTOR", "KIND", "HEALTH", "LAST POLL", "OUTBOX", "DEAD", "UNVER", "ERRORS"
-    );
-    for c in &r.connectors {
-        print_connector(c);
+    writeln!(o)?;
+    let rows: Vec<Row> = r.connectors.iter().map(connector_row).collect();
+    let widths = column_widths(&rows);
+    write_row(o, &COLUMNS.map(|(name, _)| name.to_string()), &widths)?;
+    for (c, row) in r.connectors.iter().zip(&rows) {
+        write_row(o, row, &widths)?;
+        print_connector_details(o, c)?;
     }
+    Ok(())
 }
 
-fn print_connector(c: &ConnectorReport) {
+/// The connector table's columns, and whether each is right-aligned (numbers).
+const COLUMNS: [(&str, bool); 8] = [
+    ("CONNECTOR", false),
+    ("KIND", false),
+    ("HEALTH", false),
+    ("LAST POLL", false),
+    ("OUTBOX", true),
+    ("DEAD", true),
+    ("UNVER", true),
+    ("ERRORS", true),
+];
+
+type Row = [String; COLUMNS.len()];
+
+fn connector_row(c: &ConnectorReport) -> Row {
     let health = if c.alarm.is_some() {
         "ALARM"
     } else if c.healthy {
@@ -498,17 +551,54 @@ fn print_connector(c: &ConnectorReport) {
     } else {
         "retrying"
     };
-    println!(
-        "{:<16} {:<11} {:<8} {:<25} {:>7} {:>6} {:>5} {:>10}",
-        c.name,
-        c.kind,
-        health,
-        c.last_poll_ok.as_deref().unwrap_or("-"),
-        c.outbox_depth,
-        c.dead_letters,
-        c.unverified_pushes,
+    [
+        c.name.clone(),
+        c.kind.clone(),
+        health.to_string(),
+        c.last_poll_ok.clone().unwrap_or_else(|| "-".into()),
+        c.outbox_depth.to_string(),
+        c.dead_letters.to_string(),
+        c.unverified_pushes.to_string(),
         format!("{}/{}", c.poll_errors, c.push_errors),
-    );
+    ]
+}
+
+/// Each column as wide as its widest cell or its header, so that a long connector name
+/// or a large count never pushes the columns after it out of line.
+fn column_widths(rows: &[Row]) -> [usize; COLUMNS.len()] {
+    std::array::from_fn(|i| {
+        (rows.iter().map(|r| r[i].chars().count()))
+            .chain([COLUMNS[i].0.len()])
+            .max()
+            .unwrap_or(0)
+    })
+}
+
+fn write_row(
+    o: &mut impl Write,
+    cells: &Row,
+    widths: &[usize; COLUMNS.len()],
+) -> std::io::Result<()> {
+    let mut line = String::new();
+    for (i, cell) in cells.iter().enumerate() {
+        let pad = " ".repeat(widths[i].saturating_sub(cell.chars().count()));
+        if i > 0 {
+            line.push(' ');
+        }
+        if COLUMNS[i].1 {
+            line += &pad;
+            line += cell;
+        } else {
+            line += cell;
+            line += &pad;
+        }
+    }
+    writeln!(o, "{}", line.trim_end())
+}
+
+/// What needs explaining under a connector's row: its alarm, failed health check, last
+/// error, resync progress and cursor.
+fn print_connector_details(o: &mut impl Write, c: &ConnectorReport) -> std::io::Result<()> {
     let lines = [
         ("alarm", c.alarm.clone()),
         (
@@ -527,9 +617,10 @@ fn print_connector(c: &ConnectorReport) {
     ];
     for (what, text) in lines {
         if let Some(text) = text {
-            println!("    {what}: {text}");
+            writeln!(o, "    {what}: {text}")?;
         }
     }
+    Ok(())
 }
 
 fn resync(config_path: &Path, connector: Option<String>, full: bool) -> Result<ExitCode> {
@@ -548,27 +639,111 @@ fn resync(config_path: &Path, connector: Option<String>, full: bool) -> Result<E
 fn lookup(config_path: &Path, id: &str, json: bool) -> Result<ExitCode> {
     let config = app::load_offline(config_path)?;
     existing_store(&config)?;
-    let value = match Store::open(&config.daemon.state_dir) {
-        Ok(store) => crate::lookup::lookup(&app::engine(&config, store), id)?,
-        // The running daemon holds the store: ask it.
-        Err(crate::store::StoreError::Open { reason, .. }) if reason.contains("in use") => {
-            runtime()?.block_on(async {
-                crate::control::request(
-                    &config.daemon.control_socket,
-                    &crate::control::Request::Lookup { id: id.to_string() },
-                    |_| {},
-                )
-                .await
-            })?
-        }
-        Err(e) => return Err(e.into()),
+    let value = match store_owner(&config.daemon.state_dir, "lookup") {
+        Ok(()) => match Store::open(&config.daemon.state_dir) {
+            Ok(store) => crate::lookup::lookup(&app::engine(&config, store), id)?,
+            // The running daemon holds the store: ask it.
+            Err(crate::store::StoreError::Open { reason, .. }) if reason.contains("in use") => {
+                ask_daemon(&config.daemon.control_socket, id)?
+            }
+            Err(e) => return Err(e.into()),
+        },
+        // Not ours to open; the running daemon can answer without touching its files.
+        Err(not_owner) => match ask_daemon(&config.daemon.control_socket, id) {
+            Ok(value) => value,
+            Err(e) if is_not_running(&e) => return Err(not_owner.into()),
+            Err(e) => return Err(e),
+        },
     };
+    let mut out = std::io::stdout().lock();
     if json {
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        let text = serde_json::to_string_pretty(&value)?;
+        output(writeln!(out, "{text}"))?;
     } else {
-        crate::lookup::print(&mut std::io::stdout().lock(), id, &value)?;
+        output(crate::lookup::print(&mut out, id, &value))?;
     }
+    output(out.flush())?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `lookup` through the running daemon's control socket.
+fn ask_daemon(socket: &Path, id: &str) -> Result<serde_json::Value> {
+    let request = crate::control::Request::Lookup { id: id.to_string() };
+    Ok(runtime()?.block_on(crate::control::request(socket, &request, |_| {}))?)
+}
+
+fn is_not_running(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<crate::control::ClientError>(),
+        Some(crate::control::ClientError::NotRunning(_))
+    )
+}
+
+/// The store directory belongs to another user than the one running this command.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the store {dir} {whose}, and this command runs as uid {me}; it opens a store only as \
+     its owner, so that every file in it stays readable by the daemon. Run it as the \
+     store's owner:\n{how}"
+)]
+struct NotOwner {
+    dir: String,
+    whose: String,
+    me: u32,
+    how: String,
+}
+
+/// Refuses to open a store that belongs to another user. Opening it (sled creates and
+/// rewrites files as it opens) as root, say, would leave root-owned files that the daemon's
+/// own user cannot read: under `DynamicUser=yes`, systemd re-owns the state directory at
+/// start only when the directory itself has the wrong owner, never the files inside it, so
+/// the daemon would then fail to start. A store that does not exist yet is no one's: what
+/// this command creates is private to its user (umask 077), and systemd hands a new
+/// `StateDirectory=` over to the service as a whole.
+fn store_owner(dir: &Path, command: &str) -> Result<(), NotOwner> {
+    use std::os::unix::fs::MetadataExt;
+    let me = rustix::process::geteuid().as_raw();
+    let (owner, whose) = match std::fs::metadata(dir) {
+        Ok(m) if m.uid() == me => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Ok(m) => match user_name(m.uid()) {
+            Some(name) => (
+                Some(name.clone()),
+                format!("belongs to user {name} (uid {})", m.uid()),
+            ),
+            None => (None, format!("belongs to uid {}", m.uid())),
+        },
+        // E.g. a dynamic user's own uid outside its service: /var/lib/private is 0700 root.
+        Err(e) => (None, format!("cannot be examined ({e})")),
+    };
+    let mut how = format!(
+        "  the packaged service (DynamicUser=yes; systemd runs this as the uid that owns the \
+         store):\n    systemd-run --pipe --wait --quiet --collect -p DynamicUser=yes \
+         -p User=optout-sync -p StateDirectory=optout-sync -p StateDirectoryMode=0700 \
+         optout-sync {command} …"
+    );
+    if let Some(name) = owner {
+        how += &format!(
+            "\n  a store owned by a regular account:\n    runuser -u {name} -- optout-sync {command} …"
+        );
+    }
+    Err(NotOwner {
+        dir: dir.display().to_string(),
+        whose,
+        me,
+        how,
+    })
+}
+
+/// The account name of `uid` in /etc/passwd. A dynamic user (systemd's `DynamicUser=`)
+/// has none while its service is stopped.
+fn user_name(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        (fields.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_string())
+    })
 }
 
 /// A small runtime for commands that talk to the daemon.
@@ -581,6 +756,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn audit_export(config_path: &Path, since: Option<Timestamp>, format: Format) -> Result<ExitCode> {
     let config = app::load_offline(config_path)?;
     existing_store(&config)?;
+    store_owner(&config.daemon.state_dir, "audit export")?;
     let store = Store::open(&config.daemon.state_dir)?;
     let out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut exporter = Exporter::new(format, out)?;
@@ -597,12 +773,13 @@ fn audit_export(config_path: &Path, since: Option<Timestamp>, format: Format) ->
             return Err(e.into());
         }
     }
-    exporter.finish()?;
+    output(exporter.finish())?;
     Ok(ExitCode::SUCCESS)
 }
 
 fn import(config_path: &Path, file: &Path) -> Result<ExitCode> {
     let config = app::load_offline(config_path)?;
+    store_owner(&config.daemon.state_dir, "import")?;
     let engine = app::open_engine(&config)?;
     let input: Box<dyn std::io::Read> = if file == Path::new("-") {
         Box::new(std::io::stdin().lock())
@@ -625,4 +802,39 @@ fn import(config_path: &Path, file: &Path) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// `generate`: man pages and shell completions from the command line's own definition, so
+/// they can never disagree with it. Built only with the `generate` feature: the packaging
+/// script runs it from a separate build, and the packaged binary carries none of it.
+#[cfg(feature = "generate")]
+mod generate {
+    use std::path::Path;
+    use std::process::ExitCode;
+
+    use anyhow::{Context, Result};
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+
+    #[derive(Clone, Copy, Debug, clap::ValueEnum)]
+    pub enum What {
+        /// `optout-sync.1` and one page per command (`optout-sync-status.1`, …).
+        Man,
+        /// bash (`optout-sync.bash`), zsh (`_optout-sync`) and fish (`optout-sync.fish`).
+        Completions,
+    }
+
+    pub fn write(what: What, dir: &Path) -> Result<ExitCode> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let cmd = super::Cli::command();
+        match what {
+            What::Man => clap_mangen::generate_to(cmd, dir)?,
+            What::Completions => {
+                for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+                    clap_complete::generate_to(shell, &mut cmd.clone(), "optout-sync", dir)?;
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
 }
