@@ -483,7 +483,8 @@ async fn whatsapp_intake_refuses_quarantines_or_survives_every_kind_of_bad_body(
     for (i, b) in bad_bsuids.iter().enumerate() {
         items.push(json!({"from_user_id": b, "id": format!("wamid.BADB{i}"), "timestamp": now_s(), "type": "text", "text": {"body": "STOP"}}));
     }
-    // Named nobody at all, or with an id of the wrong type: skipped, not guessed.
+    // Named nobody at all, or with an id of the wrong type: kept in the quarantine (one
+    // record for this body's unreadable parts), not guessed.
     items.push(text_message(json!(""), "wamid.NOBODY", "STOP"));
     items.push(text_message(
         json!({"wa_id": WA_UNKNOWN}),
@@ -610,6 +611,7 @@ async fn whatsapp_intake_refuses_quarantines_or_survives_every_kind_of_bad_body(
     let status = d.status().await;
     assert_eq!(status.people("all", "opted_out"), 1, "{status:?}");
     assert_eq!(status.people("marketing", "opted_out"), 0, "{status:?}");
+    let quarantined = quarantined + 1; // section 5's messages that name nobody
     assert_eq!(status.quarantined_webhooks, quarantined, "{status:?}");
 
     // 9. Still healthy, and a normal STOP still goes end to end.
@@ -2000,4 +2002,60 @@ async fn no_secret_appears_in_logs_status_metrics_or_cli_output() {
     );
     let found = leaks(&seen);
     assert!(found.is_empty(), "secrets {found:?} in outputs:\n{seen}");
+}
+
+/// The control socket's path never costs the file that is there: a regular file (a store
+/// file, a configuration) is refused, not replaced; inside the state directory the path
+/// is refused by check-config already (see the malformed-configuration table).
+#[test]
+fn the_control_socket_never_replaces_a_file_that_is_not_a_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let precious = dir.path().join("precious.db");
+    std::fs::write(&precious, "acknowledged opt-outs").unwrap();
+    let config = BASE_CONFIG
+        .replace("STATE", &dir.path().join("state").display().to_string())
+        .replace("SOCKET", &precious.display().to_string());
+    let path = dir.path().join("optout-sync.toml");
+    std::fs::write(&path, config).unwrap();
+    let run = run_to_exit(
+        bin()
+            .args(["run", "--create-state-dir", "--config"])
+            .arg(&path)
+            .envs(CONFIG_ENV),
+        Duration::from_secs(30),
+    );
+    assert!(!run.status.success(), "{}", text(&run));
+    assert!(text(&run).contains("is not a socket"), "{}", text(&run));
+    assert_eq!(
+        std::fs::read_to_string(&precious).unwrap(),
+        "acknowledged opt-outs"
+    );
+}
+
+/// A listener beyond loopback is allowed, with a warning that names the key and why.
+#[test]
+fn a_listener_beyond_loopback_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = BASE_CONFIG
+        .replace("STATE", &dir.path().join("state").display().to_string())
+        .replace(
+            "SOCKET",
+            &dir.path().join("control.sock").display().to_string(),
+        )
+        .replace("127.0.0.1:0", "0.0.0.0:0");
+    let path = dir.path().join("optout-sync.toml");
+    std::fs::write(&path, config).unwrap();
+    let check = bin()
+        .arg("check-config")
+        .arg(&path)
+        .envs(CONFIG_ENV)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", text(&check));
+    assert!(
+        text(&check).contains("warning: ")
+            && text(&check).contains("daemon.listen: 0.0.0.0:0 is reachable from other hosts"),
+        "{}",
+        text(&check)
+    );
 }

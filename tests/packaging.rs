@@ -314,7 +314,7 @@ fn offline_commands_refuse_a_store_owned_by_another_user_and_create_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let config = offline_config(dir.path());
     let state = dir.path().join("state");
-    std::fs::create_dir(&state).unwrap();
+    std::fs::create_dir_all(&state).unwrap();
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
     std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
     let csv = dir.path().join("list.csv");

@@ -30,7 +30,12 @@ impl Config {
     /// directory is created here, as systemd's `StateDirectory=` does in production (the
     /// daemon refuses a missing one).
     pub fn new(dir: &Path) -> Config {
-        std::fs::create_dir_all(dir.join("state")).expect("create the state directory");
+        // As systemd's StateDirectory= with StateDirectoryMode=0700 provides it.
+        let state = dir.join("state");
+        std::fs::create_dir_all(&state).expect("create the state directory");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700))
+            .expect("make the state directory private");
         Config {
             tables: Vec::new(),
             env: Vec::new(),
