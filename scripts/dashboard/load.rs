@@ -39,7 +39,7 @@ async fn main() {
 
     use optout_hubspot::fake as hs;
     let graph = optout_whatsapp::fake::start_graph(Default::default()).await;
-    // HubSpot's rate limits stay on: retried 429s show in the pushes-by-outcome panel.
+    // The fake's default rate limits stay on, as a real portal's would.
     let hubspot = hs::start(hs::FakeOptions::default()).await;
     let salesforce = optout_salesforce::fake::start(Default::default()).await;
     let hook = optout_webhook::fake::start(Default::default()).await;
@@ -50,8 +50,38 @@ async fn main() {
         salesforce.insert(if i % 3 == 0 { "Lead" } else { "Contact" }, fields);
     }
 
-    let d = dir.path();
-    let config = format!(
+    let config = config(dir.path(), listen, &graph, &hubspot, &salesforce, &hook);
+    let config_path = dir.path().join("optout-sync.toml");
+    std::fs::write(&config_path, config).expect("write config");
+    let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log file");
+    let mut child = tokio::process::Command::new(bin)
+        .args(["run", "--create-state-dir", "--config"])
+        .arg(&config_path)
+        .env("OPTOUT_SYNC_LOG", "warn")
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the daemon");
+    wait_healthy(listen).await;
+    eprintln!("daemon up on {listen}; sending webhooks for {secs} s");
+    send_load(listen, Duration::from_secs(secs)).await;
+    // SIGTERM via the process id we started, so the daemon stops cleanly.
+    let pid = child.id().expect("pid").to_string();
+    let _ = std::process::Command::new("kill").arg(&pid).status();
+    let _ = child.wait().await;
+    drop((graph, hubspot, salesforce, hook));
+}
+
+/// The daemon's configuration against the fakes (secrets in 0600 files under `d`).
+fn config(
+    d: &Path,
+    listen: &str,
+    graph: &optout_whatsapp::fake::FakeGraph,
+    hubspot: &optout_hubspot::fake::FakeHandle,
+    salesforce: &optout_salesforce::fake::FakeHandle,
+    hook: &optout_webhook::fake::FakeHandle,
+) -> String {
+    format!(
         r#"
 [daemon]
 state_dir = "{state}"
@@ -93,31 +123,12 @@ secret = {{ file = "{hook_secret}" }}
         access = secret(d, "access", "fake-access-token"),
         graph = graph.base_url(),
         hubspot = hubspot.base_url(),
-        hs_token = secret(d, "hs-token", hs::TOKEN),
+        hs_token = secret(d, "hs-token", optout_hubspot::fake::TOKEN),
         salesforce = salesforce.base_url(),
         sf_secret = secret(d, "sf-secret", "fake-client-secret"),
         hook = hook.url(),
         hook_secret = secret(d, "hook-secret", "fake-webhook-secret"),
-    );
-    let config_path = d.join("optout-sync.toml");
-    std::fs::write(&config_path, config).expect("write config");
-    let log = std::fs::File::create(d.join("daemon.log")).expect("log file");
-    let mut child = tokio::process::Command::new(bin)
-        .args(["run", "--create-state-dir", "--config"])
-        .arg(&config_path)
-        .env("OPTOUT_SYNC_LOG", "warn")
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn the daemon");
-    wait_healthy(listen).await;
-    eprintln!("daemon up on {listen}; sending webhooks for {secs} s");
-    send_load(listen, Duration::from_secs(secs)).await;
-    // SIGTERM via the process id we started, so the daemon stops cleanly.
-    let pid = child.id().expect("pid").to_string();
-    let _ = std::process::Command::new("kill").arg(&pid).status();
-    let _ = child.wait().await;
-    drop((graph, hubspot, salesforce, hook));
+    )
 }
 
 async fn wait_healthy(listen: &str) {

@@ -51,11 +51,12 @@ fi
 
 (cd "$here" && npm ci --no-audit --no-fund --silent)
 node "$here/render.mjs" "http://127.0.0.1:$prom_port" "$repo/config/grafana/optout-sync.json" \
-    "$work/preview.html"
+    "$work/preview.html" | tee "$work/render.log"
+height="$(sed -n 's/^height=//p' "$work/render.log")"
 profile="$(mktemp -d)"
 chromium --headless --no-sandbox --disable-gpu --disable-background-networking \
     --disable-component-update --disable-sync --no-first-run --user-data-dir="$profile" \
-    --hide-scrollbars --window-size=1600,1700 --virtual-time-budget=5000 \
+    --hide-scrollbars --window-size=1600,"$height" --virtual-time-budget=5000 \
     --screenshot="$repo/docs/dashboard.png" "file://$work/preview.html"
 rm -rf "$profile"
 echo "wrote docs/dashboard.png"
