@@ -13,7 +13,8 @@ use optout_whatsapp::fake::{WebhookSender, envelope};
 use serde_json::json;
 
 const APP_SECRET: &str = "preview-app-secret";
-const CUSTOMERS: usize = 400;
+// More than a run of the default length reaches, so that every STOP is a new decision.
+const CUSTOMERS: usize = 1000;
 
 fn secret(dir: &Path, name: &str, value: &str) -> String {
     use std::os::unix::fs::PermissionsExt;

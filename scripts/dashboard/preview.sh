@@ -3,7 +3,7 @@
 # real metrics of a demo run. Not Grafana: the dashboard's own PromQL queries are evaluated by
 # a local Prometheus and drawn with uPlot in headless Chromium.
 #
-#   scripts/dashboard/preview.sh            # load run (LOAD_SECONDS, default 420), then render
+#   scripts/dashboard/preview.sh            # load run (LOAD_SECONDS, default 360), then render
 #   scripts/dashboard/preview.sh --render   # render again from the last run's Prometheus data
 #
 # Needs: cargo, prometheus (Debian: prometheus), chromium (Debian: chromium), node + npm.
@@ -14,7 +14,7 @@ repo="$(cd "$here/../.." && pwd)"
 work="${PREVIEW_DIR:-${TMPDIR:-/tmp}/optout-sync-dashboard-preview}"
 listen="127.0.0.1:${PREVIEW_DAEMON_PORT:-18088}"
 prom_port="${PREVIEW_PROM_PORT:-19090}"
-seconds="${LOAD_SECONDS:-420}"
+seconds="${LOAD_SECONDS:-360}"
 render_only=false
 [[ "${1:-}" == "--render" ]] && render_only=true
 

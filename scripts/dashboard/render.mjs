@@ -25,7 +25,8 @@ async function api(path, params) {
   return body.data.result;
 }
 
-// The span of the recorded run: from the first to the last scrape of the daemon.
+// The span of the recorded run: from the first to the last scrape that found the daemon up
+// (the run ends with the daemon stopped; the stat panels show the last moment it ran).
 async function span() {
   const now = Date.now() / 1000;
   const data = await api('query_range', {
@@ -34,7 +35,7 @@ async function span() {
     end: now,
     step: SCRAPE_S,
   });
-  const ts = data.flatMap((s) => s.values.map(([t]) => t));
+  const ts = data.flatMap((s) => s.values.filter(([, v]) => v === '1').map(([t]) => t));
   if (!ts.length) throw new Error('Prometheus holds no scrape of the daemon');
   return { start: Math.min(...ts), end: Math.max(...ts) };
 }
