@@ -83,7 +83,10 @@ pub async fn preflight(checked: &Checked) -> Vec<Preflight> {
                 let built = match built {
                     Ok(b) => b,
                     Err(e) => {
-                        return vec![Finding::fail(format!("{e:#}"), "fix the connector's settings")];
+                        return vec![Finding::fail(
+                            format!("{e:#}"),
+                            "fix the connector's settings",
+                        )];
                     }
                 };
                 match tokio::time::timeout(PREFLIGHT_TIMEOUT, built.preflight()).await {
@@ -99,7 +102,10 @@ pub async fn preflight(checked: &Checked) -> Vec<Preflight> {
     let mut out = Vec::new();
     for (c, run) in checked.connectors.iter().zip(runs) {
         let findings = run.await.unwrap_or_else(|e| {
-            vec![Finding::fail(format!("the checks failed: {e}"), "report this as a bug")]
+            vec![Finding::fail(
+                format!("the checks failed: {e}"),
+                "report this as a bug",
+            )]
         });
         out.push(Preflight {
             name: c.name.clone(),

@@ -94,7 +94,11 @@ async fn correct_fakes_pass_every_live_check() {
             && t.contains("accepts connections (http: no TLS; nothing sent)"),
         "{t}"
     );
-    assert_eq!(f.hook.deliveries().len(), 0, "no event sent to the automation");
+    assert_eq!(
+        f.hook.deliveries().len(),
+        0,
+        "no event sent to the automation"
+    );
 }
 
 #[tokio::test]
@@ -171,15 +175,19 @@ async fn the_daemon_raises_a_precise_alarm_and_sends_no_split_storm() {
 
     let d = common::start(dir.path(), &c.toml(), &c.env()).await;
     let started = tokio::time::Instant::now();
-    common::eventually("a push refused for the missing property", Duration::from_secs(30), async || {
-        let s = d.status().await;
-        let hubspot = s.connector("hubspot").unwrap();
-        hubspot.push_errors > 0
-            && hubspot.last_error.as_deref().is_some_and(|e| {
-                e.contains("HubSpot refused the whole batch update, not split")
-                    && e.contains("contact property whatsapp_consent does not exist")
-            })
-    })
+    common::eventually(
+        "a push refused for the missing property",
+        Duration::from_secs(30),
+        async || {
+            let s = d.status().await;
+            let hubspot = s.connector("hubspot").unwrap();
+            hubspot.push_errors > 0
+                && hubspot.last_error.as_deref().is_some_and(|e| {
+                    e.contains("HubSpot refused the whole batch update, not split")
+                        && e.contains("contact property whatsapp_consent does not exist")
+                })
+        },
+    )
     .await;
     // A few more seconds of retries with back-off: still no split.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -191,7 +199,12 @@ async fn the_daemon_raises_a_precise_alarm_and_sends_no_split_storm() {
     assert!((2..=30).contains(&requests), "{requests} batch requests");
 
     let s = d.status().await;
-    let alarm = s.connector("hubspot").unwrap().alarm.clone().unwrap_or_default();
+    let alarm = s
+        .connector("hubspot")
+        .unwrap()
+        .alarm
+        .clone()
+        .unwrap_or_default();
     assert!(alarm.contains("whatsapp_consent"), "{alarm}");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_optout-sync"))
         .args(["status", "--config"])
@@ -205,5 +218,8 @@ async fn the_daemon_raises_a_precise_alarm_and_sends_no_split_storm() {
         d.log_text().contains("pre-flight check failed"),
         "the start-up pre-flight logs it too"
     );
-    assert_eq!(hs.property(&hs.contact_ids()[0], "whatsapp_consent_source"), None);
+    assert_eq!(
+        hs.property(&hs.contact_ids()[0], "whatsapp_consent_source"),
+        None
+    );
 }

@@ -260,7 +260,11 @@ impl Client {
         let resp = self.http.get(&url).send().await.map_err(|e| {
             ConnectorError::Transient(format!(
                 "cannot read the access token's metadata ({})",
-                if e.is_timeout() { "timed out" } else { "request failed" }
+                if e.is_timeout() {
+                    "timed out"
+                } else {
+                    "request failed"
+                }
             ))
         })?;
         let status = resp.status();
@@ -344,7 +348,9 @@ pub(crate) fn property_refusals(body: &str) -> Vec<(String, String, String)> {
     if found.is_empty()
         && let Some(list) = (e.message.as_deref())
             .and_then(|m| m.split_once(": ["))
-            .and_then(|(_, rest)| serde_json::from_str::<serde_json::Value>(&format!("[{rest}")).ok())
+            .and_then(|(_, rest)| {
+                serde_json::from_str::<serde_json::Value>(&format!("[{rest}")).ok()
+            })
     {
         for v in list.as_array().into_iter().flatten() {
             if let (Some(code), Some(name)) = (v["error"].as_str(), v["name"].as_str())

@@ -1108,11 +1108,16 @@ impl Portal {
                 }
                 _ => continue,
             };
-            if errors.iter().any(|e: &Value| e["message"] == json!(message)) {
+            if errors
+                .iter()
+                .any(|e: &Value| e["message"] == json!(message))
+            {
                 continue;
             }
             listed.push(json!({ "isValid": false, "message": message, "error": code, "name": name, "localizedErrorMessage": message }));
-            errors.push(json!({ "message": message, "code": code, "context": { "propertyName": [name] } }));
+            errors.push(
+                json!({ "message": message, "code": code, "context": { "propertyName": [name] } }),
+            );
         }
         if errors.is_empty() {
             return None;

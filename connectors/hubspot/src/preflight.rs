@@ -43,8 +43,16 @@ struct OptionInfo {
 /// The three consent properties: (name, HubSpot type, how to create it in the UI).
 fn expected(cfg: &Config) -> [(&str, &'static str, &'static str); 3] {
     [
-        (cfg.consent_property.as_str(), "enumeration", "a dropdown select"),
-        (cfg.changed_at_property.as_str(), "datetime", "a date picker with time"),
+        (
+            cfg.consent_property.as_str(),
+            "enumeration",
+            "a dropdown select",
+        ),
+        (
+            cfg.changed_at_property.as_str(),
+            "datetime",
+            "a date picker with time",
+        ),
         (cfg.source_property.as_str(), "string", "a single-line text"),
     ]
 }
@@ -154,10 +162,16 @@ impl HubSpot {
                 return None;
             }
         }
-        let write = self.probe("/crm/v3/objects/contacts/batch/update", json!({"inputs": []}));
+        let write = self.probe(
+            "/crm/v3/objects/contacts/batch/update",
+            json!({"inputs": []}),
+        );
         match write.await {
             Some(granted) => out.push(scope_finding(granted, WRITE_SCOPE, "pushes")),
-            None => out.push(Finding::unchecked(WRITE_SCOPE, "HubSpot did not answer clearly")),
+            None => out.push(Finding::unchecked(
+                WRITE_SCOPE,
+                "HubSpot did not answer clearly",
+            )),
         }
         if !self.config.create_properties {
             return None;
@@ -184,19 +198,35 @@ impl HubSpot {
             .await
         {
             Ok(r) => r,
-            Err(e) => return vec![Finding::unchecked(format!("contact property {name}"), e.to_string())],
+            Err(e) => {
+                return vec![Finding::unchecked(
+                    format!("contact property {name}"),
+                    e.to_string(),
+                )];
+            }
         };
         if resp.status == StatusCode::NOT_FOUND {
             return vec![missing_property(cfg, name, schema)];
         }
         let info: PropertyInfo = match resp.success().and_then(|r| r.json()) {
             Ok(i) => i,
-            Err(e) => return vec![Finding::unchecked(format!("contact property {name}"), e.to_string())],
+            Err(e) => {
+                return vec![Finding::unchecked(
+                    format!("contact property {name}"),
+                    e.to_string(),
+                )];
+            }
         };
         if info.kind != kind {
             return vec![Finding::fail(
-                format!("contact property {name} is of type {}, not {kind}", info.kind),
-                format!("delete it and {}", property_fix(cfg, name, "PROPERTY_DOESNT_EXIST")),
+                format!(
+                    "contact property {name} is of type {}, not {kind}",
+                    info.kind
+                ),
+                format!(
+                    "delete it and {}",
+                    property_fix(cfg, name, "PROPERTY_DOESNT_EXIST")
+                ),
             )];
         }
         if kind != "enumeration" {
@@ -272,7 +302,10 @@ mod tests {
                 "Property \"whatsapp_consent\" does not exist".into(),
             )],
         );
-        assert!(text.contains("contact property whatsapp_consent does not exist"), "{text}");
+        assert!(
+            text.contains("contact property whatsapp_consent does not exist"),
+            "{text}"
+        );
         assert!(text.contains("create_properties = true"), "{text}");
         let text = refusal_text(
             &cfg,
@@ -282,6 +315,9 @@ mod tests {
                 "\"opted_out\" was not one of the allowed options".into(),
             )],
         );
-        assert!(text.contains("INVALID_OPTION") && text.contains("opted_out_value"), "{text}");
+        assert!(
+            text.contains("INVALID_OPTION") && text.contains("opted_out_value"),
+            "{text}"
+        );
     }
 }

@@ -1166,7 +1166,11 @@ async fn describe(
     };
     let (status, body) = {
         let s = shared.state.lock().unwrap();
-        match s.schemas.iter().find(|(k, _)| k.eq_ignore_ascii_case(&object)) {
+        match s
+            .schemas
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(&object))
+        {
             None => sf_error(
                 StatusCode::NOT_FOUND,
                 "NOT_FOUND",

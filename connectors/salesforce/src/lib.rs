@@ -34,8 +34,8 @@ use optout_core::{
 use reqwest::Method;
 
 pub use client::LIMIT_EXCEEDED_PAUSE;
-pub use push::CONFIG_RETRY;
 pub use config::{AuthConfig, Config, ObjectConfig};
+pub use push::CONFIG_RETRY;
 
 use client::Client;
 use records::Source;
@@ -122,13 +122,19 @@ impl SalesforceConnector {
 
     /// Remembers that Salesforce refuses `object`'s writes for its configuration.
     fn config_refused(&self, object: &str, reason: &str) {
-        let mut m = self.config_refusals.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self
+            .config_refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         m.insert(object.to_string(), reason.to_string());
     }
 
     /// Writes of these records' objects went through: their refusals are over.
     fn config_cleared(&self, written: &[&push::Write<'_>]) {
-        let mut m = self.config_refusals.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self
+            .config_refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         for w in written {
             m.remove(w.source.name());
         }
@@ -190,7 +196,10 @@ impl Connector for SalesforceConnector {
 
     /// The objects Salesforce refuses writes to for their configuration, if any.
     fn config_alarm(&self) -> Option<String> {
-        let m = self.config_refusals.lock().unwrap_or_else(|p| p.into_inner());
+        let m = self
+            .config_refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         (!m.is_empty()).then(|| m.values().cloned().collect::<Vec<_>>().join("; "))
     }
 }

@@ -100,10 +100,17 @@ impl SalesforceConnector {
             Err(e) if e.code.as_deref() == Some("NOT_FOUND") => {
                 return vec![Finding::fail(
                     format!("object {object} does not exist or the integration user cannot see it"),
-                    format!("check the object's API name, and give the integration user Read on {object}"),
+                    format!(
+                        "check the object's API name, and give the integration user Read on {object}"
+                    ),
                 )];
             }
-            Err(e) => return vec![Finding::unchecked(format!("fields of {object}"), e.error.to_string())],
+            Err(e) => {
+                return vec![Finding::unchecked(
+                    format!("fields of {object}"),
+                    e.error.to_string(),
+                )];
+            }
         };
         let by_name: HashMap<String, bool> = (fields.into_iter())
             .map(|f| (f.name.to_ascii_lowercase(), f.updateable))
@@ -146,13 +153,17 @@ fn field_problem(
 ) -> Option<Finding> {
     match by_name.get(&field.to_ascii_lowercase()) {
         None => Some(Finding::fail(
-            format!("field {field} does not exist on {object} (or the integration user cannot read it)"),
+            format!(
+                "field {field} does not exist on {object} (or the integration user cannot read it)"
+            ),
             format!(
                 "create {field} on {object} (Setup → Object Manager → {object} → Fields & Relationships) and give the integration user access to it, or correct the object's fields in the configuration"
             ),
         )),
         Some(false) if written => Some(Finding::fail(
-            format!("field {object}.{field} is not editable by the integration user: pushes would be refused"),
+            format!(
+                "field {object}.{field} is not editable by the integration user: pushes would be refused"
+            ),
             format!("give the integration user Edit on {object}.{field} (field-level security)"),
         )),
         Some(_) => None,

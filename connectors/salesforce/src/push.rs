@@ -203,9 +203,10 @@ impl SalesforceConnector {
                     done.extend(part.into_iter().zip(written));
                     break;
                 }
-                Err(CallError { code: Some(code), error }) if CONFIG_CODES.contains(&code.as_str()) => {
-                    (code, error)
-                }
+                Err(CallError {
+                    code: Some(code),
+                    error,
+                }) if CONFIG_CODES.contains(&code.as_str()) => (code, error),
                 Err(e) => return Err(e.error),
             };
             let object = refused_object(&error.1.to_string(), &part);
@@ -215,8 +216,9 @@ impl SalesforceConnector {
             );
             tracing::error!(connector = %self.name, object = %object, "{reason}");
             self.config_refused(&object, &reason);
-            let (refused, rest): (Vec<&Write>, Vec<&Write>) =
-                part.into_iter().partition(|w| w.source.name().eq_ignore_ascii_case(&object));
+            let (refused, rest): (Vec<&Write>, Vec<&Write>) = part
+                .into_iter()
+                .partition(|w| w.source.name().eq_ignore_ascii_case(&object));
             let outcome = PushOutcome::RetryLater {
                 after: Some(CONFIG_RETRY),
                 reason: reason.clone(),
@@ -260,7 +262,10 @@ fn refused_object(message: &str, part: &[&Write<'_>]) -> String {
     let named = message
         .rsplit_once("of type ")
         .map(|(_, t)| t.trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '_'))
-        .and_then(|t| t.split(|c: char| !c.is_ascii_alphanumeric() && c != '_').next())
+        .and_then(|t| {
+            t.split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+                .next()
+        })
         .and_then(|t| {
             part.iter()
                 .map(|w| w.source.name())

@@ -24,9 +24,13 @@ impl Sender {
                 "set url to the receiver's http(s) address",
             )];
         };
-        let name = name.trim_start_matches('[').trim_end_matches(']').to_string();
+        let name = name
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
         let wait = self.timeout().min(Duration::from_secs(10));
-        let tcp = match tokio::time::timeout(wait, TcpStream::connect((name.as_str(), port))).await {
+        let tcp = match tokio::time::timeout(wait, TcpStream::connect((name.as_str(), port))).await
+        {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 return vec![Finding::fail(

@@ -235,7 +235,10 @@ pub async fn start_graph(opts: GraphOptions) -> FakeGraph {
     let app = Router::new()
         .route("/{version}/{phone}/messages", post(graph_send))
         .route("/{version}/{phone}", get(graph_phone))
-        .route("/{version}/{phone}/subscribed_apps", get(graph_subscribed_apps))
+        .route(
+            "/{version}/{phone}/subscribed_apps",
+            get(graph_subscribed_apps),
+        )
         .with_state(state.clone());
     FakeGraph {
         state,

@@ -27,8 +27,14 @@ async fn a_correct_portal_passes_every_check_and_nothing_is_written() {
     let before = fake.contact(&id).unwrap();
     let findings = connector(&fake, |_| {}).preflight().await;
     assert!(failures(&findings).is_empty(), "{findings:#?}");
-    let passed = findings.iter().filter(|f| f.verdict == Verdict::Pass).count();
-    assert_eq!(passed, 5, "credentials, write scope, three properties: {findings:#?}");
+    let passed = findings
+        .iter()
+        .filter(|f| f.verdict == Verdict::Pass)
+        .count();
+    assert_eq!(
+        passed, 5,
+        "credentials, write scope, three properties: {findings:#?}"
+    );
     assert_eq!(fake.contact(&id).unwrap(), before, "read-only");
 }
 
@@ -59,7 +65,8 @@ async fn each_misconfiguration_is_one_precise_failure_with_its_fix() {
     let findings = connector(&fake, |_| {}).preflight().await;
     assert!(
         findings.iter().any(|f| f.is_problem()
-            && f.what.contains("lacks the crm.objects.contacts.write scope")),
+            && f.what
+                .contains("lacks the crm.objects.contacts.write scope")),
         "{findings:#?}"
     );
 }
@@ -79,7 +86,10 @@ async fn refused_credentials_stop_the_checks_and_print_no_secret() {
     let findings = c.preflight().await;
     assert_eq!(findings.len(), 1, "{findings:#?}");
     let line = findings[0].to_string();
-    assert!(line.contains("HubSpot refused the credentials") && line.contains("private-app token"), "{line}");
+    assert!(
+        line.contains("HubSpot refused the credentials") && line.contains("private-app token"),
+        "{line}"
+    );
     assert!(!line.contains("pat-na1-wrong-secret"));
 }
 
@@ -87,7 +97,10 @@ async fn refused_credentials_stop_the_checks_and_print_no_secret() {
 async fn oauth_scopes_are_read_from_the_token_metadata() {
     let fake = fake::start(FakeOptions {
         token: None,
-        scopes: vec!["crm.objects.contacts.read".into(), "crm.objects.contacts.write".into()],
+        scopes: vec![
+            "crm.objects.contacts.read".into(),
+            "crm.objects.contacts.write".into(),
+        ],
         consent_properties: false,
         oauth: Some(FakeOAuth {
             client_id: "client-1".into(),
@@ -118,10 +131,16 @@ async fn oauth_scopes_are_read_from_the_token_metadata() {
     let fails = failures(&findings);
     assert_eq!(fails.len(), 3, "{findings:#?}");
     assert!(
-        fails.iter().all(|f| f.what.contains("lacks the crm.schemas.contacts.write scope to create it")),
+        fails.iter().all(|f| f
+            .what
+            .contains("lacks the crm.schemas.contacts.write scope to create it")),
         "{findings:#?}"
     );
-    assert_eq!(fake.counts().batch_update, 0, "no probe: the metadata tells");
+    assert_eq!(
+        fake.counts().batch_update,
+        0,
+        "no probe: the metadata tells"
+    );
 }
 
 #[tokio::test]
@@ -144,5 +163,9 @@ async fn a_batch_naming_a_missing_property_is_one_request_and_a_configuration_al
         "{e}"
     );
     assert!(e.is_alarm() && !e.is_retryable());
-    assert_eq!(fake.property(&ids[0], "whatsapp_consent_source"), None, "nothing written");
+    assert_eq!(
+        fake.property(&ids[0], "whatsapp_consent_source"),
+        None,
+        "nothing written"
+    );
 }

@@ -102,7 +102,10 @@ async fn a_deleted_contact_is_rejected_while_the_rest_are_done() {
     let misconfigured = connector(&fake, |cfg| cfg.opted_in_value = "subscribed".into());
     fake.reset_counts();
     let e = misconfigured
-        .push(&[item(&ids[1], Status::OptedIn, at()), item(&ids[3], Status::OptedIn, at())])
+        .push(&[
+            item(&ids[1], Status::OptedIn, at()),
+            item(&ids[3], Status::OptedIn, at()),
+        ])
         .await
         .unwrap_err();
     assert!(

@@ -604,7 +604,10 @@ async fn per_record_failures_are_reported_per_item_without_blocking_the_batch() 
         matches!(&out[2], PushOutcome::RetryLater { after: Some(a), .. } if *a == optout_salesforce::CONFIG_RETRY)
     );
     let alarm = conn.config_alarm().expect("a configuration alarm");
-    assert!(alarm.contains("Lead") && alarm.contains("WhatsApp_Consent_Source__c"), "{alarm}");
+    assert!(
+        alarm.contains("Lead") && alarm.contains("WhatsApp_Consent_Source__c"),
+        "{alarm}"
+    );
     assert!(got[3].starts_with("retry UNABLE_TO_LOCK_ROW"), "{got:?}");
     assert_eq!((got[4].as_str(), got[6].as_str()), ("done", "done"));
     assert!(got[5].starts_with("rejected MALFORMED_ID"), "{got:?}");
@@ -612,7 +615,10 @@ async fn per_record_failures_are_reported_per_item_without_blocking_the_batch() 
     assert_eq!(got[8], "done", "the opt-out wins a conflict");
     assert!(got[9].starts_with("rejected"), "{got:?}");
     let counters = org.fake.counters();
-    assert_eq!(counters.collections, 2, "once refused for the Lead, once without it");
+    assert_eq!(
+        counters.collections, 2,
+        "once refused for the Lead, once without it"
+    );
     assert_eq!(
         counters.collection_records, 5,
         "duplicates and local rejects not sent; the refused request wrote nothing"
@@ -935,13 +941,18 @@ async fn fake_pages_and_updates_like_salesforce() {
     let unknown = json!({"attributes": {"type": "Contact"}, "id": ids[1], "Nope__c": 1});
     let (status, body) = patch(json!({"records": [rec(&ids[0]), unknown]})).await;
     assert_eq!(
-        (status, body[0]["errorCode"].as_str(), body[0]["fields"][0].as_str()),
+        (
+            status,
+            body[0]["errorCode"].as_str(),
+            body[0]["fields"][0].as_str()
+        ),
         (400, Some("INVALID_FIELD"), Some("Nope__c"))
     );
     assert_eq!(org.fake.get(&ids[0]).unwrap()["WhatsApp_Opt_Out__c"], false);
 
     // allOrNone: one bad record rolls back the good one.
-    let bad = json!({"attributes": {"type": "Contact"}, "id": ids[1], "WhatsApp_Opt_Out__c": "yes"});
+    let bad =
+        json!({"attributes": {"type": "Contact"}, "id": ids[1], "WhatsApp_Opt_Out__c": "yes"});
     let (status, body) = patch(json!({"allOrNone": true, "records": [rec(&ids[0]), bad]})).await;
     assert_eq!(status, 200);
     assert_eq!(

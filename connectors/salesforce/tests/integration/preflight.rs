@@ -24,9 +24,19 @@ async fn a_correct_org_passes_and_the_session_lifetime_is_unchecked() {
     config.messaging_end_user = true;
     let findings = connector(config).preflight().await;
     assert!(failures(&findings).is_empty(), "{findings:#?}");
-    let passed = findings.iter().filter(|f| f.verdict == Verdict::Pass).count();
-    assert_eq!(passed, 4, "login, Contact, Lead, MessagingEndUser: {findings:#?}");
-    assert!(findings.iter().any(|f| f.verdict == Verdict::Unchecked && f.what.contains("expires")));
+    let passed = findings
+        .iter()
+        .filter(|f| f.verdict == Verdict::Pass)
+        .count();
+    assert_eq!(
+        passed, 4,
+        "login, Contact, Lead, MessagingEndUser: {findings:#?}"
+    );
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.verdict == Verdict::Unchecked && f.what.contains("expires"))
+    );
     assert_eq!(org.fake.counters().describe, 3);
     assert_eq!(org.fake.counters().collections, 0, "read-only");
 }
@@ -79,22 +89,42 @@ async fn a_field_missing_on_one_object_holds_back_that_object_only() {
     let mut batch: Vec<_> = (contacts.iter())
         .map(|id| push_item(&format!("Contact/{id}"), Status::OptedOut, Timestamp::now()))
         .collect();
-    batch.push(push_item(&format!("Lead/{lead}"), Status::OptedOut, Timestamp::now()));
+    batch.push(push_item(
+        &format!("Lead/{lead}"),
+        Status::OptedOut,
+        Timestamp::now(),
+    ));
     let out = conn.push(&batch).await.unwrap();
-    assert_eq!(&out[..3], &[PushOutcome::Done, PushOutcome::Done, PushOutcome::Done]);
-    assert!(matches!(&out[3], PushOutcome::RetryLater { reason, .. } if reason.contains("Lead")), "{out:?}");
+    assert_eq!(
+        &out[..3],
+        &[PushOutcome::Done, PushOutcome::Done, PushOutcome::Done]
+    );
+    assert!(
+        matches!(&out[3], PushOutcome::RetryLater { reason, .. } if reason.contains("Lead")),
+        "{out:?}"
+    );
     for id in &contacts {
         assert_eq!(f.get(id).unwrap()["WhatsApp_Opt_Out__c"], true);
     }
-    assert_eq!(f.counters().collections, 2, "bounded: one refused request, one without the Lead");
+    assert_eq!(
+        f.counters().collections,
+        2,
+        "bounded: one refused request, one without the Lead"
+    );
     let alarm = conn.config_alarm().unwrap();
     assert!(
-        alarm.contains("Lead") && alarm.contains("WhatsApp_Opt_Out__c") && alarm.contains("INVALID_FIELD"),
+        alarm.contains("Lead")
+            && alarm.contains("WhatsApp_Opt_Out__c")
+            && alarm.contains("INVALID_FIELD"),
         "{alarm}"
     );
 
     // Only Contacts next time: nothing refused, but the Lead is still unfixed.
-    let c = push_item(&format!("Contact/{}", contacts[0]), Status::OptedIn, Timestamp::now());
+    let c = push_item(
+        &format!("Contact/{}", contacts[0]),
+        Status::OptedIn,
+        Timestamp::now(),
+    );
     assert_eq!(conn.push(&[c]).await.unwrap(), vec![PushOutcome::Done]);
     assert!(conn.config_alarm().is_some(), "the Lead is not written yet");
 }
