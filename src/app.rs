@@ -8,7 +8,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use optout_core::{DynConnector, Host, Takes};
+use optout_core::inbox::{Inbox, InboxEntry, InboxError};
+use optout_core::{DynConnector, Finding, Host, Takes, Timestamp};
 
 use crate::config::{self, Checked, CheckedConnector};
 use crate::reconcile::Engine;
@@ -57,4 +58,95 @@ pub fn connector(c: &CheckedConnector, host: &Host) -> Result<Arc<dyn DynConnect
     c.settings
         .build(&c.name, &c.secrets, host)
         .with_context(|| format!("starting connector {}", c.name))
+}
+
+/// One connector's pre-flight result: its name, kind and findings.
+pub struct Preflight {
+    pub name: String,
+    pub kind: String,
+    pub findings: Vec<Finding>,
+}
+
+/// How long one connector's pre-flight may take in `check-config --connect`.
+const PREFLIGHT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// Builds every configured connector without a store and runs its live pre-flight checks,
+/// all connectors at once (`check-config --connect`). Nothing is written anywhere.
+pub async fn preflight(checked: &Checked) -> Vec<Preflight> {
+    let host = Host {
+        inbox: Arc::new(NoInbox),
+    };
+    let runs: Vec<_> = (checked.connectors.iter())
+        .map(|c| {
+            let built = connector(c, &host);
+            tokio::spawn(async move {
+                let built = match built {
+                    Ok(b) => b,
+                    Err(e) => {
+                        return vec![Finding::fail(
+                            format!("{e:#}"),
+                            "fix the connector's settings",
+                        )];
+                    }
+                };
+                match tokio::time::timeout(PREFLIGHT_TIMEOUT, built.preflight()).await {
+                    Ok(f) => f,
+                    Err(_) => vec![Finding::fail(
+                        format!("the checks did not finish within {PREFLIGHT_TIMEOUT:?}"),
+                        "check the network path to the vendor (DNS, proxy, firewall)",
+                    )],
+                }
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for (c, run) in checked.connectors.iter().zip(runs) {
+        let findings = run.await.unwrap_or_else(|e| {
+            vec![Finding::fail(
+                format!("the checks failed: {e}"),
+                "report this as a bug",
+            )]
+        });
+        out.push(Preflight {
+            name: c.name.clone(),
+            kind: c.kind.clone(),
+            findings,
+        });
+    }
+    out
+}
+
+/// The inbox of connectors built only for their pre-flight: there is no store, and no
+/// webhook is served, so nothing is ever appended.
+struct NoInbox;
+
+impl Inbox for NoInbox {
+    fn append(
+        &self,
+        _body: bytes::Bytes,
+        _at: Timestamp,
+    ) -> optout_core::contract::BoxFuture<'_, Result<(), InboxError>> {
+        Box::pin(async { Err(InboxError("no store during check-config".into())) })
+    }
+
+    fn quarantine(
+        &self,
+        _body: bytes::Bytes,
+        _at: Timestamp,
+        _reason: String,
+    ) -> optout_core::contract::BoxFuture<'_, Result<(), InboxError>> {
+        Box::pin(async { Err(InboxError("no store during check-config".into())) })
+    }
+
+    fn read_after(
+        &self,
+        _after: u64,
+        _limit: usize,
+    ) -> optout_core::contract::BoxFuture<'_, Result<Vec<InboxEntry>, InboxError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn trim(&self, _seq: u64) -> Result<(), InboxError> {
+        Ok(())
+    }
 }

@@ -88,6 +88,12 @@ enum Command {
         /// The configuration file.
         #[arg(default_value = DEFAULT_CONFIG)]
         path: PathBuf,
+        /// Also run every connector's live checks against its system (credentials and
+        /// their expiry, scopes, HubSpot properties and options, Salesforce fields, the
+        /// WhatsApp number and webhook subscription, the automation URL) and print what
+        /// would fail, each with its fix. Writes nothing. Exit code 2 on any problem.
+        #[arg(long)]
+        connect: bool,
     },
     /// Show what is known of one person: the decision per scope and its evidence, the
     /// linked records in every system with their push state, and the full history.
@@ -172,7 +178,7 @@ pub fn main() -> ExitCode {
             full,
             config,
         } => resync(&config, connector, full),
-        Command::CheckConfig { path } => return check_config(&path),
+        Command::CheckConfig { path, connect } => return check_config(&path, connect),
         Command::Lookup { id, config, json } => lookup(&config, &id, json),
         Command::Audit {
             command:
@@ -290,7 +296,7 @@ fn existing_store(config: &crate::config::Checked) -> Result<()> {
     .into())
 }
 
-fn check_config(path: &Path) -> ExitCode {
+fn check_config(path: &Path, connect: bool) -> ExitCode {
     match config::load(path).and_then(|c| c.validate()) {
         Ok(c) => {
             for w in &c.warnings {
@@ -302,6 +308,9 @@ fn check_config(path: &Path) -> ExitCode {
                 c.connectors.len(),
                 if c.connectors.len() == 1 { "" } else { "s" }
             );
+            if connect {
+                return check_connections(&c);
+            }
             ExitCode::SUCCESS
         }
         Err(problems) => {
@@ -317,6 +326,46 @@ fn check_config(path: &Path) -> ExitCode {
             );
             ExitCode::from(2)
         }
+    }
+}
+
+/// `check-config --connect`: every connector's live checks, grouped by connector, each
+/// failure with its fix; exit code 2 on any problem. Findings never hold a secret.
+fn check_connections(checked: &crate::config::Checked) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("optout-sync: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let results = rt.block_on(app::preflight(checked));
+    let mut problems = 0;
+    for r in &results {
+        println!("\n[{}] ({})", r.name, r.kind);
+        if r.findings.is_empty() {
+            println!("  unchecked: this connector has no live checks");
+        }
+        for f in &r.findings {
+            problems += usize::from(f.is_problem());
+            for line in f.to_string().lines() {
+                println!("  {line}");
+            }
+        }
+    }
+    println!();
+    if problems == 0 {
+        println!("every live check passed");
+        ExitCode::SUCCESS
+    } else {
+        println!(
+            "{problems} problem{} found",
+            if problems == 1 { "" } else { "s" }
+        );
+        ExitCode::from(2)
     }
 }
 

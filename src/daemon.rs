@@ -222,6 +222,13 @@ fn spawn_workers(
         status.clone(),
         ctx.cancel.clone(),
     ));
+    tracker.spawn(preflight(
+        c.name.clone(),
+        connector.clone(),
+        status.clone(),
+        ctx.metrics.clone(),
+        ctx.cancel.clone(),
+    ));
     tracker.spawn(workers::push_worker(
         c.name.clone(),
         connector,
@@ -230,6 +237,68 @@ fn spawn_workers(
         c.takes.clone(),
         c.linger,
     ));
+}
+
+/// How often a connector's pre-flight runs again while it finds problems.
+const PREFLIGHT_RECHECK: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Runs the connector's pre-flight checks (the same as `check-config --connect`) at start,
+/// in the background so that READY=1 does not wait on vendors. Each finding is logged;
+/// problems raise the connector's alarm (`status`, metrics, `STATUS=`), and the checks
+/// run again every [`PREFLIGHT_RECHECK`] until they pass, which lowers it.
+async fn preflight(
+    name: String,
+    connector: Arc<dyn DynConnector>,
+    status: StatusCell,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let findings = tokio::select! {
+            f = connector.preflight() => f,
+            _ = cancel.cancelled() => return,
+        };
+        let problems: Vec<String> = (findings.iter())
+            .filter(|f| f.is_problem())
+            .map(|f| match &f.fix {
+                Some(fix) => format!("{} (fix: {fix})", f.what),
+                None => f.what.clone(),
+            })
+            .collect();
+        for f in &findings {
+            match f.verdict {
+                optout_core::Verdict::Fail => {
+                    tracing::error!(connector = %name, problem = %f.what, fix = f.fix.as_deref().unwrap_or(""), "pre-flight check failed")
+                }
+                _ => tracing::info!(connector = %name, "pre-flight: {f}"),
+            }
+        }
+        let alarm = (!problems.is_empty()).then(|| format!("pre-flight: {}", problems.join("; ")));
+        set_preflight_alarm(&name, &status, &metrics, alarm.clone());
+        if alarm.is_none() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PREFLIGHT_RECHECK) => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// Raises or lowers the pre-flight's alarm, leaving one a poll or a push raised alone.
+fn set_preflight_alarm(name: &str, status: &StatusCell, metrics: &Metrics, alarm: Option<String>) {
+    let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+    let ours = s.alarm.is_none() || s.alarm_from.as_deref() == Some("preflight");
+    if !ours {
+        return;
+    }
+    let raised = alarm.is_some();
+    s.alarm_from = alarm.as_ref().map(|_| "preflight".to_string());
+    s.alarm = alarm;
+    metrics
+        .alarm
+        .get_or_create(&Metrics::connector(name))
+        .set(i64::from(raised));
 }
 
 /// Binds the HTTP listener (gate, metrics, health, connectors' routes) and serves it with

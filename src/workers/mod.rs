@@ -249,6 +249,10 @@ pub struct ConnectorStatus {
     pub last_error: Option<String>,
     /// Set when the connector needs an operator (credentials, quota, configuration).
     pub alarm: Option<String>,
+    /// Which worker raised the alarm (`poll`, `push`, `preflight`): only its own success
+    /// lowers it.
+    #[serde(skip)]
+    pub alarm_from: Option<String>,
     /// Progress of a running full resync.
     pub resync: Option<String>,
     /// The connector's own health check (credentials, reachability), refreshed every few
@@ -268,7 +272,7 @@ pub struct WorkerContext {
 }
 
 impl WorkerContext {
-    fn bookkeeping(&self, status: &StatusCell) -> Bookkeeping {
+    pub(crate) fn bookkeeping(&self, status: &StatusCell) -> Bookkeeping {
         Bookkeeping {
             metrics: self.metrics.clone(),
             status: status.clone(),

@@ -236,6 +236,13 @@ impl<C: Connector + ?Sized> Worker for Push<C> {
         match self.connector.push(&items).await {
             Ok(outcomes) if outcomes.len() == items.len() => {
                 let stored = self.complete(cx, &keys, &items, outcomes).await;
+                // Part of the batch refused for the configuration (one object's field),
+                // the rest written: still an alarm, until the connector says it is over.
+                if let Some(why) = self.connector.config_alarm() {
+                    let book = self.ctx.bookkeeping(&self.status);
+                    book.record_error(&self.name, "push", &ConnectorError::Config(why));
+                    return Ok(Step::from(Next::Now));
+                }
                 Ok(Step {
                     next: Next::Now,
                     recovered: stored,

@@ -167,6 +167,7 @@ impl Bookkeeping {
         }
         if e.is_alarm() {
             s.alarm = Some(e.to_string());
+            s.alarm_from = Some(what.to_string());
             self.metrics
                 .alarm
                 .get_or_create(&Metrics::connector(name))
@@ -177,10 +178,16 @@ impl Bookkeeping {
         }
     }
 
-    /// Marks the connector healthy and lowers its alarm, if raised.
-    pub fn clear_alarm(&self, name: &str) {
+    /// Marks the connector healthy and lowers its alarm, if `what` (`poll`, `push`,
+    /// `preflight`) raised it: a poll that works says nothing of a push refused for a
+    /// missing property or scope, so it must not lower that alarm.
+    pub fn clear_alarm(&self, name: &str, what: &str) {
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         s.healthy = true;
+        if s.alarm.is_some() && s.alarm_from.as_deref().is_some_and(|w| w != what) {
+            return;
+        }
+        s.alarm_from = None;
         if s.alarm.take().is_some() {
             self.metrics
                 .alarm
@@ -205,7 +212,7 @@ pub async fn run<W: Worker>(mut worker: W, cancel: CancellationToken, book: Opti
                 if step.recovered
                     && let Some(b) = &book
                 {
-                    b.clear_alarm(worker.name());
+                    b.clear_alarm(worker.name(), worker.what());
                 }
                 step.next
             }

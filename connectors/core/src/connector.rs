@@ -14,6 +14,77 @@ use crate::{ConnectorError, Cursor, Page, PushItem, PushOutcome};
 /// A boxed future, for the object-safe traits (`DynConnector`, `Inbox`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// The verdict of one pre-flight check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// The check passed.
+    Pass,
+    /// Something would fail in production: `fix` says what to do.
+    Fail,
+    /// The check could not be made (the vendor's API cannot tell, a setting is missing):
+    /// not a problem by itself, but nothing was proven.
+    Unchecked,
+}
+
+/// One result of [`Connector::preflight`]: what was checked or what would fail, and how to
+/// fix it. Never holds a secret's value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finding {
+    pub verdict: Verdict,
+    /// What was checked, or what would fail (`contact property whatsapp_consent does not
+    /// exist`).
+    pub what: String,
+    /// How to fix it (for `Fail`), or why it was not checked (for `Unchecked`).
+    pub fix: Option<String>,
+}
+
+impl Finding {
+    pub fn pass(what: impl Into<String>) -> Self {
+        Finding {
+            verdict: Verdict::Pass,
+            what: what.into(),
+            fix: None,
+        }
+    }
+
+    pub fn fail(what: impl Into<String>, fix: impl Into<String>) -> Self {
+        Finding {
+            verdict: Verdict::Fail,
+            what: what.into(),
+            fix: Some(fix.into()),
+        }
+    }
+
+    pub fn unchecked(what: impl Into<String>, why: impl Into<String>) -> Self {
+        Finding {
+            verdict: Verdict::Unchecked,
+            what: what.into(),
+            fix: Some(why.into()),
+        }
+    }
+
+    pub fn is_problem(&self) -> bool {
+        self.verdict == Verdict::Fail
+    }
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let label = match self.verdict {
+            Verdict::Pass => "ok",
+            Verdict::Fail => "FAIL",
+            Verdict::Unchecked => "unchecked",
+        };
+        write!(f, "{label}: {}", self.what)?;
+        match (&self.fix, self.verdict) {
+            (Some(fix), Verdict::Fail) => write!(f, "\n    fix: {fix}"),
+            (Some(why), _) => write!(f, " ({why})"),
+            (None, _) => Ok(()),
+        }
+    }
+}
+
 /// What `health` reports.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
@@ -57,6 +128,21 @@ pub trait Connector: Send + Sync + 'static {
 
     /// HTTP routes the daemon mounts on its listener (a vendor that pushes to us).
     fn routes(&self) -> Option<axum::Router> {
+        None
+    }
+
+    /// Live checks against the vendor that find, before go-live, what would make polls
+    /// or pushes fail (credentials, scopes, fields, options): `check-config --connect`
+    /// and the daemon at start run them. Read-only: nothing is written and no automation
+    /// is triggered. One finding per check, failures with their fix.
+    fn preflight(&self) -> impl Future<Output = Vec<Finding>> + Send {
+        async { Vec::new() }
+    }
+
+    /// A configuration problem met while pushing that the connector worked around (one
+    /// object refused as a whole, the others written), so `push` returned outcomes rather
+    /// than an error: the daemon raises it as an alarm until it is `None` again.
+    fn config_alarm(&self) -> Option<String> {
         None
     }
 }

@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 
 pub use crate::connector::BoxFuture;
 use crate::inbox::Inbox;
-use crate::{Connector, ConnectorError, Cursor, Health, Page, PushItem, PushOutcome};
+use crate::{Connector, ConnectorError, Cursor, Finding, Health, Page, PushItem, PushOutcome};
 use crate::{Secret, SecretRef};
 
 /// What a connector instance takes as pushes.
@@ -223,6 +223,10 @@ pub trait DynConnector: Send + Sync + 'static {
     fn wake_up(&self) -> Option<Arc<tokio::sync::Notify>>;
     /// HTTP routes the daemon mounts on its listener (webhook intake).
     fn routes(&self) -> Option<axum::Router>;
+    /// Live pre-flight checks ([`Connector::preflight`]).
+    fn preflight(&self) -> BoxFuture<'_, Vec<Finding>>;
+    /// A configuration problem worked around while pushing ([`Connector::config_alarm`]).
+    fn config_alarm(&self) -> Option<String>;
 }
 
 impl<C: Connector> DynConnector for C {
@@ -253,6 +257,12 @@ impl<C: Connector> DynConnector for C {
     fn routes(&self) -> Option<axum::Router> {
         Connector::routes(self)
     }
+    fn preflight(&self) -> BoxFuture<'_, Vec<Finding>> {
+        Box::pin(Connector::preflight(self))
+    }
+    fn config_alarm(&self) -> Option<String> {
+        Connector::config_alarm(self)
+    }
 }
 
 /// The daemon's workers are generic over [`Connector`]; a built connector is one too.
@@ -277,6 +287,12 @@ impl Connector for dyn DynConnector {
     }
     fn routes(&self) -> Option<axum::Router> {
         DynConnector::routes(self)
+    }
+    async fn preflight(&self) -> Vec<Finding> {
+        DynConnector::preflight(self).await
+    }
+    fn config_alarm(&self) -> Option<String> {
+        DynConnector::config_alarm(self)
     }
 }
 

@@ -21,7 +21,7 @@ pub mod secret;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-pub use connector::{Connector, Health};
+pub use connector::{Connector, Finding, Health, Verdict};
 pub use contract::{DynConnector, Host, Kind, Polling, Problem, Secrets, Settings, Takes};
 pub use error::ConnectorError;
 pub use inbox::{Inbox, InboxEntry, InboxError};

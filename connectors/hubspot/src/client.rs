@@ -234,6 +234,54 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Whether the token is an OAuth access token (whose scopes HubSpot tells).
+    pub(crate) fn is_oauth(&self) -> bool {
+        matches!(self.auth, Auth::OAuth(_))
+    }
+
+    /// For an OAuth app: the current access token's scopes and seconds left
+    /// (`GET /oauth/v1/access-tokens/{token}`). `None` for a private-app token: HubSpot
+    /// tells nothing of its scopes. The token is in the URL's path, so no error message
+    /// names the URL.
+    pub(crate) async fn token_scopes(&self) -> Result<Option<(Vec<String>, u64)>, ConnectorError> {
+        #[derive(Deserialize)]
+        struct Info {
+            #[serde(default)]
+            scopes: Vec<String>,
+            #[serde(default)]
+            expires_in: u64,
+        }
+        if !self.is_oauth() {
+            return Ok(None);
+        }
+        let (token, _) = self.bearer().await?;
+        let url = format!("{}/oauth/v1/access-tokens/{}", self.base, token.expose());
+        let resp = self.http.get(&url).send().await.map_err(|e| {
+            ConnectorError::Transient(format!(
+                "cannot read the access token's metadata ({})",
+                if e.is_timeout() {
+                    "timed out"
+                } else {
+                    "request failed"
+                }
+            ))
+        })?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(ConnectorError::Unauthorized(format!(
+                "HubSpot does not know the access token ({status}): {}",
+                describe(&text)
+            )));
+        }
+        let info: Info = serde_json::from_str(&text).map_err(|e| {
+            ConnectorError::Transient(format!("unexpected access-token metadata ({e})"))
+        })?;
+        Ok(Some((info.scopes, info.expires_in)))
+    }
+}
+
 impl OAuth {
     /// Forgets the access token that drew a 401, unless a newer one replaced it already.
     async fn invalidate(&self, generation: u64) {
@@ -258,6 +306,8 @@ struct ErrorBody {
 #[derive(Debug, Deserialize)]
 struct ErrorDetail {
     message: Option<String>,
+    /// `PROPERTY_DOESNT_EXIST`, `INVALID_OPTION` … on validation errors.
+    code: Option<String>,
     #[serde(default)]
     context: serde_json::Map<String, serde_json::Value>,
 }
@@ -274,6 +324,45 @@ pub(crate) fn describe(body: &str) -> String {
         (None, Some(m)) => excerpt(&m),
         _ => excerpt(body),
     }
+}
+
+/// What a whole-request 400 from a write says is wrong with the portal's properties
+/// rather than with one contact: (code, property) for every `PROPERTY_DOESNT_EXIST` and
+/// `INVALID_OPTION`. Read from `errors[]` (`code`, `context.propertyName`), else from the
+/// list HubSpot embeds in `message` (`Property values were not valid: [{…"error":…,
+/// "name":…}]`), with HubSpot's message. Empty when the refusal is about something else.
+pub(crate) fn property_refusals(body: &str) -> Vec<(String, String, String)> {
+    const CODES: [&str; 2] = ["PROPERTY_DOESNT_EXIST", "INVALID_OPTION"];
+    let e = parse_error(body);
+    let mut found: Vec<(String, String, String)> = (e.errors.iter())
+        .filter_map(|d| {
+            let code = d.code.clone().filter(|c| CODES.contains(&c.as_str()))?;
+            let name = match d.context.get("propertyName") {
+                Some(serde_json::Value::Array(a)) => a.first()?.as_str()?.to_string(),
+                Some(serde_json::Value::String(s)) => s.clone(),
+                _ => return None,
+            };
+            Some((code, name, excerpt(d.message.as_deref().unwrap_or(""))))
+        })
+        .collect();
+    if found.is_empty()
+        && let Some(list) = (e.message.as_deref())
+            .and_then(|m| m.split_once(": ["))
+            .and_then(|(_, rest)| {
+                serde_json::from_str::<serde_json::Value>(&format!("[{rest}")).ok()
+            })
+    {
+        for v in list.as_array().into_iter().flatten() {
+            if let (Some(code), Some(name)) = (v["error"].as_str(), v["name"].as_str())
+                && CODES.contains(&code)
+            {
+                let message = excerpt(v["message"].as_str().unwrap_or(""));
+                found.push((code.to_string(), name.to_string(), message));
+            }
+        }
+    }
+    found.dedup();
+    found
 }
 
 fn classify(

@@ -10,8 +10,13 @@
 //! - `POST /crm/v3/objects/contacts/batch/update`: at most 100 inputs, duplicate ids refused
 //!   (400), unknown or archived ids and invalid values reported per id (207). Every write
 //!   moves `lastmodifieddate`.
+//!   A batch naming a property that does not exist, or an enumeration value that is not
+//!   one of the property's options, is refused as a whole (400 `VALIDATION_ERROR` with
+//!   `PROPERTY_DOESNT_EXIST` / `INVALID_OPTION` in its `errors`), as HubSpot does.
 //! - `GET /crm/v3/objects/contacts`, `POST /crm/v3/properties/contacts` (409 when the
-//!   property exists), `POST /oauth/v3/token` (refresh-token grant; access tokens expire).
+//!   property exists), `GET /crm/v3/properties/contacts/{name}` (404 when it does not),
+//!   `POST /oauth/v3/token` (refresh-token grant; access tokens expire),
+//!   `GET /oauth/v1/access-tokens/{token}` (an OAuth access token's scopes and lifetime).
 //! - Private-app or OAuth bearer tokens (401 when missing, unknown or expired), scopes
 //!   (403 naming the missing scope), the 10-second window, the per-second search limit and
 //!   a daily limit (real 429 bodies), and injected faults: 5xx answers, slow answers, and
@@ -211,7 +216,9 @@ pub async fn start(opts: FakeOptions) -> FakeHandle {
         .route("/crm/v3/objects/contacts/batch/update", post(batch_update))
         .route("/crm/v3/objects/contacts", get(list))
         .route("/crm/v3/properties/contacts", post(create_property))
+        .route("/crm/v3/properties/contacts/{name}", get(read_property))
         .route("/oauth/v3/token", post(token))
+        .route("/oauth/v1/access-tokens/{token}", get(token_info))
         .fallback(not_found)
         .layer(axum::middleware::map_response_with_state(
             shared.clone(),
@@ -374,6 +381,18 @@ impl FakeHandle {
 
     pub fn has_property(&self, name: &str) -> bool {
         self.portal().properties.contains_key(name)
+    }
+
+    /// Deletes a contact property (a portal where it was never created, or was renamed).
+    pub fn remove_property(&self, name: &str) {
+        self.portal().properties.remove(name);
+    }
+
+    /// Replaces an enumeration property's options (an option renamed in the portal).
+    pub fn set_property_options(&self, name: &str, options: &[&str]) {
+        if let Some(d) = self.portal().properties.get_mut(name) {
+            d.options = options.iter().map(|o| o.to_string()).collect();
+        }
     }
 
     /// Every batch update naming this contact is refused as a whole (400), as HubSpot does
@@ -974,6 +993,9 @@ impl Portal {
                 dup.id
             ));
         }
+        if let Some(refusal) = self.invalid_properties(&req) {
+            return refusal;
+        }
         if let Some(p) = req.inputs.iter().find(|i| self.poisoned.contains(&i.id)) {
             return bad(format!(
                 "Property values were not valid for contact {}",
@@ -1057,6 +1079,84 @@ impl Portal {
             PropKind::Number if value.parse::<f64>().is_err() => Err("INVALID_INTEGER"),
             _ => Ok(value.to_string()),
         }
+    }
+
+    /// HubSpot refuses a whole batch (400, not a per-contact 207) when an input names a
+    /// property that does not exist or an enumeration value that is not an option.
+    fn invalid_properties(&self, req: &BatchRequest) -> Option<Response> {
+        let mut errors = Vec::new();
+        let mut listed = Vec::new();
+        for (name, value) in req.inputs.iter().flat_map(|i| &i.properties) {
+            let value = value.as_str().unwrap_or_default();
+            let (code, message) = match self.properties.get(name) {
+                None => (
+                    "PROPERTY_DOESNT_EXIST",
+                    format!("Property \"{name}\" does not exist"),
+                ),
+                Some(d)
+                    if d.kind == PropKind::Enumeration
+                        && !value.is_empty()
+                        && !d.options.iter().any(|o| o == value) =>
+                {
+                    (
+                        "INVALID_OPTION",
+                        format!(
+                            "{value:?} was not one of the allowed options: [{}]",
+                            d.options.join(", ")
+                        ),
+                    )
+                }
+                _ => continue,
+            };
+            if errors
+                .iter()
+                .any(|e: &Value| e["message"] == json!(message))
+            {
+                continue;
+            }
+            listed.push(json!({ "isValid": false, "message": message, "error": code, "name": name, "localizedErrorMessage": message }));
+            errors.push(
+                json!({ "message": message, "code": code, "context": { "propertyName": [name] } }),
+            );
+        }
+        if errors.is_empty() {
+            return None;
+        }
+        Some(error(
+            StatusCode::BAD_REQUEST,
+            json!({
+                "status": "error",
+                "message": format!("Property values were not valid: {}", Value::Array(listed)),
+                "correlationId": "fake",
+                "category": "VALIDATION_ERROR",
+                "errors": errors,
+            }),
+        ))
+    }
+
+    /// `GET /crm/v3/properties/contacts/{name}`: the definition, or 404.
+    fn property_json(&self, name: &str) -> Response {
+        let Some(d) = self.properties.get(name) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                json!({ "status": "error", "message": format!("Unable to find property named '{name}' for object type 0-1"), "category": "OBJECT_NOT_FOUND", "correlationId": "fake" }),
+            );
+        };
+        let (kind, field) = match d.kind {
+            PropKind::Text => ("string", "text"),
+            PropKind::Number => ("number", "number"),
+            PropKind::DateTime => ("datetime", "date"),
+            PropKind::Enumeration => ("enumeration", "select"),
+        };
+        let options: Vec<Value> = (d.options.iter().enumerate())
+            .map(|(i, o)| json!({ "label": o, "value": o, "displayOrder": i, "hidden": false }))
+            .collect();
+        Json(json!({
+            "name": name, "label": name, "type": kind, "fieldType": field,
+            "groupName": "contactinformation", "options": options, "hidden": false,
+            "modificationMetadata": { "archivable": true, "readOnlyDefinition": false, "readOnlyValue": d.read_only },
+        }))
+        .into_response()
     }
 
     fn create_property(&mut self, def: Value) -> Response {
@@ -1387,6 +1487,47 @@ async fn create_property(
     match serde_json::from_str::<Value>(&body) {
         Ok(def) => shared.lock().create_property(def),
         Err(e) => invalid_json(e),
+    }
+}
+
+async fn read_property(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    if let Err(r) = admit(&shared, Endpoint::Other, &headers, READ_SCOPE).await {
+        return r;
+    }
+    shared.lock().property_json(&name)
+}
+
+/// `GET /oauth/v1/access-tokens/{token}`: what HubSpot knows of an OAuth access token
+/// (not of a private-app token, which it answers 404 for). Needs no authorization header.
+async fn token_info(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Path(token): axum::extract::Path<String>,
+) -> Response {
+    let mut p = shared.lock();
+    p.count(&Endpoint::Token);
+    let left = p
+        .access_tokens
+        .get(&token)
+        .map(|exp| exp.saturating_duration_since(Instant::now()));
+    match left {
+        Some(left) if !left.is_zero() => {
+            let mut scopes: Vec<&String> = p.scopes.iter().collect();
+            scopes.sort();
+            Json(json!({
+                "token": token, "user": "integration@example.com", "hub_domain": "fake.hubspot.com",
+                "scopes": scopes, "hub_id": 62515, "app_id": 456789, "expires_in": left.as_secs(),
+                "user_id": 123456, "token_type": "access",
+            }))
+            .into_response()
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            json!({ "status": "error", "message": "The access token is expired or unknown", "category": "OBJECT_NOT_FOUND" }),
+        ),
     }
 }
 

@@ -10,13 +10,15 @@
 //!
 //! Code map: `lib.rs` (the connector and its registry entry, [`Kind`]), `config.rs`
 //! (settings and validation), `client.rs` (auth, HTTP, error classification), `limit.rs` (client-side rate limiting), `poll.rs`, `push.rs`,
-//! `properties.rs` (optional property creation), `fake.rs` (a stateful fake HubSpot, feature
+//! `properties.rs` (optional property creation), `preflight.rs` (live checks of the
+//! credentials, scopes and properties), `fake.rs` (a stateful fake HubSpot, feature
 //! `fake`).
 
 mod client;
 pub mod config;
 mod limit;
 mod poll;
+mod preflight;
 mod properties;
 mod push;
 
@@ -27,8 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use optout_core::{
-    Connector, ConnectorError, Cursor, Health, Host, Page, Polling, Problem, PushItem, PushOutcome,
-    SecretRef, Secrets, Takes,
+    Connector, ConnectorError, Cursor, Finding, Health, Host, Page, Polling, Problem, PushItem,
+    PushOutcome, SecretRef, Secrets, Takes,
 };
 
 pub use config::{Config, OAuthConfig};
@@ -190,6 +192,11 @@ impl Connector for HubSpot {
 
     fn max_batch(&self) -> usize {
         self.config.batch_size
+    }
+
+    /// Credentials, scopes and the consent properties; see `preflight.rs`.
+    async fn preflight(&self) -> Vec<Finding> {
+        self.run_preflight().await
     }
 }
 

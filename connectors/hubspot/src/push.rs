@@ -9,8 +9,14 @@
 //! - 207: per-contact results; `errors[].context.ids` names the failing ids. A missing
 //!   contact (deleted, merged) or refused values are `Rejected` with HubSpot's reason;
 //!   other errors are `RetryLater`.
-//! - A 400 for the whole batch (HubSpot refuses a whole batch for some invalid inputs)
-//!   could block every contact in it forever. The batch is split in halves and each half
+//! - A 400 for the whole batch that names a property that does not exist or a value that
+//!   is not one of an enumeration's options (`PROPERTY_DOESNT_EXIST`, `INVALID_OPTION`) is
+//!   a configuration error, the same for every contact: the call fails with
+//!   `ConnectorError::Config` naming the property and the fix (an alarm; the batch waits
+//!   in the outbox), and nothing is split — splitting would send up to 199 requests per
+//!   100 contacts and end with every one rejected.
+//! - Any other 400 for the whole batch (HubSpot refuses a whole batch for some invalid
+//!   inputs) could block every contact in it forever. The batch is split in halves and each half
 //!   sent again, down to single inputs; a single input refused that way is `Rejected`.
 //!   One bad input among 100 costs about 15 requests, and the rest are written.
 //! - Rate limits, authentication and server errors fail the whole call (`Err`) when
@@ -173,6 +179,12 @@ impl HubSpot {
                 describe(&resp.body)
             ))),
             StatusCode::BAD_REQUEST => {
+                let refusals = crate::client::property_refusals(&resp.body);
+                if !refusals.is_empty() {
+                    return Err(ConnectorError::Config(crate::preflight::refusal_text(
+                        cfg, &refusals,
+                    )));
+                }
                 Ok(Answer::Refused(format!("400: {}", describe(&resp.body))))
             }
             // 404 or 415 for the whole request point at the endpoint, not at one contact.

@@ -5,7 +5,9 @@
 //! really verified), sessions that expire (401 `INVALID_SESSION_ID`), Contacts, Leads and
 //! MessagingEndUsers with `SystemModstamp` bumped on every write, real SOQL parsing and
 //! evaluation (`fake::soql`), `nextRecordsUrl` paging with query locators honouring
-//! `Sforce-Query-Options: batchSize`, sObject Collections updates with per-record errors,
+//! `Sforce-Query-Options: batchSize`, sObject Collections updates with per-record errors
+//! (and a request-level 400 `INVALID_FIELD` when a record names a field its object lacks),
+//! `sobjects/{Object}/describe` (fields with `updateable`),
 //! `Sforce-Limit-Info` on every data response and 403 `REQUEST_LIMIT_EXCEEDED` once the daily
 //! allocation is used, plus injected faults (5xx, slow answers, dropped connections, malformed
 //! JSON, row locks) and request counters per endpoint.
@@ -114,6 +116,8 @@ pub struct Counters {
     /// Records in all collections requests.
     pub collection_records: u64,
     pub limits: u64,
+    /// `sobjects/{Object}/describe` calls.
+    pub describe: u64,
     /// 401 answers to data calls.
     pub unauthorized: u64,
     /// 403 `REQUEST_LIMIT_EXCEEDED` answers.
@@ -412,6 +416,10 @@ pub async fn start(opts: FakeOptions) -> FakeHandle {
                 patch(collections),
             )
             .route("/services/data/{ver}/limits", get(limits))
+            .route(
+                "/services/data/{ver}/sobjects/{object}/describe",
+                get(describe),
+            )
             .with_state(s)
     })
     .await;
@@ -553,6 +561,17 @@ impl FakeHandle {
         let mut s = self.state();
         if let Some(defs) = s.schemas.get_mut(object) {
             defs.retain(|f| !f.name.eq_ignore_ascii_case(field));
+        }
+    }
+
+    /// Makes a field read-only for the integration user (no Edit in its field-level
+    /// security).
+    pub fn set_field_updateable(&self, object: &str, field: &str, updateable: bool) {
+        let mut s = self.state();
+        if let Some(f) = (s.schemas.get_mut(object).into_iter().flatten())
+            .find(|f| f.name.eq_ignore_ascii_case(field))
+        {
+            f.updatable = updateable;
         }
     }
 
@@ -748,6 +767,7 @@ enum Endpoint {
     QueryMore,
     Collections,
     Limits,
+    Describe,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -770,6 +790,7 @@ async fn admit(shared: &Shared, headers: &HeaderMap, ep: Endpoint) -> Result<Dam
             Endpoint::QueryMore => s.counters.query_more += 1,
             Endpoint::Collections => s.counters.collections += 1,
             Endpoint::Limits => s.counters.limits += 1,
+            Endpoint::Describe => s.counters.describe += 1,
         }
         let token = headers
             .get("authorization")
@@ -1111,7 +1132,78 @@ async fn collections(
             "EXCEEDED_ID_LIMIT",
             "record limit reached. cannot submit more than 200 records into this call",
         ),
-        Ok(b) => (StatusCode::OK, update_records(&shared, b)),
+        Ok(b) => {
+            let refusal = unknown_field(&shared.state.lock().unwrap(), &b.records);
+            refusal.unwrap_or_else(|| (StatusCode::OK, update_records(&shared, b)))
+        }
+    };
+    answer(&shared, damage, status, body)
+}
+
+/// Salesforce refuses the whole request, before any record, when a record names a field
+/// its object does not have: 400 with a request-level `INVALID_FIELD` (an array with
+/// `errorCode` at the top level), not a per-record result.
+fn unknown_field(s: &OrgState, records: &[Value]) -> Option<(StatusCode, Value)> {
+    records.iter().find_map(|rec| {
+        let ty = rec["attributes"]["type"].as_str()?;
+        let object = s.schemas.keys().find(|k| k.eq_ignore_ascii_case(ty))?;
+        let field = (rec.as_object()?.keys())
+            .filter(|k| *k != "attributes" && !k.eq_ignore_ascii_case("id"))
+            .find(|k| s.field(object, k).is_none())?;
+        Some((
+            StatusCode::BAD_REQUEST,
+            json!([{
+                "message": format!("No such column '{field}' on sobject of type {object}"),
+                "errorCode": "INVALID_FIELD",
+                "fields": [field],
+            }]),
+        ))
+    })
+}
+
+/// `GET /services/data/{ver}/sobjects/{object}/describe`: the object's fields, each with
+/// its `name`, `type` and whether the user may `updateable` it; 404 `NOT_FOUND` for an
+/// object the org does not have.
+async fn describe(
+    State(shared): State<Arc<Shared>>,
+    Path((_ver, object)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let damage = match admit(&shared, &headers, Endpoint::Describe).await {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let (status, body) = {
+        let s = shared.state.lock().unwrap();
+        match s
+            .schemas
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(&object))
+        {
+            None => sf_error(
+                StatusCode::NOT_FOUND,
+                "NOT_FOUND",
+                "The requested resource does not exist",
+            ),
+            Some((name, defs)) => {
+                let fields: Vec<Value> = (defs.iter())
+                    .map(|f| {
+                        let ty = match f.kind {
+                            Kind::Id => "id",
+                            Kind::Text => "string",
+                            Kind::Bool => "boolean",
+                            Kind::DateTime => "datetime",
+                            Kind::Picklist(_) => "picklist",
+                        };
+                        json!({"name": f.name, "type": ty, "updateable": f.updatable, "createable": f.updatable, "nillable": true})
+                    })
+                    .collect();
+                (
+                    StatusCode::OK,
+                    json!({"name": name, "queryable": true, "updateable": true, "fields": fields}),
+                )
+            }
+        }
     };
     answer(&shared, damage, status, body)
 }

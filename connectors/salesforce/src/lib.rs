@@ -8,13 +8,15 @@
 //! Code map: `lib.rs` (the connector and its registry entry, [`Kind`]), [`config`]
 //! (settings and checks), `client` (login, HTTP, error classification,
 //! API usage), `soql` (literal escaping), `records` (record ↔ snapshot and write mapping),
-//! `poll` (cursor and paging), `push` (collections batches), `fake` (a stateful fake org,
-//! feature `fake`).
+//! `poll` (cursor and paging), `push` (collections batches), `preflight` (live checks:
+//! login, describe of every configured object), `fake` (a stateful fake org, feature
+//! `fake`).
 
 pub mod config;
 
 mod client;
 mod poll;
+mod preflight;
 mod push;
 mod records;
 pub mod soql;
@@ -26,13 +28,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use optout_core::{
-    Connector, ConnectorError, Cursor, Health, Host, Page, Polling, Problem, PushItem, PushOutcome,
-    SecretRef, Secrets, Takes,
+    Connector, ConnectorError, Cursor, Finding, Health, Host, Page, Polling, Problem, PushItem,
+    PushOutcome, SecretRef, Secrets, Takes,
 };
 use reqwest::Method;
 
 pub use client::LIMIT_EXCEEDED_PAUSE;
 pub use config::{AuthConfig, Config, ObjectConfig};
+pub use push::CONFIG_RETRY;
 
 use client::Client;
 use records::Source;
@@ -46,6 +49,9 @@ pub struct SalesforceConnector {
     client: Client,
     /// The objects read and written, in reading order.
     sources: Vec<Source>,
+    /// Objects whose writes Salesforce refuses for their configuration, with the reason
+    /// (see `push`): the configuration alarm until a write of the object goes through.
+    config_refusals: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 /// The `kind = "salesforce"` entry of the daemon's registry.
@@ -110,7 +116,28 @@ impl SalesforceConnector {
             config: Arc::new(config),
             client,
             sources,
+            config_refusals: Default::default(),
         })
+    }
+
+    /// Remembers that Salesforce refuses `object`'s writes for its configuration.
+    fn config_refused(&self, object: &str, reason: &str) {
+        let mut m = self
+            .config_refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        m.insert(object.to_string(), reason.to_string());
+    }
+
+    /// Writes of these records' objects went through: their refusals are over.
+    fn config_cleared(&self, written: &[&push::Write<'_>]) {
+        let mut m = self
+            .config_refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for w in written {
+            m.remove(w.source.name());
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -160,5 +187,19 @@ impl Connector for SalesforceConnector {
 
     fn max_batch(&self) -> usize {
         self.config.batch_size
+    }
+
+    /// Login, session, and every configured object's fields; see `preflight.rs`.
+    async fn preflight(&self) -> Vec<Finding> {
+        self.run_preflight().await
+    }
+
+    /// The objects Salesforce refuses writes to for their configuration, if any.
+    fn config_alarm(&self) -> Option<String> {
+        let m = self
+            .config_refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        (!m.is_empty()).then(|| m.values().cloned().collect::<Vec<_>>().join("; "))
     }
 }

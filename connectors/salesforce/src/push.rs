@@ -5,8 +5,16 @@
 //! disagree the opt-out is written (the product leans to opt-out) and the other item is
 //! rejected with the reason. Records are grouped by type inside a request because Salesforce
 //! processes a mixed request in chunks of consecutive same-type records and allows only ten.
+//!
+//! A request Salesforce refuses as a whole because a record names a field its object lacks
+//! (a request-level 400 `INVALID_FIELD`, which names the object) is a configuration
+//! problem of that object, not of the records: that object's records wait
+//! ([`CONFIG_RETRY`]) and the request is sent again without them, so the other objects are
+//! still written. The refusal stays a configuration alarm (`config_alarm`) naming the
+//! object and the field until a write of that object goes through.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use optout_core::{ConnectorError, PushItem, PushOutcome, Status};
 use reqwest::Method;
@@ -14,7 +22,19 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::SalesforceConnector;
+use crate::client::CallError;
 use crate::records::{Source, is_record_id};
+
+/// How long the records of an object Salesforce refused for its configuration wait before
+/// they are tried again (the alarm asks an operator to fix the field meanwhile).
+pub const CONFIG_RETRY: Duration = Duration::from_secs(300);
+
+/// Request-level codes that mean a configured object or field is wrong.
+const CONFIG_CODES: &[&str] = &[
+    "INVALID_FIELD",
+    "INVALID_FIELD_FOR_INSERT_UPDATE",
+    "INVALID_TYPE",
+];
 
 /// Per-record codes that say "not now" rather than "never".
 const RETRYABLE_CODES: &[&str] = &[
@@ -43,8 +63,8 @@ struct SaveError {
 }
 
 /// One record to write and the items it answers.
-struct Write<'a> {
-    source: &'a Source,
+pub(crate) struct Write<'a> {
+    pub(crate) source: &'a Source,
     id: &'a str,
     item: &'a PushItem,
     items: Vec<usize>,
@@ -91,8 +111,7 @@ impl SalesforceConnector {
         // Same-type records together (stable, so order within a type is kept).
         writes.sort_by(|a, b| a.source.name().cmp(b.source.name()));
         for chunk in writes.chunks(self.config.batch_size) {
-            let written = self.write(chunk).await?;
-            for (w, outcome) in chunk.iter().zip(written) {
+            for (w, outcome) in self.write_chunk(chunk).await? {
                 if !matches!(outcome, PushOutcome::Done) {
                     tracing::info!(connector = %self.name, record = %w.item.record, ?outcome, "record not written");
                 }
@@ -169,8 +188,49 @@ impl SalesforceConnector {
         Ok((source, id))
     }
 
+    /// Writes one request's worth of records, sending it again without an object that
+    /// Salesforce refuses the whole request for (see the module doc).
+    async fn write_chunk<'w, 'a>(
+        &self,
+        chunk: &'w [Write<'a>],
+    ) -> Result<Vec<(&'w Write<'a>, PushOutcome)>, ConnectorError> {
+        let mut part: Vec<&Write> = chunk.iter().collect();
+        let mut done = Vec::new();
+        while !part.is_empty() {
+            let error = match self.write(&part).await {
+                Ok(written) => {
+                    self.config_cleared(&part);
+                    done.extend(part.into_iter().zip(written));
+                    break;
+                }
+                Err(CallError {
+                    code: Some(code),
+                    error,
+                }) if CONFIG_CODES.contains(&code.as_str()) => (code, error),
+                Err(e) => return Err(e.error),
+            };
+            let object = refused_object(&error.1.to_string(), &part);
+            let reason = format!(
+                "Salesforce refused every write to {object} ({}): {}; fix: create the field on {object} (Setup → Object Manager → {object} → Fields & Relationships), give the integration user Edit access to it, or correct the object's fields in the configuration",
+                error.0, error.1
+            );
+            tracing::error!(connector = %self.name, object = %object, "{reason}");
+            self.config_refused(&object, &reason);
+            let (refused, rest): (Vec<&Write>, Vec<&Write>) = part
+                .into_iter()
+                .partition(|w| w.source.name().eq_ignore_ascii_case(&object));
+            let outcome = PushOutcome::RetryLater {
+                after: Some(CONFIG_RETRY),
+                reason: reason.clone(),
+            };
+            done.extend(refused.into_iter().map(|w| (w, outcome.clone())));
+            part = rest;
+        }
+        Ok(done)
+    }
+
     /// Writes one request's worth of records; one outcome per write, in order.
-    async fn write(&self, chunk: &[Write<'_>]) -> Result<Vec<PushOutcome>, ConnectorError> {
+    async fn write(&self, chunk: &[&Write<'_>]) -> Result<Vec<PushOutcome>, CallError> {
         let path = format!(
             "/services/data/{}/composite/sobjects",
             self.config.api_version
@@ -189,10 +249,32 @@ impl SalesforceConnector {
                 "collections answered {} results for {} records",
                 results.len(),
                 chunk.len()
-            )));
+            ))
+            .into());
         }
         Ok(results.into_iter().map(outcome).collect())
     }
+}
+
+/// The object a request-level refusal names (`… on sobject of type Lead`), or else the
+/// first object of the request (the whole request is then held back object by object).
+fn refused_object(message: &str, part: &[&Write<'_>]) -> String {
+    let named = message
+        .rsplit_once("of type ")
+        .map(|(_, t)| t.trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '_'))
+        .and_then(|t| {
+            t.split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+                .next()
+        })
+        .and_then(|t| {
+            part.iter()
+                .map(|w| w.source.name())
+                .find(|n| n.eq_ignore_ascii_case(t))
+        });
+    named
+        .or_else(|| part.first().map(|w| w.source.name()))
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn outcome(r: SaveResult) -> PushOutcome {

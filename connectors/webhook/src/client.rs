@@ -106,6 +106,14 @@ impl Sender {
         &self.host
     }
 
+    pub(crate) fn url(&self) -> &Url {
+        &self.url
+    }
+
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Delivers one item as one signed POST.
     pub(crate) async fn deliver(&self, item: &PushItem) -> Delivery {
         let now = Timestamp::now();

@@ -8,7 +8,8 @@
 //! Code map: `lib.rs` (the connector and its registry entry, [`Kind`]), `config` (the
 //! TOML table), `event` (the JSON contract), `signature`
 //! (HMAC signing and verification), `client` (one HTTP delivery and its classification),
-//! `push` (a batch: concurrency, holding back after a 429 or a dead endpoint), `fake`
+//! `push` (a batch: concurrency, holding back after a 429 or a dead endpoint),
+//! `preflight` (the receiver accepts connections), `fake`
 //! (a receiver for tests and the demo, feature `fake`).
 
 mod client;
@@ -16,14 +17,15 @@ mod config;
 mod event;
 #[cfg(feature = "fake")]
 pub mod fake;
+mod preflight;
 mod push;
 mod signature;
 
 use std::sync::Arc;
 
 use optout_core::{
-    Connector, ConnectorError, Cursor, Health, Host, Page, Polling, Problem, PushItem, PushOutcome,
-    Secret, SecretRef, Secrets, Takes,
+    Connector, ConnectorError, Cursor, Finding, Health, Host, Page, Polling, Problem, PushItem,
+    PushOutcome, Secret, SecretRef, Secrets, Takes,
 };
 
 pub use config::Config;
@@ -147,5 +149,11 @@ impl Connector for WebhookConnector {
 
     fn max_batch(&self) -> usize {
         self.batch_size
+    }
+
+    /// The host resolves and accepts a TCP (and TLS) connection; nothing is sent. See
+    /// `preflight.rs`.
+    async fn preflight(&self) -> Vec<Finding> {
+        self.sender.preflight().await
     }
 }

@@ -123,6 +123,25 @@ impl Graph {
         .await
     }
 
+    /// `GET /{version}/{waba_id}/subscribed_apps`: how many apps receive the account's
+    /// webhooks, or what Graph said instead.
+    pub async fn subscribed_apps(&self, waba_id: &str) -> Result<usize, Reply> {
+        let url = format!("{}/{waba_id}/subscribed_apps", self.root);
+        let token = self.current_token();
+        let req = self.http.get(&url).bearer_auth(token.expose());
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Reply::Http(http::transport_error(e).to_string(), Class::Retry))?;
+        let (status, headers) = (resp.status(), resp.headers().clone());
+        let text = resp.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(interpret(status, &headers, &text));
+        }
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Ok(v["data"].as_array().map_or(0, Vec::len))
+    }
+
     async fn with_reauth(&self, build: impl Fn(&str) -> reqwest::RequestBuilder) -> Reply {
         let token = self.current_token();
         let reply = execute(build(token.expose())).await;

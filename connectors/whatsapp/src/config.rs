@@ -47,6 +47,10 @@ pub struct Config {
     /// Our business phone number's id (the sender of confirmations).
     #[serde(default)]
     pub phone_number_id: String,
+    /// The WhatsApp Business Account's id; only the pre-flight uses it, to check that an
+    /// app is subscribed to its webhooks (`GET /{waba_id}/subscribed_apps`).
+    #[serde(default)]
+    pub waba_id: String,
     #[serde(default = "default_graph_version")]
     pub graph_version: String,
     #[serde(default = "default_base_url")]
@@ -288,6 +292,12 @@ impl Config {
             add(
                 "phone_number_id",
                 "must be the numeric id Meta shows for the number, not the phone number".into(),
+            );
+        }
+        if !self.waba_id.chars().all(|c| c.is_ascii_digit()) {
+            add(
+                "waba_id",
+                "must be the numeric WhatsApp Business Account id".into(),
             );
         }
         p

@@ -166,6 +166,10 @@ pub struct GraphOptions {
     pub pair_interval: Option<Duration>,
     /// Seed of the fault-rate generator, so a run is reproducible.
     pub seed: u64,
+    /// The WhatsApp Business Account whose `subscribed_apps` the fake answers.
+    pub waba_id: String,
+    /// Whether an app is subscribed to that account's webhooks.
+    pub subscribed: bool,
 }
 
 impl Default for GraphOptions {
@@ -176,6 +180,8 @@ impl Default for GraphOptions {
             retry_after: Duration::from_secs(1),
             pair_interval: None,
             seed: 7,
+            waba_id: "102290129340398".into(),
+            subscribed: true,
         }
     }
 }
@@ -241,6 +247,10 @@ pub async fn start_graph(opts: GraphOptions) -> FakeGraph {
     let app = Router::new()
         .route("/{version}/{phone}/messages", post(graph_send))
         .route("/{version}/{phone}", get(graph_phone))
+        .route(
+            "/{version}/{phone}/subscribed_apps",
+            get(graph_subscribed_apps),
+        )
         .with_state(state.clone());
     FakeGraph {
         state,
@@ -384,6 +394,27 @@ async fn graph_phone(
         return graph_error(&mut st, 100);
     }
     axum::Json(json!({"id": phone})).into_response()
+}
+
+/// `GET /{version}/{waba_id}/subscribed_apps`: the apps receiving the account's webhooks.
+async fn graph_subscribed_apps(
+    State(state): State<Arc<Mutex<GraphState>>>,
+    Path((_version, waba)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let mut st = lock(&state);
+    if let Some(code) = admit(&mut st, "subscribed_apps", &headers) {
+        return graph_error(&mut st, code);
+    }
+    if waba != st.opts.waba_id {
+        return graph_error(&mut st, 100);
+    }
+    let data = if st.opts.subscribed {
+        json!([{"whatsapp_business_api_data": {"id": "1234567890", "name": "optout-sync", "link": "https://www.facebook.com/games/?app_id=1234567890"}}])
+    } else {
+        json!([])
+    };
+    axum::Json(json!({ "data": data })).into_response()
 }
 
 async fn graph_send(

@@ -26,6 +26,7 @@ pub mod detect;
 pub mod fake;
 pub mod parse;
 mod poll;
+mod preflight;
 mod push;
 pub mod webhook;
 
@@ -34,8 +35,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use optout_core::{
-    Connector, ConnectorError, Cursor, Health, Host, Page, Polling, Problem, PushItem, PushOutcome,
-    SecretRef, Secrets, Takes, Timestamp,
+    Connector, ConnectorError, Cursor, Finding, Health, Host, Page, Polling, Problem, PushItem,
+    PushOutcome, SecretRef, Secrets, Takes, Timestamp,
 };
 
 pub use config::{Config, Confirmations, Texts};
@@ -247,5 +248,11 @@ impl<I: Inbox + ?Sized> Connector for WhatsApp<I> {
 
     fn routes(&self) -> Option<axum::Router> {
         Some(self.router())
+    }
+
+    /// The access token, the phone number id and the webhook subscription; see
+    /// `preflight.rs`.
+    async fn preflight(&self) -> Vec<Finding> {
+        self.run_preflight().await
     }
 }

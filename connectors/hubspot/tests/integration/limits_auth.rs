@@ -361,13 +361,13 @@ async fn create_properties_creates_what_is_missing_once() {
     .await;
     let ids = seed(&fake, 2);
     let plain = connector(&fake, |_| {});
-    let out = plain
+    let e = plain
         .push(&[item(&ids[0], Status::OptedOut, Timestamp::now())])
         .await
-        .unwrap();
+        .unwrap_err();
     assert!(
-        matches!(&out[0], PushOutcome::Rejected { reason } if reason.contains("PROPERTY_DOESNT_EXIST")),
-        "{out:?}"
+        matches!(&e, ConnectorError::Config(m) if m.contains("PROPERTY_DOESNT_EXIST") && m.contains("whatsapp_consent")),
+        "{e}"
     );
 
     let c = connector(&fake, |cfg| cfg.create_properties = true);

@@ -4,5 +4,6 @@
 mod common;
 mod contract;
 mod limits_auth;
+mod preflight;
 mod push;
 mod sync;

@@ -3,7 +3,7 @@
 //! suppression push.
 
 use crate::common::{connector, item, sync};
-use optout_core::{Connector, PushOutcome, Status, Timestamp};
+use optout_core::{Connector, ConnectorError, PushOutcome, Status, Timestamp};
 use optout_hubspot::fake::{self, FakeOptions, Faults, Limits, NewContact};
 
 fn fast() -> FakeOptions {
@@ -96,16 +96,24 @@ async fn a_deleted_contact_is_rejected_while_the_rest_are_done() {
         );
     }
 
-    // A value the portal's property does not offer is refused for good, with the reason.
+    // A value the portal's property does not offer: HubSpot refuses the whole request, and
+    // the connector says it is the configuration (an alarm), naming the property, without
+    // splitting the batch.
     let misconfigured = connector(&fake, |cfg| cfg.opted_in_value = "subscribed".into());
-    let out = misconfigured
-        .push(&[item(&ids[1], Status::OptedIn, at())])
+    fake.reset_counts();
+    let e = misconfigured
+        .push(&[
+            item(&ids[1], Status::OptedIn, at()),
+            item(&ids[3], Status::OptedIn, at()),
+        ])
         .await
-        .unwrap();
+        .unwrap_err();
     assert!(
-        matches!(&out[0], PushOutcome::Rejected { reason } if reason.contains("INVALID_OPTION")),
-        "{out:?}"
+        matches!(&e, ConnectorError::Config(m) if m.contains("INVALID_OPTION") && m.contains("whatsapp_consent") && m.contains("opted_in_value")),
+        "{e}"
     );
+    assert!(e.is_alarm());
+    assert_eq!(fake.counts().batch_update, 1, "not split");
     assert_eq!(
         fake.property(&ids[1], "whatsapp_consent").as_deref(),
         Some("opted_out"),

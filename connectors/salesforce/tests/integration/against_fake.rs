@@ -615,7 +615,8 @@ async fn per_record_failures_are_reported_per_item_without_blocking_the_batch() 
     let torn = f.insert("Contact", contact(5));
     f.delete(&deleted);
     f.lock(&[&locked]);
-    // This org's Lead has no source field: every Lead write fails INVALID_FIELD.
+    // This org's Lead has no source field: Salesforce refuses any request writing it to a
+    // Lead as a whole (INVALID_FIELD); the connector sends the rest again without the Lead.
     f.remove_field("Lead", "WhatsApp_Consent_Source__c");
 
     let mut config = org.client_credentials();
@@ -646,7 +647,19 @@ async fn per_record_failures_are_reported_per_item_without_blocking_the_batch() 
     let got: Vec<String> = out.iter().map(reason).collect();
     assert!(got[0].starts_with("rejected ENTITY_IS_DELETED"), "{got:?}");
     assert_eq!(got[1], "done");
-    assert!(got[2].starts_with("rejected INVALID_FIELD"), "{got:?}");
+    assert!(
+        got[2].starts_with("retry Salesforce refused every write to Lead (INVALID_FIELD)")
+            && got[2].contains("WhatsApp_Consent_Source__c"),
+        "{got:?}"
+    );
+    assert!(
+        matches!(&out[2], PushOutcome::RetryLater { after: Some(a), .. } if *a == optout_salesforce::CONFIG_RETRY)
+    );
+    let alarm = conn.config_alarm().expect("a configuration alarm");
+    assert!(
+        alarm.contains("Lead") && alarm.contains("WhatsApp_Consent_Source__c"),
+        "{alarm}"
+    );
     assert!(got[3].starts_with("retry UNABLE_TO_LOCK_ROW"), "{got:?}");
     assert_eq!((got[4].as_str(), got[6].as_str()), ("done", "done"));
     assert!(got[5].starts_with("rejected MALFORMED_ID"), "{got:?}");
@@ -654,10 +667,13 @@ async fn per_record_failures_are_reported_per_item_without_blocking_the_batch() 
     assert_eq!(got[8], "done", "the opt-out wins a conflict");
     assert!(got[9].starts_with("rejected"), "{got:?}");
     let counters = org.fake.counters();
-    assert_eq!(counters.collections, 1);
     assert_eq!(
-        counters.collection_records, 6,
-        "duplicates and local rejects not sent"
+        counters.collections, 2,
+        "once refused for the Lead, once without it"
+    );
+    assert_eq!(
+        counters.collection_records, 5,
+        "duplicates and local rejects not sent; the refused request wrote nothing"
     );
 
     assert_eq!(f.get(&ok).unwrap()["WhatsApp_Opt_Out__c"], true);
@@ -973,15 +989,32 @@ async fn fake_pages_and_updates_like_salesforce() {
         (400, Some("EXCEEDED_ID_LIMIT"))
     );
 
+    // A field the object lacks: the whole request is refused, with a request-level error.
+    let unknown = json!({"attributes": {"type": "Contact"}, "id": ids[1], "Nope__c": 1});
+    let (status, body) = patch(json!({"records": [rec(&ids[0]), unknown]})).await;
+    assert_eq!(
+        (
+            status,
+            body[0]["errorCode"].as_str(),
+            body[0]["fields"][0].as_str()
+        ),
+        (400, Some("INVALID_FIELD"), Some("Nope__c"))
+    );
+    assert_eq!(org.fake.get(&ids[0]).unwrap()["WhatsApp_Opt_Out__c"], false);
+
     // allOrNone: one bad record rolls back the good one.
-    let bad = json!({"attributes": {"type": "Contact"}, "id": ids[1], "Nope__c": 1});
+    let bad =
+        json!({"attributes": {"type": "Contact"}, "id": ids[1], "WhatsApp_Opt_Out__c": "yes"});
     let (status, body) = patch(json!({"allOrNone": true, "records": [rec(&ids[0]), bad]})).await;
     assert_eq!(status, 200);
     assert_eq!(
         body[0]["errors"][0]["statusCode"],
         "ALL_OR_NONE_OPERATION_ROLLED_BACK"
     );
-    assert_eq!(body[1]["errors"][0]["statusCode"], "INVALID_FIELD");
+    assert_eq!(
+        body[1]["errors"][0]["statusCode"],
+        "INVALID_TYPE_ON_FIELD_IN_RECORD"
+    );
     assert_eq!(org.fake.get(&ids[0]).unwrap()["WhatsApp_Opt_Out__c"], false);
 
     // MessagingEndUser: the platform key is create-only, the consent picklist restricted.

@@ -2,3 +2,4 @@
 
 mod against_fake;
 mod contract;
+mod preflight;
