@@ -2,8 +2,10 @@
 //! `POST /crm/v3/properties/contacts`, in the `contactinformation` group.
 //!
 //! HubSpot answers 409 for a property that exists already, which is the normal case on
-//! every start after the first. The connector does not compare an existing property's
-//! type or options with what it would create: a mismatch shows up as refused pushes.
+//! every start after the first. Creating does not compare an existing property's type or
+//! options with what it would create: the pre-flight (`preflight.rs`, `check-config
+//! --connect` and at every start) does, and a push HubSpot refuses for a missing property or
+//! option raises a configuration alarm.
 
 use optout_core::ConnectorError;
 use reqwest::StatusCode;
