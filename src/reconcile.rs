@@ -127,6 +127,7 @@ impl Engine {
                 match obs {
                     Observation::Event(ev) => page.event(ev)?,
                     Observation::Record(snap) => page.record(snap)?,
+                    Observation::IdentityChange(c) => page.identity_change(c)?,
                 }
             }
             let report = page.finish()?;
@@ -527,6 +528,11 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
         Ok(())
     }
 
+    /// The aliases one identity yields for this page's connector.
+    fn aliases_of(&self, identity: &Identity) -> Result<Vec<Alias>, String> {
+        self.engine.normalizer.aliases(identity)
+    }
+
     fn reject_identity(&mut self, what: &str, reason: &str, record: Option<&str>) -> TxResult<()> {
         let mut a = AuditEntry::new(AuditKind::IdentityRejected, self.connector, self.now);
         a.record = record.map(str::to_string);
@@ -547,7 +553,7 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
         }
         let mut aliases = Vec::new();
         for identity in &ev.identities {
-            match self.engine.normalizer.aliases(identity) {
+            match self.aliases_of(identity) {
                 Ok(a) => aliases.extend(a),
                 Err(why) => {
                     self.reject_identity(identity_text(identity), &why, ev.message_id.as_deref())?
@@ -1081,5 +1087,6 @@ fn bounded(s: &str, max_chars: usize) -> String {
     out
 }
 
+mod changes;
 #[cfg(test)]
 mod tests;
