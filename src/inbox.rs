@@ -15,9 +15,19 @@ use crate::store::Store;
 pub struct StoreInbox {
     pub store: Store,
     pub metrics: Arc<Metrics>,
+    /// The connector instance this inbox serves: several WhatsApp accounts share the
+    /// store's inbox, each reading and trimming only the bodies its own route received.
+    pub owner: String,
+    /// Whether it also owns entries written before entries named their connector (the
+    /// first WhatsApp connector in the configuration).
+    pub legacy: bool,
 }
 
 impl StoreInbox {
+    fn mine(owner: &str, legacy: bool, tag: Option<&str>) -> bool {
+        tag.map_or(legacy, |t| t == owner)
+    }
+
     fn count(&self, result: &str) {
         self.metrics
             .webhooks
@@ -32,7 +42,10 @@ impl StoreInbox {
 impl Inbox for StoreInbox {
     fn append(&self, body: Bytes, received_at: Timestamp) -> BoxFuture<'_, Result<(), InboxError>> {
         Box::pin(async move {
-            match self.store.inbox_append(received_at, &body).await {
+            match (self.store)
+                .inbox_append_for(Some(&self.owner), received_at, &body)
+                .await
+            {
                 Ok(_) => {
                     self.count("stored");
                     Ok(())
@@ -68,11 +81,14 @@ impl Inbox for StoreInbox {
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<InboxEntry>, InboxError>> {
         let store = self.store.clone();
+        let (owner, legacy) = (self.owner.clone(), self.legacy);
         Box::pin(async move {
-            let entries = tokio::task::spawn_blocking(move || store.inbox_after(after, limit))
-                .await
-                .map_err(|e| InboxError(e.to_string()))?
-                .map_err(|e| InboxError(e.to_string()))?;
+            let entries = tokio::task::spawn_blocking(move || {
+                store.inbox_after_where(after, limit, |t| Self::mine(&owner, legacy, t))
+            })
+            .await
+            .map_err(|e| InboxError(e.to_string()))?
+            .map_err(|e| InboxError(e.to_string()))?;
             Ok(entries
                 .into_iter()
                 .map(|(seq, rec)| InboxEntry {
@@ -88,8 +104,9 @@ impl Inbox for StoreInbox {
     /// on the runtime it is handed to a blocking thread and not awaited.
     fn trim(&self, seq: u64) -> Result<(), InboxError> {
         let store = self.store.clone();
+        let (owner, legacy) = (self.owner.clone(), self.legacy);
         let trim = move || {
-            if let Err(e) = store.inbox_trim(seq) {
+            if let Err(e) = store.inbox_trim_where(seq, |t| Self::mine(&owner, legacy, t)) {
                 tracing::warn!(error = %e, "cannot trim the webhook inbox; will try again after the next poll");
             }
         };

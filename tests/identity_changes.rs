@@ -170,3 +170,93 @@ async fn a_crm_phone_edit_relinks_the_record() {
     );
     stop(d).await;
 }
+
+/// Two WhatsApp Business Accounts on one daemon, each with its own app secret and route:
+/// a body signed for one account is refused on the other's route, each account's STOP is
+/// applied once (its own connector reads it, the other does not), and the unnamed route
+/// no longer exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_whatsapp_accounts_with_separate_secrets() {
+    let w = World::new().await;
+    let brand_a = w.hs.create_contact(&[("phone", "+1 (415) 555-2671")]);
+    let brand_b = w.hs.create_contact(&[("phone", "+1 212-555-0100")]);
+    let config = Config::new(w.dir.path())
+        .shutdown_timeout("5s")
+        .whatsapp(APP_SECRET)
+        .set("wa-brand-b", r#"kind = "whatsapp""#)
+        .set("wa-brand-b", r#"app_secrets = [{ env = "WA_B_SECRET" }]"#)
+        .set("wa-brand-b", r#"verify_token = { env = "WA_B_VERIFY" }"#)
+        .env_var("WA_B_SECRET", "the-other-meta-app-secret")
+        .env_var("WA_B_VERIFY", "verify-b")
+        .hubspot(&w.hs.base_url());
+    let d = common::start(w.dir.path(), &config.toml(), &config.env()).await;
+    d.until("the first HubSpot sync", WITHIN, async || {
+        d.crms_polled_since(None).await
+    })
+    .await;
+    let t = now_s();
+    let a = envelope::text(&Who::wa(OLD_WA), "wamid.a", t, "STOP");
+    let b = envelope::text(&Who::wa(NEW_WA), "wamid.b", t, "STOP");
+
+    let wrong = WebhookSender::new(d.url("/webhooks/whatsapp/wa-brand-b"), APP_SECRET)
+        .deliver(&a)
+        .await;
+    assert!(
+        !wrong.delivered,
+        "brand A's secret must not open brand B's route"
+    );
+    let unnamed = reqwest::Client::new()
+        .post(d.url("/webhooks/whatsapp"))
+        .header(
+            "X-Hub-Signature-256",
+            optout_whatsapp::fake::sign(APP_SECRET, &a),
+        )
+        .body(a.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unnamed.status(), 404, "two accounts: no unnamed route");
+
+    for (route, secret, body) in [
+        ("whatsapp", APP_SECRET, &a),
+        ("wa-brand-b", "the-other-meta-app-secret", &b),
+    ] {
+        let sender = WebhookSender::new(d.url(&format!("/webhooks/whatsapp/{route}")), secret);
+        let delivery = sender.deliver(body).await;
+        assert!(delivery.delivered, "{route}: {:?}", delivery.attempts);
+    }
+    w.until_consent(&d, &brand_a, "opted_out").await;
+    w.until_consent(&d, &brand_b, "opted_out").await;
+    d.until(
+        "each body applied by its own connector only",
+        WITHIN,
+        async || {
+            let s = d.status().await;
+            let wa: Vec<_> = s
+                .connectors
+                .iter()
+                .filter(|c| c.kind == "whatsapp")
+                .collect();
+            wa.len() == 2 && wa.iter().all(|c| c.cursor.is_some())
+        },
+    )
+    .await;
+    let l = optout_sync::control::request(
+        &d.socket,
+        &optout_sync::control::Request::Lookup {
+            id: format!("+{OLD_WA}"),
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let sources: Vec<String> = l["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "accepted")
+        .filter_map(|a| a["source"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(sources, ["whatsapp"], "{l}");
+    stop(d).await;
+}

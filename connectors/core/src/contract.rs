@@ -173,6 +173,9 @@ pub fn prepare(settings: &dyn Settings) -> Result<Secrets, ConnectorError> {
 pub struct Host {
     /// The durable inbox for connectors whose vendor pushes (WhatsApp's webhooks).
     pub inbox: Arc<dyn Inbox>,
+    /// Whether the connector is the only one of its kind: it then also serves its kind's
+    /// unnamed routes (`/webhooks/whatsapp` beside `/webhooks/whatsapp/{name}`).
+    pub sole_of_kind: bool,
 }
 
 /// A connector kind: its name in `kind = "…"` and the type of its own settings.

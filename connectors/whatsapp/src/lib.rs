@@ -41,7 +41,7 @@ use optout_core::{
 pub use config::{Config, Confirmations, Texts};
 pub use detect::{Detection, Detector, Keywords};
 pub use optout_core::inbox::{Inbox, InboxEntry, InboxError};
-pub use webhook::{PATH as WEBHOOK_PATH, WebhookState, router};
+pub use webhook::{PATH as WEBHOOK_PATH, WebhookState, instance_router, router};
 
 use client::{Graph, Reply};
 
@@ -94,7 +94,8 @@ impl optout_core::Settings for Config {
         secrets: &Secrets,
         host: &Host,
     ) -> Result<Arc<dyn optout_core::DynConnector>, ConnectorError> {
-        let wa = WhatsApp::from_secrets(name, self.clone(), secrets, host.inbox.clone())?;
+        let mut wa = WhatsApp::from_secrets(name, self.clone(), secrets, host.inbox.clone())?;
+        wa.sole = host.sole_of_kind;
         Ok(Arc::new(wa))
     }
 }
@@ -110,6 +111,8 @@ pub struct WhatsApp<I: Inbox + ?Sized = dyn Inbox> {
     webhook: Arc<WebhookState<I>>,
     /// Present when confirmations are enabled.
     graph: Option<Graph>,
+    /// The daemon's only WhatsApp connector: it also answers on the unnamed route.
+    sole: bool,
 }
 
 impl<I: Inbox + ?Sized> std::fmt::Debug for WhatsApp<I> {
@@ -160,6 +163,7 @@ impl<I: Inbox + ?Sized> WhatsApp<I> {
             inbox,
             webhook,
             graph,
+            sole: true,
         })
     }
 
@@ -168,9 +172,10 @@ impl<I: Inbox + ?Sized> WhatsApp<I> {
         self.webhook.clone()
     }
 
-    /// `GET`/`POST` [`WEBHOOK_PATH`], for the daemon's listener.
+    /// `GET`/`POST` `{WEBHOOK_PATH}/{name}`, and [`WEBHOOK_PATH`] when it is the only
+    /// WhatsApp connector, for the daemon's listener.
     pub fn router(&self) -> axum::Router {
-        router(self.webhook.clone())
+        instance_router(self.webhook.clone(), &self.name, self.sole)
     }
 
     pub fn name(&self) -> &str {
