@@ -88,7 +88,9 @@ fn a_number_change_copies_the_opt_out_and_the_old_number_keeps_it() {
         wa("12125550100"),
         20,
     );
-    let r = e.apply_page(WA, &[moved.clone()], None, t(21)).unwrap();
+    let r = e
+        .apply_page(WA, std::slice::from_ref(&moved), None, t(21))
+        .unwrap();
     assert_eq!(r.results.get("number_changed"), Some(&1));
     assert_eq!(decision(&e, "p:+12125550100"), Decision::OptedOut);
     assert_eq!(decision(&e, "p:+14155552671"), Decision::OptedOut);
@@ -251,4 +253,27 @@ fn a_crm_phone_edit_relinks_the_record_to_the_new_number() {
     let link = e.store().link(CRM, "301").unwrap().unwrap();
     assert_eq!(link.phones, vec!["+12125550100".to_string()]);
     assert_eq!(decision(&e, "p:+14155552671"), Decision::OptedOut);
+}
+
+/// The same business-scoped user id from two portfolios names two people: one's STOP
+/// does not reach the other.
+#[test]
+fn ids_of_two_portfolios_never_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path()).with_id_namespaces(BTreeMap::from([(
+        "wa-b".to_string(),
+        "brand-b".to_string(),
+    )]));
+    let id = || Identity::Bsuid("US.777".into());
+    e.apply_page(WA, &[said("m1", id(), Status::OptedOut, 10)], None, t(11))
+        .unwrap();
+    e.apply_page(
+        "wa-b",
+        &[said("m1", id(), Status::OptedIn, 12)],
+        None,
+        t(13),
+    )
+    .unwrap();
+    assert_eq!(decision(&e, "b:US.777"), Decision::OptedOut);
+    assert_eq!(decision(&e, "b:brand-b/US.777"), Decision::OptedIn);
 }

@@ -196,6 +196,11 @@ pub trait Settings: fmt::Debug + Send + Sync + 'static {
     fn takes(&self) -> Takes;
     /// How it is polled when its table sets no schedule.
     fn polling(&self) -> Polling;
+    /// The namespace its business-scoped user ids live in, when its table names one
+    /// (WhatsApp's `portfolio`): such ids are unique only within it.
+    fn id_namespace(&self) -> Option<String> {
+        None
+    }
     /// Builds the connector from checked settings and its resolved secrets. Sends no
     /// request.
     fn build(

@@ -88,6 +88,10 @@ impl optout_core::Settings for Config {
         Polling::Every(SAFETY_TICK)
     }
 
+    fn id_namespace(&self) -> Option<String> {
+        self.portfolio.clone()
+    }
+
     fn build(
         &self,
         name: &str,
