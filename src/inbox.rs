@@ -117,3 +117,47 @@ impl Inbox for StoreInbox {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inbox(store: &Store, owner: &str, legacy: bool) -> StoreInbox {
+        StoreInbox {
+            store: store.clone(),
+            metrics: Arc::new(Metrics::new()),
+            owner: owner.into(),
+            legacy,
+        }
+    }
+
+    async fn bodies(i: &StoreInbox) -> Vec<Bytes> {
+        let entries = i.read_after(0, 100).await.unwrap();
+        entries.into_iter().map(|e| e.body).collect()
+    }
+
+    /// Two accounts share the store's inbox: each reads and trims only what its own route
+    /// received; entries from before entries were named belong to the first account.
+    #[tokio::test]
+    async fn each_account_reads_and_trims_only_its_own_bodies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let old = store.inbox_append(Timestamp(1), b"old").await.unwrap();
+        let (a, b) = (inbox(&store, "wa-a", true), inbox(&store, "wa-b", false));
+        a.append(Bytes::from_static(b"for a"), Timestamp(2))
+            .await
+            .unwrap();
+        b.append(Bytes::from_static(b"for b"), Timestamp(3))
+            .await
+            .unwrap();
+        assert_eq!(bodies(&a).await, ["old", "for a"]);
+        assert_eq!(bodies(&b).await, ["for b"]);
+        assert!(old >= 1);
+        let last_a = a.read_after(0, 100).await.unwrap().last().unwrap().seq;
+        store
+            .inbox_trim_where(last_a + 10, |t| StoreInbox::mine("wa-a", true, t))
+            .unwrap();
+        assert!(bodies(&a).await.is_empty());
+        assert_eq!(bodies(&b).await, ["for b"], "b's body waits for b");
+    }
+}
