@@ -11,7 +11,8 @@
 //! What the daemon does with it, through the connector contract ([`Kind`]):
 //! 1. implement [`Inbox`] on its store (append durable before returning, sequence numbers
 //!    never reused, quarantined bodies kept apart for the operator) and offer it in `Host`;
-//! 2. mount the connector's `routes` (`GET`/`POST /webhooks/whatsapp`) on its listener;
+//! 2. mount the connector's `routes` (`GET`/`POST /webhooks/whatsapp/{name}`, and
+//!    `/webhooks/whatsapp` when `Host::sole_of_kind`) on its listener;
 //! 3. run the poll and push workers like any other connector, waking the poll worker on
 //!    `wake_up` instead of a timer;
 //! 4. call `committed` after saving a poll's cursor (the last inbox sequence number read):

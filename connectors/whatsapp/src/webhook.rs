@@ -1,5 +1,6 @@
-//! The webhook route Meta calls: `GET /webhooks/whatsapp` (subscription handshake) and
-//! `POST /webhooks/whatsapp` (deliveries). The daemon mounts [`router`] on its listener.
+//! The webhook route Meta calls: `GET /webhooks/whatsapp/{name}` (subscription handshake)
+//! and `POST /webhooks/whatsapp/{name}` (deliveries), also without `/{name}` for the
+//! daemon's only WhatsApp account. The daemon mounts [`instance_router`] on its listener.
 //!
 //! The POST path is the hot path, so it does the least that keeps the guarantees:
 //! 1. `X-Hub-Signature-256` must be present and well-formed (else 401) — checked before the
