@@ -45,6 +45,25 @@ pub fn engine(checked: &Checked, store: Store) -> Engine {
         checked.normalizer(),
         targets(checked),
     )
+    .with_id_namespaces(id_namespaces(checked))
+}
+
+/// Where each connector's business-scoped user ids live: its own `portfolio`, else its
+/// name, except for the first connector of its kind without a portfolio, whose ids stay
+/// un-namespaced (as a single account's always were, so adding a second account changes
+/// nothing for the first).
+pub fn id_namespaces(checked: &Checked) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut seen_kinds = std::collections::BTreeSet::new();
+    for c in &checked.connectors {
+        let first = seen_kinds.insert(c.kind.clone());
+        match c.settings.id_namespace() {
+            Some(ns) => drop(out.insert(c.name.clone(), ns)),
+            None if !first => drop(out.insert(c.name.clone(), c.name.clone())),
+            None => {}
+        }
+    }
+    out
 }
 
 /// Opens the store and builds the engine.

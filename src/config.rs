@@ -557,12 +557,6 @@ impl Config {
         let connectors: Vec<CheckedConnector> = (self.connectors.iter())
             .filter_map(|c| check_connector(c, secrets, &mut found))
             .collect();
-        if connectors.iter().filter(|c| c.kind == "whatsapp").count() > 1 {
-            found.add(
-                "connectors",
-                "only one whatsapp connector per daemon: it owns the webhook route",
-            );
-        }
         check_secrets_apart(gate_token.as_ref(), &connectors, &mut found);
         let warnings = (found.warnings.iter())
             .map(|w| {

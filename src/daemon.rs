@@ -137,18 +137,13 @@ fn start_connectors(
     ctx: &Arc<WorkerContext>,
     tracker: &TaskTracker,
 ) -> Result<StartedConnectors> {
-    let host = Host {
-        inbox: Arc::new(StoreInbox {
-            store: ctx.engine.store().clone(),
-            metrics: ctx.metrics.clone(),
-        }),
-    };
     let mut started = StartedConnectors {
         statuses: BTreeMap::new(),
         triggers: BTreeMap::new(),
         routes: Vec::new(),
     };
     for c in &checked.connectors {
+        let host = host_for(checked, c, ctx);
         let connector = crate::app::connector(c, &host)?;
         let status: StatusCell = Arc::new(Mutex::new(ConnectorStatus {
             name: c.name.clone(),
@@ -167,6 +162,23 @@ fn start_connectors(
         started.triggers.insert(c.name.clone(), tx);
     }
     Ok(started)
+}
+
+/// What the daemon offers connector `c`: the store's inbox, read and trimmed as `c`'s own
+/// (the first connector of its kind also owns entries written before inboxes were
+/// told apart), and whether it is the only one of its kind.
+fn host_for(checked: &Checked, c: &CheckedConnector, ctx: &WorkerContext) -> Host {
+    let mut same_kind = checked.connectors.iter().filter(|o| o.kind == c.kind);
+    let first = same_kind.next().is_some_and(|o| o.name == c.name);
+    Host {
+        inbox: Arc::new(StoreInbox {
+            store: ctx.engine.store().clone(),
+            metrics: ctx.metrics.clone(),
+            owner: c.name.clone(),
+            legacy: first,
+        }),
+        sole_of_kind: first && same_kind.next().is_none(),
+    }
 }
 
 /// Turns a connector's wake-ups (a stored webhook) into polls: an opt-out never waits for

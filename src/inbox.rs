@@ -15,9 +15,19 @@ use crate::store::Store;
 pub struct StoreInbox {
     pub store: Store,
     pub metrics: Arc<Metrics>,
+    /// The connector instance this inbox serves: several WhatsApp accounts share the
+    /// store's inbox, each reading and trimming only the bodies its own route received.
+    pub owner: String,
+    /// Whether it also owns entries written before entries named their connector (the
+    /// first WhatsApp connector in the configuration).
+    pub legacy: bool,
 }
 
 impl StoreInbox {
+    fn mine(owner: &str, legacy: bool, tag: Option<&str>) -> bool {
+        tag.map_or(legacy, |t| t == owner)
+    }
+
     fn count(&self, result: &str) {
         self.metrics
             .webhooks
@@ -32,7 +42,10 @@ impl StoreInbox {
 impl Inbox for StoreInbox {
     fn append(&self, body: Bytes, received_at: Timestamp) -> BoxFuture<'_, Result<(), InboxError>> {
         Box::pin(async move {
-            match self.store.inbox_append(received_at, &body).await {
+            match (self.store)
+                .inbox_append_for(Some(&self.owner), received_at, &body)
+                .await
+            {
                 Ok(_) => {
                     self.count("stored");
                     Ok(())
@@ -68,11 +81,14 @@ impl Inbox for StoreInbox {
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<InboxEntry>, InboxError>> {
         let store = self.store.clone();
+        let (owner, legacy) = (self.owner.clone(), self.legacy);
         Box::pin(async move {
-            let entries = tokio::task::spawn_blocking(move || store.inbox_after(after, limit))
-                .await
-                .map_err(|e| InboxError(e.to_string()))?
-                .map_err(|e| InboxError(e.to_string()))?;
+            let entries = tokio::task::spawn_blocking(move || {
+                store.inbox_after_where(after, limit, |t| Self::mine(&owner, legacy, t))
+            })
+            .await
+            .map_err(|e| InboxError(e.to_string()))?
+            .map_err(|e| InboxError(e.to_string()))?;
             Ok(entries
                 .into_iter()
                 .map(|(seq, rec)| InboxEntry {
@@ -88,8 +104,9 @@ impl Inbox for StoreInbox {
     /// on the runtime it is handed to a blocking thread and not awaited.
     fn trim(&self, seq: u64) -> Result<(), InboxError> {
         let store = self.store.clone();
+        let (owner, legacy) = (self.owner.clone(), self.legacy);
         let trim = move || {
-            if let Err(e) = store.inbox_trim(seq) {
+            if let Err(e) = store.inbox_trim_where(seq, |t| Self::mine(&owner, legacy, t)) {
                 tracing::warn!(error = %e, "cannot trim the webhook inbox; will try again after the next poll");
             }
         };
@@ -98,5 +115,49 @@ impl Inbox for StoreInbox {
             Err(_) => trim(),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inbox(store: &Store, owner: &str, legacy: bool) -> StoreInbox {
+        StoreInbox {
+            store: store.clone(),
+            metrics: Arc::new(Metrics::new()),
+            owner: owner.into(),
+            legacy,
+        }
+    }
+
+    async fn bodies(i: &StoreInbox) -> Vec<Bytes> {
+        let entries = i.read_after(0, 100).await.unwrap();
+        entries.into_iter().map(|e| e.body).collect()
+    }
+
+    /// Two accounts share the store's inbox: each reads and trims only what its own route
+    /// received; entries from before entries were named belong to the first account.
+    #[tokio::test]
+    async fn each_account_reads_and_trims_only_its_own_bodies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let old = store.inbox_append(Timestamp(1), b"old").await.unwrap();
+        let (a, b) = (inbox(&store, "wa-a", true), inbox(&store, "wa-b", false));
+        a.append(Bytes::from_static(b"for a"), Timestamp(2))
+            .await
+            .unwrap();
+        b.append(Bytes::from_static(b"for b"), Timestamp(3))
+            .await
+            .unwrap();
+        assert_eq!(bodies(&a).await, ["old", "for a"]);
+        assert_eq!(bodies(&b).await, ["for b"]);
+        assert!(old >= 1);
+        let last_a = a.read_after(0, 100).await.unwrap().last().unwrap().seq;
+        store
+            .inbox_trim_where(last_a + 10, |t| StoreInbox::mine("wa-a", true, t))
+            .unwrap();
+        assert!(bodies(&a).await.is_empty());
+        assert_eq!(bodies(&b).await, ["for b"], "b's body waits for b");
     }
 }

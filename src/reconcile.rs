@@ -78,6 +78,8 @@ pub struct Engine {
     policy: PolicyConfig,
     normalizer: Normalizer,
     targets: BTreeMap<String, Takes>,
+    /// Connector → namespace of its business-scoped user ids (see [`Engine::with_id_namespaces`]).
+    id_namespaces: BTreeMap<String, String>,
     /// One writer at a time: pages from different connectors touch the same subjects,
     /// and sled would only make them retry each other.
     lock: Mutex<()>,
@@ -95,8 +97,17 @@ impl Engine {
             policy,
             normalizer,
             targets,
+            id_namespaces: BTreeMap::new(),
             lock: Mutex::new(()),
         }
+    }
+
+    /// Business-scoped user ids are unique only within a business portfolio: ids a
+    /// connector listed here reports are keyed `b:{namespace}/{id}`, so two portfolios'
+    /// ids never name one person by accident. Unlisted connectors' ids stay `b:{id}`.
+    pub fn with_id_namespaces(mut self, namespaces: BTreeMap<String, String>) -> Self {
+        self.id_namespaces = namespaces;
+        self
     }
 
     pub fn store(&self) -> &Store {
@@ -127,6 +138,7 @@ impl Engine {
                 match obs {
                     Observation::Event(ev) => page.event(ev)?,
                     Observation::Record(snap) => page.record(snap)?,
+                    Observation::IdentityChange(c) => page.identity_change(c)?,
                 }
             }
             let report = page.finish()?;
@@ -527,6 +539,21 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
         Ok(())
     }
 
+    /// The aliases one identity yields for this page's connector.
+    fn aliases_of(&self, identity: &Identity) -> Result<Vec<Alias>, String> {
+        let aliases = self.engine.normalizer.aliases(identity)?;
+        let Some(ns) = self.engine.id_namespaces.get(self.connector) else {
+            return Ok(aliases);
+        };
+        Ok(aliases
+            .into_iter()
+            .map(|a| match a.as_str().strip_prefix("b:") {
+                Some(id) => Alias::from_stored(format!("b:{ns}/{id}")),
+                None => a,
+            })
+            .collect())
+    }
+
     fn reject_identity(&mut self, what: &str, reason: &str, record: Option<&str>) -> TxResult<()> {
         let mut a = AuditEntry::new(AuditKind::IdentityRejected, self.connector, self.now);
         a.record = record.map(str::to_string);
@@ -547,7 +574,7 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
         }
         let mut aliases = Vec::new();
         for identity in &ev.identities {
-            match self.engine.normalizer.aliases(identity) {
+            match self.aliases_of(identity) {
                 Ok(a) => aliases.extend(a),
                 Err(why) => {
                     self.reject_identity(identity_text(identity), &why, ev.message_id.as_deref())?
@@ -1081,5 +1108,6 @@ fn bounded(s: &str, max_chars: usize) -> String {
     out
 }
 
+mod changes;
 #[cfg(test)]
 mod tests;

@@ -177,6 +177,7 @@ key = { env = "PATH" }
         assert!(matches!(books.poll, Some(PollSchedule::Every(d)) if d == Duration::from_secs(7)));
         let host = Host {
             inbox: optout_whatsapp::fake::MemoryInbox::new(),
+            sole_of_kind: true,
         };
         let connector = crate::app::connector(books, &host).unwrap();
         assert_eq!(connector.max_batch(), 3);

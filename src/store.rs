@@ -170,6 +170,10 @@ pub struct InboxRecord {
     pub body: Vec<u8>,
     /// Why it was quarantined (quarantine tree only).
     pub reason: Option<String>,
+    /// The connector instance whose webhook route received it (several WhatsApp accounts
+    /// share the inbox); absent in entries written before accounts were told apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connector: Option<String>,
 }
 
 /// Bodies are almost always UTF-8 JSON; store them as text when they are, base64-free
@@ -963,10 +967,22 @@ impl Store {
 
     // -- webhook inbox --
 
-    /// Appends a webhook body durably and returns its sequence number. The store's work
-    /// (numbering, inserting, the flush) runs off the async threads.
+    /// An untagged append (as written before inboxes named their connector).
+    #[cfg(test)]
     pub async fn inbox_append(
         &self,
+        received_at: Timestamp,
+        body: &[u8],
+    ) -> Result<u64, StoreError> {
+        self.inbox_append_for(None, received_at, body).await
+    }
+
+    /// Appends a webhook body received by connector `connector` durably and returns its
+    /// sequence number. The store's work (numbering, inserting, the flush) runs off the
+    /// async threads.
+    pub async fn inbox_append_for(
+        &self,
+        connector: Option<&str>,
         received_at: Timestamp,
         body: &[u8],
     ) -> Result<u64, StoreError> {
@@ -974,6 +990,7 @@ impl Store {
             received_at,
             body: body.to_vec(),
             reason: None,
+            connector: connector.map(str::to_string),
         };
         let value = encode(&rec);
         drop(rec);
@@ -1008,6 +1025,7 @@ impl Store {
             received_at,
             body: body.to_vec(),
             reason: Some(reason.to_string()),
+            connector: None,
         };
         let value = encode(&rec);
         let store = self.clone();
@@ -1027,21 +1045,36 @@ impl Store {
     }
 
     /// Inbox entries after `after`, oldest first.
+    #[cfg(test)]
     pub fn inbox_after(
         &self,
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, InboxRecord)>, StoreError> {
+        self.inbox_after_where(after, limit, |_| true)
+    }
+
+    /// Inbox entries after `after` whose connector tag `mine` accepts, oldest first.
+    pub fn inbox_after_where(
+        &self,
+        after: u64,
+        limit: usize,
+        mine: impl Fn(Option<&str>) -> bool,
+    ) -> Result<Vec<(u64, InboxRecord)>, StoreError> {
         let start = after.saturating_add(1);
         self.with(|db| {
-            db.trees[INBOX]
-                .range(start.to_be_bytes()..)
-                .take(limit)
-                .map(|kv| {
-                    let (k, v) = kv?;
-                    Ok((u64_of(&k)?, decode("inbox", &v)?))
-                })
-                .collect()
+            let mut out = Vec::new();
+            for kv in db.trees[INBOX].range(start.to_be_bytes()..) {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, v) = kv?;
+                let rec: InboxRecord = decode("inbox", &v)?;
+                if mine(rec.connector.as_deref()) {
+                    out.push((u64_of(&k)?, rec));
+                }
+            }
+            Ok(out)
         })
     }
 
@@ -1051,12 +1084,22 @@ impl Store {
 
     /// Drops inbox entries up to and including `seq` (already applied: their cursor is
     /// saved). Safe to skip or repeat after a crash: polls read only after the cursor.
-    pub fn inbox_trim(&self, seq: u64) -> Result<usize, StoreError> {
+    /// Only entries whose connector tag `mine` accepts: another account's entries wait for
+    /// its own poll.
+    pub fn inbox_trim_where(
+        &self,
+        seq: u64,
+        mine: impl Fn(Option<&str>) -> bool,
+    ) -> Result<usize, StoreError> {
         self.with(|db| {
-            let keys: Vec<_> = db.trees[INBOX]
-                .range(..=seq.to_be_bytes())
-                .keys()
-                .collect::<Result<_, _>>()?;
+            let mut keys = Vec::new();
+            for kv in db.trees[INBOX].range(..=seq.to_be_bytes()) {
+                let (k, v) = kv?;
+                let rec: InboxRecord = decode("inbox", &v)?;
+                if mine(rec.connector.as_deref()) {
+                    keys.push(k);
+                }
+            }
             for k in &keys {
                 db.trees[INBOX].remove(k)?;
             }

@@ -141,8 +141,7 @@ fn every_semantic_problem_is_reported_at_once() {
     let src = GOOD
         .replace("\"GB\"", "\"Atlantis\"")
         .replace("\"/var/lib/optout-sync\"", "\"relative/dir\"")
-        .replace("[\"whatsapp\"]", "[\"whatsapp\", \"zapier\"]")
-        + "[connectors.wa2]\nkind = \"whatsapp\"\napp_secrets = [{ env = \"PATH\" }]\nverify_token = { env = \"HOME\" }\n";
+        .replace("[\"whatsapp\"]", "[\"whatsapp\", \"zapier\"]");
     let p = problems(&src);
     let keys: Vec<_> = p.problems.iter().map(|p| p.key.as_str()).collect();
     assert_eq!(
@@ -151,7 +150,6 @@ fn every_semantic_problem_is_reported_at_once() {
             "daemon.default_region",
             "daemon.state_dir",
             "policy.accept_opt_ins_from",
-            "connectors"
         ],
         "{p}"
     );
@@ -312,4 +310,16 @@ fn a_listener_beyond_loopback_is_a_warning() {
         .validate()
         .unwrap();
     assert!(quiet.warnings.is_empty());
+}
+
+/// Two WhatsApp Business Accounts of one Meta app: two connectors, each with its own
+/// route, sharing the app secret.
+#[test]
+fn several_whatsapp_accounts_are_accepted() {
+    let src = GOOD.to_string()
+        + "[connectors.wa2]\nkind = \"whatsapp\"\napp_secrets = [{ env = \"PATH\" }]\nverify_token = { env = \"HOME\" }\n";
+    let c = parse(Path::new("test.toml"), &src).unwrap();
+    let checked = c.validate().unwrap();
+    let kinds: Vec<_> = checked.connectors.iter().map(|c| c.kind.as_str()).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "whatsapp").count(), 2);
 }

@@ -173,6 +173,9 @@ pub fn prepare(settings: &dyn Settings) -> Result<Secrets, ConnectorError> {
 pub struct Host {
     /// The durable inbox for connectors whose vendor pushes (WhatsApp's webhooks).
     pub inbox: Arc<dyn Inbox>,
+    /// Whether the connector is the only one of its kind: it then also serves its kind's
+    /// unnamed routes (`/webhooks/whatsapp` beside `/webhooks/whatsapp/{name}`).
+    pub sole_of_kind: bool,
 }
 
 /// A connector kind: its name in `kind = "…"` and the type of its own settings.
@@ -193,6 +196,11 @@ pub trait Settings: fmt::Debug + Send + Sync + 'static {
     fn takes(&self) -> Takes;
     /// How it is polled when its table sets no schedule.
     fn polling(&self) -> Polling;
+    /// The namespace its business-scoped user ids live in, when its table names one
+    /// (WhatsApp's `portfolio`): such ids are unique only within it.
+    fn id_namespace(&self) -> Option<String> {
+        None
+    }
     /// Builds the connector from checked settings and its resolved secrets. Sends no
     /// request.
     fn build(

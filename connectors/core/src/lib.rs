@@ -26,7 +26,7 @@ pub use contract::{DynConnector, Host, Kind, Polling, Problem, Secrets, Settings
 pub use error::ConnectorError;
 pub use inbox::{Inbox, InboxEntry, InboxError};
 pub use model::{
-    ConsentEvent, Cursor, Identity, Observation, Page, Progress, PushItem, PushOutcome,
-    RecordSnapshot, Reply, Scope, Signal, Status, Timestamp,
+    ChangeKind, ConsentEvent, Cursor, Identity, IdentityChange, Observation, Page, Progress,
+    PushItem, PushOutcome, RecordSnapshot, Reply, Scope, Signal, Status, Timestamp,
 };
 pub use secret::{Secret, SecretError, SecretRef};

@@ -251,6 +251,34 @@ pub struct RecordSnapshot {
 pub enum Observation {
     Event(ConsentEvent),
     Record(RecordSnapshot),
+    IdentityChange(IdentityChange),
+}
+
+/// What changed about a person's identity on a channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    /// The person moved to a new phone number (WhatsApp `user_changed_number`). The old
+    /// number may be given to someone else, so the two are not merged: the person's
+    /// opt-outs are copied to the new number and the old number keeps its own.
+    Number,
+    /// The person's business-scoped user id changed (`user_changed_user_id`): the old and
+    /// new ids name the same person and are linked.
+    UserId,
+}
+
+/// A channel's notice that a person's identity changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityChange {
+    pub kind: ChangeKind,
+    /// The identities the person had (the notice's sender).
+    pub from: Vec<Identity>,
+    /// The identities the person has now.
+    pub to: Vec<Identity>,
+    /// When the change happened, by the source's clock.
+    pub at: Timestamp,
+    /// The source's id for the notice; duplicate deliveries share it.
+    pub message_id: Option<String>,
 }
 
 /// A connector's position in its source. Opaque to the core, which stores it only in the

@@ -71,6 +71,11 @@ pub struct Config {
     pub keywords: Keywords,
     #[serde(default)]
     pub confirmations: Confirmations,
+    /// The business portfolio the account belongs to (any label, the same for accounts
+    /// of one portfolio): business-scoped user ids are unique only within a portfolio, so
+    /// ids from different portfolios are never taken for one person.
+    #[serde(default)]
+    pub portfolio: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -220,6 +225,17 @@ impl Config {
         p.extend(self.keywords.problems());
         p.extend(self.confirmations.problems());
         p.extend(self.sender_problems());
+        if let Some(f) = &self.portfolio {
+            let ok = !f.is_empty()
+                && f.len() <= 64
+                && (f.chars()).all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !ok {
+                p.push((
+                    "portfolio".into(),
+                    "1 to 64 letters, digits, '-' or '_'".into(),
+                ));
+            }
+        }
         p
     }
 
@@ -350,6 +366,18 @@ mod tests {
         assert!(!c.confirmations.enabled);
         assert_eq!(c.validate(), vec![]);
         assert_eq!(c.secrets().len(), 2);
+    }
+
+    #[test]
+    fn a_portfolio_label_is_checked() {
+        let ok = parse(&format!("{MIN}portfolio = \"brand-eu_1\"")).unwrap();
+        assert_eq!(ok.validate(), vec![]);
+        assert_eq!(ok.portfolio.as_deref(), Some("brand-eu_1"));
+        for bad in ["", "a/b", "with space"] {
+            let c = parse(&format!("{MIN}portfolio = {bad:?}")).unwrap();
+            let keys: Vec<_> = c.validate().into_iter().map(|(k, _)| k).collect();
+            assert_eq!(keys, ["portfolio"], "{bad:?}");
+        }
     }
 
     #[test]

@@ -667,6 +667,46 @@ pub mod envelope {
         message(who, message_id, timestamp, "text", json!({"body": body}))
     }
 
+    /// A `user_changed_number` notice, shaped as Meta's reference example: the old number
+    /// is the sender, the new one is `system.wa_id`; no contacts block.
+    pub fn number_change(
+        old_wa_id: &str,
+        new_wa_id: &str,
+        message_id: &str,
+        timestamp: i64,
+    ) -> Vec<u8> {
+        let m = json!({
+            "from": old_wa_id, "id": message_id, "timestamp": timestamp.to_string(),
+            "type": "system",
+            "system": {"body": format!("User changed from {old_wa_id} to {new_wa_id}"),
+                       "wa_id": new_wa_id, "type": "user_changed_number"}
+        });
+        wrap("messages", json!({"messages": [m]}))
+    }
+
+    /// A `user_changed_user_id` notice: the old id is the sender's `from_user_id`, the
+    /// new one `system.user_id`.
+    pub fn user_id_change(
+        who: &Who,
+        new_user_id: &str,
+        message_id: &str,
+        timestamp: i64,
+    ) -> Vec<u8> {
+        let old = who.user_id.clone().unwrap_or_default();
+        let mut m = json!({
+            "id": message_id, "timestamp": timestamp.to_string(), "type": "system",
+            "system": {"body": format!("User changed from {old} to {new_user_id}"),
+                       "user_id": new_user_id, "type": "user_changed_user_id"}
+        });
+        if let Some(w) = &who.wa_id {
+            m["from"] = json!(w);
+        }
+        if let Some(u) = &who.user_id {
+            m["from_user_id"] = json!(u);
+        }
+        wrap("messages", json!({"messages": [m]}))
+    }
+
     /// A template quick-reply tap.
     pub fn button(
         who: &Who,

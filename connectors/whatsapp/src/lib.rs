@@ -11,7 +11,8 @@
 //! What the daemon does with it, through the connector contract ([`Kind`]):
 //! 1. implement [`Inbox`] on its store (append durable before returning, sequence numbers
 //!    never reused, quarantined bodies kept apart for the operator) and offer it in `Host`;
-//! 2. mount the connector's `routes` (`GET`/`POST /webhooks/whatsapp`) on its listener;
+//! 2. mount the connector's `routes` (`GET`/`POST /webhooks/whatsapp/{name}`, and
+//!    `/webhooks/whatsapp` when `Host::sole_of_kind`) on its listener;
 //! 3. run the poll and push workers like any other connector, waking the poll worker on
 //!    `wake_up` instead of a timer;
 //! 4. call `committed` after saving a poll's cursor (the last inbox sequence number read):
@@ -42,7 +43,7 @@ use optout_core::{
 pub use config::{Config, Confirmations, Texts};
 pub use detect::{Detection, Detector, Keywords};
 pub use optout_core::inbox::{Inbox, InboxEntry, InboxError};
-pub use webhook::{PATH as WEBHOOK_PATH, WebhookState, router};
+pub use webhook::{PATH as WEBHOOK_PATH, WebhookState, instance_router, router};
 
 use client::{Graph, Reply};
 
@@ -89,13 +90,18 @@ impl optout_core::Settings for Config {
         Polling::Every(SAFETY_TICK)
     }
 
+    fn id_namespace(&self) -> Option<String> {
+        self.portfolio.clone()
+    }
+
     fn build(
         &self,
         name: &str,
         secrets: &Secrets,
         host: &Host,
     ) -> Result<Arc<dyn optout_core::DynConnector>, ConnectorError> {
-        let wa = WhatsApp::from_secrets(name, self.clone(), secrets, host.inbox.clone())?;
+        let mut wa = WhatsApp::from_secrets(name, self.clone(), secrets, host.inbox.clone())?;
+        wa.sole = host.sole_of_kind;
         Ok(Arc::new(wa))
     }
 }
@@ -111,6 +117,8 @@ pub struct WhatsApp<I: Inbox + ?Sized = dyn Inbox> {
     webhook: Arc<WebhookState<I>>,
     /// Present when confirmations are enabled.
     graph: Option<Graph>,
+    /// The daemon's only WhatsApp connector: it also answers on the unnamed route.
+    sole: bool,
 }
 
 impl<I: Inbox + ?Sized> std::fmt::Debug for WhatsApp<I> {
@@ -161,6 +169,7 @@ impl<I: Inbox + ?Sized> WhatsApp<I> {
             inbox,
             webhook,
             graph,
+            sole: true,
         })
     }
 
@@ -169,9 +178,10 @@ impl<I: Inbox + ?Sized> WhatsApp<I> {
         self.webhook.clone()
     }
 
-    /// `GET`/`POST` [`WEBHOOK_PATH`], for the daemon's listener.
+    /// `GET`/`POST` `{WEBHOOK_PATH}/{name}`, and [`WEBHOOK_PATH`] when it is the only
+    /// WhatsApp connector, for the daemon's listener.
     pub fn router(&self) -> axum::Router {
-        router(self.webhook.clone())
+        instance_router(self.webhook.clone(), &self.name, self.sole)
     }
 
     pub fn name(&self) -> &str {

@@ -29,7 +29,9 @@
 //! span, for the quarantine, while the rest of the body still counts. Nothing here logs:
 //! what a body holds (numbers, texts) never reaches a log line.
 
-use optout_core::{ConsentEvent, Identity, Observation, Signal, Status, Timestamp};
+use optout_core::{
+    ChangeKind, ConsentEvent, Identity, IdentityChange, Observation, Signal, Status, Timestamp,
+};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
@@ -176,6 +178,8 @@ fn why(e: &serde_json::Error) -> Why {
 pub enum Part {
     /// A customer's act or inbound message.
     Event(ConsentEvent),
+    /// A `system` notice that the person's number or business-scoped user id changed.
+    Change(IdentityChange),
     /// Readable, and says nothing the core needs (a delivery status, a contact).
     Nothing,
     /// Cannot be used: `span` (bytes of the stored body) goes to the quarantine; `at`
@@ -198,6 +202,7 @@ pub fn parse(
         .into_iter()
         .filter_map(|p| match p {
             Part::Event(e) => Some(Observation::Event(e)),
+            Part::Change(c) => Some(Observation::IdentityChange(c)),
             _ => None,
         })
         .collect())
@@ -397,8 +402,10 @@ impl<'d> Walk<'d> {
         for (k, (what, item)) in items.into_iter().enumerate() {
             self.item(format!("{at} {what} {k}"), item, |text| match what {
                 "message" => cx.message(serde_json::from_str(text).map_err(|e| why(&e))?),
-                "status" => cx.status(text),
-                _ => cx.preference(serde_json::from_str(text).map_err(|e| why(&e))?),
+                "status" => cx.status(text).map(|e| e.map(Part::Event)),
+                _ => cx
+                    .preference(serde_json::from_str(text).map_err(|e| why(&e))?)
+                    .map(|e| e.map(Part::Event)),
             });
         }
     }
@@ -440,14 +447,14 @@ impl<'d> Walk<'d> {
         &mut self,
         at: String,
         raw: &RawValue,
-        judge: impl FnOnce(&str) -> Result<Option<ConsentEvent>, Why>,
+        judge: impl FnOnce(&str) -> Result<Option<Part>, Why>,
     ) {
         let judged = match self.bad_in(raw) {
             0 => judge(raw.get()),
             _ => Err(Why::InvalidUtf8),
         };
         match judged {
-            Ok(Some(ev)) => self.out.push(Part::Event(ev)),
+            Ok(Some(part)) => self.out.push(part),
             Ok(None) => self.out.push(Part::Nothing),
             Err(w) => self.unreadable(raw, at, w),
         }
@@ -504,6 +511,26 @@ struct Message {
     button: Option<Button>,
     interactive: Option<Interactive>,
     edit: Option<Edit>,
+    system: Option<System>,
+}
+
+/// A `system` notice's body object.
+#[derive(Deserialize)]
+struct System {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    body: Option<String>,
+    wa_id: Option<Lenient>,
+    customer: Option<Lenient>,
+    user_id: Option<Lenient>,
+    previous_user_id: Option<Lenient>,
+}
+
+/// The old identity in a notice body "User NAME changed from OLD to NEW".
+fn changed_from(body: &str) -> Option<String> {
+    let rest = &body[body.rfind(" changed from ")? + " changed from ".len()..];
+    let old = rest.split(" to ").next()?.trim();
+    (!old.is_empty()).then(|| old.to_string())
 }
 
 #[derive(Deserialize)]
@@ -610,12 +637,15 @@ impl<'a> Cx<'a> {
         ids
     }
 
-    fn message(&self, m: Message) -> Result<Option<ConsentEvent>, Why> {
+    fn message(&self, m: Message) -> Result<Option<Part>, Why> {
         let id = text_of(&m.id);
         let kind = m.kind.clone().unwrap_or_else(|| "unknown".to_string());
-        // A system notice (number or identity change) and a deleted message are not the
-        // customer writing to us.
-        if matches!(kind.as_str(), "system" | "revoke") {
+        // A system notice and a deleted message are not the customer writing to us; a
+        // number or user id change still moves their consent.
+        if kind == "system" {
+            return Ok(self.system(&m).map(Part::Change));
+        }
+        if kind == "revoke" {
             return Ok(None);
         }
         let identities = self.identities(text_of(&m.from), text_of(&m.from_user_id));
@@ -624,7 +654,7 @@ impl<'a> Cx<'a> {
         }
         let at = self.time(&m.timestamp);
         let (detection, signal, evidence) = self.read(&m, &kind);
-        Ok(Some(ConsentEvent {
+        Ok(Some(Part::Event(ConsentEvent {
             identities,
             status: detection.as_ref().map(|d| d.status),
             signal,
@@ -633,7 +663,51 @@ impl<'a> Cx<'a> {
             message_id: id,
             evidence,
             language: detection.and_then(|d| d.language),
-        }))
+        })))
+    }
+
+    /// A `system` notice as an identity change. `user_changed_number` names the new number
+    /// in `system.wa_id` (the old one is the sender, or `system.customer` in Meta's
+    /// reference example); `user_changed_user_id` names the new id in `system.user_id`
+    /// and the old one as the sender's `from_user_id` (some payloads carry it as
+    /// `system.previous_user_id`, or only in the body "… changed from OLD to NEW").
+    /// Other notices (`customer_identity_changed`: a new security code) change nothing.
+    fn system(&self, m: &Message) -> Option<IdentityChange> {
+        let sys = m.system.as_ref()?;
+        let body_from = sys.body.as_deref().and_then(changed_from);
+        let (kind, from, to) = match sys.kind.as_deref()? {
+            "user_changed_number" => {
+                let old = text_of(&m.from).or_else(|| text_of(&sys.customer));
+                let from = self.identities(old, None);
+                (
+                    ChangeKind::Number,
+                    from,
+                    vec![Identity::WaId(text_of(&sys.wa_id)?)],
+                )
+            }
+            "user_changed_user_id" => {
+                let old = text_of(&m.from_user_id)
+                    .or_else(|| text_of(&sys.previous_user_id))
+                    .or(body_from);
+                let from = self.identities(text_of(&m.from), old);
+                (
+                    ChangeKind::UserId,
+                    from,
+                    vec![Identity::Bsuid(text_of(&sys.user_id)?)],
+                )
+            }
+            _ => return None,
+        };
+        if from.is_empty() {
+            return None;
+        }
+        Some(IdentityChange {
+            kind,
+            from,
+            to,
+            at: self.time(&m.timestamp),
+            message_id: text_of(&m.id),
+        })
     }
 
     /// What a message says, by its kind: a keyword in a text or an edit, a button or list
@@ -876,8 +950,9 @@ mod tests {
         )
         .unwrap()
         .into_iter()
-        .map(|o| match o {
-            Observation::Event(e) => e,
+        .filter_map(|o| match o {
+            Observation::Event(e) => Some(e),
+            Observation::IdentityChange(_) => None,
             Observation::Record(_) => panic!("records are never produced"),
         })
         .collect()

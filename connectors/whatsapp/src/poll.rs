@@ -162,6 +162,16 @@ impl<I: Inbox + ?Sized> Gather<'_, I> {
                         self.observations.push(Observation::Event(ev));
                     }
                 }
+                Part::Change(change) => {
+                    self.used += 1;
+                    let fresh = change
+                        .message_id
+                        .as_ref()
+                        .is_none_or(|id| self.seen.insert(id.clone()));
+                    if fresh {
+                        self.observations.push(Observation::IdentityChange(change));
+                    }
+                }
                 Part::Unreadable { span, at, why } => {
                     self.used += 1;
                     unreadable.push((span, format!("{at}: {why}")));

@@ -1,5 +1,6 @@
-//! The webhook route Meta calls: `GET /webhooks/whatsapp` (subscription handshake) and
-//! `POST /webhooks/whatsapp` (deliveries). The daemon mounts [`router`] on its listener.
+//! The webhook route Meta calls: `GET /webhooks/whatsapp/{name}` (subscription handshake)
+//! and `POST /webhooks/whatsapp/{name}` (deliveries), also without `/{name}` for the
+//! daemon's only WhatsApp account. The daemon mounts [`instance_router`] on its listener.
 //!
 //! The POST path is the hot path, so it does the least that keeps the guarantees:
 //! 1. `X-Hub-Signature-256` must be present and well-formed (else 401) — checked before the
@@ -159,11 +160,31 @@ fn verify_digest(token: &[u8]) -> Vec<u8> {
 
 /// `GET` and `POST` on [`PATH`], with the body limit applied.
 pub fn router<I: Inbox + ?Sized>(state: Arc<WebhookState<I>>) -> Router {
+    routes(state, &[PATH.to_string()])
+}
+
+/// The routes of the connector instance `name`: `{PATH}/{name}` always, and [`PATH`]
+/// itself when it is the daemon's only WhatsApp connector (so a single account keeps the
+/// callback URL it always had, and several accounts each get their own).
+pub fn instance_router<I: Inbox + ?Sized>(
+    state: Arc<WebhookState<I>>,
+    name: &str,
+    sole: bool,
+) -> Router {
+    let mut paths = vec![format!("{PATH}/{name}")];
+    if sole {
+        paths.push(PATH.to_string());
+    }
+    routes(state, &paths)
+}
+
+fn routes<I: Inbox + ?Sized>(state: Arc<WebhookState<I>>, paths: &[String]) -> Router {
     let limit = state.max_body_bytes;
-    Router::new()
-        .route(PATH, get(handshake::<I>).post(receive::<I>))
-        .layer(DefaultBodyLimit::max(limit))
-        .with_state(state)
+    let mut r = Router::new();
+    for p in paths {
+        r = r.route(p, get(handshake::<I>).post(receive::<I>));
+    }
+    r.layer(DefaultBodyLimit::max(limit)).with_state(state)
 }
 
 async fn handshake<I: Inbox + ?Sized>(

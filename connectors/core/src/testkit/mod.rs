@@ -61,6 +61,10 @@ pub fn observation_key(observation: &Observation) -> String {
             Some(id) => id.clone(),
             None => panic!("an event without a message id cannot be told apart: {e:?}"),
         },
+        Observation::IdentityChange(c) => match &c.message_id {
+            Some(id) => id.clone(),
+            None => panic!("a change without a message id cannot be told apart: {c:?}"),
+        },
     }
 }
 

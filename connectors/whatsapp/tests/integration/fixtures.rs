@@ -6,7 +6,9 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use optout_core::{ConsentEvent, Identity, Observation, Signal, Status, Timestamp};
+use optout_core::{
+    ChangeKind, ConsentEvent, Identity, IdentityChange, Observation, Signal, Status, Timestamp,
+};
 use optout_whatsapp::Detector;
 use optout_whatsapp::parse::parse;
 
@@ -155,6 +157,11 @@ const TABLE: &[(&str, Expect, &str)] = &[
         NOTHING,
         "system notice",
     ),
+    (
+        "derived__msg-system-user-changed-user-id.json",
+        NOTHING,
+        "system notice",
+    ),
     ("pywa__msg-text-forwarded.json", IN, "forwarded text"),
     ("pywa__msg-text-reply-context.json", IN, "reply text"),
     ("pywa__msg-text.json", IN, "text"),
@@ -230,8 +237,10 @@ fn events(file: &str) -> Vec<ConsentEvent> {
     parse(&body, received, &Detector::default())
         .unwrap_or_else(|e| panic!("{file}: {e}"))
         .into_iter()
-        .map(|o| match o {
-            Observation::Event(e) => e,
+        .filter_map(|o| match o {
+            Observation::Event(e) => Some(e),
+            // Identity changes are checked by `system_notices_yield_identity_changes`.
+            Observation::IdentityChange(_) => None,
             Observation::Record(r) => panic!("{file}: unexpected record {r:?}"),
         })
         .collect()
@@ -248,8 +257,8 @@ fn every_fixture_is_in_the_table() {
     assert_eq!(on_disk, listed);
     assert_eq!(
         on_disk.len(),
-        62,
-        "60 third-party bodies and 2 derived ones"
+        63,
+        "60 third-party bodies and 3 derived ones"
     );
 }
 
@@ -346,5 +355,54 @@ fn bsuid_fixtures_carry_every_identity() {
         quick.identities.len(),
         2,
         "contact shares the wa_id, so its BSUID joins"
+    );
+}
+
+fn changes(file: &str) -> Vec<IdentityChange> {
+    let body = std::fs::read(dir().join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+    parse(
+        &body,
+        Timestamp::from_secs(1_800_000_000),
+        &Detector::default(),
+    )
+    .unwrap_or_else(|e| panic!("{file}: {e}"))
+    .into_iter()
+    .filter_map(|o| match o {
+        Observation::IdentityChange(c) => Some(c),
+        _ => None,
+    })
+    .collect()
+}
+
+/// Real `system` shapes: a number change names the old number as the sender and the new
+/// one in `system.wa_id`; a user id change names the new id in `system.user_id`; a new
+/// security code (`customer_identity_changed`) changes no identity.
+#[test]
+fn system_notices_yield_identity_changes() {
+    let meta = changes("meta-spec__msg-system.json");
+    assert_eq!(meta.len(), 1);
+    assert_eq!(meta[0].kind, ChangeKind::Number);
+    assert_eq!(meta[0].from, vec![Identity::WaId("16505551234".into())]);
+    assert_eq!(meta[0].to, vec![Identity::WaId("12195555358".into())]);
+    assert_eq!(meta[0].at, Timestamp::from_secs(1_750_269_342));
+    let pywa = changes("pywa__msg-system-user-changed-number.json");
+    assert_eq!(pywa[0].from, vec![Identity::WaId("972987654321".into())]);
+    assert_eq!(pywa[0].to, vec![Identity::WaId("972912345678".into())]);
+    assert_eq!(pywa[0].message_id.as_deref(), Some("wamid.xyzxyz=="));
+    let netflie = changes("netflie__msg-system.json");
+    assert_eq!(netflie[0].kind, ChangeKind::Number);
+    assert!(changes("pywa__msg-system-identity-changed.json").is_empty());
+    let bsuid = changes("derived__msg-system-user-changed-user-id.json");
+    assert_eq!(bsuid[0].kind, ChangeKind::UserId);
+    assert_eq!(
+        bsuid[0].from,
+        vec![
+            Identity::WaId("16505551234".into()),
+            Identity::Bsuid("US.13491208655302741918".into())
+        ]
+    );
+    assert_eq!(
+        bsuid[0].to,
+        vec![Identity::Bsuid("US.20481133079914355021".into())]
     );
 }

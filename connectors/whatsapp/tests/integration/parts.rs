@@ -46,6 +46,7 @@ fn ids(obs: &[Observation]) -> Vec<String> {
     obs.iter()
         .map(|o| match o {
             Observation::Event(e) => e.message_id.clone().unwrap_or_default(),
+            Observation::IdentityChange(c) => c.message_id.clone().unwrap_or_default(),
             Observation::Record(_) => panic!("no records from whatsapp"),
         })
         .collect()

@@ -37,8 +37,9 @@ fn once(url: &str, secret: &str) -> WebhookSender {
 
 fn events(obs: &[Observation]) -> Vec<optout_core::ConsentEvent> {
     obs.iter()
-        .map(|o| match o {
-            Observation::Event(e) => e.clone(),
+        .filter_map(|o| match o {
+            Observation::Event(e) => Some(e.clone()),
+            Observation::IdentityChange(_) => None,
             Observation::Record(_) => panic!("no records from whatsapp"),
         })
         .collect()
