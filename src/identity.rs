@@ -123,10 +123,12 @@ pub const COUNTRY_RULES: &[CountryRule] = &[
 
 /// Country codes whose trunk prefix `0` is often kept after the country code
 /// (`+44 (0)20…`) and must be dropped. Countries where a leading 0 is part of the
-/// international number (Italy, San Marino, Vatican) are deliberately absent.
+/// international number (Italy, San Marino, Vatican) are deliberately absent, and so are
+/// those without a trunk prefix (Spain, Portugal, Greece, Poland, Denmark, Norway) or with
+/// another one (Hungary's `06`). No code here is a prefix of another.
 pub const TRUNK_ZERO: &[&str] = &[
-    "353", "27", "30", "31", "32", "33", "36", "41", "43", "44", "45", "46", "47", "48", "49",
-    "61", "64", "81", "82", "86", "90", "91",
+    "353", "358", "972", "20", "27", "31", "32", "33", "41", "43", "44", "46", "49", "61", "62",
+    "63", "64", "66", "81", "82", "84", "86", "90", "91", "92",
 ];
 
 /// Another form of a number, linked by a country rule.
