@@ -1134,3 +1134,5 @@ fn bounded(s: &str, max_chars: usize) -> String {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod variant_tests;
