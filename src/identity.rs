@@ -331,7 +331,9 @@ impl Normalizer {
 /// Extensions (`x123`, `ext. 5`, `#12`) are left to `phonenumber`, which drops them.
 fn typed(s: &str) -> String {
     let mut s = s.trim();
-    if s.len() >= 4 && s[..4].eq_ignore_ascii_case("tel:") {
+    if let Some(scheme) = s.get(..4)
+        && scheme.eq_ignore_ascii_case("tel:")
+    {
         s = s[4..].split(';').next().unwrap_or("");
     }
     let mut out = String::with_capacity(s.len());
@@ -584,6 +586,19 @@ mod tests {
         assert!(n().phone("+44 7911 123456 / 7911 654321").is_err());
         assert!(n().phone("tel:").is_err());
         assert!(n().phone("(((").is_err());
+        // Multi-byte characters where a scheme or a bracket would be: refused, no panic.
+        for hostile in [
+            "ü€",
+            "€€€€€",
+            "t€l:1",
+            "(€)",
+            "+44 (0€",
+            "+44 (ü) 7911 123456",
+            "tel:€",
+        ] {
+            let _ = n().phone(hostile);
+            let _ = n().parse_query(hostile);
+        }
     }
 
     #[test]

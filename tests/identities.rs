@@ -116,6 +116,24 @@ async fn lookup(d: &Daemon, id: &str) -> Value {
         .unwrap()
 }
 
+/// `optout-sync numbers --unreadable --connector hubspot --json`, as the real binary.
+fn numbers_unreadable(d: &Daemon) -> Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_optout-sync"))
+        .args([
+            "numbers",
+            "--unreadable",
+            "--connector",
+            "hubspot",
+            "--json",
+        ])
+        .arg("--config")
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 async fn outboxes_empty(d: &Daemon) -> bool {
     d.status()
         .await
@@ -272,20 +290,7 @@ async fn numbers_as_typed_are_matched_and_unreadable_ones_are_shown() {
         metrics.contains("optout_unreadable_numbers{connector=\"hubspot\"} 1"),
         "{metrics}"
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_optout-sync"))
-        .args([
-            "numbers",
-            "--unreadable",
-            "--connector",
-            "hubspot",
-            "--json",
-        ])
-        .arg("--config")
-        .arg(&d.config)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = numbers_unreadable(&d);
     assert_eq!(listed["count"], 1, "{listed:#}");
     let row = &listed["records"][0];
     assert_eq!(row["record"], unreadable.as_str(), "{listed:#}");
@@ -298,6 +303,15 @@ async fn numbers_as_typed_are_matched_and_unreadable_ones_are_shown() {
         .unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("unreadable numbers: 1"), "{text}");
+
+    // With the daemon stopped, the command reads the store itself.
+    d.terminate().await;
+    let offline = numbers_unreadable(&d);
+    assert_eq!(
+        offline["records"][0]["raw"], "call the office",
+        "{offline:#}"
+    );
+    let mut d = w.start().await;
 
     // Fixed in the CRM: the record is read again and leaves the list.
     w.hs.edit_contact(&unreadable, &[("phone", "+1 415 555 0199")]);
