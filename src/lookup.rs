@@ -334,3 +334,42 @@ pub fn shorten(s: &str, max: usize) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_and_unreadable_numbers_print_for_people() {
+        let v = json!({
+            "known": false,
+            "variants": [{
+                "of": "w:5491123456789", "alias": "p:+541123456789", "link": "suppress_only",
+                "country": "Argentina", "why": "Argentina's international mobile 9",
+                "subject": "s7", "decision": "opted_out",
+            }],
+        });
+        let mut out = Vec::new();
+        print(&mut out, "wa:5491123456789", &v).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("p:+541123456789 (suppress-only: an opt-out reaches it, an opt-in does not; Argentina's international mobile 9) — subject s7, opted_out"),
+            "{text}"
+        );
+        let rows = json!({"count": 1, "records": [{"connector": "hubspot", "record": "42",
+            "field": "phone 1", "raw": "call\u{7} me", "reason": "not a phone number"}]});
+        let mut out = Vec::new();
+        print_unreadable(&mut out, &rows).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.ends_with("hubspot\t42\tphone 1\tcall me\tnot a phone number\n"),
+            "{text:?}"
+        );
+        let mut out = Vec::new();
+        print_unreadable(&mut out, &json!({"count": 0, "records": []})).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "no unreadable phone numbers\n"
+        );
+    }
+}
