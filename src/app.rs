@@ -92,8 +92,10 @@ const PREFLIGHT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90
 /// Builds every configured connector without a store and runs its live pre-flight checks,
 /// all connectors at once (`check-config --connect`). Nothing is written anywhere.
 pub async fn preflight(checked: &Checked) -> Vec<Preflight> {
+    // Routes are not mounted here: which instance owns the plain route does not matter.
     let host = Host {
         inbox: Arc::new(NoInbox),
+        sole_of_kind: false,
     };
     let runs: Vec<_> = (checked.connectors.iter())
         .map(|c| {

@@ -107,6 +107,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// CRM phone values that could not be read as numbers: connector, record id, field
+    /// and the value as read. Such a record is matched by no one until it is fixed.
+    /// Reads the store, or asks the running daemon.
+    Numbers {
+        /// List the unreadable numbers (the only listing so far).
+        #[arg(long, required = true)]
+        unreadable: bool,
+        /// Only this connector instance.
+        #[arg(long)]
+        connector: Option<String>,
+        #[arg(long, short, env = "OPTOUT_SYNC_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// The audit log.
     Audit {
         #[command(subcommand)]
@@ -180,6 +196,12 @@ pub fn main() -> ExitCode {
         } => resync(&config, connector, full),
         Command::CheckConfig { path, connect } => return check_config(&path, connect),
         Command::Lookup { id, config, json } => lookup(&config, &id, json),
+        Command::Numbers {
+            unreadable: _,
+            connector,
+            config,
+            json,
+        } => numbers(&config, connector, json),
         Command::Audit {
             command:
                 AuditCommand::Export {
@@ -660,6 +682,15 @@ fn print_connector_details(o: &mut impl Write, c: &ConnectorReport) -> std::io::
         ("last error", c.last_error.clone()),
         ("reading", c.resync.clone()),
         (
+            "unreadable numbers",
+            (c.unreadable_numbers > 0).then(|| {
+                format!(
+                    "{} (optout-sync numbers --unreadable --connector {})",
+                    c.unreadable_numbers, c.name
+                )
+            }),
+        ),
+        (
             "cursor",
             c.cursor.as_deref().map(|s| crate::lookup::shorten(s, 120)),
         ),
@@ -710,6 +741,40 @@ fn lookup(config_path: &Path, id: &str, json: bool) -> Result<ExitCode> {
         output(writeln!(out, "{text}"))?;
     } else {
         output(crate::lookup::print(&mut out, id, &value))?;
+    }
+    output(out.flush())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `numbers --unreadable`: from the store, or from the running daemon when it holds the
+/// store or the store is not this user's (as `lookup`).
+fn numbers(config_path: &Path, connector: Option<String>, json: bool) -> Result<ExitCode> {
+    let config = app::load_offline(config_path)?;
+    existing_store(&config)?;
+    let socket = &config.daemon.control_socket;
+    let ask = |connector: Option<String>| -> Result<serde_json::Value> {
+        let request = crate::control::Request::Numbers { connector };
+        Ok(runtime()?.block_on(crate::control::request(socket, &request, |_| {}))?)
+    };
+    let value = match store_owner(&config.daemon.state_dir, "numbers") {
+        Ok(()) => match Store::open(&config.daemon.state_dir) {
+            Ok(store) => crate::lookup::unreadable(&store, connector.as_deref())?,
+            Err(crate::store::StoreError::Open { reason, .. }) if reason.contains("in use") => {
+                ask(connector)?
+            }
+            Err(e) => return Err(e.into()),
+        },
+        Err(not_owner) => match ask(connector) {
+            Ok(value) => value,
+            Err(e) if is_not_running(&e) => return Err(not_owner.into()),
+            Err(e) => return Err(e),
+        },
+    };
+    let mut out = std::io::stdout().lock();
+    if json {
+        output(writeln!(out, "{}", serde_json::to_string_pretty(&value)?))?;
+    } else {
+        output(crate::lookup::print_unreadable(&mut out, &value))?;
     }
     output(out.flush())?;
     Ok(ExitCode::SUCCESS)

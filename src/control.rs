@@ -29,6 +29,11 @@ pub enum Request {
     Lookup {
         id: String,
     },
+    /// CRM phone values that are not numbers (all connectors, or one).
+    Numbers {
+        #[serde(default)]
+        connector: Option<String>,
+    },
 }
 
 /// What the daemon does with a request. Progress lines go to `progress`; the returned

@@ -581,7 +581,12 @@ impl Daemon {
     /// Sets the gauges that mirror the store, just before a scrape.
     pub fn refresh_metrics(&self, m: &Metrics) {
         let (depth, dead, unverified) = self.pending_counts();
+        let unreadable = self.engine.store().unreadable_counts();
         for name in self.statuses.keys() {
+            let n = unreadable.get(name).copied().unwrap_or(0);
+            m.unreadable_numbers
+                .get_or_create(&Metrics::connector(name))
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
             let l = Metrics::connector(name);
             m.outbox_depth
                 .get_or_create(&l)
@@ -647,6 +652,8 @@ impl Daemon {
                     outbox_depth: count(&depth),
                     dead_letters: count(&dead),
                     unverified_pushes: count(&unverified),
+                    unreadable_numbers: (facts.unreadable.get(name).copied())
+                        .map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX)),
                     name: s.name,
                     kind: s.kind,
                     alarm: s.alarm,
@@ -709,6 +716,7 @@ fn pending_counts(store: &crate::store::Store, unverified_after: std::time::Dura
 /// What `status` reads from the store.
 struct StoreFacts {
     pending: Pending,
+    unreadable: BTreeMap<String, u64>,
     counts: Vec<(String, i64)>,
     inbox: usize,
     quarantined: usize,
@@ -719,6 +727,7 @@ impl StoreFacts {
     fn read(store: &crate::store::Store, unverified_after: std::time::Duration) -> StoreFacts {
         StoreFacts {
             pending: pending_counts(store, unverified_after),
+            unreadable: store.unreadable_counts(),
             counts: store.counts().unwrap_or_default(),
             inbox: store.inbox_len(),
             quarantined: store.quarantine_len(),
@@ -729,6 +738,7 @@ impl StoreFacts {
     fn failed(why: String) -> StoreFacts {
         StoreFacts {
             pending: Default::default(),
+            unreadable: Default::default(),
             counts: Vec::new(),
             inbox: 0,
             quarantined: 0,
@@ -751,6 +761,15 @@ impl control::Handler for Daemon {
                     .await
                     .map_err(|e| e.to_string())?
                     .map_err(|e| e.to_string())
+            }
+            Request::Numbers { connector } => {
+                let store = self.engine.store().clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::lookup::unreadable(&store, connector.as_deref())
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())
             }
             Request::Resync { connector, full } => {
                 let report = self.resync(connector, full, progress).await?;

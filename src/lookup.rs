@@ -1,14 +1,17 @@
 //! `lookup`: everything known of one person, as JSON (for `--json` and the control
-//! socket) and as text for people. Read-only: a lookup never creates a subject.
+//! socket) and as text for people, with the other forms of their number that the country
+//! rules link and why. Read-only: a lookup never creates a subject. Also `numbers
+//! --unreadable`: the CRM phone values that could not be read as numbers.
 
 use std::io::Write;
 
 use optout_core::Scope;
 use serde_json::{Value, json};
 
+use crate::identity::Alias;
 use crate::policy::Decision;
 use crate::reconcile::{Engine, REPLY_WINDOW, subject_name};
-use crate::store::StoreError;
+use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LookupError {
@@ -32,7 +35,11 @@ pub fn lookup(engine: &Engine, id: &str) -> Result<Value, LookupError> {
         }
     }
     let Some(s) = subject else {
-        return Ok(json!({ "query": id, "known": false }));
+        return Ok(json!({
+            "query": id,
+            "known": false,
+            "variants": variants(engine, &aliases)?,
+        }));
     };
     let margin = engine.policy().margin;
     let mut records = Vec::new();
@@ -71,6 +78,7 @@ pub fn lookup(engine: &Engine, id: &str) -> Result<Value, LookupError> {
         "known": true,
         "subject": subject_name(s.id),
         "aliases": s.aliases,
+        "variants": variants(engine, &all_aliases(&aliases, &s.aliases))?,
         "decisions": decisions,
         "last_inbound": s.last_inbound,
         "records": records,
@@ -78,15 +86,99 @@ pub fn lookup(engine: &Engine, id: &str) -> Result<Value, LookupError> {
     }))
 }
 
+/// The query's aliases and the subject's, once each.
+fn all_aliases(query: &[Alias], subject: &[String]) -> Vec<Alias> {
+    let mut out: Vec<Alias> = query.to_vec();
+    for a in subject {
+        let a = Alias::from_stored(a.clone());
+        if !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    out
+}
+
+/// The other forms of these aliases' numbers under the country rules: how each is linked,
+/// why, and the decision its own subject holds (a suppress-only variant is a subject of
+/// its own).
+fn variants(engine: &Engine, aliases: &[Alias]) -> Result<Vec<Value>, StoreError> {
+    let store = engine.store();
+    let margin = engine.policy().margin;
+    let mut out = Vec::new();
+    let mut seen = Vec::new();
+    for a in aliases {
+        for v in engine.normalizer().variants(a) {
+            if seen.contains(&v.alias) {
+                continue;
+            }
+            seen.push(v.alias.clone());
+            let subject = store.subject_by_alias(v.alias.as_str())?;
+            out.push(json!({
+                "of": a.as_str(),
+                "alias": v.alias.as_str(),
+                "link": v.link,
+                "country": v.rule.country,
+                "why": v.rule.why,
+                "subject": subject.as_ref().map(|s| subject_name(s.id)),
+                "decision": subject.as_ref().map(|s| s.consent.registers(Scope::All).decide(margin)),
+            }));
+        }
+    }
+    Ok(out)
+}
+
+/// Every record with phone values that are not numbers (all connectors, or one), as
+/// `{"records": [{"connector", "record", "field", "raw", "reason", "at"}]}`.
+pub fn unreadable(store: &Store, connector: Option<&str>) -> Result<Value, StoreError> {
+    let mut rows = Vec::new();
+    for r in store.unreadable(connector) {
+        let (c, record, numbers) = r?;
+        for n in numbers {
+            rows.push(json!({
+                "connector": c,
+                "record": record,
+                "field": n.field,
+                "raw": n.raw,
+                "reason": n.reason,
+                "at": n.at,
+            }));
+        }
+    }
+    Ok(json!({ "count": rows.len(), "records": rows }))
+}
+
+/// Prints unreadable numbers for people: one line each.
+pub fn print_unreadable(o: &mut impl Write, v: &Value) -> std::io::Result<()> {
+    let rows = v["records"].as_array().cloned().unwrap_or_default();
+    if rows.is_empty() {
+        return writeln!(o, "no unreadable phone numbers");
+    }
+    writeln!(o, "CONNECTOR\tRECORD\tFIELD\tVALUE\tWHY")?;
+    for r in &rows {
+        writeln!(
+            o,
+            "{}\t{}\t{}\t{}\t{}",
+            text(&r["connector"]),
+            text(&r["record"]),
+            text(&r["field"]),
+            shorten(&text(&r["raw"]), 64),
+            text(&r["reason"]),
+        )?;
+    }
+    Ok(())
+}
+
 /// Prints a lookup result for people.
 pub fn print(o: &mut impl Write, id: &str, v: &Value) -> std::io::Result<()> {
     if v["known"] != true {
-        return writeln!(
+        writeln!(
             o,
             "{id}: not known (no observation names this person; messages are allowed)"
-        );
+        )?;
+        return print_variants(o, v);
     }
     print_subject(o, id, v)?;
+    print_variants(o, v)?;
     print_records(o, v)?;
     print_history(o, v)
 }
@@ -126,6 +218,32 @@ fn print_subject(o: &mut impl Write, id: &str, v: &Value) -> std::io::Result<()>
             o,
             "  last WhatsApp message {t}; reply window until {}",
             t.plus(REPLY_WINDOW)
+        )?;
+    }
+    Ok(())
+}
+
+/// The other forms of the number and why they are linked.
+fn print_variants(o: &mut impl Write, v: &Value) -> std::io::Result<()> {
+    let variants = v["variants"].as_array().cloned().unwrap_or_default();
+    if variants.is_empty() {
+        return Ok(());
+    }
+    writeln!(o, "other forms of the number:")?;
+    for x in &variants {
+        let how = match x["link"].as_str() {
+            Some("same") => "same person",
+            _ => "suppress-only: an opt-out reaches it, an opt-in does not",
+        };
+        let held = match x["subject"].as_str() {
+            Some(s) => format!("subject {s}, {}", text(&x["decision"])),
+            None => "not known".into(),
+        };
+        writeln!(
+            o,
+            "  {} ({how}; {}) — {held}",
+            text(&x["alias"]),
+            text(&x["why"]),
         )?;
     }
     Ok(())
@@ -215,4 +333,43 @@ pub fn shorten(s: &str, max: usize) -> String {
         out.push('…');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_and_unreadable_numbers_print_for_people() {
+        let v = json!({
+            "known": false,
+            "variants": [{
+                "of": "w:5491123456789", "alias": "p:+541123456789", "link": "suppress_only",
+                "country": "Argentina", "why": "Argentina's international mobile 9",
+                "subject": "s7", "decision": "opted_out",
+            }],
+        });
+        let mut out = Vec::new();
+        print(&mut out, "wa:5491123456789", &v).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("p:+541123456789 (suppress-only: an opt-out reaches it, an opt-in does not; Argentina's international mobile 9) — subject s7, opted_out"),
+            "{text}"
+        );
+        let rows = json!({"count": 1, "records": [{"connector": "hubspot", "record": "42",
+            "field": "phone 1", "raw": "call\u{7} me", "reason": "not a phone number"}]});
+        let mut out = Vec::new();
+        print_unreadable(&mut out, &rows).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.ends_with("hubspot\t42\tphone 1\tcall me\tnot a phone number\n"),
+            "{text:?}"
+        );
+        let mut out = Vec::new();
+        print_unreadable(&mut out, &json!({"count": 0, "records": []})).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "no unreadable phone numbers\n"
+        );
+    }
 }

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub outbox_depth: Family<ConnectorLabel, Gauge>,
     pub dead_letters: Family<ConnectorLabel, Gauge>,
     pub unverified: Family<ConnectorLabel, Gauge>,
+    /// CRM phone values that could not be read as numbers.
+    pub unreadable_numbers: Family<ConnectorLabel, Gauge>,
     pub cursor_lag: Family<ConnectorLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub alarm: Family<ConnectorLabel, Gauge>,
     pub subjects: Family<ScopeDecision, Gauge>,
@@ -118,6 +120,11 @@ impl Metrics {
                 &mut r,
                 "unverified_pushes",
                 "Pushes not read back within unverified_after (an alarm)",
+            ),
+            unreadable_numbers: registered(
+                &mut r,
+                "unreadable_numbers",
+                "Phone values of CRM records that are not numbers, by connector",
             ),
             cursor_lag: registered(
                 &mut r,

@@ -23,6 +23,7 @@ use crate::identity::{Alias, Normalizer};
 use crate::policy::{self, Decision, Fact, Judgement, PolicyConfig, RecordMemory};
 use crate::store::{
     DeadLetter, LinkRecord, OutboxEntry, Store, StoreError, SubjectRecord, TxResult, Txn,
+    UnreadableNumber,
 };
 
 /// The WhatsApp customer service window: free-form replies only within it.
@@ -354,6 +355,9 @@ fn subject_ids(s: &str) -> Vec<u64> {
         .collect()
 }
 
+/// A record's readable numbers (E.164), their subjects, and its unreadable values.
+type RecordNumbers = (Vec<String>, Vec<u64>, Vec<UnreadableNumber>);
+
 /// The working state of one page's transaction.
 struct PageTx<'e, 't, 'tx> {
     engine: &'e Engine,
@@ -592,6 +596,7 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
         match policy::judge_event(ev, self.connector, self.now, &self.engine.policy) {
             Judgement::Fact(fact) => {
                 self.accept(id, &fact, ev.at)?;
+                self.reach_variants(&aliases, &[id], &fact)?;
                 if policy::wants_confirmation(&fact)
                     && let Some(mid) = &ev.message_id
                 {
@@ -640,6 +645,33 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
         Ok(())
     }
 
+    /// An opt-out reaches the suppress-only variants of the aliases it was observed for
+    /// (Argentina's `549…` and `54…`): each variant's subject records it too, so its
+    /// records are suppressed and the send gate blocks it. An opt-in stays where it came
+    /// from: the variant may be someone else, whose opt-out it must not undo.
+    fn reach_variants(&mut self, aliases: &[Alias], observed: &[u64], fact: &Fact) -> TxResult<()> {
+        if fact.status != Status::OptedOut {
+            return Ok(());
+        }
+        for v in self.engine.normalizer.suppress_only(aliases) {
+            let vid = self.resolve(std::slice::from_ref(&v.alias))?;
+            if observed.contains(&vid) {
+                continue;
+            }
+            let s = self.subjects.get_mut(&vid).expect("resolved");
+            s.consent.record(fact);
+            let mut a = fact_audit(AuditKind::Accepted, fact, self.now);
+            a.subject = Some(subject_name(vid));
+            a.reason = Some(format!(
+                "opt-out reaches a suppress-only variant: {}",
+                v.rule.why
+            ));
+            self.tx.audit(&a, &[vid])?;
+            self.tally("accepted_variant");
+        }
+        Ok(())
+    }
+
     fn ignore(&mut self, ids: &[u64], fact: &Fact, why: &str) -> TxResult<()> {
         self.set_aside(ids, fact, why, "ignored")
     }
@@ -676,7 +708,9 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
     fn record(&mut self, snap: &RecordSnapshot) -> TxResult<()> {
         self.report.observations += 1;
         let connector = self.connector;
-        let (phones, ids) = self.record_subjects(snap)?;
+        let (phones, ids, unreadable) = self.record_subjects(snap)?;
+        self.tx
+            .set_unreadable(connector, &snap.record, &unreadable)?;
         let existing = self.tx.link(connector, &snap.record)?;
         let mut link = existing.clone().unwrap_or(LinkRecord {
             first_seen: self.now,
@@ -685,7 +719,7 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
         let key = (connector.to_string(), snap.record.clone());
         self.relink(&key, &link.subjects, &ids)?;
         link.subjects = ids.clone();
-        link.phones = phones;
+        link.phones = phones.clone();
         let memory = self.record_memory(existing.as_ref(), &snap.record)?;
         let judgement = policy::judge_record(
             memory.as_ref(),
@@ -694,6 +728,13 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
             self.now,
             &self.engine.policy,
         );
+        if let Judgement::Fact(fact) = &judgement {
+            let aliases: Vec<Alias> = phones
+                .iter()
+                .map(|p| Alias::from_stored(format!("p:{p}")))
+                .collect();
+            self.reach_variants(&aliases, &ids, fact)?;
+        }
         self.apply_record_judgement(judgement, snap, &ids)?;
         self.settle_readback(snap, &mut link)?;
         link.memory.last_seen = snap.value;
@@ -704,11 +745,13 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
     }
 
     /// The record's distinct E.164 numbers and the subjects they resolve to (sorted);
-    /// numbers that do not parse are rejected in the audit log.
-    fn record_subjects(&mut self, snap: &RecordSnapshot) -> TxResult<(Vec<String>, Vec<u64>)> {
+    /// numbers that do not parse are rejected in the audit log and returned, to be kept
+    /// where `status` and `numbers --unreadable` show them.
+    fn record_subjects(&mut self, snap: &RecordSnapshot) -> TxResult<RecordNumbers> {
         let mut phones = Vec::new();
         let mut ids = Vec::new();
-        for raw in &snap.phones {
+        let mut unreadable = Vec::new();
+        for (i, raw) in snap.phones.iter().enumerate() {
             match self.engine.normalizer.phone(raw) {
                 Ok(e164) => {
                     if phones.contains(&e164) {
@@ -720,11 +763,19 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
                         ids.push(id);
                     }
                 }
-                Err(why) => self.reject_identity(raw, &why, Some(&snap.record))?,
+                Err(why) => {
+                    self.reject_identity(raw, &why, Some(&snap.record))?;
+                    unreadable.push(UnreadableNumber {
+                        field: format!("phone {}", i + 1),
+                        raw: bounded(raw, 64),
+                        reason: why,
+                        at: self.now,
+                    });
+                }
             }
         }
         ids.sort_unstable();
-        Ok((phones, ids))
+        Ok((phones, ids, unreadable))
     }
 
     /// Re-link: a record whose numbers changed moves from its old subjects to its new ones.
@@ -1111,3 +1162,5 @@ fn bounded(s: &str, max_chars: usize) -> String {
 mod changes;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod variant_tests;

@@ -68,6 +68,10 @@ pub struct ConnectorReport {
     pub dead_letters: i64,
     /// Pushes not read back within `unverified_after`.
     pub unverified_pushes: i64,
+    /// Phone values of this connector's records that are not numbers: those records are
+    /// matched by no one until fixed (`optout-sync numbers --unreadable` lists them).
+    #[serde(default)]
+    pub unreadable_numbers: i64,
 }
 
 impl ConnectorReport {

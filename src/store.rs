@@ -6,8 +6,8 @@
 //! value for the same key replaces the pending one), `dead` (rejected pushes), `audit`
 //! (append-only), `subject_audit` (subject → audit sequence index), `inbox` and
 //! `quarantine` (webhook bodies), `seen` (dedup keys of delivered messages), `counts`
-//! (decision totals and people), `unverified` (pushes not yet read back) and `meta`
-//! (schema version).
+//! (decision totals and people), `unverified` (pushes not yet read back), `unreadable`
+//! (connector, record → phone values that are not numbers) and `meta` (schema version).
 //!
 //! Every value starts with a one-byte format version followed by JSON. Changes that must
 //! happen together go through [`Store::transaction`], which commits them atomically and,
@@ -205,6 +205,18 @@ mod body_text {
 
 // ---- encoding -------------------------------------------------------------------------
 
+/// A CRM phone value that could not be read as a number: kept until the record is read
+/// again without it, so an operator can see and fix it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnreadableNumber {
+    /// Which of the record's phone values (`phone 1` is the first non-empty one).
+    pub field: String,
+    /// The value as read, bounded.
+    pub raw: String,
+    pub reason: String,
+    pub at: Timestamp,
+}
+
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     let mut out = vec![FORMAT];
     serde_json::to_writer(&mut out, v).expect("store values serialise");
@@ -246,7 +258,7 @@ fn prefix(connector: &str) -> Vec<u8> {
 
 // ---- the store ------------------------------------------------------------------------
 
-const TREES: [&str; 14] = [
+const TREES: [&str; 15] = [
     "subjects",
     "aliases",
     "links",
@@ -261,6 +273,7 @@ const TREES: [&str; 14] = [
     "counts",
     "meta",
     "unverified",
+    "unreadable",
 ];
 const SUBJECTS: usize = 0;
 const ALIASES: usize = 1;
@@ -276,6 +289,7 @@ const SEEN: usize = 10;
 const COUNTS: usize = 11;
 const META: usize = 12;
 const UNVERIFIED: usize = 13;
+const UNREADABLE: usize = 14;
 
 /// The embedded database. Cheap to clone: clones share one open database, its health and
 /// its group commit.
@@ -1118,6 +1132,37 @@ impl Store {
         })
     }
 
+    /// Records with phone values that are not numbers: (connector, record, values).
+    pub fn unreadable(
+        &self,
+        connector: Option<&str>,
+    ) -> impl Iterator<Item = Result<(String, String, Vec<UnreadableNumber>), StoreError>> + '_
+    {
+        let scan = match connector {
+            Some(c) => {
+                // Keys are `connector \0 record`: the range ends before `connector \1`.
+                let mut end = c.as_bytes().to_vec();
+                end.push(1);
+                self.scan(UNREADABLE, prefix(c)..end)
+            }
+            None => self.scan(UNREADABLE, ..),
+        };
+        scan.map(|kv| {
+            let (k, v) = kv?;
+            let (c, r) = split_key(&k);
+            Ok((c, r, decode("unreadable numbers", &v)?))
+        })
+    }
+
+    /// Unreadable phone values per connector.
+    pub fn unreadable_counts(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        for (c, _, n) in self.unreadable(None).flatten() {
+            *out.entry(c).or_insert(0) += n.len() as u64;
+        }
+        out
+    }
+
     // -- retention --
 
     /// Forgets delivery keys (`seen`) first seen before `before`; returns how many. A key
@@ -1342,6 +1387,22 @@ impl Txn<'_> {
             Some(t) => self.t[UNVERIFIED].insert(k, &t.millis().to_be_bytes())?,
             None => self.t[UNVERIFIED].remove(k)?,
         };
+        Ok(())
+    }
+
+    /// Replaces a record's unreadable phone values (none: forgets them).
+    pub fn set_unreadable(
+        &self,
+        connector: &str,
+        record: &str,
+        numbers: &[UnreadableNumber],
+    ) -> TxResult<()> {
+        let k = link_key(connector, record);
+        if numbers.is_empty() {
+            self.t[UNREADABLE].remove(k)?;
+        } else {
+            self.t[UNREADABLE].insert(k, encode(&numbers))?;
+        }
         Ok(())
     }
 
