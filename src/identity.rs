@@ -316,6 +316,23 @@ impl Normalizer {
         if let Some(w) = s.strip_prefix("wa:") {
             return self.aliases(&Identity::WaId(w.to_string()));
         }
+        // `portfolio/US.123…`: a business-scoped id of a WhatsApp account whose ids are kept
+        // apart under its portfolio (or instance) name.
+        if let Some((ns, id)) = s.split_once('/')
+            && !ns.is_empty()
+            && ns
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            let aliases = self.aliases(&Identity::Bsuid(id.to_string()))?;
+            return Ok(aliases
+                .into_iter()
+                .map(|a| match a.as_str().strip_prefix("b:") {
+                    Some(id) => Alias::from_stored(format!("b:{ns}/{id}")),
+                    None => a,
+                })
+                .collect());
+        }
         if s.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) && s.contains('.') {
             return self.aliases(&Identity::Bsuid(s.to_string()));
         }
@@ -475,6 +492,12 @@ mod tests {
             n().parse_query("wa:14155552671").unwrap()[0].as_str(),
             "w:14155552671"
         );
+        // A second WhatsApp account's ids are asked for under its portfolio.
+        assert_eq!(
+            n().parse_query("brand-b/US.123456").unwrap()[0].as_str(),
+            "b:brand-b/US.123456"
+        );
+        assert!(n().parse_query("brand b/US.123456").is_err());
     }
     fn wa(digits: &str) -> Vec<String> {
         n().aliases(&Identity::WaId(digits.into()))
