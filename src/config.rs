@@ -221,7 +221,8 @@ pub struct Common {
     /// A full resync (re-read everything, repair drift) on this cron schedule.
     #[serde(default)]
     pub full_resync_cron: Option<String>,
-    /// How long a push worker holds a partial batch for more entries.
+    /// Entries arriving more often than one per this long (or per round-trip, if longer)
+    /// are batched; slower ones go at once (`0s`: never hold).
     #[serde(default = "default_linger", with = "humantime_serde")]
     pub push_linger: Duration,
     /// The longest it holds one while entries keep arriving fast enough to fill it.

@@ -1,8 +1,9 @@
 //! The push worker: drains a connector's outbox in batches.
 //!
 //! Each step reads the due entries (at most a batch). With none, the worker waits for the
-//! earliest entry to become due or for a wake-up (new entries). A partial batch is held
-//! briefly, longer while a burst is filling it ([`Linger`]). Replies that must never be
+//! earliest entry to become due or for a wake-up (new entries). A partial batch goes at
+//! once unless entries are arriving faster than a round-trip; then it is held while the
+//! stream should fill it ([`Linger`]). Replies that must never be
 //! sent twice are marked in flight first. Every outcome is recorded per entry version,
 //! so a newer value enqueued meanwhile is never lost; a batch that failed as a whole is
 //! deferred by the back-off. A push under way when the daemon stops is finished and
@@ -21,33 +22,114 @@ use crate::metrics::ConnectorOutcome;
 use crate::reconcile::Takes;
 use crate::store::OutboxEntry;
 
+/// The shortest stretch of recent arrivals the push worker judges their rate over.
+const ARRIVAL_WINDOW: Duration = Duration::from_millis(250);
+
 /// How long a push worker holds a partial batch (`push_linger`, `push_max_linger`).
 ///
 /// Every request counts against the target's rate limit (HubSpot's smallest portals allow
 /// 100 per 10 s), so a burst of opt-outs should go out in full batches; a lone opt-out
-/// should not wait for company. A partial batch is held until its oldest entry has waited
-/// `min`; then, judging by how fast its entries came, it is held on only if the rest of a
-/// full batch should arrive before the oldest has waited `max`.
+/// should not wait for company. Entries that arrive more slowly than one per round-trip
+/// (or per `min`, if longer) go at once: holding them would only delay them. Faster ones
+/// are held only while the arrival rate says the rest of a full batch will have come
+/// before the oldest has waited `max`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Linger {
     pub min: Duration,
     pub max: Duration,
 }
 
+/// What the push worker has seen of its traffic lately, for [`Linger::hold`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Traffic {
+    /// Entries per second arriving lately; 0 with no stream (a lone entry, one chunk).
+    pub rate: f64,
+    /// How long a recent push took, from sending to its outcomes stored.
+    pub round_trip: Duration,
+}
+
 impl Linger {
     /// `n` entries are due (at most `batch`), the oldest for `waited`: how much longer to
     /// hold them, or `None` to send now.
-    pub fn hold(&self, n: usize, batch: usize, waited: Duration) -> Option<Duration> {
-        if n == 0 || n >= batch || self.min.is_zero() {
+    pub fn hold(
+        &self,
+        n: usize,
+        batch: usize,
+        waited: Duration,
+        traffic: Traffic,
+    ) -> Option<Duration> {
+        if n == 0 || n >= batch || self.min.is_zero() || !traffic.rate.is_finite() {
             return None;
         }
-        if waited < self.min {
-            return Some(self.min - waited);
+        // Fewer than one more entry expected within a round-trip: nothing to wait for.
+        let per = traffic.round_trip.max(self.min).as_secs_f64();
+        if traffic.rate * per < 1.0 {
+            return None;
         }
-        let rate = n as f64 / waited.as_secs_f64();
-        let fill = Duration::from_secs_f64((batch - n) as f64 / rate);
+        let fill = Duration::from_secs_f64((batch - n) as f64 / traffic.rate);
         // Look again no sooner than `min` so that the check does not spin.
         (waited + fill <= self.max).then(|| fill.max(self.min).min(self.max - waited))
+    }
+}
+
+/// Recent arrivals in the outbox, as the push worker saw them, to judge their rate.
+///
+/// Entries are counted when a read of the outbox first shows them, in groups (one read);
+/// the rate is what came after the oldest group still in the window, over the time since
+/// it. One group alone (a lone entry, one page of entries) is no stream: rate 0.
+#[derive(Debug)]
+struct Arrivals {
+    window: Duration,
+    groups: std::collections::VecDeque<(Instant, usize)>,
+    /// The entries (key → version) already counted.
+    seen: std::collections::HashMap<String, u64>,
+}
+
+impl Arrivals {
+    fn new(window: Duration) -> Self {
+        Arrivals {
+            window,
+            groups: Default::default(),
+            seen: Default::default(),
+        }
+    }
+
+    /// Counts the entries of `due` not seen before, at `now`.
+    fn observe<'a>(&mut self, due: impl Iterator<Item = (&'a str, u64)>, now: Instant) {
+        let mut fresh = 0;
+        for (key, version) in due {
+            if self.seen.insert(key.to_string(), version) != Some(version) {
+                fresh += 1;
+            }
+        }
+        if fresh > 0 {
+            self.groups.push_back((now, fresh));
+        }
+        while let Some(&(at, _)) = self.groups.front()
+            && now.duration_since(at) > self.window
+        {
+            self.groups.pop_front();
+        }
+    }
+
+    /// Forgets sent entries (a later version of one counts as a new arrival).
+    fn sent<'a>(&mut self, keys: impl Iterator<Item = &'a str>) {
+        for k in keys {
+            self.seen.remove(k);
+        }
+    }
+
+    /// Entries per second since the oldest group in the window.
+    fn rate(&self, now: Instant) -> f64 {
+        let Some(&(first, _)) = self.groups.front() else {
+            return 0.0;
+        };
+        let after: usize = self.groups.iter().skip(1).map(|(_, n)| n).sum();
+        let span = now.duration_since(first).as_secs_f64();
+        if after == 0 || span <= 0.0 {
+            return 0.0;
+        }
+        after as f64 / span
     }
 }
 
@@ -64,6 +146,9 @@ pub struct Push<C: Connector + ?Sized> {
     /// Since when the current partial batch has been held (monotonic, so a step of the
     /// wall clock cannot stretch the hold).
     held_since: Option<Instant>,
+    arrivals: Arrivals,
+    /// Recent round-trips (push sent → outcomes stored), smoothed.
+    round_trip: Duration,
     /// When the earliest pending entry becomes due, while idle.
     next_due: Option<Duration>,
     /// The keys and versions of a batch that failed as a whole, to defer.
@@ -91,6 +176,8 @@ impl<C: Connector + ?Sized> Push<C> {
             max,
             wake,
             held_since: None,
+            arrivals: Arrivals::new(linger.max.max(ARRIVAL_WINDOW)),
+            round_trip: Duration::ZERO,
             next_due: None,
             failed: None,
         }
@@ -118,10 +205,26 @@ impl<C: Connector + ?Sized> Push<C> {
 
     /// How much longer to hold a partial batch of `due`, if at all.
     fn hold(&mut self, due: &[(String, OutboxEntry)]) -> Option<Duration> {
+        let now = Instant::now();
+        self.arrivals
+            .observe(due.iter().map(|(k, e)| (k.as_str(), e.version)), now);
         let oldest = due.iter().map(|(_, e)| e.not_before).min();
-        let held = self.held_since.get_or_insert_with(Instant::now).elapsed();
+        let held = now.duration_since(*self.held_since.get_or_insert(now));
         let waited = oldest.map_or(held, |t| Timestamp::now().since(t).max(held));
-        self.linger.hold(due.len(), self.max, waited)
+        let traffic = Traffic {
+            rate: self.arrivals.rate(now),
+            round_trip: self.round_trip,
+        };
+        self.linger.hold(due.len(), self.max, waited, traffic)
+    }
+
+    /// Folds a push's round-trip into the smoothed one.
+    fn timed(&mut self, took: Duration) {
+        self.round_trip = if self.round_trip.is_zero() {
+            took
+        } else {
+            (self.round_trip * 3 + took) / 4
+        };
     }
 
     /// Records a batch's outcomes (one per item). Returns whether they were stored.
@@ -222,6 +325,7 @@ impl<C: Connector + ?Sized> Worker for Push<C> {
             return Ok(Step::from(Next::After(wait)));
         }
         self.held_since = None;
+        self.arrivals.sent(due.iter().map(|(k, _)| k.as_str()));
         let keys: Vec<(String, u64)> = due.iter().map(|(k, e)| (k.clone(), e.version)).collect();
         if self.takes == Takes::Replies {
             let (engine, n, k) = (self.ctx.engine.clone(), self.name.clone(), keys.clone());
@@ -233,9 +337,11 @@ impl<C: Connector + ?Sized> Worker for Push<C> {
                 })?;
         }
         let items: Vec<PushItem> = due.into_iter().map(|(_, e)| e.item).collect();
+        let sent = Instant::now();
         match self.connector.push(&items).await {
             Ok(outcomes) if outcomes.len() == items.len() => {
                 let stored = self.complete(cx, &keys, &items, outcomes).await;
+                self.timed(sent.elapsed());
                 Ok(Step {
                     next: Next::Now,
                     recovered: stored,
@@ -304,43 +410,112 @@ mod linger_tests {
         }
     }
 
+    /// `rate` entries a second, pushes taking `round_trip`.
+    fn at(rate: f64, round_trip: Duration) -> Traffic {
+        Traffic { rate, round_trip }
+    }
+
     #[test]
-    fn a_lone_entry_waits_only_the_minimum() {
-        assert_eq!(linger().hold(1, 100, Duration::ZERO), Some(10 * MS));
-        assert_eq!(linger().hold(1, 100, 4 * MS), Some(6 * MS));
-        // One entry in 10 ms would take a second to fill the batch: send.
-        assert_eq!(linger().hold(1, 100, 10 * MS), None);
-        assert_eq!(linger().hold(3, 100, 40 * MS), None);
+    fn a_lone_entry_or_a_trickle_goes_at_once() {
+        // Nothing else arriving: no hold at all, not even `min`.
+        assert_eq!(
+            linger().hold(1, 100, Duration::ZERO, Traffic::default()),
+            None
+        );
+        // One every 15 ms to a target answering in 2 ms: fewer than one per `min`.
+        assert_eq!(
+            linger().hold(1, 100, Duration::ZERO, at(66.0, 2 * MS)),
+            None
+        );
+        // 150 a second is more than one per `min`, but 100 would take 660 ms.
+        assert_eq!(
+            linger().hold(1, 100, Duration::ZERO, at(150.0, 2 * MS)),
+            None
+        );
+        // A chunk seen at once (no stream measured yet) is not held for company.
+        assert_eq!(
+            linger().hold(40, 100, Duration::ZERO, Traffic::default()),
+            None
+        );
+    }
+
+    #[test]
+    fn entries_faster_than_a_round_trip_are_batched() {
+        // 60 a second against an 80 ms target: about five per round-trip, and the other
+        // five of a batch of ten should come within ~83 ms.
+        let wait = linger()
+            .hold(5, 10, Duration::ZERO, at(60.0, 80 * MS))
+            .unwrap();
+        assert!((83 * MS..=84 * MS).contains(&wait), "{wait:?}");
+        // The same rate against a 2 ms target: under one per `min`, so at once.
+        assert_eq!(linger().hold(5, 10, Duration::ZERO, at(60.0, 2 * MS)), None);
     }
 
     #[test]
     fn a_burst_is_held_until_it_should_fill_the_batch() {
-        // 26 in 10 ms: the other 74 should come in about 28 ms.
-        let wait = linger().hold(26, 100, 10 * MS).unwrap();
+        // 2,600 a second with 26 due: the other 74 should come in about 28 ms.
+        let wait = linger().hold(26, 100, 10 * MS, at(2600.0, MS)).unwrap();
         assert!((28 * MS..=29 * MS).contains(&wait), "{wait:?}");
         // Nearly full: look again after the minimum, not in a spin.
-        assert_eq!(linger().hold(99, 100, 40 * MS), Some(10 * MS));
+        assert_eq!(
+            linger().hold(99, 100, 40 * MS, at(2500.0, MS)),
+            Some(10 * MS)
+        );
         // Never beyond the maximum.
-        assert_eq!(linger().hold(99, 100, 245 * MS), Some(5 * MS));
-        assert_eq!(linger().hold(99, 100, 250 * MS), None);
-        assert_eq!(linger().hold(60, 100, 200 * MS), None);
+        assert_eq!(
+            linger().hold(99, 100, 245 * MS, at(400.0, MS)),
+            Some(5 * MS)
+        );
+        assert_eq!(linger().hold(99, 100, 250 * MS, at(400.0, MS)), None);
+        // 40 more at 300 a second take 133 ms: past the maximum, so send.
+        assert_eq!(linger().hold(60, 100, 200 * MS, at(300.0, MS)), None);
         // Held past the maximum (a slow outbox read): send, whatever the rate.
-        assert_eq!(linger().hold(99, 100, 400 * MS), None);
+        assert_eq!(linger().hold(99, 100, 400 * MS, at(1e6, MS)), None);
         let equal = Linger {
             min: 250 * MS,
             max: 250 * MS,
         };
-        assert_eq!(equal.hold(10, 100, 260 * MS), None);
+        assert_eq!(equal.hold(10, 100, 260 * MS, at(1e6, MS)), None);
     }
 
     #[test]
     fn full_batches_and_zero_linger_go_at_once() {
-        assert_eq!(linger().hold(100, 100, Duration::ZERO), None);
+        let burst = at(1e5, MS);
+        assert_eq!(linger().hold(100, 100, Duration::ZERO, burst), None);
         let none = Linger {
             min: Duration::ZERO,
             max: Duration::ZERO,
         };
-        assert_eq!(none.hold(1, 100, Duration::ZERO), None);
-        assert_eq!(linger().hold(0, 100, Duration::ZERO), None);
+        assert_eq!(none.hold(1, 100, Duration::ZERO, burst), None);
+        assert_eq!(linger().hold(0, 100, Duration::ZERO, burst), None);
+    }
+
+    fn view(v: &[(String, u64)]) -> impl Iterator<Item = (&str, u64)> {
+        v.iter().map(|(k, n)| (k.as_str(), *n))
+    }
+
+    #[test]
+    fn the_rate_counts_what_came_after_the_first_group_in_the_window() {
+        let t0 = Instant::now();
+        let mut a = Arrivals::new(250 * MS);
+        let keys = |r: std::ops::Range<u64>| r.map(|i| (format!("k{i}"), 1)).collect::<Vec<_>>();
+        // One page of 50 at once is no stream.
+        let first = keys(0..50);
+        a.observe(view(&first), t0);
+        assert_eq!(a.rate(t0 + 5 * MS), 0.0);
+        // Seen again: not counted twice.
+        a.observe(view(&first), t0 + 5 * MS);
+        assert_eq!(a.rate(t0 + 5 * MS), 0.0);
+        // 20 more 10 ms later: 2,000 a second, falling while nothing else comes.
+        a.observe(view(&keys(50..70)), t0 + 10 * MS);
+        assert_eq!(a.rate(t0 + 10 * MS), 2000.0);
+        assert_eq!(a.rate(t0 + 20 * MS), 1000.0);
+        // A newer version of a sent entry is a new arrival.
+        a.sent(["k0"].into_iter());
+        a.observe([("k0", 2)].into_iter(), t0 + 20 * MS);
+        assert_eq!(a.rate(t0 + 20 * MS), 1050.0);
+        // Past the window the old groups are forgotten: one group left, no stream.
+        a.observe(std::iter::empty(), t0 + 300 * MS);
+        assert_eq!(a.rate(t0 + 300 * MS), 0.0);
     }
 }

@@ -537,7 +537,7 @@ async fn a_failed_batch_is_deferred_by_the_back_off() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_lone_entry_waits_only_the_linger_and_its_push_completes_at_shutdown() {
+async fn a_lone_entry_goes_at_once_and_its_push_completes_at_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     let ctx = context(dir.path());
     enqueue(&ctx, &["k1"]);
@@ -560,12 +560,68 @@ async fn a_lone_entry_waits_only_the_linger_and_its_push_completes_at_shutdown()
         panic!("expected a push");
     };
     assert_eq!(keys, ["k1"]);
-    let held = at - start;
-    assert!((9..=11).contains(&held.as_secs()), "held for {held:?}");
+    // The connector was idle and nothing else was arriving: no linger at all.
+    assert_eq!(at, start, "held for {:?}", at - start);
     // The daemon stops while the push is under way: its outcome is still recorded.
     ctx.cancel.cancel();
     worker.await.unwrap();
     assert_eq!(outbox(&ctx, "k1"), None);
+}
+
+/// Pushes the scripted connector received until `n` keys went out: (keys, when).
+async fn pushes_of(
+    calls: &mut mpsc::UnboundedReceiver<Call>,
+    n: usize,
+) -> Vec<(Vec<String>, Instant)> {
+    let mut got = Vec::new();
+    let mut keys = 0;
+    while keys < n {
+        match next_call(calls).await {
+            Call::Push(k, at) => {
+                keys += k.len();
+                got.push((k, at));
+            }
+            other => panic!("expected a push, got {other:?}"),
+        }
+    }
+    got
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_faster_than_a_round_trip_goes_out_in_full_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(dir.path());
+    let (conn, mut calls) = Scripted::new(10);
+    let linger = Linger {
+        min: 10 * Duration::from_millis(1),
+        max: 250 * Duration::from_millis(1),
+    };
+    let worker = tokio::spawn(push_worker(
+        CRM.into(),
+        conn,
+        ctx.clone(),
+        status(),
+        Takes::Records,
+        linger,
+    ));
+    let start = Instant::now();
+    // One entry every 2 ms: 500 a second, five per `min`.
+    for i in 0..21 {
+        enqueue(&ctx, &[&format!("k{i:02}")]);
+        ctx.push_wakers[CRM].notify_one();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let pushes = pushes_of(&mut calls, 21).await;
+    let sizes: Vec<usize> = pushes.iter().map(|(k, _)| k.len()).collect();
+    // The first went alone at once (nothing was arriving yet); then the stream was
+    // measured and every later batch went full.
+    assert_eq!(sizes, [1, 10, 10], "{pushes:?}");
+    assert_eq!(pushes[0].1, start);
+    // A full batch goes as soon as it is seen full, well before `max`.
+    let last = pushes[2].1 - start;
+    assert!(last < Duration::from_millis(60), "{last:?}");
+    ctx.cancel.cancel();
+    worker.await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]
