@@ -9,11 +9,13 @@
 //! deferred by the back-off. A push under way when the daemon stops is finished and
 //! recorded; what was not sent stays in the outbox.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use optout_core::{Connector, ConnectorError, PushItem, PushOutcome, Timestamp};
 use tokio::sync::Notify;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::runner::{Failure, Next, Step, StepCx, Worker};
@@ -133,6 +135,14 @@ impl Arrivals {
     }
 }
 
+/// A batch sent and not yet recorded.
+struct Flight {
+    keys: Vec<(String, u64)>,
+    items: Vec<PushItem>,
+    result: Result<Vec<PushOutcome>, ConnectorError>,
+    sent: Instant,
+}
+
 /// The push worker of one connector instance.
 pub struct Push<C: Connector + ?Sized> {
     name: String,
@@ -142,15 +152,26 @@ pub struct Push<C: Connector + ?Sized> {
     takes: Takes,
     linger: Linger,
     max: usize,
+    /// The most batches in flight at once (`push_pipeline`).
+    pipeline: usize,
     wake: Arc<Notify>,
     /// Since when the current partial batch has been held (monotonic, so a step of the
     /// wall clock cannot stretch the hold).
     held_since: Option<Instant>,
+    /// Until when the current partial batch is held.
+    hold_until: Option<Instant>,
     arrivals: Arrivals,
-    /// Recent round-trips (push sent → outcomes stored), smoothed.
+    /// Recent round-trips (push sent → answer), smoothed.
     round_trip: Duration,
     /// When the earliest pending entry becomes due, while idle.
     next_due: Option<Duration>,
+    /// The batches in flight, and the keys and records they carry: an entry whose key or
+    /// record is in flight waits for that push to land (per-record order).
+    flights: JoinSet<Flight>,
+    flying_keys: HashSet<String>,
+    flying_records: HashSet<String>,
+    /// A flight that landed while the worker waited.
+    landed: Option<Flight>,
     /// The keys and versions of a batch that failed as a whole, to defer.
     failed: Option<Vec<(String, u64)>>,
 }
@@ -163,6 +184,7 @@ impl<C: Connector + ?Sized> Push<C> {
         status: StatusCell,
         takes: Takes,
         linger: Linger,
+        pipeline: usize,
     ) -> Self {
         let wake = ctx.push_wakers.get(&name).cloned().unwrap_or_default();
         let max = connector.max_batch().max(1);
@@ -174,21 +196,35 @@ impl<C: Connector + ?Sized> Push<C> {
             takes,
             linger,
             max,
+            pipeline: pipeline.max(1),
             wake,
             held_since: None,
+            hold_until: None,
             arrivals: Arrivals::new(linger.max.max(ARRIVAL_WINDOW)),
             round_trip: Duration::ZERO,
             next_due: None,
+            flights: JoinSet::new(),
+            flying_keys: HashSet::new(),
+            flying_records: HashSet::new(),
+            landed: None,
             failed: None,
         }
     }
 
-    /// The due entries, oldest key first, at most a batch; an unreadable outbox counts as
-    /// empty (logged).
+    /// The due entries not in flight, oldest key first, at most a batch; an unreadable
+    /// outbox counts as empty (logged).
     async fn due(&self) -> Vec<(String, OutboxEntry)> {
-        let (store, name, max) = (self.ctx.engine.store().clone(), self.name.clone(), self.max);
-        match blocking(move || store.due_pushes(&name, Timestamp::now(), max)).await {
-            Ok(d) => d,
+        let (store, name) = (self.ctx.engine.store().clone(), self.name.clone());
+        // Entries in flight come back from the read too: ask for that many more.
+        let limit = self.max + self.flying_keys.len();
+        match blocking(move || store.due_pushes(&name, Timestamp::now(), limit)).await {
+            Ok(mut d) => {
+                d.retain(|(k, e)| {
+                    !self.flying_keys.contains(k) && !self.flying_records.contains(&e.item.record)
+                });
+                d.truncate(self.max);
+                d
+            }
             Err(e) => {
                 tracing::error!(connector = %self.name, error = %e, "cannot read the outbox");
                 Vec::new()
@@ -196,8 +232,12 @@ impl<C: Connector + ?Sized> Push<C> {
         }
     }
 
-    /// How long until the earliest pending entry is due, if any.
+    /// How long until the earliest pending entry is due, if any. While pushes are in
+    /// flight their entries would count as due: their landing wakes the worker instead.
     async fn until_next_due(&self) -> Option<Duration> {
+        if !self.flights.is_empty() {
+            return None;
+        }
         let (store, name) = (self.ctx.engine.store().clone(), self.name.clone());
         let next = blocking(move || store.next_due(&name)).await.ok().flatten();
         next.map(|t| t.since(Timestamp::now()).max(Duration::from_millis(1)))
@@ -225,6 +265,83 @@ impl<C: Connector + ?Sized> Push<C> {
         } else {
             (self.round_trip * 3 + took) / 4
         };
+    }
+
+    /// Sends `due` as one batch in the background (replies marked in flight first).
+    async fn launch(&mut self, due: Vec<(String, OutboxEntry)>) -> Result<(), Failure> {
+        self.arrivals.sent(due.iter().map(|(k, _)| k.as_str()));
+        let keys: Vec<(String, u64)> = due.iter().map(|(k, e)| (k.clone(), e.version)).collect();
+        if self.takes == Takes::Replies {
+            let (engine, n, k) = (self.ctx.engine.clone(), self.name.clone(), keys.clone());
+            blocking(move || engine.mark_in_flight(&n, &k))
+                .await
+                .map_err(|error| Failure::Store {
+                    doing: "cannot mark replies in flight; not sending",
+                    error,
+                })?;
+        }
+        let items: Vec<PushItem> = due.into_iter().map(|(_, e)| e.item).collect();
+        self.flying_keys.extend(keys.iter().map(|(k, _)| k.clone()));
+        self.flying_records
+            .extend(items.iter().map(|i| i.record.clone()));
+        let connector = self.connector.clone();
+        self.flights.spawn(async move {
+            let sent = Instant::now();
+            let result = connector.push(&items).await;
+            Flight {
+                keys,
+                items,
+                result,
+                sent,
+            }
+        });
+        Ok(())
+    }
+
+    /// A flight that has landed, if any (without waiting).
+    fn take_landed(&mut self) -> Option<Flight> {
+        self.landed
+            .take()
+            .or_else(|| self.flights.try_join_next().map(joined))
+    }
+
+    /// Records a landed flight's outcomes; a batch that failed as a whole is an error
+    /// (its keys are kept for [`Worker::failed`] to defer).
+    async fn land(&mut self, cx: &mut StepCx, flight: Flight) -> Result<Step, Failure> {
+        for (k, _) in &flight.keys {
+            self.flying_keys.remove(k);
+        }
+        for i in &flight.items {
+            self.flying_records.remove(&i.record);
+        }
+        self.timed(flight.sent.elapsed());
+        let Flight {
+            keys,
+            items,
+            result,
+            ..
+        } = flight;
+        match result {
+            Ok(outcomes) if outcomes.len() == items.len() => {
+                let stored = self.complete(cx, &keys, &items, outcomes).await;
+                Ok(Step {
+                    next: Next::Now,
+                    recovered: stored,
+                })
+            }
+            Ok(outcomes) => {
+                self.failed = Some(keys);
+                Err(Failure::Connector(ConnectorError::Transient(format!(
+                    "connector returned {} outcomes for {} items",
+                    outcomes.len(),
+                    items.len()
+                ))))
+            }
+            Err(e) => {
+                self.failed = Some(keys);
+                Err(Failure::Connector(e))
+            }
+        }
     }
 
     /// Records a batch's outcomes (one per item). Returns whether they were stored.
@@ -302,6 +419,15 @@ impl<C: Connector + ?Sized> Push<C> {
             }
         }
     }
+
+    /// Defers a whole batch by `delay` in the outbox.
+    async fn defer(&self, keys: Vec<(String, u64)>, msg: String, delay: Duration) {
+        let (engine, n) = (self.ctx.engine.clone(), self.name.clone());
+        let now = Timestamp::now();
+        if let Err(e) = blocking(move || engine.defer_pushes(&n, &keys, &msg, delay, now)).await {
+            tracing::error!(connector = %self.name, error = %e, "cannot defer pushes");
+        }
+    }
 }
 
 impl<C: Connector + ?Sized> Worker for Push<C> {
@@ -313,60 +439,44 @@ impl<C: Connector + ?Sized> Worker for Push<C> {
         "push"
     }
 
-    /// Sends one batch of due entries, or says how long to hold or wait.
+    /// Records a landed push, or sends one batch of due entries if a slot is free, or
+    /// says there is nothing to do until a landing, a hold's end or new entries.
     async fn step(&mut self, cx: &mut StepCx) -> Result<Step, Failure> {
+        if let Some(flight) = self.take_landed() {
+            return self.land(cx, flight).await;
+        }
+        if self.flights.len() >= self.pipeline {
+            self.hold_until = None;
+            return Ok(Step::from(Next::Idle));
+        }
         let due = self.due().await;
         if due.is_empty() {
-            self.held_since = None;
+            (self.held_since, self.hold_until) = (None, None);
             self.next_due = self.until_next_due().await;
             return Ok(Step::from(Next::Idle));
         }
         if let Some(wait) = self.hold(&due) {
-            return Ok(Step::from(Next::After(wait)));
+            self.hold_until = Some(Instant::now() + wait);
+            return Ok(Step::from(Next::Idle));
         }
-        self.held_since = None;
-        self.arrivals.sent(due.iter().map(|(k, _)| k.as_str()));
-        let keys: Vec<(String, u64)> = due.iter().map(|(k, e)| (k.clone(), e.version)).collect();
-        if self.takes == Takes::Replies {
-            let (engine, n, k) = (self.ctx.engine.clone(), self.name.clone(), keys.clone());
-            blocking(move || engine.mark_in_flight(&n, &k))
-                .await
-                .map_err(|error| Failure::Store {
-                    doing: "cannot mark replies in flight; not sending",
-                    error,
-                })?;
-        }
-        let items: Vec<PushItem> = due.into_iter().map(|(_, e)| e.item).collect();
-        let sent = Instant::now();
-        match self.connector.push(&items).await {
-            Ok(outcomes) if outcomes.len() == items.len() => {
-                let stored = self.complete(cx, &keys, &items, outcomes).await;
-                self.timed(sent.elapsed());
-                Ok(Step {
-                    next: Next::Now,
-                    recovered: stored,
-                })
-            }
-            Ok(outcomes) => {
-                self.failed = Some(keys);
-                Err(Failure::Connector(ConnectorError::Transient(format!(
-                    "connector returned {} outcomes for {} items",
-                    outcomes.len(),
-                    items.len()
-                ))))
-            }
-            Err(e) => {
-                self.failed = Some(keys);
-                Err(Failure::Connector(e))
-            }
-        }
+        (self.held_since, self.hold_until) = (None, None);
+        self.launch(due).await?;
+        Ok(Step::from(Next::Now))
     }
 
-    /// Waits for new entries or for the earliest pending one to become due.
+    /// Waits for a push to land, a hold to end, new entries or the earliest pending one
+    /// to become due. A held batch is not woken by new entries: the hold already counts
+    /// on them.
     async fn wait(&mut self) -> Next {
+        let free = self.flights.len() < self.pipeline;
+        let (hold, idle) = (self.hold_until, free && self.hold_until.is_none());
         tokio::select! {
-            _ = self.wake.notified() => {}
-            _ = sleep_opt(self.next_due) => {}
+            j = self.flights.join_next(), if !self.flights.is_empty() => {
+                self.landed = j.map(joined);
+            }
+            _ = sleep_until_opt(hold), if free && hold.is_some() => {}
+            _ = self.wake.notified(), if idle => {}
+            _ = sleep_opt(self.next_due), if idle => {}
         }
         Next::Now
     }
@@ -377,16 +487,38 @@ impl<C: Connector + ?Sized> Worker for Push<C> {
         let Some(keys) = self.failed.take() else {
             return Next::After(delay);
         };
-        let (engine, n, msg) = (
-            self.ctx.engine.clone(),
-            self.name.clone(),
-            failure_text(failure),
-        );
-        let now = Timestamp::now();
-        if let Err(e) = blocking(move || engine.defer_pushes(&n, &keys, &msg, delay, now)).await {
-            tracing::error!(connector = %self.name, error = %e, "cannot defer pushes");
-        }
+        self.defer(keys, failure_text(failure), delay).await;
         Next::Now
+    }
+
+    /// At shutdown: every push under way is finished and recorded; nothing new is sent.
+    async fn finish(&mut self, cx: &mut StepCx) {
+        while let Some(j) = self.flights.join_next().await {
+            let flight = joined(j);
+            if let Err(failure) = self.land(cx, flight).await {
+                tracing::warn!(connector = %self.name, error = %failure_text(&failure), "push failed at shutdown; will retry");
+                let delay = cx.backoff.next_delay(None);
+                if let Some(keys) = self.failed.take() {
+                    self.defer(keys, failure_text(&failure), delay).await;
+                }
+            }
+        }
+    }
+}
+
+/// A flight's result; a panic in the connector ends the daemon as any other panic.
+fn joined(j: Result<Flight, tokio::task::JoinError>) -> Flight {
+    match j {
+        Ok(f) => f,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => panic!("push task ended without a result: {e}"),
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
