@@ -172,6 +172,8 @@ pub struct Push<C: Connector + ?Sized> {
     flying_records: HashSet<String>,
     /// A flight that landed while the worker waited.
     landed: Option<Flight>,
+    /// When the back-off last grew for a batch without progress, and the delay it gave.
+    grown: Option<(Instant, Duration)>,
     /// The keys and versions of a batch that failed as a whole, to defer.
     failed: Option<Vec<(String, u64)>>,
 }
@@ -207,6 +209,7 @@ impl<C: Connector + ?Sized> Push<C> {
             flying_keys: HashSet::new(),
             flying_records: HashSet::new(),
             landed: None,
+            grown: None,
             failed: None,
         }
     }
@@ -248,6 +251,11 @@ impl<C: Connector + ?Sized> Push<C> {
         let now = Instant::now();
         self.arrivals
             .observe(due.iter().map(|(k, e)| (k.as_str(), e.version)), now);
+        // A retry has waited its back-off (or the target's Retry-After) already: it goes
+        // as soon as it is due, with whatever is due beside it.
+        if due.iter().any(|(_, e)| e.attempts > 0) {
+            return None;
+        }
         let oldest = due.iter().map(|(_, e)| e.not_before).min();
         let held = now.duration_since(*self.held_since.get_or_insert(now));
         let waited = oldest.map_or(held, |t| Timestamp::now().since(t).max(held));
@@ -256,6 +264,27 @@ impl<C: Connector + ?Sized> Push<C> {
             round_trip: self.round_trip,
         };
         self.linger.hold(due.len(), self.max, waited, traffic)
+    }
+
+    /// The delay for a landed batch's items to retry. A batch in which anything went
+    /// through shows the target works: they start again from the shortest delay (or their
+    /// Retry-After). A batch that made no progress grows the back-off, once per episode:
+    /// batches already in flight when it last grew (refused for the same reason at the
+    /// same moment) get the same delay rather than doubling it each.
+    fn retry_delay(&mut self, cx: &mut StepCx, progressed: bool, sent: Instant) -> Duration {
+        if progressed {
+            cx.backoff.reset();
+            self.grown = None;
+        } else if let Some((at, delay)) = self.grown
+            && sent < at
+        {
+            return delay;
+        }
+        let delay = cx.backoff.next_delay(None);
+        if !progressed {
+            self.grown = Some((Instant::now(), delay));
+        }
+        delay
     }
 
     /// Folds a push's round-trip into the smoothed one.
@@ -319,11 +348,11 @@ impl<C: Connector + ?Sized> Push<C> {
             keys,
             items,
             result,
-            ..
+            sent,
         } = flight;
         match result {
             Ok(outcomes) if outcomes.len() == items.len() => {
-                let stored = self.complete(cx, &keys, &items, outcomes).await;
+                let stored = self.complete(cx, (&keys, &items, sent), outcomes).await;
                 Ok(Step {
                     next: Next::Now,
                     recovered: stored,
@@ -346,22 +375,16 @@ impl<C: Connector + ?Sized> Push<C> {
 
     /// Records a batch's outcomes (one per item). Returns whether they were stored.
     async fn complete(
-        &self,
+        &mut self,
         cx: &mut StepCx,
-        keys: &[(String, u64)],
-        items: &[PushItem],
+        flight: (&[(String, u64)], &[PushItem], Instant),
         outcomes: Vec<PushOutcome>,
     ) -> bool {
-        // A batch in which anything went through shows the target works: items to retry
-        // start again from the shortest delay (or their Retry-After). Only batches that
-        // made no progress at all grow the back-off.
+        let (keys, items, sent) = flight;
         let progressed = outcomes
             .iter()
             .any(|o| !matches!(o, PushOutcome::RetryLater { .. }));
-        if progressed {
-            cx.backoff.reset();
-        }
-        let delay = cx.backoff.next_delay(None);
+        let delay = self.retry_delay(cx, progressed, sent);
         let now = Timestamp::now();
         self.observe(items, &outcomes, now);
         let results: Vec<_> = keys
