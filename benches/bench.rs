@@ -2094,7 +2094,8 @@ async fn gate_load(d: &Daemon, n: usize, total: usize, conns: usize, seed: u64) 
                     let (status, body) = conn.call("GET", &path, b"").await;
                     lat.push(ms(t.elapsed()));
                     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-                    if body.windows(16).any(|w| w == b"\"allowed\":false") {
+                    let no = b"\"allowed\":false";
+                    if body.windows(no.len()).any(|w| w == no) {
                         blocked += 1;
                     }
                 }
