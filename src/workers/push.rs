@@ -77,20 +77,23 @@ impl Linger {
 /// Recent arrivals in the outbox, as the push worker saw them, to judge their rate.
 ///
 /// Entries are counted when a read of the outbox first shows them, in groups (one read);
-/// the rate is what came after the oldest group still in the window, over the time since
-/// it. One group alone (a lone entry, one page of entries) is no stream: rate 0.
+/// the rate is every entry in the window but the first, over the time since the oldest
+/// group (for one group, at least `floor`: a page of entries seen at once came within one
+/// read). A lone entry is no stream: rate 0.
 #[derive(Debug)]
 struct Arrivals {
     window: Duration,
+    floor: Duration,
     groups: std::collections::VecDeque<(Instant, usize)>,
     /// The entries (key → version) already counted.
     seen: std::collections::HashMap<String, u64>,
 }
 
 impl Arrivals {
-    fn new(window: Duration) -> Self {
+    fn new(window: Duration, floor: Duration) -> Self {
         Arrivals {
             window,
+            floor,
             groups: Default::default(),
             seen: Default::default(),
         }
@@ -126,8 +129,12 @@ impl Arrivals {
         let Some(&(first, _)) = self.groups.front() else {
             return 0.0;
         };
-        let after: usize = self.groups.iter().skip(1).map(|(_, n)| n).sum();
-        let span = now.duration_since(first).as_secs_f64();
+        let after = self.groups.iter().map(|(_, n)| n).sum::<usize>() - 1;
+        let mut span = now.duration_since(first);
+        if self.groups.len() == 1 {
+            span = span.max(self.floor);
+        }
+        let span = span.as_secs_f64();
         if after == 0 || span <= 0.0 {
             return 0.0;
         }
@@ -202,7 +209,7 @@ impl<C: Connector + ?Sized> Push<C> {
             wake,
             held_since: None,
             hold_until: None,
-            arrivals: Arrivals::new(linger.max.max(ARRIVAL_WINDOW)),
+            arrivals: Arrivals::new(linger.max.max(ARRIVAL_WINDOW), linger.min),
             round_trip: Duration::ZERO,
             next_due: None,
             flights: JoinSet::new(),
@@ -650,27 +657,46 @@ mod linger_tests {
     }
 
     #[test]
-    fn the_rate_counts_what_came_after_the_first_group_in_the_window() {
+    fn the_rate_counts_every_arrival_but_the_first_over_the_window() {
         let t0 = Instant::now();
-        let mut a = Arrivals::new(250 * MS);
+        let mut a = Arrivals::new(250 * MS, 10 * MS);
         let keys = |r: std::ops::Range<u64>| r.map(|i| (format!("k{i}"), 1)).collect::<Vec<_>>();
-        // One page of 50 at once is no stream.
-        let first = keys(0..50);
-        a.observe(view(&first), t0);
+        // A lone entry is no stream, however long ago.
+        a.observe(view(&keys(0..1)), t0);
+        assert_eq!(a.rate(t0), 0.0);
         assert_eq!(a.rate(t0 + 5 * MS), 0.0);
+        // 50 more seen at once 10 ms later: 50 in 10 ms, falling while nothing comes.
+        let page = keys(1..51);
+        a.observe(view(&page), t0 + 10 * MS);
+        assert_eq!(a.rate(t0 + 10 * MS), 5000.0);
+        assert_eq!(a.rate(t0 + 20 * MS), 2500.0);
         // Seen again: not counted twice.
-        a.observe(view(&first), t0 + 5 * MS);
-        assert_eq!(a.rate(t0 + 5 * MS), 0.0);
-        // 20 more 10 ms later: 2,000 a second, falling while nothing else comes.
-        a.observe(view(&keys(50..70)), t0 + 10 * MS);
-        assert_eq!(a.rate(t0 + 10 * MS), 2000.0);
-        assert_eq!(a.rate(t0 + 20 * MS), 1000.0);
+        a.observe(view(&page), t0 + 20 * MS);
+        assert_eq!(a.rate(t0 + 20 * MS), 2500.0);
         // A newer version of a sent entry is a new arrival.
-        a.sent(["k0"].into_iter());
-        a.observe([("k0", 2)].into_iter(), t0 + 20 * MS);
-        assert_eq!(a.rate(t0 + 20 * MS), 1050.0);
-        // Past the window the old groups are forgotten: one group left, no stream.
-        a.observe(std::iter::empty(), t0 + 300 * MS);
-        assert_eq!(a.rate(t0 + 300 * MS), 0.0);
+        a.sent(["k1"].into_iter());
+        a.observe([("k1", 2)].into_iter(), t0 + 20 * MS);
+        assert_eq!(a.rate(t0 + 20 * MS), 2550.0);
+        // Past the window the old groups are forgotten: one entry left, no stream.
+        a.observe(std::iter::empty(), t0 + 265 * MS);
+        assert_eq!(a.rate(t0 + 265 * MS), 0.0);
+    }
+
+    #[test]
+    fn a_page_seen_at_once_counts_as_arriving_within_the_floor() {
+        let t0 = Instant::now();
+        let mut a = Arrivals::new(250 * MS, 10 * MS);
+        let page: Vec<_> = (0..100).map(|i| (format!("k{i}"), 1)).collect();
+        a.observe(view(&page), t0);
+        // 99 after the first within 10 ms: the next page of a sync is worth a short hold.
+        assert_eq!(a.rate(t0), 9900.0);
+        let wait = linger()
+            .hold(100, 200, Duration::ZERO, at(a.rate(t0), MS))
+            .unwrap();
+        assert!((10 * MS..=11 * MS).contains(&wait), "{wait:?}");
+        // No next page: the rate falls, and the page goes before `max`.
+        assert_eq!(a.rate(t0 + 100 * MS), 990.0);
+        let rate = a.rate(t0 + 130 * MS);
+        assert_eq!(linger().hold(100, 200, 130 * MS, at(rate, MS)), None);
     }
 }
