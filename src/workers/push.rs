@@ -1,13 +1,15 @@
-//! The push worker: drains a connector's outbox in batches.
+//! The push worker: drains a connector's outbox in batches, several in flight at once.
 //!
-//! Each step reads the due entries (at most a batch). With none, the worker waits for the
-//! earliest entry to become due or for a wake-up (new entries). A partial batch goes at
-//! once unless entries are arriving faster than a round-trip; then it is held while the
-//! stream should fill it ([`Linger`]). Replies that must never be
-//! sent twice are marked in flight first. Every outcome is recorded per entry version,
-//! so a newer value enqueued meanwhile is never lost; a batch that failed as a whole is
-//! deferred by the back-off. A push under way when the daemon stops is finished and
-//! recorded; what was not sent stays in the outbox.
+//! Each step records a batch that has landed, or reads the due entries (at most a batch,
+//! leaving out every key and record already in flight, so one record's pushes stay in
+//! order) and sends them in the background while fewer than `push_pipeline` batches are
+//! in flight. With nothing due, the worker waits for a landing, a wake-up (new entries) or
+//! the earliest entry to become due. A partial batch goes at once unless entries are
+//! arriving faster than a round-trip; then it is held while the stream should fill it
+//! ([`Linger`]). Replies that must never be sent twice are marked in flight first. Every
+//! outcome is recorded per entry version, so a newer value enqueued meanwhile is never
+//! lost; a batch that failed as a whole is deferred by the back-off. Batches in flight when
+//! the daemon stops are awaited and recorded; what was not sent stays in the outbox.
 
 use std::collections::HashSet;
 use std::sync::Arc;
