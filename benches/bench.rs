@@ -8,11 +8,13 @@
 //! cargo bench --bench bench -- --quick            # small sizes: seconds, for iterating
 //! ```
 //!
-//! Benchmarks: `propagation`, `requests`, `intake`, `resync`, `store` (in that order).
-//! `store` needs the store `resync` leaves behind; selected alone it runs `resync` first.
+//! Benchmarks: `propagation`, `requests`, `intake`, `resync`, `store`, `gate` (in that
+//! order). `store` and `gate` need the store `resync` leaves behind; selected without it
+//! they run `resync` first.
 //!
-//! Environment: `BENCH_RESYNC_N=200000` changes the resync size (default 1,000,000, or
-//! 20,000 with `--quick`); `BENCH_PERF_DIR=/some/dir` attaches `perf record -g` to the
+//! Environment: `OPTOUT_BENCH_PEOPLE=10000000` (or `BENCH_RESYNC_N`) sets how many people
+//! the resync builds the big store from, which `store` and `gate` then use (default
+//! 1,000,000, or 20,000 with `--quick`; ten million takes the better part of an hour); `BENCH_PERF_DIR=/some/dir` attaches `perf record -g` to the
 //! daemon during the resync and each intake level and leaves `<name>.perf.data` there
 //! (read with `perf report -i`); `BENCH_DAEMON_ENV="MALLOC_ARENA_MAX=2"` adds environment
 //! variables (space-separated `K=V`) to every daemon the harness starts.
@@ -64,6 +66,9 @@ struct Sizes {
     /// Daemon restarts on the big store, and send-gate queries on it.
     store_restarts: usize,
     gate_queries: usize,
+    /// Single gate lookups per concurrency level, and 1,000-id batch requests per level.
+    gate_load: usize,
+    gate_batches: usize,
 }
 
 impl Sizes {
@@ -78,6 +83,8 @@ impl Sizes {
             resync_fake_n: 100_000,
             store_restarts: 3,
             gate_queries: 2_000,
+            gate_load: 60_000,
+            gate_batches: 200,
         }
     }
 
@@ -92,11 +99,20 @@ impl Sizes {
             resync_fake_n: 5_000,
             store_restarts: 2,
             gate_queries: 200,
+            gate_load: 5_000,
+            gate_batches: 20,
         }
     }
 }
 
-const ALL: [&str; 5] = ["propagation", "requests", "intake", "resync", "store"];
+const ALL: [&str; 6] = [
+    "propagation",
+    "requests",
+    "intake",
+    "resync",
+    "store",
+    "gate",
+];
 
 fn main() {
     if std::env::args().nth(1).as_deref() == Some(RAW_SLED_ARG) {
@@ -128,9 +144,9 @@ fn main() {
         selected = ALL.iter().map(|s| s.to_string()).collect();
     }
     let mut sizes = if quick { Sizes::quick() } else { Sizes::full() };
-    if let Some(n) = std::env::var("BENCH_RESYNC_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
+    if let Some(n) = ["OPTOUT_BENCH_PEOPLE", "BENCH_RESYNC_N"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok()?.parse().ok())
     {
         sizes.resync_n = n;
     }
@@ -166,17 +182,19 @@ async fn run(selected: Vec<String>, sizes: Sizes, quick: bool) {
             "requests" => requests(&sizes).await,
             "intake" => intake(&sizes).await,
             "resync" => big_store = Some(resync(&sizes).await),
-            "store" => {
-                let store = match big_store.take() {
-                    Some(s) => s,
-                    None => {
-                        println!(
-                            "(`store` needs the store a bulk resync leaves: running `resync` first)\n"
-                        );
-                        resync(&sizes).await
-                    }
-                };
-                store_bench(&sizes, store).await;
+            "store" | "gate" => {
+                if big_store.is_none() {
+                    println!(
+                        "(`{name}` needs the store a bulk resync leaves: running `resync` first)\n"
+                    );
+                    big_store = Some(resync(&sizes).await);
+                }
+                let store = big_store.as_ref().expect("a big store");
+                if name == "store" {
+                    store_bench(&sizes, store).await;
+                } else {
+                    gate_bench(&sizes, store).await;
+                }
             }
             _ => unreachable!(),
         }
@@ -1879,7 +1897,7 @@ fn raw_sled_child() {
 // ---------------------------------------------------------------------------------------
 // 5. The store with 1,000,000 subjects: size, RSS, start-up
 
-async fn store_bench(sizes: &Sizes, big: BigStore) {
+async fn store_bench(sizes: &Sizes, big: &BigStore) {
     let n = big.n;
     header(
         &format!("5. Store with {n} subjects: size on disk, RSS, start-up"),
@@ -1965,4 +1983,242 @@ async fn store_bench(sizes: &Sizes, big: BigStore) {
         allocated2 as f64 / (1 << 20) as f64,
         allocated2 as f64 / n as f64
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. The send gate under concurrent load
+
+/// One keep-alive HTTP/1.1 connection speaking just enough of the protocol for the gate:
+/// a request written in one piece, the answer read by its `Content-Length`. Far cheaper
+/// per request than a general client, so the figures measure the daemon.
+struct RawConn {
+    stream: tokio::io::BufReader<tokio::net::TcpStream>,
+    host: String,
+}
+
+impl RawConn {
+    async fn open(addr: &str) -> RawConn {
+        let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.set_nodelay(true).expect("nodelay");
+        RawConn {
+            stream: tokio::io::BufReader::new(s),
+            host: addr.to_string(),
+        }
+    }
+
+    /// Sends a request and returns (status, body).
+    async fn call(&mut self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {GATE_TOKEN}\r\n",
+            self.host
+        );
+        if !body.is_empty() {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
+        }
+        req.push_str("\r\n");
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body);
+        self.stream
+            .get_mut()
+            .write_all(&bytes)
+            .await
+            .expect("write");
+        let mut line = String::new();
+        self.stream.read_line(&mut line).await.expect("status line");
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line {line:?}"));
+        let mut len = 0usize;
+        loop {
+            line.clear();
+            self.stream.read_line(&mut line).await.expect("header");
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                len = v.trim().parse().expect("content-length");
+            }
+        }
+        let mut out = vec![0u8; len];
+        self.stream.read_exact(&mut out).await.expect("body");
+        (status, out)
+    }
+}
+
+/// The gate path of customer `i`.
+fn gate_path(i: usize) -> String {
+    let c = Customer::new(i);
+    format!(
+        "/v1/consent/+1{}{}{:04}?category=marketing",
+        c.area, c.exchange, c.line
+    )
+}
+
+struct GateLoad {
+    per_sec: f64,
+    lat: Vec<f64>,
+    blocked: usize,
+    daemon_cpu: f64,
+    harness_cpu: f64,
+}
+
+/// `total` single lookups of random known customers over `conns` connections, each
+/// sending its next request when the last is answered (closed loop).
+async fn gate_load(d: &Daemon, n: usize, total: usize, conns: usize, seed: u64) -> GateLoad {
+    let per = total.div_ceil(conns);
+    let mut conns_open = Vec::new();
+    for _ in 0..conns {
+        conns_open.push(RawConn::open(&d.addr).await);
+    }
+    let (cpu_d, cpu_h) = (d.cpu(), cpu_secs(std::process::id()));
+    let t = Instant::now();
+    let tasks: Vec<_> = conns_open
+        .into_iter()
+        .enumerate()
+        .map(|(k, mut conn)| {
+            tokio::spawn(async move {
+                let mut rng = Rng(seed ^ ((k as u64 + 1) * 0x9e37_79b9));
+                let (mut lat, mut blocked) = (Vec::with_capacity(per), 0);
+                for _ in 0..per {
+                    let path = gate_path(rng.below(n as u64) as usize);
+                    let t = Instant::now();
+                    let (status, body) = conn.call("GET", &path, b"").await;
+                    lat.push(ms(t.elapsed()));
+                    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+                    let no = b"\"allowed\":false";
+                    if body.windows(no.len()).any(|w| w == no) {
+                        blocked += 1;
+                    }
+                }
+                (lat, blocked)
+            })
+        })
+        .collect();
+    let (mut lat, mut blocked) = (Vec::new(), 0);
+    for task in tasks {
+        let (l, b) = task.await.expect("gate task");
+        lat.extend(l);
+        blocked += b;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    GateLoad {
+        per_sec: lat.len() as f64 / secs,
+        lat: sorted(lat),
+        blocked,
+        daemon_cpu: d.cpu() - cpu_d,
+        harness_cpu: cpu_secs(std::process::id()) - cpu_h,
+    }
+}
+
+/// `requests` batch lookups of 1,000 random known customers each, over `conns` connections.
+async fn gate_batches(d: &Daemon, n: usize, requests: usize, conns: usize) -> Vec<f64> {
+    let per = requests.div_ceil(conns);
+    let mut tasks = Vec::new();
+    for k in 0..conns {
+        let mut conn = RawConn::open(&d.addr).await;
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng(0xba7c ^ (k as u64 + 1));
+            let mut lat = Vec::new();
+            for _ in 0..per {
+                let ids: Vec<String> = (0..1000)
+                    .map(|_| format!("+{}", Customer::new(rng.below(n as u64) as usize).wa_id()))
+                    .collect();
+                let body = serde_json::to_vec(&json!({ "category": "marketing", "ids": ids }))
+                    .expect("json");
+                let t = Instant::now();
+                let (status, reply) = conn.call("POST", "/v1/consent/batch", &body).await;
+                lat.push(ms(t.elapsed()));
+                assert_eq!(status, 200, "{}", String::from_utf8_lossy(&reply));
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("batch task"));
+    }
+    sorted(lat)
+}
+
+async fn gate_bench(sizes: &Sizes, big: &BigStore) {
+    let n = big.n;
+    header(
+        &format!("6. The send gate under load, {n} subjects"),
+        &format!(
+            "The store the resync left, a fresh daemon on it. Single lookups (`GET /v1/consent/{{phone}}?category=marketing`, random known customers, numbers in E.164) over 1, 32 and 128 keep-alive connections, each sending its next request as soon as the last is answered; {} lookups per level. The load generator is a minimal HTTP/1.1 client in the harness process (one task per connection) and shares the 2 CPUs with the daemon. Then 1,000-id batch lookups (`POST /v1/consent/batch`), and `status` and `lookup` over the control socket.",
+            sizes.gate_load
+        ),
+    );
+    let d = spawn_daemon(big.dir.path(), &big.config).await;
+    // Warm the connection paths and the store's cache a little, unmeasured.
+    let _ = gate_load(&d, n, 2_000, 8, 1).await;
+    let mut rows = Vec::new();
+    for (k, conns) in [1usize, 32, 128].into_iter().enumerate() {
+        let g = gate_load(&d, n, sizes.gate_load, conns, 0x6a7e + k as u64).await;
+        rows.push(vec![
+            conns.to_string(),
+            g.lat.len().to_string(),
+            format!("**{:.0}**", g.per_sec),
+            format!("{:.2}", pct(&g.lat, 50.0)),
+            format!("{:.2}", pct(&g.lat, 90.0)),
+            format!("**{:.2}**", pct(&g.lat, 99.0)),
+            format!("{:.2}", g.lat.last().copied().unwrap_or(0.0)),
+            g.blocked.to_string(),
+            format!("{:.1} / {:.1}", g.daemon_cpu, g.harness_cpu),
+        ]);
+    }
+    table(
+        &[
+            "connections",
+            "lookups",
+            "lookups / s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "max ms",
+            "blocked",
+            "CPU s daemon / harness",
+        ],
+        &rows,
+    );
+    let mut rows = Vec::new();
+    for conns in [1usize, 4] {
+        let lat = gate_batches(&d, n, sizes.gate_batches, conns).await;
+        rows.push(dist_row(&format!("1,000 ids, {conns} connection(s)"), lat));
+    }
+    table(
+        &["batch lookup (ms)", "n", "p50", "p90", "p99", "max"],
+        &rows,
+    );
+    let t = Instant::now();
+    let s = d.status().await;
+    let status_ms = ms(t.elapsed());
+    let mut lookup_ms = Vec::new();
+    for i in [0usize, n / 3, n - 1] {
+        let req = optout_sync::control::Request::Lookup {
+            id: format!("+{}", Customer::new(i).wa_id()),
+        };
+        let t = Instant::now();
+        optout_sync::control::request(&d.socket, &req, |_| {})
+            .await
+            .expect("lookup");
+        lookup_ms.push(format!("{:.1}", ms(t.elapsed())));
+    }
+    println!(
+        "`status` {status_ms:.1} ms ({} subjects); `lookup` of three customers {} ms; daemon RSS at the end {:.0} MiB, peak {:.0} MiB.\n",
+        s.subjects_total,
+        lookup_ms.join(" / "),
+        d.rss(),
+        d.hwm()
+    );
+    d.terminate().await;
 }

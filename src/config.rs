@@ -230,12 +230,17 @@ pub struct Common {
     /// A full resync (re-read everything, repair drift) on this cron schedule.
     #[serde(default)]
     pub full_resync_cron: Option<String>,
-    /// How long a push worker holds a partial batch for more entries.
+    /// Entries arriving more often than one per this long (or per round-trip, if longer)
+    /// are batched; slower ones go at once (`0s`: never hold).
     #[serde(default = "default_linger", with = "humantime_serde")]
     pub push_linger: Duration,
     /// The longest it holds one while entries keep arriving fast enough to fill it.
     #[serde(default, with = "humantime_serde")]
     pub push_max_linger: Option<Duration>,
+    /// The most push batches in flight at once (never two of the same record); the
+    /// connector's own limiter still paces the requests.
+    #[serde(default = "default_pipeline")]
+    pub push_pipeline: usize,
 }
 
 impl Common {
@@ -252,19 +257,31 @@ impl Common {
     }
 }
 
+/// Four batches in flight keep a connector busy while a slow vendor answers (an 80 ms
+/// round-trip and an opt-out every 15 ms need about six slots to never queue one, four
+/// keep the wait short) without many requests at once at the vendor's rate limit.
+pub const DEFAULT_PIPELINE: usize = 4;
+/// More than this in flight would only queue in the connector's limiter.
+const MAX_PIPELINE: usize = 32;
+
+fn default_pipeline() -> usize {
+    DEFAULT_PIPELINE
+}
+
 fn default_linger() -> Duration {
     // Long enough to gather a burst into one batch request, short enough that a lone
     // opt-out is not held back noticeably.
     Duration::from_millis(10)
 }
 
-const COMMON_KEYS: [&str; 6] = [
+const COMMON_KEYS: [&str; 7] = [
     "kind",
     "poll_interval",
     "poll_cron",
     "full_resync_cron",
     "push_linger",
     "push_max_linger",
+    "push_pipeline",
 ];
 
 /// One `[connectors.NAME]` table.
@@ -476,6 +493,8 @@ pub struct CheckedConnector {
     /// Full resyncs on this schedule.
     pub full_resync: Option<cron::Schedule>,
     pub linger: Linger,
+    /// The most push batches in flight at once.
+    pub pipeline: usize,
 }
 
 /// When a connector polls on its own.
@@ -722,6 +741,7 @@ fn check_connector(
         poll,
         full_resync,
         linger: c.common.linger(),
+        pipeline: c.common.push_pipeline,
         secrets,
         settings: c.settings.clone(),
     })
@@ -746,6 +766,12 @@ fn check_schedules(
         && max < common.push_linger
     {
         found.add(&key("push_max_linger"), "must be at least push_linger");
+    }
+    if !(1..=MAX_PIPELINE).contains(&common.push_pipeline) {
+        found.add(
+            &key("push_pipeline"),
+            format!("must be from 1 to {MAX_PIPELINE}"),
+        );
     }
     if let Some(i) = common.poll_interval
         && i < Duration::from_millis(100)

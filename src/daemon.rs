@@ -248,6 +248,7 @@ fn spawn_workers(
         status,
         c.takes.clone(),
         c.linger,
+        c.pipeline,
     ));
 }
 

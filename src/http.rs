@@ -217,39 +217,62 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
+/// Why the gate found no subject to judge.
+enum Unanswered {
+    NotAnId(String),
+    Store(crate::store::StoreError),
+}
+
+/// The subject an identifier belongs to, if any. A canonical E.164 number (`+` and 8–15
+/// digits, how senders hold numbers) is first looked up as stored, before any parsing:
+/// an alias in the store was normalised when it was written, so a hit is what the full
+/// parse would find. A miss falls back to the parse (unknown, or not a number).
+fn find_subject(
+    engine: &Engine,
+    id: &str,
+) -> Result<Option<crate::store::SubjectRecord>, Unanswered> {
+    let digits = id.strip_prefix('+').unwrap_or("");
+    if (8..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) {
+        let found = engine.store().subject_by_alias(&format!("p:{id}"));
+        if let Some(s) = found.map_err(Unanswered::Store)? {
+            return Ok(Some(s));
+        }
+    }
+    let aliases = engine
+        .normalizer()
+        .parse_query(id)
+        .map_err(Unanswered::NotAnId)?;
+    for a in &aliases {
+        if let Some(s) = (engine.store().subject_by_alias(a.as_str())).map_err(Unanswered::Store)? {
+            return Ok(Some(s));
+        }
+    }
+    Ok(None)
+}
+
 /// The gate's answer for one identifier.
 pub fn answer(engine: &Engine, id: &str, category: Category) -> GateReply {
     let base = GateReply {
         id: id.to_string(),
         ..GateReply::default()
     };
-    let aliases = match engine.normalizer().parse_query(id) {
-        Ok(a) => a,
-        Err(e) => {
+    let subject = match find_subject(engine, id) {
+        Ok(s) => s,
+        Err(Unanswered::NotAnId(e)) => {
             return GateReply {
                 error: Some(format!("not an identifier: {e}")),
                 ..base
             };
         }
-    };
-    let mut subject = None;
-    for a in &aliases {
-        match engine.store().subject_by_alias(a.as_str()) {
-            Ok(Some(s)) => {
-                subject = Some(s);
-                break;
-            }
-            Ok(None) => {}
-            // Fail closed: a store error never says "allowed".
-            Err(e) => {
-                return GateReply {
-                    allowed: Some(false),
-                    error: Some(format!("store error: {e}")),
-                    ..base
-                };
-            }
+        // Fail closed: a store error never says "allowed".
+        Err(Unanswered::Store(e)) => {
+            return GateReply {
+                allowed: Some(false),
+                error: Some(format!("store error: {e}")),
+                ..base
+            };
         }
-    }
+    };
     let base = GateReply {
         category: Some(category.as_str().to_string()),
         ..base

@@ -9,8 +9,9 @@
 //!
 //! - [`poll`]: reads a connector's changes page by page on its schedule or a [`Trigger`],
 //!   applying each page with its cursor in one transaction.
-//! - [`push`]: drains the connector's outbox in batches, holding a partial batch briefly
-//!   ([`Linger`]), and records every outcome; an unfinished push stays in the outbox.
+//! - [`push`]: drains the connector's outbox in batches, several in flight at once (never
+//!   two of one record), holding a partial batch only while a burst fills it ([`Linger`]),
+//!   and records every outcome; an unfinished push stays in the outbox.
 //! - [`health`]: the connector's own health check, every few minutes.
 //! - [`high_water`]: records how far the audit log reaches, every half minute.
 //! - [`retention`]: prunes delivery keys and quarantined bodies past their retention.
@@ -172,10 +173,11 @@ pub async fn push_worker<C: Connector + ?Sized>(
     status: StatusCell,
     takes: Takes,
     linger: Linger,
+    pipeline: usize,
 ) {
     let book = ctx.bookkeeping(&status);
     let cancel = ctx.cancel.clone();
-    let worker = push::Push::new(name, connector, ctx, status, takes, linger);
+    let worker = push::Push::new(name, connector, ctx, status, takes, linger, pipeline);
     runner::run(worker, cancel, Some(book)).await
 }
 

@@ -137,6 +137,13 @@ pub trait Worker: Send {
         let _ = failure;
         async move { Next::After(delay) }
     }
+
+    /// When the worker ends (stopped or finished): work it started in the background is
+    /// completed (a push worker's batches in flight are awaited and recorded).
+    fn finish(&mut self, cx: &mut StepCx) -> impl Future<Output = ()> + Send {
+        let _ = cx;
+        async {}
+    }
 }
 
 /// Where a connector's worker records errors, alarms and recovery.
@@ -205,6 +212,7 @@ pub async fn run<W: Worker>(mut worker: W, cancel: CancellationToken, book: Opti
     let mut next = worker.start();
     loop {
         if !pause(&mut worker, next, &cancel).await {
+            worker.finish(&mut cx).await;
             return;
         }
         next = match worker.step(&mut cx).await {

@@ -36,6 +36,8 @@ struct Scripted {
     polls: Mutex<VecDeque<Result<Page, ConnectorError>>>,
     pushes: Mutex<VecDeque<Result<Vec<PushOutcome>, ConnectorError>>>,
     batch: usize,
+    /// How long each push takes to answer (tokio's clock).
+    push_delay: Mutex<Duration>,
     calls: mpsc::UnboundedSender<Call>,
 }
 
@@ -46,6 +48,7 @@ impl Scripted {
             polls: Mutex::default(),
             pushes: Mutex::default(),
             batch,
+            push_delay: Mutex::new(Duration::ZERO),
             calls,
         };
         (Arc::new(c), rx)
@@ -74,6 +77,8 @@ impl Connector for Scripted {
     async fn push(&self, batch: &[PushItem]) -> Result<Vec<PushOutcome>, ConnectorError> {
         let keys = batch.iter().map(|i| i.key.clone()).collect();
         let _ = self.calls.send(Call::Push(keys, Instant::now()));
+        let delay = *self.push_delay.lock().unwrap();
+        tokio::time::sleep(delay).await;
         let next = self.pushes.lock().unwrap().pop_front();
         next.unwrap_or_else(|| Ok(vec![PushOutcome::Done; batch.len()]))
     }
@@ -153,11 +158,16 @@ fn item(key: &str) -> PushItem {
 }
 
 fn enqueue(ctx: &WorkerContext, keys: &[&str]) {
+    enqueue_version(ctx, keys, 1);
+}
+
+/// Enqueues `keys` as version `first` onwards (a later version replaces an entry).
+fn enqueue_version(ctx: &WorkerContext, keys: &[&str], first: u64) {
     let now = Timestamp::now();
     for (version, key) in keys.iter().enumerate() {
         let e = OutboxEntry {
             item: item(key),
-            version: version as u64 + 1,
+            version: version as u64 + first,
             enqueued_at: now,
             not_before: now,
             attempts: 0,
@@ -462,9 +472,13 @@ async fn push_sends_due_entries_and_records_each_outcome() {
         status.clone(),
         Takes::Records,
         linger,
+        4,
     );
     let mut cx = cx();
 
+    // The batch is sent in the background; the step after its landing records it.
+    assert_eq!(push.step(&mut cx).await.unwrap(), Step::from(Next::Now));
+    assert_eq!(push.wait().await, Next::Now);
     assert_eq!(
         push.step(&mut cx).await.unwrap(),
         Step::recovered(Next::Now)
@@ -516,8 +530,11 @@ async fn a_failed_batch_is_deferred_by_the_back_off() {
         status,
         Takes::Records,
         linger,
+        4,
     );
 
+    assert_eq!(push.step(&mut cx()).await.unwrap(), Step::from(Next::Now));
+    assert_eq!(push.wait().await, Next::Now);
     let failure = push.step(&mut cx()).await.unwrap_err();
     assert!(matches!(
         failure,
@@ -537,7 +554,7 @@ async fn a_failed_batch_is_deferred_by_the_back_off() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_lone_entry_waits_only_the_linger_and_its_push_completes_at_shutdown() {
+async fn a_lone_entry_goes_at_once_and_its_push_completes_at_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     let ctx = context(dir.path());
     enqueue(&ctx, &["k1"]);
@@ -554,18 +571,197 @@ async fn a_lone_entry_waits_only_the_linger_and_its_push_completes_at_shutdown()
         status(),
         Takes::Records,
         linger,
+        4,
     ));
 
     let Call::Push(keys, at) = next_call(&mut calls).await else {
         panic!("expected a push");
     };
     assert_eq!(keys, ["k1"]);
-    let held = at - start;
-    assert!((9..=11).contains(&held.as_secs()), "held for {held:?}");
+    // The connector was idle and nothing else was arriving: no linger at all.
+    assert_eq!(at, start, "held for {:?}", at - start);
     // The daemon stops while the push is under way: its outcome is still recorded.
     ctx.cancel.cancel();
     worker.await.unwrap();
     assert_eq!(outbox(&ctx, "k1"), None);
+}
+
+/// Pushes the scripted connector received until `n` keys went out: (keys, when).
+async fn pushes_of(
+    calls: &mut mpsc::UnboundedReceiver<Call>,
+    n: usize,
+) -> Vec<(Vec<String>, Instant)> {
+    let mut got = Vec::new();
+    let mut keys = 0;
+    while keys < n {
+        match next_call(calls).await {
+            Call::Push(k, at) => {
+                keys += k.len();
+                got.push((k, at));
+            }
+            other => panic!("expected a push, got {other:?}"),
+        }
+    }
+    got
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_faster_than_a_round_trip_goes_out_in_full_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(dir.path());
+    let (conn, mut calls) = Scripted::new(10);
+    let linger = Linger {
+        min: 10 * Duration::from_millis(1),
+        max: 250 * Duration::from_millis(1),
+    };
+    let worker = tokio::spawn(push_worker(
+        CRM.into(),
+        conn,
+        ctx.clone(),
+        status(),
+        Takes::Records,
+        linger,
+        4,
+    ));
+    let start = Instant::now();
+    // One entry every 2 ms: 500 a second, five per `min`.
+    for i in 0..21 {
+        enqueue(&ctx, &[&format!("k{i:02}")]);
+        ctx.push_wakers[CRM].notify_one();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let pushes = pushes_of(&mut calls, 21).await;
+    let sizes: Vec<usize> = pushes.iter().map(|(k, _)| k.len()).collect();
+    // The first went alone at once (nothing was arriving yet); then the stream was
+    // measured and every later batch went full.
+    assert_eq!(sizes, [1, 10, 10], "{pushes:?}");
+    assert_eq!(pushes[0].1, start);
+    // A full batch goes as soon as it is seen full, well before `max`.
+    let last = pushes[2].1 - start;
+    assert!(last < Duration::from_millis(60), "{last:?}");
+    ctx.cancel.cancel();
+    worker.await.unwrap();
+}
+
+/// A push worker over `conn` that never lingers, with `pipeline` batches in flight.
+fn pipelined(
+    ctx: &Arc<WorkerContext>,
+    conn: Arc<Scripted>,
+    pipeline: usize,
+) -> tokio::task::JoinHandle<()> {
+    let never = Linger {
+        min: Duration::ZERO,
+        max: Duration::ZERO,
+    };
+    let (name, ctx) = (CRM.to_string(), ctx.clone());
+    tokio::spawn(push_worker(
+        name,
+        conn,
+        ctx,
+        status(),
+        Takes::Records,
+        never,
+        pipeline,
+    ))
+}
+
+const MS: Duration = Duration::from_millis(1);
+
+#[tokio::test(start_paused = true)]
+async fn a_second_batch_goes_while_the_first_is_in_flight_up_to_the_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(dir.path());
+    let (conn, mut calls) = Scripted::new(2);
+    *conn.push_delay.lock().unwrap() = 80 * MS;
+    let worker = pipelined(&ctx, conn, 2);
+    let start = Instant::now();
+    enqueue(&ctx, &["k1", "k2"]);
+    ctx.push_wakers[CRM].notify_one();
+    tokio::time::sleep(10 * MS).await;
+    enqueue(&ctx, &["k3", "k4"]);
+    ctx.push_wakers[CRM].notify_one();
+    tokio::time::sleep(10 * MS).await;
+    enqueue(&ctx, &["k5"]);
+    ctx.push_wakers[CRM].notify_one();
+
+    let pushes = pushes_of(&mut calls, 5).await;
+    let got: Vec<(Vec<String>, u128)> = pushes
+        .into_iter()
+        .map(|(k, at)| (k, (at - start).as_millis()))
+        .collect();
+    let keys = |k: &[&str]| k.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // Two batches in flight at once; the third waits for a slot: the first landing.
+    assert_eq!(
+        got,
+        [
+            (keys(&["k1", "k2"]), 0),
+            (keys(&["k3", "k4"]), 10),
+            (keys(&["k5"]), 80)
+        ]
+    );
+    tokio::time::sleep(200 * MS).await;
+    for k in ["k1", "k2", "k3", "k4", "k5"] {
+        assert_eq!(outbox(&ctx, k), None, "{k} recorded");
+    }
+    ctx.cancel.cancel();
+    worker.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_record_in_flight_is_not_pushed_again_and_its_newer_value_survives_the_landing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(dir.path());
+    let (conn, mut calls) = Scripted::new(10);
+    *conn.push_delay.lock().unwrap() = 80 * MS;
+    let worker = pipelined(&ctx, conn, 4);
+    let start = Instant::now();
+    enqueue(&ctx, &["k1"]);
+    ctx.push_wakers[CRM].notify_one();
+    tokio::time::sleep(10 * MS).await;
+    // A newer value of k1 while its first push is in flight, and another record.
+    enqueue_version(&ctx, &["k1"], 2);
+    enqueue(&ctx, &["k2"]);
+    ctx.push_wakers[CRM].notify_one();
+
+    let mut pushes = pushes_of(&mut calls, 2).await.into_iter();
+    let (first, at) = pushes.next().unwrap();
+    assert_eq!(
+        (first, at - start),
+        (vec!["k1".to_string()], Duration::ZERO)
+    );
+    // k2 goes in a second batch at once; k1's newer value is left out of it.
+    let (second, at) = pushes.next().unwrap();
+    assert_eq!((second, at - start), (vec!["k2".to_string()], 10 * MS));
+    // The first push's success (version 1) leaves version 2 in the outbox, and only
+    // then is version 2 pushed.
+    let Call::Push(third, at) = next_call(&mut calls).await else {
+        panic!("expected a push");
+    };
+    assert_eq!((third, at - start), (vec!["k1".to_string()], 80 * MS));
+    assert_eq!(outbox(&ctx, "k1").map(|e| e.version), Some(2));
+    tokio::time::sleep(100 * MS).await;
+    assert_eq!(outbox(&ctx, "k1"), None, "version 2 recorded in its turn");
+    ctx.cancel.cancel();
+    worker.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_shutdown_every_batch_in_flight_lands_and_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(dir.path());
+    let (conn, mut calls) = Scripted::new(1);
+    *conn.push_delay.lock().unwrap() = 80 * MS;
+    let worker = pipelined(&ctx, conn, 3);
+    enqueue(&ctx, &["k1", "k2", "k3", "k4"]);
+    ctx.push_wakers[CRM].notify_one();
+    assert_eq!(pushes_of(&mut calls, 3).await.len(), 3);
+    ctx.cancel.cancel();
+    worker.await.unwrap();
+    for k in ["k1", "k2", "k3"] {
+        assert_eq!(outbox(&ctx, k), None, "{k} recorded");
+    }
+    assert!(outbox(&ctx, "k4").is_some(), "not sent after the stop");
+    assert!(calls.try_recv().is_err());
 }
 
 #[tokio::test(start_paused = true)]
