@@ -323,9 +323,14 @@ impl WorkerContext {
 
 /// Runs blocking store work off the async threads (sled flushes to disk).
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f)
-        .await
-        .expect("store task panicked")
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // Cancelled: the runtime is shutting down (a start-up that failed, or the end of the
+        // shutdown deadline) and drops this task with it. Not an internal error: exiting 70
+        // here would hide the reason the daemon stopped.
+        Err(_) => std::future::pending().await,
+    }
 }
 
 async fn sleep_opt(d: Option<Duration>) {
