@@ -46,6 +46,12 @@ pub fn engine(checked: &Checked, store: Store) -> Engine {
         targets(checked),
     )
     .with_id_namespaces(id_namespaces(checked))
+    .with_marketing_fields(
+        (checked.connectors.iter())
+            .filter(|c| c.settings.takes() == Takes::Records && c.settings.marketing_field())
+            .map(|c| c.name.clone())
+            .collect(),
+    )
 }
 
 /// Where each connector's business-scoped user ids live: its own `portfolio`, else its

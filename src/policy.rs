@@ -492,6 +492,32 @@ pub fn desired_record_value<'a>(
     opted_in.cloned()
 }
 
+/// The value a record's marketing-consent field should hold. Marketing is blocked whenever
+/// all messages are: an `all` opt-out of any linked subject, or a `marketing` opt-out, makes
+/// it opted out; otherwise a `marketing` opt-in, or an `all` opt-in where marketing has no
+/// decision of its own, makes it opted in.
+pub fn desired_marketing_value<'a>(
+    subjects: impl IntoIterator<Item = &'a Consent>,
+    margin: Duration,
+) -> Option<Fact> {
+    let mut opted_in: Option<&Fact> = None;
+    for consent in subjects {
+        let all = consent.all.decide(margin);
+        if all == Decision::OptedOut {
+            return consent.all.opt_out.clone();
+        }
+        match consent.marketing.decide(margin) {
+            Decision::OptedOut => return consent.marketing.opt_out.clone(),
+            Decision::OptedIn => opted_in = opted_in.or(consent.marketing.opt_in.as_ref()),
+            Decision::Unknown if all == Decision::OptedIn => {
+                opted_in = opted_in.or(consent.all.opt_in.as_ref())
+            }
+            Decision::Unknown => {}
+        }
+    }
+    opted_in.cloned()
+}
+
 /// Whether an accepted fact earns the customer a confirmation reply: only a keyword or
 /// button the customer sent on WhatsApp.
 pub fn wants_confirmation(fact: &Fact) -> bool {

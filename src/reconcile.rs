@@ -81,6 +81,8 @@ pub struct Engine {
     targets: BTreeMap<String, Takes>,
     /// Connector → namespace of its business-scoped user ids (see [`Engine::with_id_namespaces`]).
     id_namespaces: BTreeMap<String, String>,
+    /// Connectors whose records carry a marketing-consent field (`marketing.rs`).
+    marketing_fields: BTreeSet<String>,
     /// One writer at a time: pages from different connectors touch the same subjects,
     /// and sled would only make them retry each other.
     lock: Mutex<()>,
@@ -99,6 +101,7 @@ impl Engine {
             normalizer,
             targets,
             id_namespaces: BTreeMap::new(),
+            marketing_fields: BTreeSet::new(),
             lock: Mutex::new(()),
         }
     }
@@ -108,6 +111,13 @@ impl Engine {
     /// ids never name one person by accident. Unlisted connectors' ids stay `b:{id}`.
     pub fn with_id_namespaces(mut self, namespaces: BTreeMap<String, String>) -> Self {
         self.id_namespaces = namespaces;
+        self
+    }
+
+    /// The connectors whose records carry a marketing-consent field: they are also pushed
+    /// the `marketing` decision, and their reads of it are `marketing` facts.
+    pub fn with_marketing_fields(mut self, connectors: BTreeSet<String>) -> Self {
+        self.marketing_fields = connectors;
         self
     }
 
@@ -232,7 +242,15 @@ impl Engine {
                 audit.event_at = Some(item.changed_at);
                 match outcome {
                     PushOutcome::Done => {
-                        if takes_records && let Some(mut link) = tx.link(connector, &item.record)? {
+                        if takes_records
+                            && item.scope == Scope::Marketing
+                            && let Some(mut link) = tx.link(connector, &item.record)?
+                        {
+                            marketing::pushed(tx, connector, &mut link, &item, now)?;
+                            tx.put_link(connector, &item.record, &link)?;
+                        } else if takes_records
+                            && let Some(mut link) = tx.link(connector, &item.record)?
+                        {
                             link.memory.last_pushed = Some((item.status, item.changed_at));
                             link.pushed_at = Some(now);
                             link.awaiting_readback = true;
@@ -737,6 +755,7 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
         }
         self.apply_record_judgement(judgement, snap, &ids)?;
         self.settle_readback(snap, &mut link)?;
+        self.marketing_record(snap, &ids, &mut link, existing.is_some())?;
         link.memory.last_seen = snap.value;
         link.last_read = self.now;
         self.tx.put_link(connector, &snap.record, &link)?;
@@ -905,6 +924,8 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
     fn finish(mut self) -> TxResult<ApplyReport> {
         let margin = self.margin();
         let mut candidates = std::mem::take(&mut self.touched_records);
+        // Either scope's change may change a marketing field.
+        let mut marketing_candidates = candidates.clone();
         let ids: Vec<u64> = self.subjects.keys().copied().collect();
         for id in ids {
             let s = self.subjects[&id].clone();
@@ -942,6 +963,7 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
                 if scope == Scope::All {
                     candidates.extend(s.links.iter().cloned());
                 }
+                marketing_candidates.extend(s.links.iter().cloned());
                 if let Some(f) = &deciding {
                     self.event_pushes(&s, scope, to, f)?;
                     if let Some((sid, to_id, lang)) = self.confirmable.get(&f.record).cloned()
@@ -970,6 +992,9 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
             if self.engine.targets.get(&connector) == Some(&Takes::Records) {
                 self.record_push(&connector, &record)?;
             }
+        }
+        for (connector, record) in marketing_candidates {
+            self.marketing_push(&connector, &record)?;
         }
         Ok(self.report)
     }
@@ -1160,6 +1185,7 @@ fn bounded(s: &str, max_chars: usize) -> String {
 }
 
 mod changes;
+mod marketing;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

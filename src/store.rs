@@ -135,6 +135,19 @@ pub struct LinkRecord {
     pub awaiting_readback: bool,
     pub first_seen: Timestamp,
     pub last_read: Timestamp,
+    /// The record's marketing-consent field, when its connector keeps one.
+    #[serde(default)]
+    pub marketing: MarketingField,
+}
+
+/// What the daemon knows of one record's marketing-consent field: the same memory, push
+/// time and read-back flag as the consent field's, kept apart so each field's echo and
+/// verification are its own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarketingField {
+    pub memory: RecordMemory,
+    pub pushed_at: Option<Timestamp>,
+    pub awaiting_readback: bool,
 }
 
 /// A desired write waiting for its push worker.

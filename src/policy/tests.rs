@@ -144,6 +144,7 @@ fn snap(value: Option<Status>, changed_at: Option<i64>, modified: i64) -> Record
         record: "c1".into(),
         phones: vec!["+14155552671".into()],
         value,
+        marketing: None,
         changed_at: changed_at.map(Timestamp::from_secs),
         modified_at: Timestamp::from_secs(modified),
         evidence: "whatsapp_consent=…".into(),

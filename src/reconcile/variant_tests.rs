@@ -23,6 +23,7 @@ fn contact(id: &str, phones: &[&str], value: Option<Status>, changed: i64) -> Ob
         record: id.into(),
         phones: phones.iter().map(|p| p.to_string()).collect(),
         value,
+        marketing: None,
         changed_at: Some(t(changed)),
         modified_at: t(changed),
         evidence: format!("consent={value:?}"),

@@ -154,6 +154,7 @@ fn page(n: usize) -> Vec<Observation> {
                 record: format!("rec-{n}-{i}"),
                 phones: vec![format!("+14155{:06}", n * PAGE + i)],
                 value: Some(Status::OptedOut),
+                marketing: None,
                 changed_at: None,
                 modified_at: Timestamp::from_secs(1_700_000_000 + n as i64),
                 evidence: "consent=opted_out".into(),

@@ -201,6 +201,12 @@ pub trait Settings: fmt::Debug + Send + Sync + 'static {
     fn id_namespace(&self) -> Option<String> {
         None
     }
+    /// Whether its records carry a marketing-consent field beside the consent field (a
+    /// `Takes::Records` connector configured with one): the daemon then also pushes the
+    /// `marketing` decision to it, as items of scope `Marketing`.
+    fn marketing_field(&self) -> bool {
+        false
+    }
     /// Builds the connector from checked settings and its resolved secrets. Sends no
     /// request.
     fn build(

@@ -237,6 +237,10 @@ pub struct RecordSnapshot {
     pub phones: Vec<String>,
     /// The consent field's value; `None` when empty or not set.
     pub value: Option<Status>,
+    /// The marketing-consent field's value, for a connector configured with one (it
+    /// carries the `marketing` decision); `None` when empty, not set or not configured.
+    #[serde(default)]
+    pub marketing: Option<Status>,
     /// The companion change-time field, when the system has one and it is set.
     pub changed_at: Option<Timestamp>,
     /// The record's modification time by the server's clock.

@@ -8,6 +8,7 @@
 //! token = { env = "HUBSPOT_TOKEN" }      # or an [oauth] table
 //! requests_per_10s = 190                 # Professional / Enterprise portals
 //! create_properties = true
+//! marketing_property = "whatsapp_marketing_consent"   # optional: the marketing decision
 //! ```
 
 use std::time::Duration;
@@ -43,6 +44,11 @@ pub struct Config {
     /// Text property saying where the deciding observation came from.
     #[serde(default = "default_source_property")]
     pub source_property: String,
+    /// Enumeration property holding the `marketing` decision (same options as the consent
+    /// property): opted out when the customer stopped marketing or every message. Unset:
+    /// no marketing field is read or written.
+    #[serde(default)]
+    pub marketing_property: Option<String>,
     #[serde(default = "default_opted_out_value")]
     pub opted_out_value: String,
     #[serde(default = "default_opted_in_value")]
@@ -75,8 +81,8 @@ pub struct Config {
     #[serde(default)]
     pub daily_limit: Option<u64>,
 
-    /// Create the three consent properties on first start when they are missing (needs the
-    /// `crm.schemas.contacts.write` scope).
+    /// Create the three consent properties (and `marketing_property`, when set) on first
+    /// start when they are missing (needs the `crm.schemas.contacts.write` scope).
     #[serde(default)]
     pub create_properties: bool,
     /// Timeout of one HTTP request.
@@ -144,6 +150,7 @@ impl Default for Config {
             consent_property: default_consent_property(),
             changed_at_property: default_changed_at_property(),
             source_property: default_source_property(),
+            marketing_property: None,
             opted_out_value: default_opted_out_value(),
             opted_in_value: default_opted_in_value(),
             phone_properties: default_phone_properties(),
@@ -220,6 +227,24 @@ impl Config {
                 "the consent, change-time and source properties must be three different properties",
             );
         }
+        if let Some(m) = &self.marketing_property {
+            if m.trim().is_empty() {
+                bad(
+                    "marketing_property",
+                    "must name a contact property, or be left out for none",
+                );
+            } else if self.phone_properties.contains(m) {
+                bad(
+                    "marketing_property",
+                    "must not also be one of phone_properties",
+                );
+            } else if names.iter().any(|(_, n)| *n == m) {
+                bad(
+                    "marketing_property",
+                    "must differ from the consent, change-time and source properties",
+                );
+            }
+        }
         for (key, value) in [
             ("opted_out_value", &self.opted_out_value),
             ("opted_in_value", &self.opted_in_value),
@@ -288,6 +313,11 @@ impl Config {
         out
     }
 
+    /// The marketing-consent property, when one is configured.
+    pub fn marketing(&self) -> Option<&str> {
+        self.marketing_property.as_deref()
+    }
+
     /// The properties every search asks for: phones, the three consent properties, and the
     /// two the cursor needs.
     pub(crate) fn search_properties(&self) -> Vec<String> {
@@ -299,6 +329,7 @@ impl Config {
             "lastmodifieddate".to_string(),
             "hs_object_id".to_string(),
         ]);
+        props.extend(self.marketing().map(String::from));
         let mut seen = std::collections::HashSet::new();
         props.retain(|p| seen.insert(p.clone()));
         props
@@ -331,6 +362,29 @@ mod tests {
             c.secrets(),
             vec![("token", &SecretRef::Env("HUBSPOT_TOKEN".into()))]
         );
+    }
+
+    #[test]
+    fn marketing_property_is_optional_and_checked() {
+        let c: Config = toml::from_str(
+            "token = { env = \"T\" }\nmarketing_property = \"whatsapp_marketing_consent\"",
+        )
+        .unwrap();
+        assert!(c.validate().is_empty(), "{:?}", c.validate());
+        assert!(
+            c.search_properties()
+                .contains(&"whatsapp_marketing_consent".to_string())
+        );
+        assert!(!Config::default().search_properties().iter().any(|p| p.contains("marketing")));
+        for bad in ["", "whatsapp_consent_source", "mobilephone"] {
+            let c = Config {
+                marketing_property: Some(bad.into()),
+                token: c.token.clone(),
+                ..Config::default()
+            };
+            let keys: Vec<String> = c.validate().into_iter().map(|(k, _)| k).collect();
+            assert_eq!(keys, ["marketing_property"], "{bad:?}");
+        }
     }
 
     #[test]
@@ -370,6 +424,7 @@ mod tests {
             batch_size: 0,
             opted_in_value: "opted_out".into(),
             source_property: "whatsapp_consent".into(),
+            marketing_property: Some("phone".into()),
             daily_limit: Some(0),
             ..Config::default()
         };
@@ -382,6 +437,7 @@ mod tests {
             "opted_in_value",
             "consent_property",
             "daily_limit",
+            "marketing_property",
         ] {
             assert!(keys.iter().any(|x| x == k), "{k} missing from {keys:?}");
         }

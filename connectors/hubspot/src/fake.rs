@@ -61,6 +61,9 @@ pub const CONSENT_PROPERTIES: [&str; 3] = [
     "whatsapp_consent_changed_at",
     "whatsapp_consent_source",
 ];
+/// The marketing-consent property's name in the README's examples. It does not exist at
+/// start: a portal gets it from `create_properties` or [`FakeHandle::add_consent_enumeration`].
+pub const MARKETING_PROPERTY: &str = "whatsapp_marketing_consent";
 
 const READ_SCOPE: &str = "crm.objects.contacts.read";
 const WRITE_SCOPE: &str = "crm.objects.contacts.write";
@@ -386,6 +389,19 @@ impl FakeHandle {
     /// Deletes a contact property (a portal where it was never created, or was renamed).
     pub fn remove_property(&self, name: &str) {
         self.portal().properties.remove(name);
+    }
+
+    /// Creates an enumeration contact property with the options `opted_out` and `opted_in`
+    /// (the marketing-consent property an operator created by hand).
+    pub fn add_consent_enumeration(&self, name: &str) {
+        self.portal().properties.insert(
+            name.to_string(),
+            PropertyDef {
+                kind: PropKind::Enumeration,
+                options: vec!["opted_out".into(), "opted_in".into()],
+                read_only: false,
+            },
+        );
     }
 
     /// Replaces an enumeration property's options (an option renamed in the portal).

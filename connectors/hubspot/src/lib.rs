@@ -82,6 +82,10 @@ impl optout_core::Settings for Config {
         Polling::Every(DEFAULT_POLL)
     }
 
+    fn marketing_field(&self) -> bool {
+        self.marketing().is_some()
+    }
+
     fn build(
         &self,
         name: &str,

@@ -314,12 +314,18 @@ impl HubSpot {
                 .map(str::trim)
                 .filter(|v| !v.is_empty())
         };
-        let raw = prop(&cfg.consent_property);
-        let value = match raw {
+        let status = |raw: Option<&str>| match raw {
             Some(v) if v == cfg.opted_out_value => Some(Status::OptedOut),
             Some(v) if v == cfg.opted_in_value => Some(Status::OptedIn),
             _ => None,
         };
+        let raw = prop(&cfg.consent_property);
+        let mut evidence = format!("{}={}", cfg.consent_property, raw.unwrap_or(""));
+        let marketing = cfg.marketing().and_then(|m| {
+            let raw = prop(m);
+            evidence.push_str(&format!(" {m}={}", raw.unwrap_or("")));
+            status(raw)
+        });
         RecordSnapshot {
             record: r.contact.id.clone(),
             phones: cfg
@@ -328,10 +334,11 @@ impl HubSpot {
                 .filter_map(|p| prop(p))
                 .map(String::from)
                 .collect(),
-            value,
+            value: status(raw),
+            marketing,
             changed_at: prop(&cfg.changed_at_property).and_then(Timestamp::parse),
             modified_at: Timestamp::from_millis(r.modified),
-            evidence: format!("{}={}", cfg.consent_property, raw.unwrap_or("")),
+            evidence,
         }
     }
 }

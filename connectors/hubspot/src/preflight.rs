@@ -10,9 +10,10 @@
 //!   403's `MISSING_SCOPES` category: an empty batch update (and, for the schema scope, an
 //!   empty property definition) is sent; HubSpot checks the scope first (403 naming it)
 //!   and then refuses the empty request (400), so nothing is written either way;
-//! - each consent property (`GET /crm/v3/properties/contacts/{name}`): that it exists, has
-//!   the right type (enumeration, datetime, string) and, for the consent enumeration, both
-//!   configured values among its options; a missing one passes when `create_properties`
+//! - each consent property, and the marketing property when configured
+//!   (`GET /crm/v3/properties/contacts/{name}`): that it exists, has the right type
+//!   (enumeration, datetime, string) and, for an enumeration, both configured values
+//!   among its options; a missing one passes when `create_properties`
 //!   will create it.
 
 use optout_core::{ConnectorError, Finding};
@@ -40,9 +41,10 @@ struct OptionInfo {
     value: String,
 }
 
-/// The three consent properties: (name, HubSpot type, how to create it in the UI).
-fn expected(cfg: &Config) -> [(&str, &'static str, &'static str); 3] {
-    [
+/// The consent properties, and the marketing property when one is configured: (name,
+/// HubSpot type, how to create it in the UI).
+fn expected(cfg: &Config) -> Vec<(&str, &'static str, &'static str)> {
+    let mut out = vec![
         (
             cfg.consent_property.as_str(),
             "enumeration",
@@ -54,7 +56,9 @@ fn expected(cfg: &Config) -> [(&str, &'static str, &'static str); 3] {
             "a date picker with time",
         ),
         (cfg.source_property.as_str(), "string", "a single-line text"),
-    ]
+    ];
+    out.extend(cfg.marketing().map(|m| (m, "enumeration", "a dropdown select")));
+    out
 }
 
 /// How to fix a property HubSpot lacks or refuses a value for.

@@ -1,4 +1,5 @@
-//! Creating the three consent properties (`create_properties = true`) through
+//! Creating the three consent properties, and the marketing property when one is configured
+//! (`create_properties = true`), through
 //! `POST /crm/v3/properties/contacts`, in the `contactinformation` group.
 //!
 //! HubSpot answers 409 for a property that exists already, which is the normal case on
@@ -17,12 +18,17 @@ use crate::limit::Kind;
 const PROPERTIES_PATH: &str = "/crm/v3/properties/contacts";
 
 impl HubSpot {
-    /// Creates the consent, change-time and source properties that do not exist yet.
+    /// Creates the consent, change-time and source properties (and the marketing property,
+    /// when configured) that do not exist yet.
     /// Returns one line per property saying what was done. Needs the
     /// `crm.schemas.contacts.write` scope (`Forbidden` names it otherwise).
     pub async fn ensure_properties(&self) -> Result<Vec<String>, ConnectorError> {
         let cfg = &self.config;
-        let definitions = [
+        let options = json!([
+            { "label": "Opted out", "value": cfg.opted_out_value, "displayOrder": 0, "hidden": false },
+            { "label": "Opted in", "value": cfg.opted_in_value, "displayOrder": 1, "hidden": false },
+        ]);
+        let mut definitions = vec![
             json!({
                 "name": cfg.consent_property,
                 "label": "WhatsApp consent",
@@ -32,10 +38,7 @@ impl HubSpot {
                 "fieldType": "select",
                 // HubSpot's `OptionInput` requires `hidden` (and `label`, `value`,
                 // `displayOrder`) on every option.
-                "options": [
-                    { "label": "Opted out", "value": cfg.opted_out_value, "displayOrder": 0, "hidden": false },
-                    { "label": "Opted in", "value": cfg.opted_in_value, "displayOrder": 1, "hidden": false },
-                ],
+                "options": options,
             }),
             json!({
                 "name": cfg.changed_at_property,
@@ -54,6 +57,17 @@ impl HubSpot {
                 "fieldType": "text",
             }),
         ];
+        definitions.extend(cfg.marketing().map(|name| {
+            json!({
+                "name": name,
+                "label": "WhatsApp marketing consent",
+                "description": "Set by optout-sync: whether this contact may be sent marketing messages on WhatsApp.",
+                "groupName": "contactinformation",
+                "type": "enumeration",
+                "fieldType": "select",
+                "options": options,
+            })
+        }));
         let mut report = Vec::new();
         for def in &definitions {
             let name = def["name"].as_str().unwrap_or_default();

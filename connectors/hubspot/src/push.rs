@@ -1,8 +1,10 @@
 //! Writing consent values through `POST /crm/v3/objects/contacts/batch/update`.
 //!
-//! Each item becomes one input setting the three consent properties. HubSpot refuses a
-//! batch that names one contact twice, so items for the same contact are merged into one
-//! input (an opt-out wins over an opt-in, then the later change) and share its outcome.
+//! Each item becomes one input: an item of scope `all` sets the three consent properties,
+//! one of scope `marketing` sets the marketing property (`marketing_property`) alone.
+//! HubSpot refuses a batch that names one contact twice, so items for the same contact are
+//! merged into one input carrying both fields' properties (within one field an opt-out wins
+//! over an opt-in, then the later change), and share its outcome.
 //!
 //! Answers:
 //! - 200: every input is done.
@@ -25,7 +27,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use optout_core::{ConnectorError, PushItem, PushOutcome, Status};
+use optout_core::{ConnectorError, PushItem, PushOutcome, Scope, Status};
 use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::json;
@@ -36,10 +38,34 @@ use crate::limit::Kind;
 
 const UPDATE_PATH: &str = "/crm/v3/objects/contacts/batch/update";
 
-/// One contact's write, possibly standing for several items.
+/// One contact's write, possibly standing for several items: at most one per field.
 struct Input<'a> {
     id: &'a str,
-    item: &'a PushItem,
+    /// The consent field's value (an item of scope `all`).
+    item: Option<&'a PushItem>,
+    /// The marketing field's value (an item of scope `marketing`).
+    marketing: Option<&'a PushItem>,
+}
+
+impl<'a> Input<'a> {
+    fn new(id: &'a str) -> Self {
+        Input {
+            id,
+            item: None,
+            marketing: None,
+        }
+    }
+
+    /// Takes `item` into its field's slot unless the slot holds a preferred one.
+    fn absorb(&mut self, item: &'a PushItem) {
+        let slot = match item.scope {
+            Scope::Marketing => &mut self.marketing,
+            Scope::All => &mut self.item,
+        };
+        if slot.is_none_or(|held| preferred(item, held)) {
+            *slot = Some(item);
+        }
+    }
 }
 
 /// How HubSpot answered one batch request.
@@ -90,19 +116,12 @@ impl HubSpot {
             .iter()
             .map(|item| {
                 let id = item.record.as_str();
-                match index.get(id) {
-                    Some(&i) => {
-                        if preferred(item, inputs[i].item) {
-                            inputs[i].item = item;
-                        }
-                        i
-                    }
-                    None => {
-                        index.insert(id, inputs.len());
-                        inputs.push(Input { id, item });
-                        inputs.len() - 1
-                    }
-                }
+                let i = *index.entry(id).or_insert_with(|| {
+                    inputs.push(Input::new(id));
+                    inputs.len() - 1
+                });
+                inputs[i].absorb(item);
+                i
             })
             .collect();
 
@@ -160,14 +179,7 @@ impl HubSpot {
         let body = json!({
             "inputs": inputs.iter().map(|i| json!({
                 "id": i.id,
-                "properties": {
-                    cfg.consent_property.as_str(): match i.item.status {
-                        Status::OptedOut => cfg.opted_out_value.as_str(),
-                        Status::OptedIn => cfg.opted_in_value.as_str(),
-                    },
-                    cfg.changed_at_property.as_str(): i.item.changed_at.to_rfc3339(),
-                    cfg.source_property.as_str(): i.item.source,
-                },
+                "properties": properties(cfg, i),
             })).collect::<Vec<_>>(),
         });
         let resp = self.client.post(Kind::Other, UPDATE_PATH, &body).await?;
@@ -191,6 +203,29 @@ impl HubSpot {
             _ => Err(resp.into_error()),
         }
     }
+}
+
+/// The properties one input sets: the three consent properties for its `all` item, the
+/// marketing property for its `marketing` item (to the same option values).
+fn properties(cfg: &crate::config::Config, input: &Input<'_>) -> serde_json::Value {
+    let value = |s: Status| match s {
+        Status::OptedOut => cfg.opted_out_value.as_str(),
+        Status::OptedIn => cfg.opted_in_value.as_str(),
+    };
+    let mut props = serde_json::Map::new();
+    if let Some(item) = input.item {
+        props.insert(cfg.consent_property.clone(), json!(value(item.status)));
+        props.insert(
+            cfg.changed_at_property.clone(),
+            json!(item.changed_at.to_rfc3339()),
+        );
+        props.insert(cfg.source_property.clone(), json!(item.source));
+    }
+    // A marketing item reaches a connector only when the property is configured.
+    if let (Some(item), Some(name)) = (input.marketing, cfg.marketing()) {
+        props.insert(name.to_string(), json!(value(item.status)));
+    }
+    serde_json::Value::Object(props)
 }
 
 /// Whether `a` should be written rather than `b` for the same contact: an opt-out wins,
@@ -306,6 +341,35 @@ mod tests {
     }
 
     #[test]
+    fn both_fields_of_one_contact_share_one_input() {
+        let cfg = crate::config::Config {
+            marketing_property: Some("whatsapp_marketing_consent".into()),
+            ..Default::default()
+        };
+        let all = item("1", Status::OptedIn, 5);
+        let mut marketing = item("1", Status::OptedOut, 3);
+        marketing.scope = Scope::Marketing;
+        let mut later_in = marketing.clone();
+        later_in.status = Status::OptedIn;
+        later_in.changed_at = Timestamp(9);
+        let mut input = Input::new("1");
+        for i in [&marketing, &all, &later_in] {
+            input.absorb(i);
+        }
+        assert_eq!(
+            properties(&cfg, &input),
+            serde_json::json!({"whatsapp_consent": "opted_in", "whatsapp_marketing_consent": "opted_out",
+                "whatsapp_consent_changed_at": "1970-01-01T00:00:00.005Z", "whatsapp_consent_source": "test"})
+        );
+        let mut only_marketing = Input::new("1");
+        only_marketing.absorb(&later_in);
+        assert_eq!(
+            properties(&cfg, &only_marketing),
+            serde_json::json!({"whatsapp_marketing_consent": "opted_in"})
+        );
+    }
+
+    #[test]
     fn maps_207_errors_per_id() {
         let items = [
             item("1", Status::OptedOut, 1),
@@ -317,7 +381,8 @@ mod tests {
             .iter()
             .map(|i| Input {
                 id: &i.record,
-                item: i,
+                item: Some(i),
+                marketing: None,
             })
             .collect();
         let resp: BatchResponse = serde_json::from_str(r#"{"status":"COMPLETE","results":[{"id":"1","properties":{}}],"numErrors":2,"errors":[

@@ -8,6 +8,7 @@
 //! [[objects]]
 //! name = "Contact"
 //! consent_field = "WhatsApp_Opt_Out__c"
+//! marketing_field = "WhatsApp_Marketing_Opt_Out__c"   # optional: the marketing decision
 //! ```
 
 use std::time::Duration;
@@ -19,6 +20,9 @@ use serde::Deserialize;
 pub const DEFAULT_JWT_LOGIN_URL: &str = "https://login.salesforce.com";
 pub const DEFAULT_CONSENT_FIELD: &str = "WhatsApp_Opt_Out__c";
 pub const DEFAULT_CHANGED_AT_FIELD: &str = "WhatsApp_Consent_Changed_At__c";
+/// The marketing-consent checkbox's name in the README's examples (not a default: the field
+/// is off unless an object names it).
+pub const EXAMPLE_MARKETING_FIELD: &str = "WhatsApp_Marketing_Opt_Out__c";
 /// sObject Collections take at most 200 records per request.
 pub const MAX_BATCH: usize = 200;
 /// The name of the standard object that carries messaging consent per address and channel.
@@ -100,6 +104,10 @@ pub struct ObjectConfig {
     /// A text field that receives where the deciding observation came from.
     #[serde(default)]
     pub source_field: Option<String>,
+    /// A checkbox holding the `marketing` decision: true = opted out of marketing messages
+    /// (set too when the customer opted out of every message). Unset or `""`: none.
+    #[serde(default)]
+    pub marketing_field: Option<String>,
     #[serde(default = "default_phone_fields")]
     pub phone_fields: Vec<String>,
 }
@@ -112,6 +120,7 @@ impl ObjectConfig {
             consent_field: default_consent_field(),
             changed_at_field: default_changed_at_field(),
             source_field: None,
+            marketing_field: None,
             phone_fields: default_phone_fields(),
         }
     }
@@ -123,6 +132,11 @@ impl ObjectConfig {
 
     pub fn source(&self) -> Option<&str> {
         self.source_field.as_deref().filter(|f| !f.is_empty())
+    }
+
+    /// The marketing-consent checkbox, if one is configured (an empty name disables it).
+    pub fn marketing(&self) -> Option<&str> {
+        self.marketing_field.as_deref().filter(|f| !f.is_empty())
     }
 
     /// Semantic problems of the `index`th object, given the objects listed before it.
@@ -149,6 +163,18 @@ impl ObjectConfig {
         let mut fields = vec![("consent_field", self.consent_field.as_str())];
         fields.extend(self.changed_at().map(|f| ("changed_at_field", f)));
         fields.extend(self.source().map(|f| ("source_field", f)));
+        if let Some(m) = self.marketing() {
+            let clash = (fields.iter().map(|(_, f)| *f))
+                .chain(self.phone_fields.iter().map(String::as_str))
+                .find(|f| f.eq_ignore_ascii_case(m));
+            if clash.is_some() {
+                bad(
+                    &key("marketing_field"),
+                    format!("{m:?} is also another field of this object: the marketing field must be a checkbox of its own"),
+                );
+            }
+            fields.push(("marketing_field", m));
+        }
         for (k, f) in fields {
             if !is_identifier(f) {
                 bad(&key(k), format!("{f:?} is not a field API name"));
@@ -482,6 +508,33 @@ mod tests {
         assert_eq!(c.overlap, Duration::from_secs(120));
         assert!(c.validate().is_empty(), "{:?}", c.validate());
         assert_eq!(c.secrets()[0].0, "auth.private_key");
+    }
+
+    #[test]
+    fn marketing_field_is_optional_per_object_and_checked() {
+        let c = parse(
+            r#"
+            login_url = "https://acme.my.salesforce.com"
+            auth = { flow = "client_credentials", client_id = "c", client_secret = { env = "S" } }
+            [[objects]]
+            name = "Contact"
+            marketing_field = "WhatsApp_Marketing_Opt_Out__c"
+            [[objects]]
+            name = "Lead"
+            marketing_field = ""
+            "#,
+        )
+        .unwrap();
+        assert!(c.validate().is_empty(), "{:?}", c.validate());
+        assert_eq!(c.objects[0].marketing(), Some(EXAMPLE_MARKETING_FIELD));
+        assert_eq!(c.objects[1].marketing(), None);
+        assert_eq!(ObjectConfig::named("Contact").marketing(), None);
+        for bad in ["whatsapp_opt_out__c", "Phone", "Bad Name"] {
+            let mut c = c.clone();
+            c.objects[0].marketing_field = Some(bad.into());
+            let keys: Vec<String> = c.validate().into_iter().map(|(k, _)| k).collect();
+            assert_eq!(keys, ["objects[0].marketing_field"], "{bad:?}");
+        }
     }
 
     #[test]

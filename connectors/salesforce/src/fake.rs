@@ -7,7 +7,9 @@
 //! evaluation (`fake::soql`), `nextRecordsUrl` paging with query locators honouring
 //! `Sforce-Query-Options: batchSize`, sObject Collections updates with per-record errors
 //! (and a request-level 400 `INVALID_FIELD` when a record names a field its object lacks),
-//! `sobjects/{Object}/describe` (fields with `updateable`),
+//! `sobjects/{Object}/describe` (fields with `updateable`). Contacts and Leads carry the
+//! consent checkbox, its change-time and source fields, and a marketing-consent checkbox
+//! `WhatsApp_Marketing_Opt_Out__c` (`remove_field` models an org without one);
 //! `Sforce-Limit-Info` on every data response and 403 `REQUEST_LIMIT_EXCEEDED` once the daily
 //! allocation is used, plus injected faults (5xx, slow answers, dropped connections, malformed
 //! JSON, row locks) and request counters per endpoint.
@@ -179,6 +181,8 @@ fn schema(object: &str) -> Option<(&'static str, Vec<FieldDef>)> {
             f("WhatsApp_Opt_Out__c", Kind::Bool, true),
             f("WhatsApp_Consent_Changed_At__c", Kind::DateTime, true),
             f("WhatsApp_Consent_Source__c", Kind::Text, true),
+            // The marketing-consent checkbox an org may add (`marketing_field`).
+            f("WhatsApp_Marketing_Opt_Out__c", Kind::Bool, true),
         ];
         v.extend_from_slice(extra);
         system(&mut v);

@@ -5,7 +5,7 @@
 //! - the session's lifetime cannot be known: Salesforce states no expiry for these tokens
 //!   (the org's session timeout applies), so that is reported as unchecked;
 //! - every configured object through `GET /services/data/vXX.X/sobjects/{Object}/describe`:
-//!   the object is visible, the fields written (consent, change time, source) exist and
+//!   the object is visible, the fields written (consent, change time, source, marketing) exist and
 //!   are `updateable` by the user, the phone fields exist; with `messaging_end_user`, the
 //!   same for `MessagingEndUser` (`MessagingConsentStatus` editable, `MessagingPlatformKey`
 //!   and `MessageType` readable).
@@ -134,6 +134,7 @@ fn needed_fields(source: &Source) -> Vec<(&str, bool)> {
             let mut v = vec![(o.consent_field.as_str(), true)];
             v.extend(o.changed_at().map(|f| (f, true)));
             v.extend(o.source().map(|f| (f, true)));
+            v.extend(o.marketing().map(|f| (f, true)));
             v.extend(o.phone_fields.iter().map(|f| (f.as_str(), false)));
             v
         }

@@ -1,9 +1,13 @@
 //! Writing desired values through sObject Collections (`PATCH /composite/sobjects`,
 //! `allOrNone: false`), up to `batch_size` records per request, with one outcome per item.
 //!
-//! Items naming the same record are written once: equal values share the outcome; when they
-//! disagree the opt-out is written (the product leans to opt-out) and the other item is
-//! rejected with the reason. Records are grouped by type inside a request because Salesforce
+//! Items naming the same record are written once: an item of scope `all` sets the consent
+//! field (with its change time and source), one of scope `marketing` the object's
+//! `marketing_field`, both in the same record entry. Within one field, equal values share
+//! the outcome; when they disagree the opt-out is written (the product leans to opt-out)
+//! and the other item is rejected with the reason. A marketing item for an object without a
+//! marketing field (another object of the same connector, or `MessagingEndUser`) has
+//! nothing to write and is done at once. Records are grouped by type inside a request because Salesforce
 //! processes a mixed request in chunks of consecutive same-type records and allows only ten.
 //!
 //! A request Salesforce refuses as a whole because a record names a field its object lacks
@@ -16,7 +20,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use optout_core::{ConnectorError, PushItem, PushOutcome, Status};
+use optout_core::{ConnectorError, PushItem, PushOutcome, Scope, Status};
 use reqwest::Method;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -66,28 +70,59 @@ struct SaveError {
 pub(crate) struct Write<'a> {
     pub(crate) source: &'a Source,
     id: &'a str,
-    item: &'a PushItem,
-    items: Vec<usize>,
+    /// Per field (the consent field, the marketing field): the item written and the items
+    /// its outcome answers.
+    fields: [Option<(&'a PushItem, Vec<usize>)>; 2],
 }
 
 impl<'a> Write<'a> {
-    /// Adds item `i`, which names the same record. Equal values share the write (the later
-    /// change is written); when they disagree the opt-out is written. Returns the value
-    /// written and the items that lost, if any.
+    fn new(source: &'a Source, id: &'a str) -> Self {
+        Write {
+            source,
+            id,
+            fields: [None, None],
+        }
+    }
+
+    /// The item written to the field of `scope`, if any.
+    fn item(&self, scope: Scope) -> Option<&'a PushItem> {
+        self.fields[scope as usize].as_ref().map(|(item, _)| *item)
+    }
+
+    /// The record, for logs.
+    fn record(&self) -> &str {
+        (self.fields.iter().flatten())
+            .map(|(item, _)| item.record.as_str())
+            .next()
+            .unwrap_or(self.id)
+    }
+
+    /// Every item the write answers.
+    fn items(&self) -> impl Iterator<Item = usize> + '_ {
+        (self.fields.iter().flatten()).flat_map(|(_, items)| items.iter().copied())
+    }
+
+    /// Adds item `i`, which names the same record. Within its field, equal values share
+    /// the write (the later change is written); when they disagree the opt-out is written.
+    /// Returns the value written and the items that lost, if any.
     fn absorb(&mut self, i: usize, item: &'a PushItem) -> Option<(Status, Vec<usize>)> {
-        if self.item.status == item.status {
-            if item.changed_at > self.item.changed_at {
-                self.item = item;
+        let Some((held, items)) = &mut self.fields[item.scope as usize] else {
+            self.fields[item.scope as usize] = Some((item, vec![i]));
+            return None;
+        };
+        if held.status == item.status {
+            if item.changed_at > held.changed_at {
+                *held = item;
             }
-            self.items.push(i);
+            items.push(i);
             return None;
         }
         if item.status == Status::OptedOut {
-            let old = std::mem::replace(&mut self.items, vec![i]);
-            self.item = item;
+            let old = std::mem::replace(items, vec![i]);
+            *held = item;
             Some((item.status, old))
         } else {
-            Some((self.item.status, vec![i]))
+            Some((held.status, vec![i]))
         }
     }
 }
@@ -113,9 +148,9 @@ impl SalesforceConnector {
         for chunk in writes.chunks(self.config.batch_size) {
             for (w, outcome) in self.write_chunk(chunk).await? {
                 if !matches!(outcome, PushOutcome::Done) {
-                    tracing::info!(connector = %self.name, record = %w.item.record, ?outcome, "record not written");
+                    tracing::info!(connector = %self.name, record = %w.record(), ?outcome, "record not written");
                 }
-                for &i in &w.items {
+                for i in w.items() {
                     outcomes[i] = Some(outcome.clone());
                 }
             }
@@ -142,16 +177,14 @@ impl SalesforceConnector {
                     continue;
                 }
             };
-            let Some(&w) = by_record.get(&(source.name(), id)) else {
-                by_record.insert((source.name(), id), plan.writes.len());
-                plan.writes.push(Write {
-                    source,
-                    id,
-                    item,
-                    items: vec![i],
-                });
+            if item.scope == Scope::Marketing && !source.has_marketing() {
+                plan.outcomes[i] = Some(PushOutcome::Done);
                 continue;
-            };
+            }
+            let w = *by_record.entry((source.name(), id)).or_insert_with(|| {
+                plan.writes.push(Write::new(source, id));
+                plan.writes.len() - 1
+            });
             // Opt-out wins; the loser is answered now.
             if let Some((winner, losers)) = plan.writes[w].absorb(i, item) {
                 for l in losers {
@@ -235,7 +268,11 @@ impl SalesforceConnector {
             "/services/data/{}/composite/sobjects",
             self.config.api_version
         );
-        let records: Vec<Value> = chunk.iter().map(|w| w.source.write(w.id, w.item)).collect();
+        let records: Vec<Value> = (chunk.iter())
+            .map(|w| {
+                (w.source).write(w.id, w.item(Scope::All), w.item(Scope::Marketing))
+            })
+            .collect();
         let body = json!({ "allOrNone": false, "records": records });
         let resp = self
             .client

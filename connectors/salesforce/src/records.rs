@@ -2,7 +2,7 @@
 //! record becomes a [`RecordSnapshot`], and which fields a push writes.
 //!
 //! Two shapes exist: a configured object with a checkbox consent field (Contact, Lead, any
-//! custom object), and the standard `MessagingEndUser`, whose WhatsApp rows carry the phone in
+//! custom object) and, when configured, a checkbox marketing field beside it, and the standard `MessagingEndUser`, whose WhatsApp rows carry the phone in
 //! `MessagingPlatformKey` and consent in the `MessagingConsentStatus` picklist.
 
 use optout_core::{PushItem, RecordSnapshot, Status, Timestamp};
@@ -38,6 +38,7 @@ impl Source {
                 f.extend(o.phone_fields.iter().map(String::as_str));
                 f.push(&o.consent_field);
                 f.extend(o.changed_at());
+                f.extend(o.marketing());
             }
             Source::MessagingEndUser => {
                 f.extend(["MessagingPlatformKey", "MessagingConsentStatus"]);
@@ -78,12 +79,21 @@ impl Source {
         };
         let snap = match self {
             Source::Object(o) => {
-                let raw = field(rec, &o.consent_field).cloned().unwrap_or(Value::Null);
-                let value = match &raw {
-                    Value::Bool(true) => Some(Status::OptedOut),
-                    Value::Bool(false) => Some(Status::OptedIn),
-                    _ => None,
+                let checkbox = |name: &str| {
+                    let raw = field(rec, name).cloned().unwrap_or(Value::Null);
+                    let value = match &raw {
+                        Value::Bool(true) => Some(Status::OptedOut),
+                        Value::Bool(false) => Some(Status::OptedIn),
+                        _ => None,
+                    };
+                    (value, format!("{name}={raw}"))
                 };
+                let (value, mut evidence) = checkbox(&o.consent_field);
+                let marketing = o.marketing().and_then(|m| {
+                    let (value, seen) = checkbox(m);
+                    evidence = format!("{evidence} {seen}");
+                    value
+                });
                 RecordSnapshot {
                     record: format!("{}/{id}", o.name),
                     phones: o
@@ -93,9 +103,10 @@ impl Source {
                         .map(str::to_string)
                         .collect(),
                     value,
+                    marketing,
                     changed_at: o.changed_at().and_then(text).and_then(Timestamp::parse),
                     modified_at,
-                    evidence: format!("{}={raw}", o.consent_field),
+                    evidence,
                 }
             }
             Source::MessagingEndUser => {
@@ -116,6 +127,7 @@ impl Source {
                     record: format!("{MESSAGING_END_USER}/{id}"),
                     phones,
                     value,
+                    marketing: None,
                     changed_at: None,
                     modified_at,
                     evidence: format!("MessagingConsentStatus={}", status.unwrap_or("")),
@@ -125,11 +137,25 @@ impl Source {
         Some((snap, modified_at, id))
     }
 
-    /// The sObject Collections entry that writes `item`'s value to record `id`.
-    pub fn write(&self, id: &str, item: &PushItem) -> Value {
+    /// Whether the object has a marketing field to write.
+    pub fn has_marketing(&self) -> bool {
+        matches!(self, Source::Object(o) if o.marketing().is_some())
+    }
+
+    /// The sObject Collections entry that writes to record `id` the consent field's value
+    /// (`item`, with its change time and source) and the marketing field's (`marketing`).
+    pub fn write(&self, id: &str, item: Option<&PushItem>, marketing: Option<&PushItem>) -> Value {
         let mut rec = Map::new();
         rec.insert("attributes".into(), json!({ "type": self.name() }));
         rec.insert("id".into(), json!(id));
+        if let (Some(m), Source::Object(o)) = (marketing, self)
+            && let Some(f) = o.marketing()
+        {
+            rec.insert(f.into(), json!(m.status == Status::OptedOut));
+        }
+        let Some(item) = item else {
+            return Value::Object(rec);
+        };
         match self {
             Source::Object(o) => {
                 rec.insert(
@@ -226,7 +252,7 @@ mod tests {
         assert_eq!(snap.changed_at, Timestamp::parse("2026-01-02T10:00:00Z"));
         assert_eq!(t, Timestamp::parse("2026-01-02T10:11:12Z").unwrap());
         assert_eq!(id, "003xx0000000001AAA");
-        let w = s.write("003xx0000000001AAA", &item(Status::OptedIn));
+        let w = s.write("003xx0000000001AAA", Some(&item(Status::OptedIn)), None);
         assert_eq!(
             w,
             json!({"attributes": {"type": "Contact"}, "id": "003xx0000000001AAA", "WhatsApp_Opt_Out__c": false,
@@ -254,12 +280,50 @@ mod tests {
         assert_eq!(snap.phones, ["+15550100001"]);
         assert_eq!(snap.record, "MessagingEndUser/0PAxx0000000001AAA");
         assert_eq!(
-            s.write("0PAxx0000000001AAA", &item(Status::OptedOut))["MessagingConsentStatus"],
+            s.write("0PAxx0000000001AAA", Some(&item(Status::OptedOut)), None)["MessagingConsentStatus"],
             "OptedOut"
         );
         assert_eq!(
-            s.write("0PAxx0000000001AAA", &item(Status::OptedIn))["MessagingConsentStatus"],
+            s.write("0PAxx0000000001AAA", Some(&item(Status::OptedIn)), None)["MessagingConsentStatus"],
             "ExplicitlyOptedIn"
+        );
+    }
+
+    #[test]
+    fn marketing_checkbox_read_and_written_beside_the_consent_field() {
+        let mut o = ObjectConfig::named("Contact");
+        o.marketing_field = Some("WhatsApp_Marketing_Opt_Out__c".into());
+        let s = Source::Object(o);
+        assert!(s.fields().contains(&"WhatsApp_Marketing_Opt_Out__c"));
+        let rec = json!({"Id": "003xx0000000001AAA", "SystemModstamp": "2026-01-02T10:11:12.000+0000",
+            "Phone": "+15550100001", "WhatsApp_Opt_Out__c": false, "whatsapp_marketing_opt_out__c": true});
+        let snap = s.snapshot(&rec).unwrap().0;
+        assert_eq!(
+            (snap.value, snap.marketing),
+            (Some(Status::OptedIn), Some(Status::OptedOut))
+        );
+        assert_eq!(
+            snap.evidence,
+            "WhatsApp_Opt_Out__c=false WhatsApp_Marketing_Opt_Out__c=true"
+        );
+        let mut m = item(Status::OptedOut);
+        m.scope = Scope::Marketing;
+        assert_eq!(
+            s.write("003xx0000000001AAA", None, Some(&m)),
+            json!({"attributes": {"type": "Contact"}, "id": "003xx0000000001AAA", "WhatsApp_Marketing_Opt_Out__c": true})
+        );
+        let both = s.write("003xx0000000001AAA", Some(&item(Status::OptedIn)), Some(&m));
+        assert_eq!(
+            (both["WhatsApp_Opt_Out__c"].clone(), both["WhatsApp_Marketing_Opt_Out__c"].clone()),
+            (json!(false), json!(true))
+        );
+        // Without a configured field nothing is read or written for marketing.
+        let plain = Source::Object(ObjectConfig::named("Contact"));
+        assert_eq!(plain.snapshot(&rec).unwrap().0.marketing, None);
+        assert!(!plain.has_marketing());
+        assert_eq!(
+            plain.write("003xx0000000001AAA", None, Some(&m)).as_object().unwrap().len(),
+            2
         );
     }
 

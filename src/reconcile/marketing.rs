@@ -1,0 +1,188 @@
+//! The marketing-consent field a CRM record may carry beside its consent field (HubSpot's
+//! `marketing_property`, Salesforce's `marketing_field`): it holds the `marketing`
+//! decision, and an `all` opt-out sets it too.
+//!
+//! It is kept exactly like the consent field, only apart from it: its own memory in the
+//! link (`LinkRecord::marketing`: last seen, last pushed, read-back), its own outbox key
+//! ([`outbox_key`]) so the two fields' pushes never replace each other, its own
+//! unverified entry, and its own judgement. An agent's edit of it is a `marketing`-scope
+//! fact; the value the daemon wrote is an echo. Only connectors whose settings declare the
+//! field (`Settings::marketing_field`) are pushed marketing items.
+
+use std::time::Duration;
+
+use optout_core::{Identity, PushItem, RecordSnapshot, Scope, Timestamp};
+
+use super::{PageTx, subject_name};
+use crate::policy::{self, Judgement, RecordMemory};
+use crate::store::{LinkRecord, Txn, TxResult};
+
+/// The outbox (and unverified) key of a record's marketing field: distinct from the
+/// record's own key, so a pending consent push and a pending marketing push coexist.
+pub fn outbox_key(record: &str) -> String {
+    format!("{record}#marketing")
+}
+
+/// Records a done marketing push in the link, as a done consent push is recorded.
+pub(super) fn pushed(
+    tx: &Txn<'_>,
+    connector: &str,
+    link: &mut LinkRecord,
+    item: &PushItem,
+    now: Timestamp,
+) -> TxResult<()> {
+    link.marketing.memory.last_pushed = Some((item.status, item.changed_at));
+    link.marketing.pushed_at = Some(now);
+    link.marketing.awaiting_readback = true;
+    tx.set_unverified(connector, &outbox_key(&item.record), Some(now))
+}
+
+impl PageTx<'_, '_, '_> {
+    /// Whether this page's connector keeps a marketing field on its records.
+    fn has_marketing_field(&self, connector: &str) -> bool {
+        self.engine.marketing_fields.contains(connector)
+    }
+
+    /// Judges a read record's marketing field for its subjects `ids`, and settles a
+    /// marketing push of ours the read reflects. `link` is written back by the caller.
+    pub(super) fn marketing_record(
+        &mut self,
+        snap: &RecordSnapshot,
+        ids: &[u64],
+        link: &mut LinkRecord,
+        known: bool,
+    ) -> TxResult<()> {
+        if !self.has_marketing_field(self.connector) {
+            return Ok(());
+        }
+        let pending = (self.tx)
+            .outbox(self.connector, &outbox_key(&snap.record))?
+            .map(|e| e.item.status);
+        let memory = (known || pending.is_some()).then_some(RecordMemory {
+            pending,
+            ..link.marketing.memory
+        });
+        // The field has no change-time companion: the record's modification time dates an
+        // edit of it.
+        let view = RecordSnapshot {
+            value: snap.marketing,
+            changed_at: None,
+            ..snap.clone()
+        };
+        let judgement = policy::judge_record(
+            memory.as_ref(),
+            &view,
+            self.connector,
+            self.now,
+            &self.engine.policy,
+        );
+        match as_marketing(judgement) {
+            Judgement::Fact(fact) => {
+                let aliases: Vec<_> = (link.phones.iter())
+                    .map(|p| crate::identity::Alias::from_stored(format!("p:{p}")))
+                    .collect();
+                self.reach_variants(&aliases, ids, &fact)?;
+                self.apply_record_judgement(Judgement::Fact(fact), &view, ids)?;
+            }
+            // Not an act, and already counted for the consent field's read.
+            Judgement::InitialOptIn | Judgement::Unchanged | Judgement::NoConsentValue => {}
+            other => self.apply_record_judgement(other, &view, ids)?,
+        }
+        self.settle_marketing_readback(snap, link)?;
+        link.marketing.memory.last_seen = snap.marketing;
+        Ok(())
+    }
+
+    /// Verification of a marketing push, as `settle_readback` does for the consent field.
+    fn settle_marketing_readback(
+        &mut self,
+        snap: &RecordSnapshot,
+        link: &mut LinkRecord,
+    ) -> TxResult<()> {
+        let m = &mut link.marketing;
+        let after_push = m
+            .pushed_at
+            .is_none_or(|p| snap.modified_at >= p.minus(Duration::from_secs(1)));
+        if !(m.awaiting_readback && after_push) {
+            return Ok(());
+        }
+        if snap.marketing == m.memory.last_pushed.map(|(s, _)| s)
+            && let Some(p) = m.pushed_at
+        {
+            (self.report.verified).push((
+                self.connector.to_string(),
+                snap.record.clone(),
+                self.now.since(p),
+            ));
+        }
+        m.awaiting_readback = false;
+        (self.tx).set_unverified(self.connector, &outbox_key(&snap.record), None)
+    }
+
+    /// Enqueues a marketing push if the record's known marketing value differs from what
+    /// its subjects' decisions require.
+    pub(super) fn marketing_push(&mut self, connector: &str, record: &str) -> TxResult<()> {
+        if !self.has_marketing_field(connector) {
+            return Ok(());
+        }
+        let Some(link) = self.tx.link(connector, record)? else {
+            return Ok(());
+        };
+        let mut consents = Vec::new();
+        for &id in &link.subjects {
+            if let Some(s) = self.load(id)? {
+                consents.push(s.consent.clone());
+            }
+        }
+        let Some(fact) = policy::desired_marketing_value(consents.iter(), self.margin()) else {
+            return Ok(());
+        };
+        let key = outbox_key(record);
+        let pending = self.tx.outbox(connector, &key)?;
+        if pending.as_ref().is_some_and(|p| p.item.status == fact.status) {
+            return Ok(());
+        }
+        let m = &link.marketing;
+        let last_pushed = m.memory.last_pushed.map(|(s, _)| s);
+        // A record that shows no value after we wrote this one (an object without the
+        // field) would only be written again and again.
+        let settled = m.memory.last_seen == Some(fact.status)
+            || (last_pushed == Some(fact.status)
+                && (m.awaiting_readback || m.memory.last_seen.is_none()));
+        if pending.is_none() && settled {
+            return Ok(());
+        }
+        let item = PushItem {
+            key,
+            record: record.to_string(),
+            status: fact.status,
+            scope: Scope::Marketing,
+            changed_at: fact.at,
+            source: fact.origin(),
+            subject: (link.subjects.iter())
+                .map(|&i| subject_name(i))
+                .collect::<Vec<_>>()
+                .join(","),
+            identities: (link.phones.iter())
+                .map(|p| Identity::Phone(p.clone()))
+                .collect(),
+            reply: None,
+        };
+        self.enqueue(connector, item)
+    }
+}
+
+/// A judgement of the marketing field: its facts are of scope `marketing`, whatever scope
+/// the consent field's reads are configured to.
+fn as_marketing(j: Judgement) -> Judgement {
+    let scoped = |mut f: policy::Fact| {
+        f.scope = Scope::Marketing;
+        f
+    };
+    match j {
+        Judgement::Fact(f) => Judgement::Fact(scoped(f)),
+        Judgement::NotAccepted(f, why) => Judgement::NotAccepted(scoped(f), why),
+        Judgement::Refused(f, why) => Judgement::Refused(scoped(f), why),
+        other => other,
+    }
+}
