@@ -15,7 +15,7 @@ use optout_core::{Identity, PushItem, RecordSnapshot, Scope, Timestamp};
 
 use super::{PageTx, subject_name};
 use crate::policy::{self, Judgement, RecordMemory};
-use crate::store::{LinkRecord, Txn, TxResult};
+use crate::store::{LinkRecord, TxResult, Txn};
 
 /// The outbox (and unverified) key of a record's marketing field: distinct from the
 /// record's own key, so a pending consent push and a pending marketing push coexist.
@@ -139,7 +139,10 @@ impl PageTx<'_, '_, '_> {
         };
         let key = outbox_key(record);
         let pending = self.tx.outbox(connector, &key)?;
-        if pending.as_ref().is_some_and(|p| p.item.status == fact.status) {
+        if pending
+            .as_ref()
+            .is_some_and(|p| p.item.status == fact.status)
+        {
             return Ok(());
         }
         let m = &link.marketing;
@@ -184,5 +187,207 @@ fn as_marketing(j: Judgement) -> Judgement {
         Judgement::NotAccepted(f, why) => Judgement::NotAccepted(scoped(f), why),
         Judgement::Refused(f, why) => Judgement::Refused(scoped(f), why),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use optout_core::{ConsentEvent, Observation, PushOutcome, Signal, Status, Takes, Timestamp};
+
+    use super::*;
+    use crate::identity::Normalizer;
+    use crate::policy::{Decision, PolicyConfig};
+    use crate::reconcile::Engine;
+    use crate::store::Store;
+
+    const HUBSPOT: &str = "hubspot";
+    const SALESFORCE: &str = "salesforce";
+    const WHATSAPP: &str = "whatsapp";
+
+    /// HubSpot keeps a marketing field, Salesforce does not.
+    fn engine(dir: &std::path::Path) -> Engine {
+        let targets = BTreeMap::from([
+            (HUBSPOT.to_string(), Takes::Records),
+            (SALESFORCE.to_string(), Takes::Records),
+            (WHATSAPP.to_string(), Takes::Nothing),
+        ]);
+        Engine::new(
+            Store::open(dir).unwrap(),
+            PolicyConfig::default(),
+            Normalizer::new(Normalizer::parse_region("US").unwrap()),
+            targets,
+        )
+        .with_marketing_fields(BTreeSet::from([HUBSPOT.to_string()]))
+    }
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_secs(1_700_000_000 + s)
+    }
+
+    fn event(id: &str, status: Status, signal: Signal, at: i64) -> Observation {
+        Observation::Event(ConsentEvent {
+            identities: vec![optout_core::Identity::WaId("14155552671".into())],
+            status: Some(status),
+            signal,
+            at: t(at),
+            inbound: signal == Signal::Keyword,
+            message_id: Some(id.into()),
+            evidence: signal.as_str().into(),
+            language: None,
+        })
+    }
+
+    fn contact(id: &str, value: Option<Status>, marketing: Option<Status>, at: i64) -> Observation {
+        Observation::Record(RecordSnapshot {
+            record: id.into(),
+            phones: vec!["+1 415 555 2671".into()],
+            value,
+            marketing,
+            changed_at: None,
+            modified_at: t(at),
+            evidence: format!("consent={value:?} marketing={marketing:?}"),
+        })
+    }
+
+    fn pending(e: &Engine, c: &str) -> Vec<(String, Scope, Status)> {
+        (e.store().due_pushes(c, Timestamp(i64::MAX), 100).unwrap())
+            .into_iter()
+            .map(|(k, en)| (k, en.item.scope, en.item.status))
+            .collect()
+    }
+
+    fn all_done(e: &Engine, c: &str, now: Timestamp) {
+        let results: Vec<_> = (e.store().due_pushes(c, Timestamp(i64::MAX), 100).unwrap())
+            .into_iter()
+            .map(|(k, en)| (k, en.version, PushOutcome::Done))
+            .collect();
+        e.complete_pushes(c, &results, Duration::from_secs(1), now)
+            .unwrap();
+    }
+
+    fn decisions(e: &Engine) -> [(Scope, Decision); 2] {
+        let s = (e.store().subject_by_alias("p:+14155552671").unwrap()).unwrap();
+        s.consent.decisions(Duration::from_secs(5))
+    }
+
+    #[test]
+    fn a_marketing_stop_sets_the_marketing_field_only_and_its_echo_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        e.apply_page(HUBSPOT, &[contact("101", None, None, 1)], None, t(2))
+            .unwrap();
+        e.apply_page(
+            SALESFORCE,
+            &[contact("Contact/003A", None, None, 1)],
+            None,
+            t(2),
+        )
+        .unwrap();
+        let stop = event("wamid.1", Status::OptedOut, Signal::MarketingPreference, 10);
+        e.apply_page(WHATSAPP, &[stop], None, t(11)).unwrap();
+        assert_eq!(
+            pending(&e, HUBSPOT),
+            [("101#marketing".into(), Scope::Marketing, Status::OptedOut)]
+        );
+        assert!(
+            pending(&e, SALESFORCE).is_empty(),
+            "no marketing field there"
+        );
+        all_done(&e, HUBSPOT, t(12));
+        assert_eq!(e.store().unverified().count(), 1);
+        let r = e
+            .apply_page(
+                HUBSPOT,
+                &[contact("101", None, Some(Status::OptedOut), 12)],
+                None,
+                t(13),
+            )
+            .unwrap();
+        assert_eq!(r.results.get("echo"), Some(&1), "{:?}", r.results);
+        assert!(r.decisions.is_empty());
+        assert_eq!(r.verified.len(), 1);
+        assert_eq!(e.store().unverified().count(), 0);
+        assert!(pending(&e, HUBSPOT).is_empty());
+        assert_eq!(decisions(&e)[0], (Scope::All, Decision::Unknown));
+    }
+
+    #[test]
+    fn an_agents_edit_of_the_marketing_field_is_a_marketing_fact() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let first = contact("101", Some(Status::OptedIn), Some(Status::OptedIn), 1);
+        let r = e.apply_page(HUBSPOT, &[first], None, t(2)).unwrap();
+        assert!(r.decisions.is_empty(), "a first opt-in is no act");
+        let edited = contact("101", Some(Status::OptedIn), Some(Status::OptedOut), 20);
+        let r = e.apply_page(HUBSPOT, &[edited], None, t(21)).unwrap();
+        assert_eq!(r.decisions.len(), 1);
+        assert_eq!(
+            (r.decisions[0].scope, r.decisions[0].to),
+            (Scope::Marketing, Decision::OptedOut)
+        );
+        assert_eq!(
+            decisions(&e),
+            [
+                (Scope::All, Decision::Unknown),
+                (Scope::Marketing, Decision::OptedOut)
+            ]
+        );
+        assert!(
+            pending(&e, HUBSPOT).is_empty(),
+            "the field holds the decision already; the consent field is left alone"
+        );
+    }
+
+    #[test]
+    fn stop_all_sets_both_fields_and_start_gives_marketing_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        e.apply_page(HUBSPOT, &[contact("101", None, None, 1)], None, t(2))
+            .unwrap();
+        let stop = event("wamid.1", Status::OptedOut, Signal::Keyword, 10);
+        e.apply_page(WHATSAPP, &[stop], None, t(11)).unwrap();
+        assert_eq!(
+            pending(&e, HUBSPOT),
+            [
+                ("101".into(), Scope::All, Status::OptedOut),
+                ("101#marketing".into(), Scope::Marketing, Status::OptedOut)
+            ]
+        );
+        all_done(&e, HUBSPOT, t(12));
+        let out = Some(Status::OptedOut);
+        e.apply_page(HUBSPOT, &[contact("101", out, out, 12)], None, t(13))
+            .unwrap();
+        let start = event("wamid.2", Status::OptedIn, Signal::Keyword, 100);
+        e.apply_page(WHATSAPP, &[start], None, t(101)).unwrap();
+        assert_eq!(
+            pending(&e, HUBSPOT),
+            [
+                ("101".into(), Scope::All, Status::OptedIn),
+                ("101#marketing".into(), Scope::Marketing, Status::OptedIn)
+            ]
+        );
+    }
+
+    #[test]
+    fn an_object_that_shows_no_marketing_value_is_not_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        e.apply_page(HUBSPOT, &[contact("101", None, None, 1)], None, t(2))
+            .unwrap();
+        let stop = event(
+            "wamid.1",
+            Status::OptedOut,
+            Signal::MarketingSendFailure,
+            10,
+        );
+        e.apply_page(WHATSAPP, &[stop], None, t(11)).unwrap();
+        all_done(&e, HUBSPOT, t(12));
+        for at in [12, 40] {
+            e.apply_page(HUBSPOT, &[contact("101", None, None, at)], None, t(at + 1))
+                .unwrap();
+            assert!(pending(&e, HUBSPOT).is_empty());
+        }
     }
 }

@@ -375,7 +375,12 @@ mod tests {
             c.search_properties()
                 .contains(&"whatsapp_marketing_consent".to_string())
         );
-        assert!(!Config::default().search_properties().iter().any(|p| p.contains("marketing")));
+        assert!(
+            !Config::default()
+                .search_properties()
+                .iter()
+                .any(|p| p.contains("marketing"))
+        );
         for bad in ["", "whatsapp_consent_source", "mobilephone"] {
             let c = Config {
                 marketing_property: Some(bad.into()),

@@ -57,7 +57,10 @@ fn expected(cfg: &Config) -> Vec<(&str, &'static str, &'static str)> {
         ),
         (cfg.source_property.as_str(), "string", "a single-line text"),
     ];
-    out.extend(cfg.marketing().map(|m| (m, "enumeration", "a dropdown select")));
+    out.extend(
+        cfg.marketing()
+            .map(|m| (m, "enumeration", "a dropdown select")),
+    );
     out
 }
 

@@ -170,7 +170,9 @@ impl ObjectConfig {
             if clash.is_some() {
                 bad(
                     &key("marketing_field"),
-                    format!("{m:?} is also another field of this object: the marketing field must be a checkbox of its own"),
+                    format!(
+                        "{m:?} is also another field of this object: the marketing field must be a checkbox of its own"
+                    ),
                 );
             }
             fields.push(("marketing_field", m));

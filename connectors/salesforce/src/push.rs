@@ -269,9 +269,7 @@ impl SalesforceConnector {
             self.config.api_version
         );
         let records: Vec<Value> = (chunk.iter())
-            .map(|w| {
-                (w.source).write(w.id, w.item(Scope::All), w.item(Scope::Marketing))
-            })
+            .map(|w| (w.source).write(w.id, w.item(Scope::All), w.item(Scope::Marketing)))
             .collect();
         let body = json!({ "allOrNone": false, "records": records });
         let resp = self

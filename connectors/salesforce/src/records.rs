@@ -314,7 +314,10 @@ mod tests {
         );
         let both = s.write("003xx0000000001AAA", Some(&item(Status::OptedIn)), Some(&m));
         assert_eq!(
-            (both["WhatsApp_Opt_Out__c"].clone(), both["WhatsApp_Marketing_Opt_Out__c"].clone()),
+            (
+                both["WhatsApp_Opt_Out__c"].clone(),
+                both["WhatsApp_Marketing_Opt_Out__c"].clone()
+            ),
             (json!(false), json!(true))
         );
         // Without a configured field nothing is read or written for marketing.
@@ -322,7 +325,11 @@ mod tests {
         assert_eq!(plain.snapshot(&rec).unwrap().0.marketing, None);
         assert!(!plain.has_marketing());
         assert_eq!(
-            plain.write("003xx0000000001AAA", None, Some(&m)).as_object().unwrap().len(),
+            plain
+                .write("003xx0000000001AAA", None, Some(&m))
+                .as_object()
+                .unwrap()
+                .len(),
             2
         );
     }

@@ -6,7 +6,10 @@
 //!   cursor round-trips: polling on from it reads what is new and nothing already read
 //!   ([`paging_terminates_and_the_cursor_round_trips`]);
 //! - pushing the same batch twice is harmless ([`pushing_twice_is_harmless`]);
-//! - a 429 becomes a wait, never a rejection ([`a_429_is_a_wait`]).
+//! - a 429 becomes a wait, never a rejection ([`a_429_is_a_wait`]);
+//! - for a CRM connector configured with a marketing-consent field, items of scope
+//!   `marketing` write that field and only it, also when they share a batch (and a record)
+//!   with items of scope `all` ([`marketing_items_write_their_own_field`]).
 //!
 //! A connector's test implements [`Harness`] (what only its fake knows: how to seed it,
 //! throttle it and read it back) and calls [`run`], or the checks one by one.
@@ -16,7 +19,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use super::{observation_key, poll_to_end};
-use crate::{Connector, ConnectorError, Cursor, PushItem, PushOutcome, Status};
+use crate::{Connector, ConnectorError, Cursor, PushItem, PushOutcome, Scope, Status};
 
 /// The `Retry-After` the throttled fake answers with.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -67,6 +70,15 @@ pub trait Harness {
     /// Every value the fake holds for `item`'s target: one for a record's consent field,
     /// one per distinct event or confirmation received.
     fn held(&self, item: &PushItem) -> Vec<Status>;
+
+    /// Whether the connector is configured with a marketing-consent field, which
+    /// [`Harness::held_marketing`] reads back.
+    const MARKETING: bool = false;
+
+    /// The value the fake holds in the marketing field of `item`'s record, if any.
+    fn held_marketing(&self, _item: &PushItem) -> Option<Status> {
+        None
+    }
 }
 
 /// Runs every check, each on a fresh harness from `harness` (checks change the fake).
@@ -75,6 +87,7 @@ pub async fn run<H: Harness, F: Future<Output = H>>(mut harness: impl FnMut() ->
     paging_terminates_and_the_cursor_round_trips(&harness().await).await;
     pushing_twice_is_harmless(&harness().await).await;
     a_429_is_a_wait(&harness().await).await;
+    marketing_items_write_their_own_field(&harness().await).await;
 }
 
 fn numbers(from: usize, n: usize) -> Vec<String> {
@@ -231,6 +244,44 @@ pub async fn a_429_is_a_wait<H: Harness>(h: &H) {
         Err(e) => panic!("the push after the wait failed: {e}"),
     }
     assert_held(h, &items, "after the wait");
+}
+
+/// Items of scope `marketing` beside items of scope `all` for the same records, in one
+/// batch: one `Done` each, both fields hold their own item's value; a marketing item alone
+/// leaves the consent field as it was; pushing the batch again is harmless.
+pub async fn marketing_items_write_their_own_field<H: Harness>(h: &H) {
+    if !H::MARKETING {
+        return;
+    }
+    let all = mixed_batch(h, 3).await;
+    let twin = |item: &PushItem, status: Status| PushItem {
+        key: format!("{}#marketing", item.key),
+        scope: Scope::Marketing,
+        status,
+        ..item.clone()
+    };
+    let mut batch = Vec::new();
+    for item in &all[..2] {
+        batch.push(item.clone());
+        batch.push(twin(item, Status::OptedOut));
+    }
+    batch.push(twin(&all[2], Status::OptedOut));
+    let untouched = h.held(&all[2]);
+    for round in ["first", "second"] {
+        match h.connector().push(&batch).await {
+            Ok(outcomes) => assert_eq!(outcomes, vec![PushOutcome::Done; batch.len()], "{round}"),
+            Err(e) => panic!("the {round} push with marketing items failed: {e}"),
+        }
+        assert_held(h, &all[..2], round);
+        for item in batch.iter().filter(|i| i.scope == Scope::Marketing) {
+            assert_eq!(h.held_marketing(item), Some(Status::OptedOut), "{round}");
+        }
+        assert_eq!(
+            h.held(&all[2]),
+            untouched,
+            "{round}: a marketing item leaves the consent field alone"
+        );
+    }
 }
 
 /// The wait a throttled call's error asks for; panics unless it is one.

@@ -1,4 +1,4 @@
-//! The connector contract against the fake portal.
+//! The connector contract against the fake portal (with a marketing-consent property).
 
 use std::time::Duration;
 
@@ -22,11 +22,13 @@ impl Portal {
             ..FakeOptions::default()
         })
         .await;
+        fake.add_consent_enumeration(fake::MARKETING_PROPERTY);
         // The smallest overlap: a pass still re-reads the second before it began (the
         // `Date` header's resolution), which `let_time_pass` moves the clock past.
         let connector = connector(&fake, |c| {
             c.page_size = 100;
             c.overlap = Duration::ZERO;
+            c.marketing_property = Some(fake::MARKETING_PROPERTY.into());
         });
         Portal { fake, connector }
     }
@@ -78,6 +80,19 @@ impl Harness for Portal {
             Some("opted_out") => vec![Status::OptedOut],
             Some("opted_in") => vec![Status::OptedIn],
             Some(other) => panic!("unexpected consent value {other}"),
+        }
+    }
+
+    const MARKETING: bool = true;
+
+    fn held_marketing(&self, item: &PushItem) -> Option<Status> {
+        match (self.fake)
+            .property(&item.record, fake::MARKETING_PROPERTY)
+            .as_deref()
+        {
+            Some("opted_out") => Some(Status::OptedOut),
+            Some("opted_in") => Some(Status::OptedIn),
+            _ => None,
         }
     }
 }

@@ -4,6 +4,7 @@
 mod common;
 mod contract;
 mod limits_auth;
+mod marketing;
 mod preflight;
 mod push;
 mod sync;

@@ -1,4 +1,5 @@
-//! The connector contract against the fake org, reading and writing Contacts.
+//! The connector contract against the fake org, reading and writing Contacts (with the
+//! marketing-consent checkbox configured).
 
 use std::time::Duration;
 
@@ -6,6 +7,7 @@ use optout_core::testkit::contract::{self, Harness};
 use optout_core::testkit::push_item;
 use optout_core::{PushItem, Status, Timestamp};
 use optout_salesforce::SalesforceConnector;
+use optout_salesforce::config::EXAMPLE_MARKETING_FIELD;
 use optout_salesforce::fake::FakeOptions;
 use serde_json::{Value, json};
 
@@ -23,6 +25,7 @@ impl Contacts {
         config.page_size = 200;
         // Without the overlap a pass resumes exactly after its position.
         config.overlap = Duration::ZERO;
+        config.objects[0].marketing_field = Some(EXAMPLE_MARKETING_FIELD.into());
         Contacts {
             connector: connector(config),
             org,
@@ -80,6 +83,17 @@ impl Harness for Contacts {
             Some(Value::Bool(true)) => vec![Status::OptedOut],
             Some(Value::Bool(false)) => vec![Status::OptedIn],
             _ => vec![],
+        }
+    }
+
+    const MARKETING: bool = true;
+
+    fn held_marketing(&self, item: &PushItem) -> Option<Status> {
+        let row = self.org.fake.get(id(item)).expect("a known record");
+        match row.get(EXAMPLE_MARKETING_FIELD) {
+            Some(Value::Bool(true)) => Some(Status::OptedOut),
+            Some(Value::Bool(false)) => Some(Status::OptedIn),
+            _ => None,
         }
     }
 }

@@ -2,4 +2,5 @@
 
 mod against_fake;
 mod contract;
+mod marketing;
 mod preflight;
