@@ -47,7 +47,7 @@ pub fn lookup(engine: &Engine, id: &str) -> Result<Value, LookupError> {
         let link = store.link(c, r)?;
         let pending = store.outbox_entry(c, r)?;
         let dead = store.dead_letter(c, r)?;
-        records.push(json!({
+        let mut record = json!({
             "connector": c,
             "record": r,
             "last_seen": link.as_ref().and_then(|l| l.memory.last_seen),
@@ -56,7 +56,11 @@ pub fn lookup(engine: &Engine, id: &str) -> Result<Value, LookupError> {
             "awaiting_readback": link.as_ref().is_some_and(|l| l.awaiting_readback),
             "pending": pending.as_ref().map(|p| json!({"status": p.item.status, "attempts": p.attempts, "last_error": p.last_error})),
             "dead_letter": dead.as_ref().map(|d| json!({"status": d.item.status, "reason": d.reason, "at": d.at})),
-        }));
+        });
+        if engine.has_marketing_field(c) {
+            record["marketing"] = marketing_state(store, c, r, link.as_ref())?;
+        }
+        records.push(record);
     }
     let decisions: serde_json::Map<_, _> = Scope::EVERY
         .iter()
@@ -264,8 +268,33 @@ fn print_records(o: &mut impl Write, v: &Value) -> std::io::Result<()> {
             text(&r["record"]),
             record_state(r)
         )?;
+        if r["marketing"].is_object() {
+            let m = record_state(&r["marketing"]);
+            writeln!(o, "  {:<12} {:<28} marketing field: {m}", "", "")?;
+        }
     }
     Ok(())
+}
+
+/// The state of a record's marketing-consent field, in the shape of a record's own.
+fn marketing_state(
+    store: &Store,
+    connector: &str,
+    record: &str,
+    link: Option<&crate::store::LinkRecord>,
+) -> Result<Value, StoreError> {
+    let key = crate::reconcile::marketing_key(record);
+    let pending = store.outbox_entry(connector, &key)?;
+    let dead = store.dead_letter(connector, &key)?;
+    let m = link.map(|l| l.marketing).unwrap_or_default();
+    Ok(json!({
+        "last_seen": m.memory.last_seen,
+        "last_pushed": m.memory.last_pushed.map(|(st, _)| st),
+        "pushed_at": m.pushed_at,
+        "awaiting_readback": m.awaiting_readback,
+        "pending": pending.as_ref().map(|p| json!({"status": p.item.status, "attempts": p.attempts, "last_error": p.last_error})),
+        "dead_letter": dead.as_ref().map(|d| json!({"status": d.item.status, "reason": d.reason, "at": d.at})),
+    }))
 }
 
 /// A linked record's state: rejected, push pending, awaiting read-back, or the value read.

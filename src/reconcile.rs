@@ -121,6 +121,11 @@ impl Engine {
         self
     }
 
+    /// Whether `connector`'s records carry a marketing-consent field.
+    pub fn has_marketing_field(&self, connector: &str) -> bool {
+        self.marketing_fields.contains(connector)
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }
@@ -1186,6 +1191,7 @@ fn bounded(s: &str, max_chars: usize) -> String {
 
 mod changes;
 mod marketing;
+pub use marketing::outbox_key as marketing_key;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
