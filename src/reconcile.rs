@@ -247,20 +247,8 @@ impl Engine {
                 audit.event_at = Some(item.changed_at);
                 match outcome {
                     PushOutcome::Done => {
-                        if takes_records
-                            && item.scope == Scope::Marketing
-                            && let Some(mut link) = tx.link(connector, &item.record)?
-                        {
-                            marketing::pushed(tx, connector, &mut link, &item, now)?;
-                            tx.put_link(connector, &item.record, &link)?;
-                        } else if takes_records
-                            && let Some(mut link) = tx.link(connector, &item.record)?
-                        {
-                            link.memory.last_pushed = Some((item.status, item.changed_at));
-                            link.pushed_at = Some(now);
-                            link.awaiting_readback = true;
-                            tx.put_link(connector, &item.record, &link)?;
-                            tx.set_unverified(connector, &item.record, Some(now))?;
+                        if takes_records {
+                            note_pushed(tx, connector, &item, now)?;
                         }
                         if current {
                             tx.remove_outbox(connector, key)?;
@@ -369,6 +357,23 @@ impl Engine {
             Ok(n)
         })
     }
+}
+
+/// A done record push: the record's link remembers the value written (in the field the
+/// item's scope names) and awaits its read-back.
+fn note_pushed(tx: &Txn<'_>, connector: &str, item: &PushItem, now: Timestamp) -> TxResult<()> {
+    let Some(mut link) = tx.link(connector, &item.record)? else {
+        return Ok(());
+    };
+    if item.scope == Scope::Marketing {
+        marketing::pushed(tx, connector, &mut link, item, now)?;
+    } else {
+        link.memory.last_pushed = Some((item.status, item.changed_at));
+        link.pushed_at = Some(now);
+        link.awaiting_readback = true;
+        tx.set_unverified(connector, &item.record, Some(now))?;
+    }
+    tx.put_link(connector, &item.record, &link)
 }
 
 /// Subject ids from a push item's `subject` field (`s12` or `s12,s40`).
