@@ -86,7 +86,7 @@ impl<'a> Write<'a> {
 
     /// The item written to the field of `scope`, if any.
     fn item(&self, scope: Scope) -> Option<&'a PushItem> {
-        self.fields[scope as usize].as_ref().map(|(item, _)| *item)
+        self.fields[slot(scope)].as_ref().map(|(item, _)| *item)
     }
 
     /// The record, for logs.
@@ -106,8 +106,8 @@ impl<'a> Write<'a> {
     /// the write (the later change is written); when they disagree the opt-out is written.
     /// Returns the value written and the items that lost, if any.
     fn absorb(&mut self, i: usize, item: &'a PushItem) -> Option<(Status, Vec<usize>)> {
-        let Some((held, items)) = &mut self.fields[item.scope as usize] else {
-            self.fields[item.scope as usize] = Some((item, vec![i]));
+        let Some((held, items)) = &mut self.fields[slot(item.scope)] else {
+            self.fields[slot(item.scope)] = Some((item, vec![i]));
             return None;
         };
         if held.status == item.status {
@@ -124,6 +124,14 @@ impl<'a> Write<'a> {
         } else {
             Some((held.status, vec![i]))
         }
+    }
+}
+
+/// The index of a scope's field in [`Write::fields`].
+fn slot(scope: Scope) -> usize {
+    match scope {
+        Scope::All => 0,
+        Scope::Marketing => 1,
     }
 }
 
