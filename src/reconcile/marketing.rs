@@ -371,6 +371,41 @@ mod tests {
     }
 
     #[test]
+    fn a_rejected_marketing_push_is_its_own_dead_letter_and_leaves_the_consent_push() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        e.apply_page(HUBSPOT, &[contact("101", None, None, 1)], None, t(2))
+            .unwrap();
+        let stop = event("wamid.1", Status::OptedOut, Signal::Keyword, 10);
+        e.apply_page(WHATSAPP, &[stop], None, t(11)).unwrap();
+        let key = outbox_key("101");
+        let version = (e.store().outbox_entry(HUBSPOT, &key).unwrap())
+            .unwrap()
+            .version;
+        let refused = PushOutcome::Rejected {
+            reason: "VALIDATION_ERROR".into(),
+        };
+        let r = e
+            .complete_pushes(
+                HUBSPOT,
+                &[(key.clone(), version, refused)],
+                Duration::from_secs(1),
+                t(12),
+            )
+            .unwrap();
+        assert_eq!(r.rejected.len(), 1);
+        assert!(e.store().dead_letter(HUBSPOT, &key).unwrap().is_some());
+        assert!(e.store().dead_letter(HUBSPOT, "101").unwrap().is_none());
+        assert_eq!(
+            pending(&e, HUBSPOT),
+            [("101".into(), Scope::All, Status::OptedOut)],
+            "the consent push is still due"
+        );
+        assert_eq!(e.retry_dead_letters(Some(HUBSPOT), t(13)).unwrap(), 1);
+        assert_eq!(pending(&e, HUBSPOT).len(), 2);
+    }
+
+    #[test]
     fn an_object_that_shows_no_marketing_value_is_not_written_again() {
         let dir = tempfile::tempdir().unwrap();
         let e = engine(dir.path());
