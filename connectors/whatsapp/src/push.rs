@@ -45,12 +45,20 @@ pub(crate) async fn push(
                 "confirmations are enabled but no access_token is set".into(),
             ));
         };
-        let text = pick_text(
-            texts,
-            &confirmations.default_language,
-            reply.language.as_deref(),
-            item.status,
-        );
+        let text = if reply.clarify {
+            pick_clarification(
+                texts,
+                &confirmations.default_language,
+                reply.language.as_deref(),
+            )
+        } else {
+            pick_text(
+                texts,
+                &confirmations.default_language,
+                reply.language.as_deref(),
+                item.status,
+            )
+        };
         let body = message_body(&reply.to, &reply.in_reply_to, text);
         let verdict = verdict(graph.send_message(&body).await, sent_any)?;
         sent_any |= matches!(verdict.outcome, PushOutcome::Done);
@@ -162,6 +170,36 @@ pub(crate) fn pick_text<'a>(
         Status::OptedOut => &t.opted_out,
         Status::OptedIn => &t.opted_in,
     }
+}
+
+/// The clarification for a possible opt-out in `language` (with the same fallbacks as
+/// [`pick_text`]); a configured language without one uses its built-in text, or the
+/// default language's.
+pub(crate) fn pick_clarification<'a>(
+    texts: &'a std::collections::BTreeMap<String, Texts>,
+    default_language: &str,
+    language: Option<&str>,
+) -> &'a str {
+    let by = |l: &str| {
+        let t = texts.get(l).or_else(|| texts.get(&l.to_ascii_lowercase()));
+        t.and_then(|t| t.clarify.as_deref())
+    };
+    let builtin = |l: &str| {
+        let l = l.to_ascii_lowercase();
+        let short = l.split(['-', '_']).next().unwrap_or(&l).to_string();
+        (crate::config::BUILTIN_CLARIFY.iter())
+            .find(|(k, _)| *k == l || *k == short)
+            .map(|(_, t)| *t)
+    };
+    let lang = |l: &str| {
+        by(l)
+            .or_else(|| by(l.split(['-', '_']).next().unwrap_or(l)))
+            .or_else(|| builtin(l))
+    };
+    language
+        .and_then(lang)
+        .or_else(|| lang(default_language))
+        .unwrap_or(crate::config::BUILTIN_CLARIFY[0].1)
 }
 
 /// A free-form text reply in the context of the customer's message. Username users without
