@@ -114,6 +114,10 @@ pub struct Texts {
     /// one), sent at most once per message; without it, the built-in text of the language.
     #[serde(default)]
     pub clarify: Option<String>,
+    /// The confirmation of an opt-out of marketing only ("Stop promotions"), which must not
+    /// say that every message stops; without it, the built-in text of the language.
+    #[serde(default)]
+    pub opted_out_marketing: Option<String>,
 }
 
 /// Built-in clarifications for a possible opt-out: how to stop, in the keyword's language
@@ -145,6 +149,35 @@ pub const BUILTIN_CLARIFY: &[(&str, &str)] = &[
     ),
 ];
 
+/// Built-in confirmations of an opt-out of marketing only (English first: the last
+/// fallback).
+pub const BUILTIN_MARKETING_OPTED_OUT: &[(&str, &str)] = &[
+    (
+        "en",
+        "You will receive no more promotional messages from us. Reply STOP to stop all messages.",
+    ),
+    (
+        "es",
+        "No recibirás más mensajes promocionales nuestros. Responde BAJA para dejar de recibir todos los mensajes.",
+    ),
+    (
+        "pt",
+        "Você não receberá mais mensagens promocionais nossas. Responda SAIR para não receber nenhuma mensagem.",
+    ),
+    (
+        "fr",
+        "Vous ne recevrez plus de messages promotionnels de notre part. Répondez STOP pour ne plus recevoir aucun message.",
+    ),
+    (
+        "de",
+        "Sie erhalten keine Werbenachrichten mehr von uns. Antworten Sie STOPP, um keine Nachrichten mehr zu erhalten.",
+    ),
+    (
+        "ja",
+        "今後、プロモーションのメッセージはお送りしません。すべてのメッセージを停止するには 停止 と返信してください。",
+    ),
+];
+
 /// Built-in confirmation texts. Short, factual, and naming the way back (FCC 2025 allows one
 /// confirmation that says the opt-out was processed).
 pub fn default_texts() -> BTreeMap<String, Texts> {
@@ -152,6 +185,7 @@ pub fn default_texts() -> BTreeMap<String, Texts> {
         opted_out: o.to_string(),
         opted_in: i.to_string(),
         clarify: None,
+        opted_out_marketing: None,
     };
     let mut texts = BTreeMap::from([
         (
@@ -202,6 +236,11 @@ pub fn default_texts() -> BTreeMap<String, Texts> {
             t.clarify = Some(c.to_string());
         }
     }
+    for (lang, c) in BUILTIN_MARKETING_OPTED_OUT {
+        if let Some(t) = texts.get_mut(*lang) {
+            t.opted_out_marketing = Some(c.to_string());
+        }
+    }
     texts
 }
 
@@ -249,7 +288,13 @@ impl Confirmations {
             );
         }
         for (lang, t) in &self.texts {
-            let clarify = t.clarify.as_ref().map(|c| ("clarify", c));
+            let clarify = (t.clarify.as_ref().map(|c| ("clarify", c)))
+                .into_iter()
+                .chain(
+                    t.opted_out_marketing
+                        .as_ref()
+                        .map(|c| ("opted_out_marketing", c)),
+                );
             for (which, s) in [("opted_out", &t.opted_out), ("opted_in", &t.opted_in)]
                 .into_iter()
                 .chain(clarify)
