@@ -416,3 +416,62 @@ async fn a_repeated_preference_changes_nothing() {
     assert_eq!(observed(&d, "accepted").await, 1.0);
     assert!(d.terminate().await.success());
 }
+
+/// `check-config` names each bad keyword setting at its line: an unknown scope, a scope for
+/// a word that is no keyword, a word listed twice, an empty word, an unlisted payload.
+#[test]
+fn check_config_locates_bad_keyword_scopes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("optout-sync.toml");
+    let state = dir.path().join("state");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[daemon]
+state_dir = "{}"
+
+[connectors.whatsapp]
+kind = "whatsapp"
+app_secrets = [{{ env = "PATH" }}]
+verify_token = {{ env = "HOME" }}
+
+[connectors.whatsapp.keywords]
+opt_out = {{ en = ["HALT", "halt!", ""] }}
+opt_out_payloads = ["MKT_STOP"]
+
+[connectors.whatsapp.keywords.scopes]
+HALT = "promotions"
+"STOP PROMOTIONS" = "marketing"
+WHATEVER = "all"
+
+[connectors.whatsapp.keywords.payload_scopes]
+MKT_STOP = "marketing"
+OTHER = "all"
+"#,
+            state.display()
+        ),
+    )
+    .unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_optout-sync"))
+        .arg("check-config")
+        .arg(&path)
+        .env_remove("OPTOUT_SYNC_CONFIG")
+        .output()
+        .unwrap();
+    let t = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(o.status.code(), Some(2), "{t}");
+    for want in [
+        "optout-sync.toml:10:18: connectors.whatsapp.keywords.opt_out.en: \"halt!\" is listed twice",
+        "optout-sync.toml:10:18: connectors.whatsapp.keywords.opt_out.en: keyword \"\" has no letters or digits",
+        "optout-sync.toml:14:8: connectors.whatsapp.keywords.scopes.HALT: unknown scope \"promotions\": use \"all\" or \"marketing\"",
+        "optout-sync.toml:16:12: connectors.whatsapp.keywords.scopes.WHATEVER: \"WHATEVER\" is not an opt-out or opt-in keyword",
+        "optout-sync.toml:20:9: connectors.whatsapp.keywords.payload_scopes.OTHER: \"OTHER\" is not listed",
+        "5 problems found",
+    ] {
+        assert!(t.contains(want), "missing {want:?} in:\n{t}");
+    }
+}
