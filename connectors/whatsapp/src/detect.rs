@@ -1,6 +1,6 @@
 //! Keyword and button detection: does a customer's message say "opt me out" or "opt me back
 //! in", and for which scope? Pure and configurable; the default lists live here, in one
-//! place (`KEYWORDS.md` documents them with their sources).
+//! place (`KEYWORDS.md` at the repository root documents them with their sources).
 //!
 //! The asymmetry is deliberate. A missed opt-out is a compliance failure and a false one
 //! only costs a message, so opt-out matching is tolerant: case, punctuation, emoji,
