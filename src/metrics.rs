@@ -75,6 +75,9 @@ pub struct Metrics {
     scrape: Mutex<()>,
 }
 
+const POSSIBLE_OPT_OUTS_HELP: &str =
+    "Messages that may be opt-outs (recorded for review, never applied), by connector";
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -107,11 +110,7 @@ impl Metrics {
                 "Failed polls and pushes, by connector and error kind",
             ),
             webhooks: registered(&mut r, "webhooks", "Webhook deliveries, by result"),
-            possible_opt_outs: registered(
-                &mut r,
-                "possible_optouts",
-                "Messages that may be opt-outs (recorded for review, never applied), by connector",
-            ),
+            possible_opt_outs: registered(&mut r, "possible_optouts", POSSIBLE_OPT_OUTS_HELP),
             signature_failures: registered(
                 &mut r,
                 "webhook_signature_failures",

@@ -353,10 +353,13 @@ impl Default for Detector {
     }
 }
 
+/// Words by language tag, as the built-in lists are written.
+type WordLists = &'static [(&'static str, &'static [&'static str])];
+
 /// Compiles built-in (unless replaced) and configured words into entries, longest first
 /// (so "STOP ALL" is reported rather than "STOP" + filler "ALL").
 fn compile(
-    defaults: &[(&[(&str, &[&str])], Option<Scope>)],
+    defaults: &[(WordLists, Option<Scope>)],
     extra: &BTreeMap<String, Vec<String>>,
     replace_defaults: bool,
 ) -> Vec<Entry> {
