@@ -675,7 +675,11 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
         let (Some(mid), Some(to)) = (&ev.message_id, reply_identity(ev)) else {
             return Ok(());
         };
-        if self.engine.targets.get(self.connector) != Some(&Takes::Replies) {
+        // Nothing but one confirmation goes to a person who stopped every message.
+        let stopped = self.subjects[&id].consent.decide(Scope::All, self.margin());
+        if stopped == Decision::OptedOut
+            || self.engine.targets.get(self.connector) != Some(&Takes::Replies)
+        {
             return Ok(());
         }
         let item = PushItem {

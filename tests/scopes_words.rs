@@ -362,6 +362,40 @@ async fn a_possible_opt_out_is_recorded_shown_and_asked_about_once() {
     })
     .await;
     assert_eq!(d.status().await.possible_opt_outs, 2);
+    // Once stopped, another possible opt-out is recorded but asked about no more.
+    deliver(
+        &sender,
+        &envelope::text(
+            &Who::wa("14155550301"),
+            "wamid.P4",
+            t + 40,
+            "why didn't my stop work?",
+        ),
+    )
+    .await;
+    d.until("the third one is recorded", WITHIN, async || {
+        d.status().await.possible_opt_outs == 3
+    })
+    .await;
+    d.until("nothing waits to be sent", WITHIN, async || {
+        d.status()
+            .await
+            .connectors
+            .iter()
+            .all(|c| c.outbox_depth == 0)
+    })
+    .await;
+    let sent = graph.sent();
+    assert_eq!(
+        sent.len(),
+        3,
+        "two clarifications and the STOP's confirmation: {sent:?}"
+    );
+    assert!(
+        !sent
+            .iter()
+            .any(|m| m.context_message_id.as_deref() == Some("wamid.P4"))
+    );
     assert!(d.terminate().await.success());
 }
 
