@@ -1229,3 +1229,5 @@ mod changes;
 mod tests;
 #[cfg(test)]
 mod variant_tests;
+#[cfg(test)]
+mod words_tests;
