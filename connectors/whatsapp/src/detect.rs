@@ -294,7 +294,7 @@ const TRAILING_FILLER: &[&str] = &[
     // en
     "PLEASE", "PLS", "PLZ", "NOW", "ME", "THANKS", "THANK", "YOU", "THANKYOU", "THX", "TY", "ALL",
     "THIS", "FROM", "THE", "LIST", "YOUR", "MESSAGES", "MESSAGING", "TEXTS", "TEXTING", "SENDING",
-    "CONTACTING", "OK", "OKAY", "IMMEDIATELY", "OF", "ANYMORE", "THESE",
+    "CONTACTING", "RECEIVING", "GETTING", "OK", "OKAY", "IMMEDIATELY", "OF", "ANYMORE", "THESE",
     // es / pt
     "POR", "FAVOR", "PORFA", "GRACIAS", "MENSAJES", "YA", "TODO", "TODOS", "OBRIGADO", "OBRIGADA",
     "VALEU", "MENSAGENS", "JA", "MAS", "MAIS", "MENSAGEM",
@@ -899,7 +899,8 @@ mod tests {
         ("leave me alone", true, Some("en")),
         ("don't message me", true, Some("en")),
         ("do not contact me", true, Some("en")),
-        ("I want to stop receiving messages", false, None),
+        ("I want to stop receiving messages", true, Some("en")),
+        ("stop getting texts from you", true, Some("en")),
         ("quiero darme de baja", true, Some("es")),
         ("No quiero recibir más mensajes", true, Some("es")),
         ("cancelar suscripción", true, Some("es")),
@@ -960,7 +961,7 @@ mod tests {
             "how do I unsubscribe from the newsletter but keep orders?",
             Some("en"),
         ),
-        ("I want to stop receiving messages", Some("en")),
+        ("I want to stop receiving the weekly offers", Some("en")),
         ("STOP sending promos on Sunday", Some("en")),
         (
             "I said to opt out already, why am I still getting these",
