@@ -35,6 +35,9 @@ pub enum AuditKind {
     Merged,
     /// An operator's action (import, dead-letter retry).
     Operator,
+    /// A message that may be an opt-out but is not clearly one ("stop sending me the
+    /// catalogue, I only want my orders"): kept for an operator's review, never decided on.
+    PossibleOptOut,
 }
 
 impl AuditKind {
@@ -50,6 +53,7 @@ impl AuditKind {
             AuditKind::IdentityRejected => "identity_rejected",
             AuditKind::Merged => "merged",
             AuditKind::Operator => "operator",
+            AuditKind::PossibleOptOut => "possible_opt_out",
         }
     }
 }

@@ -583,6 +583,13 @@ fn print_status(o: &mut impl Write, r: &StatusReport) -> std::io::Result<()> {
         "webhooks: {} waiting in the inbox, {} quarantined",
         r.webhook_inbox, r.quarantined_webhooks
     )?;
+    if r.possible_opt_outs > 0 {
+        writeln!(
+            o,
+            "possible opt-outs: {} (not applied; `optout-sync audit export` or `lookup` shows each for review)",
+            r.possible_opt_outs
+        )?;
+    }
     if let Some(why) = &r.store_alarm {
         writeln!(
             o,

@@ -668,9 +668,13 @@ impl Daemon {
             })
             .collect();
         let counts = facts.counts;
-        let people = (counts.iter())
-            .find(|(k, _)| k == crate::reconcile::PEOPLE)
-            .map_or(0, |(_, v)| *v);
+        let counter = |name: &str| {
+            (counts.iter())
+                .find(|(k, _)| k == name)
+                .map_or(0, |(_, v)| *v)
+        };
+        let people = counter(crate::reconcile::PEOPLE);
+        let possible_opt_outs = counter(crate::reconcile::POSSIBLE_OPT_OUTS);
         StatusReport {
             version: env!("CARGO_PKG_VERSION").to_string(),
             ready: self.ready.load(Ordering::Acquire),
@@ -680,6 +684,7 @@ impl Daemon {
                 .into_iter()
                 .filter(|(k, _)| k.contains(':'))
                 .collect(),
+            possible_opt_outs,
             webhook_inbox: facts.inbox,
             quarantined_webhooks: facts.quarantined,
             store_alarm: facts.alarm,

@@ -152,6 +152,8 @@ impl Columns {
             message_id: Some(format!("row:{id}")),
             evidence: format!("line {line} of import: {}", shorten(&src)),
             language: None,
+            scope: None,
+            possible_opt_out: false,
         }))
     }
 }

@@ -8,6 +8,7 @@ use std::io::Write;
 use optout_core::Scope;
 use serde_json::{Value, json};
 
+use crate::audit::{AuditEntry, AuditKind};
 use crate::identity::Alias;
 use crate::policy::Decision;
 use crate::reconcile::{Engine, REPLY_WINDOW, subject_name};
@@ -77,16 +78,21 @@ pub fn lookup(engine: &Engine, id: &str) -> Result<Value, LookupError> {
             )
         })
         .collect();
+    let history = store.subject_audit(&s)?;
+    let possible: Vec<&AuditEntry> = (history.iter())
+        .filter(|a| a.kind == AuditKind::PossibleOptOut)
+        .collect();
     Ok(json!({
         "query": id,
         "known": true,
+        "possible_opt_outs": possible,
         "subject": subject_name(s.id),
         "aliases": s.aliases,
         "variants": variants(engine, &all_aliases(&aliases, &s.aliases))?,
         "decisions": decisions,
         "last_inbound": s.last_inbound,
         "records": records,
-        "history": store.subject_audit(&s)?,
+        "history": history,
     }))
 }
 
@@ -182,6 +188,7 @@ pub fn print(o: &mut impl Write, id: &str, v: &Value) -> std::io::Result<()> {
         return print_variants(o, v);
     }
     print_subject(o, id, v)?;
+    print_possible_opt_outs(o, v)?;
     print_variants(o, v)?;
     print_records(o, v)?;
     print_history(o, v)
@@ -223,6 +230,26 @@ fn print_subject(o: &mut impl Write, id: &str, v: &Value) -> std::io::Result<()>
             "  last WhatsApp message {t}; reply window until {}",
             t.plus(REPLY_WINDOW)
         )?;
+    }
+    Ok(())
+}
+
+/// Messages of this person that may be opt-outs, for an operator to review.
+fn print_possible_opt_outs(o: &mut impl Write, v: &Value) -> std::io::Result<()> {
+    let possible = v["possible_opt_outs"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if possible.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        o,
+        "possible opt-outs (not applied; review them, or ask the person): {}",
+        possible.len()
+    )?;
+    for a in &possible {
+        writeln!(o, "  {} {}", ts(&a["event_at"]), text(&a["evidence"]))?;
     }
     Ok(())
 }

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub pushes: Family<ConnectorOutcome, Counter>,
     pub poll_errors: Family<ConnectorOutcome, Counter>,
     pub webhooks: Family<SourceResult, Counter>,
+    /// Messages that may be opt-outs, recorded for review and never decided on.
+    pub possible_opt_outs: Family<ConnectorLabel, Counter>,
     /// Webhooks refused for their signature (`missing`, `invalid`): a wrong app secret
     /// after a rotation, or someone probing the endpoint.
     pub signature_failures: Family<ConnectorReason, Counter>,
@@ -72,6 +74,9 @@ pub struct Metrics {
     /// Serialises scrapes (gauges are refreshed then encoded).
     scrape: Mutex<()>,
 }
+
+const POSSIBLE_OPT_OUTS_HELP: &str =
+    "Messages that may be opt-outs (recorded for review, never applied), by connector";
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -105,6 +110,7 @@ impl Metrics {
                 "Failed polls and pushes, by connector and error kind",
             ),
             webhooks: registered(&mut r, "webhooks", "Webhook deliveries, by result"),
+            possible_opt_outs: registered(&mut r, "possible_optouts", POSSIBLE_OPT_OUTS_HELP),
             signature_failures: registered(
                 &mut r,
                 "webhook_signature_failures",

@@ -66,7 +66,9 @@ impl PolicyConfig {
 }
 
 /// Signal → scope. Defaults follow the product brief: keywords, buttons, CRM values and
-/// imports are `all`; Meta's marketing preference and error 131050 are `marketing`.
+/// imports are `all`; Meta's marketing preference and error 131050 are `marketing`. A
+/// keyword or button payload configured with a scope of its own (the WhatsApp connector's
+/// `keywords.scopes`; "Stop promotions" is `marketing` by default) overrides this map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScopeMap {
@@ -450,7 +452,7 @@ pub fn judge_event(
     };
     let fact = Fact {
         status,
-        scope: cfg.scopes.scope_for(ev.signal),
+        scope: event_scope(ev, cfg),
         at: clamp(ev.at, observed, cfg.future_tolerance),
         source: source.to_string(),
         record: ev.message_id.clone().unwrap_or_default(),
@@ -458,6 +460,20 @@ pub fn judge_event(
         evidence: ev.evidence.clone(),
     };
     offer(fact, cfg)
+}
+
+/// The scope of a channel's act: the one its keyword or button payload is configured for
+/// ("Stop promotions" → `marketing`), else the policy's scope for its kind of signal.
+pub fn event_scope(ev: &ConsentEvent, cfg: &PolicyConfig) -> Scope {
+    ev.scope.unwrap_or_else(|| cfg.scopes.scope_for(ev.signal))
+}
+
+/// Whether an accepted fact only repeats the subject's current decision for its scope
+/// through Meta's marketing preference (a `user_preferences` stop while stopped): it
+/// changes no decision and earns nothing to push.
+pub fn repeats_preference(consent: &Consent, fact: &Fact, margin: Duration) -> bool {
+    fact.signal == Signal::MarketingPreference
+        && consent.decide(fact.scope, margin).status() == Some(fact.status)
 }
 
 fn offer(fact: Fact, cfg: &PolicyConfig) -> Judgement {

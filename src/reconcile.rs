@@ -35,6 +35,10 @@ pub use optout_core::Takes;
 /// not scan the store.
 pub const PEOPLE: &str = "people";
 
+/// The counter of possible opt-outs recorded (messages that may be an opt-out, never
+/// decided on), shown by `status`.
+pub const POSSIBLE_OPT_OUTS: &str = "possible_opt_outs";
+
 /// Displayed subject id.
 pub fn subject_name(id: u64) -> String {
     format!("s{id}")
@@ -621,28 +625,24 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
             let s = self.subjects.get_mut(&id).expect("resolved");
             s.last_inbound = s.last_inbound.max(Some(ev.at.min(self.now)));
         }
+        if ev.possible_opt_out {
+            return self.possible_opt_out(id, ev);
+        }
         match policy::judge_event(ev, self.connector, self.now, &self.engine.policy) {
             Judgement::Fact(fact) => {
-                self.accept(id, &fact, ev.at)?;
+                let consent = &self.subjects[&id].consent;
+                if policy::repeats_preference(consent, &fact, self.margin()) {
+                    self.accept_repeat(id, &fact)?;
+                } else {
+                    self.accept(id, &fact, ev.at)?;
+                }
                 self.reach_variants(&aliases, &[id], &fact)?;
                 if policy::wants_confirmation(&fact)
                     && let Some(mid) = &ev.message_id
+                    && let Some(to) = reply_identity(ev)
                 {
-                    // Reply to the identity WhatsApp can deliver to: wa_id, else BSUID.
-                    let to = ev
-                        .identities
-                        .iter()
-                        .find(|i| matches!(i, Identity::WaId(_)))
-                        .or_else(|| {
-                            ev.identities
-                                .iter()
-                                .find(|i| matches!(i, Identity::Bsuid(_)))
-                        })
-                        .cloned();
-                    if let Some(to) = to {
-                        self.confirmable
-                            .insert(mid.clone(), (id, to, ev.language.clone()));
-                    }
+                    self.confirmable
+                        .insert(mid.clone(), (id, to, ev.language.clone()));
                 }
             }
             Judgement::NotAccepted(fact, why) => self.ignore(&[id], &fact, &why)?,
@@ -671,6 +671,64 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
         self.tx.audit(&a, &[id])?;
         self.tally("accepted");
         Ok(())
+    }
+
+    /// A marketing preference that repeats the current decision (Meta's `stop` while
+    /// stopped): kept in the registers, so a late, older act is still judged against it,
+    /// but it changes no decision and nothing is pushed, confirmed or announced.
+    fn accept_repeat(&mut self, id: u64, fact: &Fact) -> TxResult<()> {
+        let s = self.subjects.get_mut(&id).expect("loaded");
+        s.consent.record(fact);
+        let mut a = fact_audit(AuditKind::Accepted, fact, self.now);
+        a.subject = Some(subject_name(id));
+        a.reason = Some("repeats the current decision: nothing changes".into());
+        self.tx.audit(&a, &[id])?;
+        self.tally("repeated");
+        Ok(())
+    }
+
+    /// A message that may be an opt-out: audited and counted for an operator's review,
+    /// never decided on either way. The customer is asked once, in the keyword's language,
+    /// through the confirmation path (sent only when confirmations are on).
+    fn possible_opt_out(&mut self, id: u64, ev: &ConsentEvent) -> TxResult<()> {
+        let mut a = AuditEntry::new(AuditKind::PossibleOptOut, self.connector, self.now);
+        a.subject = Some(subject_name(id));
+        a.record = ev.message_id.clone();
+        a.event_at = Some(ev.at);
+        a.evidence = Some(bounded(&ev.evidence, 200));
+        a.reason = Some("may be an opt-out: not applied; an operator should review it".into());
+        self.tx.audit(&a, &[id])?;
+        self.tx.count(POSSIBLE_OPT_OUTS, 1)?;
+        self.tally("possible_opt_out");
+        let (Some(mid), Some(to)) = (&ev.message_id, reply_identity(ev)) else {
+            return Ok(());
+        };
+        // Nothing but one confirmation goes to a person who stopped every message.
+        let stopped = self.subjects[&id].consent.decide(Scope::All, self.margin());
+        if stopped == Decision::OptedOut
+            || self.engine.targets.get(self.connector) != Some(&Takes::Replies)
+        {
+            return Ok(());
+        }
+        let item = PushItem {
+            key: format!("confirm:{mid}"),
+            record: mid.clone(),
+            status: Status::OptedOut,
+            scope: Scope::All,
+            changed_at: ev.at,
+            source: format!("{}:possible_opt_out", self.connector),
+            subject: subject_name(id),
+            identities: vec![to.clone()],
+            reply: Some(Reply {
+                to,
+                in_reply_to: mid.clone(),
+                window_ends: ev.at.min(self.now).plus(REPLY_WINDOW),
+                language: ev.language.clone(),
+                clarify: true,
+            }),
+        };
+        let connector = self.connector.to_string();
+        self.enqueue(&connector, item)
     }
 
     /// An opt-out reaches the suppress-only variants of the aliases it was observed for
@@ -1147,6 +1205,7 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
                 in_reply_to: f.record.clone(),
                 window_ends,
                 language,
+                clarify: false,
             }),
         };
         let connector = self.connector.to_string();
@@ -1175,6 +1234,12 @@ fn fact_audit(kind: AuditKind, fact: &Fact, now: Timestamp) -> AuditEntry {
     a
 }
 
+/// The identity WhatsApp can deliver a reply to: the `wa_id`, else the BSUID.
+fn reply_identity(ev: &ConsentEvent) -> Option<Identity> {
+    let find = |f: fn(&Identity) -> bool| ev.identities.iter().find(|i| f(i)).cloned();
+    find(|i| matches!(i, Identity::WaId(_))).or_else(|| find(|i| matches!(i, Identity::Bsuid(_))))
+}
+
 fn identity_text(i: &Identity) -> &str {
     match i {
         Identity::Phone(s) | Identity::WaId(s) | Identity::Bsuid(s) => s,
@@ -1201,3 +1266,5 @@ pub use marketing::outbox_key as marketing_key;
 mod tests;
 #[cfg(test)]
 mod variant_tests;
+#[cfg(test)]
+mod words_tests;

@@ -20,6 +20,10 @@ pub struct StatusReport {
     pub subjects: BTreeMap<String, i64>,
     pub webhook_inbox: usize,
     pub quarantined_webhooks: usize,
+    /// Messages that may be opt-outs (a revocation word in a sentence that is not clearly
+    /// one), recorded for review and never decided on; `lookup` and the audit log show each.
+    #[serde(default)]
+    pub possible_opt_outs: i64,
     /// Set while the store fails (a full disk, an I/O error): webhooks get 503 and nothing
     /// is applied until it works again.
     #[serde(default)]

@@ -355,6 +355,8 @@ fn event(status: Option<Status>, signal: Signal, at: i64) -> ConsentEvent {
         message_id: Some(format!("wamid.{at}")),
         evidence: "text".into(),
         language: None,
+        scope: None,
+        possible_opt_out: false,
     }
 }
 

@@ -42,6 +42,8 @@ fn said(id: &str, who: Identity, status: Status, at: i64) -> Observation {
         message_id: Some(id.into()),
         evidence: "keyword".into(),
         language: None,
+        scope: None,
+        possible_opt_out: false,
     })
 }
 
@@ -165,6 +167,8 @@ fn the_business_scoped_id_follows_the_person_to_the_new_number() {
         message_id: Some("m1".into()),
         evidence: "STOP".into(),
         language: None,
+        scope: None,
+        possible_opt_out: false,
     });
     let moved = change(
         "m2",

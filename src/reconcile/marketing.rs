@@ -236,6 +236,8 @@ mod tests {
             message_id: Some(id.into()),
             evidence: signal.as_str().into(),
             language: None,
+            scope: None,
+            possible_opt_out: false,
         })
     }
 

@@ -45,6 +45,8 @@ fn stop(id: &str, wa: Option<&str>, bsuid: Option<&str>, at: i64) -> Observation
         message_id: Some(id.into()),
         evidence: "STOP".into(),
         language: Some("en".into()),
+        scope: None,
+        possible_opt_out: false,
     })
 }
 
@@ -312,6 +314,8 @@ fn bsuid_only_stop_links_to_phone_later_and_new_contacts_are_suppressed_on_first
         message_id: Some("wamid.b2".into()),
         evidence: "text".into(),
         language: None,
+        scope: None,
+        possible_opt_out: false,
     });
     let r = e.apply_page(WHATSAPP, &[hello], None, t(21)).unwrap();
     assert!(
@@ -385,6 +389,8 @@ fn newer_value_replaces_pending_and_old_push_result_does_not_remove_it() {
         message_id: Some("wamid.2".into()),
         evidence: "START".into(),
         language: None,
+        scope: None,
+        possible_opt_out: false,
     });
     e.apply_page(WHATSAPP, &[start], None, t(101)).unwrap();
     // The opt-out push (in flight when START arrived) completes: the newer opt-in stays.

@@ -292,6 +292,14 @@ impl WorkerContext {
                 })
                 .inc_by(*n);
         }
+        if let Some(n) = report.results.get("possible_opt_out") {
+            let c = self
+                .metrics
+                .possible_opt_outs
+                .get_or_create(&Metrics::connector(source));
+            c.inc_by(*n);
+            tracing::info!(connector = %source, count = n, "possible opt-out recorded for review");
+        }
         for d in &report.decisions {
             self.metrics
                 .decisions

@@ -226,6 +226,16 @@ pub struct ConsentEvent {
     pub evidence: String,
     /// Language of the matched keyword, if known (chooses the confirmation text).
     pub language: Option<String>,
+    /// The scope the source attributes to this act (a keyword or button payload configured
+    /// as `marketing`, such as Meta's "Stop promotions"); `None` leaves it to the policy's
+    /// scope for the signal. Absent in data stored before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
+    /// The message may be an opt-out but is not clearly one (a revocation word in a
+    /// sentence): recorded for review and answered with a clarification, never applied.
+    /// `status` is `None`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub possible_opt_out: bool,
 }
 
 /// The state of one CRM record as read.
@@ -319,6 +329,10 @@ pub struct Reply {
     /// End of the 24-hour customer service window; nothing is sent after it.
     pub window_ends: Timestamp,
     pub language: Option<String>,
+    /// A clarification ("Reply STOP to stop all messages") to a possible opt-out, not a
+    /// confirmation of a decision.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clarify: bool,
 }
 
 /// One desired write to one target.

@@ -9,12 +9,14 @@
 //!
 //! [keywords]
 //! opt_out = { en = ["HALT"] }
-//! opt_out_payloads = ["OPT_OUT_BUTTON"]
+//! opt_out_payloads = ["OPT_OUT_BUTTON", "PROMO_STOP"]
+//! scopes = { HALT = "all", "STOP PROMOTIONS" = "marketing" }
+//! payload_scopes = { PROMO_STOP = "marketing" }
 //!
 //! [confirmations]
 //! enabled = true
 //! default_language = "en"
-//! texts.en = { opted_out = "You will get no more messages from us. Reply START to resubscribe.", opted_in = "You are subscribed again. Reply STOP to unsubscribe." }
+//! texts.en = { opted_out = "You will get no more messages from us. Reply START to resubscribe.", opted_in = "You are subscribed again. Reply STOP to unsubscribe.", clarify = "Reply STOP to stop all messages." }
 //! ```
 
 use std::collections::BTreeMap;
@@ -108,7 +110,73 @@ impl Default for Confirmations {
 pub struct Texts {
     pub opted_out: String,
     pub opted_in: String,
+    /// The answer to a possible opt-out (a revocation word in a sentence that is not clearly
+    /// one), sent at most once per message; without it, the built-in text of the language.
+    #[serde(default)]
+    pub clarify: Option<String>,
+    /// The confirmation of an opt-out of marketing only ("Stop promotions"), which must not
+    /// say that every message stops; without it, the built-in text of the language.
+    #[serde(default)]
+    pub opted_out_marketing: Option<String>,
 }
+
+/// Built-in clarifications for a possible opt-out: how to stop, in the keyword's language
+/// (English first: the last fallback).
+pub const BUILTIN_CLARIFY: &[(&str, &str)] = &[
+    (
+        "en",
+        "Reply STOP to stop all messages from us, or STOP PROMOTIONS to stop offers only.",
+    ),
+    (
+        "es",
+        "Responde BAJA para dejar de recibir todos nuestros mensajes, o DETENER PROMOCIONES para dejar de recibir solo ofertas.",
+    ),
+    (
+        "pt",
+        "Responda SAIR para não receber mais nenhuma mensagem nossa, ou PARAR PROMOÇÕES para parar só as ofertas.",
+    ),
+    (
+        "fr",
+        "Répondez STOP pour ne plus recevoir aucun message de notre part.",
+    ),
+    (
+        "ja",
+        "すべてのメッセージを停止するには 停止 と返信してください。",
+    ),
+    (
+        "de",
+        "Antworten Sie STOPP, um keine Nachrichten mehr von uns zu erhalten.",
+    ),
+];
+
+/// Built-in confirmations of an opt-out of marketing only (English first: the last
+/// fallback).
+pub const BUILTIN_MARKETING_OPTED_OUT: &[(&str, &str)] = &[
+    (
+        "en",
+        "You will receive no more promotional messages from us. Reply STOP to stop all messages.",
+    ),
+    (
+        "es",
+        "No recibirás más mensajes promocionales nuestros. Responde BAJA para dejar de recibir todos los mensajes.",
+    ),
+    (
+        "pt",
+        "Você não receberá mais mensagens promocionais nossas. Responda SAIR para não receber nenhuma mensagem.",
+    ),
+    (
+        "fr",
+        "Vous ne recevrez plus de messages promotionnels de notre part. Répondez STOP pour ne plus recevoir aucun message.",
+    ),
+    (
+        "de",
+        "Sie erhalten keine Werbenachrichten mehr von uns. Antworten Sie STOPP, um keine Nachrichten mehr zu erhalten.",
+    ),
+    (
+        "ja",
+        "今後、プロモーションのメッセージはお送りしません。すべてのメッセージを停止するには 停止 と返信してください。",
+    ),
+];
 
 /// Built-in confirmation texts. Short, factual, and naming the way back (FCC 2025 allows one
 /// confirmation that says the opt-out was processed).
@@ -116,8 +184,10 @@ pub fn default_texts() -> BTreeMap<String, Texts> {
     let t = |o: &str, i: &str| Texts {
         opted_out: o.to_string(),
         opted_in: i.to_string(),
+        clarify: None,
+        opted_out_marketing: None,
     };
-    BTreeMap::from([
+    let mut texts = BTreeMap::from([
         (
             "en".to_string(),
             t(
@@ -147,13 +217,31 @@ pub fn default_texts() -> BTreeMap<String, Texts> {
             ),
         ),
         (
+            "ja".to_string(),
+            t(
+                "配信を停止しました。今後メッセージはお送りしません。再開するには START と返信してください。",
+                "配信を再開しました。停止するにはいつでも 停止 と返信してください。",
+            ),
+        ),
+        (
             "de".to_string(),
             t(
                 "Sie wurden abgemeldet und erhalten keine Nachrichten mehr von uns. Antworten Sie START, um sich wieder anzumelden.",
                 "Sie sind wieder angemeldet. Antworten Sie jederzeit STOPP, um sich abzumelden.",
             ),
         ),
-    ])
+    ]);
+    for (lang, c) in BUILTIN_CLARIFY {
+        if let Some(t) = texts.get_mut(*lang) {
+            t.clarify = Some(c.to_string());
+        }
+    }
+    for (lang, c) in BUILTIN_MARKETING_OPTED_OUT {
+        if let Some(t) = texts.get_mut(*lang) {
+            t.opted_out_marketing = Some(c.to_string());
+        }
+    }
+    texts
 }
 
 fn default_graph_version() -> String {
@@ -200,7 +288,17 @@ impl Confirmations {
             );
         }
         for (lang, t) in &self.texts {
-            for (which, s) in [("opted_out", &t.opted_out), ("opted_in", &t.opted_in)] {
+            let clarify = (t.clarify.as_ref().map(|c| ("clarify", c)))
+                .into_iter()
+                .chain(
+                    t.opted_out_marketing
+                        .as_ref()
+                        .map(|c| ("opted_out_marketing", c)),
+                );
+            for (which, s) in [("opted_out", &t.opted_out), ("opted_in", &t.opted_in)]
+                .into_iter()
+                .chain(clarify)
+            {
                 if s.trim().is_empty() {
                     add(
                         &format!("confirmations.texts.{lang}.{which}"),
@@ -393,7 +491,11 @@ mod tests {
         let c = parse(&doc).unwrap();
         assert_eq!(c.app_secrets.len(), 2);
         assert!(c.confirmations.enabled);
-        assert_eq!(c.keywords.opt_out_payloads, vec!["OPT_OUT_BUTTON"]);
+        assert_eq!(
+            c.keywords.opt_out_payloads,
+            vec!["OPT_OUT_BUTTON", "PROMO_STOP"]
+        );
+        assert_eq!(c.keywords.payload_scopes["PROMO_STOP"], "marketing");
         assert!(
             c.confirmations.texts["en"]
                 .opted_out

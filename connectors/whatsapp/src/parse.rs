@@ -3,7 +3,8 @@
 //!
 //! What counts:
 //! - an inbound message whose text or button is an opt-out/opt-in keyword → an event with a
-//!   status (signal `Keyword` or `Button`; the core maps the signal to a scope);
+//!   status (signal `Keyword` or `Button`) and the keyword's configured scope, if it has one
+//!   (otherwise the core maps the signal to a scope);
 //! - any other inbound customer message → `status: None, signal: Inbound` (it opens the
 //!   24-hour reply window);
 //! - `user_preferences` `marketing_messages` stop/resume → `MarketingPreference`;
@@ -19,8 +20,13 @@
 //! portfolio, not within this business.
 //!
 //! `message_id` is the dedup key: the message's `id` for messages, `"<id>:<status>"` for
-//! statuses and `"pref:<wa_id or user_id>:<value>:<timestamp>"` for preferences. The poll
-//! removes duplicates within a page; across pages the core dedupes on the same key.
+//! statuses and `"pref:<wa_id or user_id>:<value>:<timestamp>"` for preferences (a key of
+//! the preference's content: a redelivery of it counts once). The poll removes duplicates
+//! within a page; across pages the core dedupes on the same key.
+//!
+//! A typed text that is no keyword but holds a strong revocation word is an inbound event
+//! marked `possible_opt_out` (with the word's language): the core records it for review and
+//! may ask the customer, and never applies it.
 //!
 //! The parser is lenient the way Meta's payloads require (timestamps as strings or integers,
 //! fields missing for username users) and isolates failures: a body is read as a sequence
@@ -654,14 +660,20 @@ impl<'a> Cx<'a> {
         }
         let at = self.time(&m.timestamp);
         let (detection, signal, evidence) = self.read(&m, &kind);
+        // A possible opt-out is an ordinary inbound message for the decision.
+        let possible_opt_out = signal == Signal::Inbound && detection.is_some();
         Ok(Some(Part::Event(ConsentEvent {
             identities,
-            status: detection.as_ref().map(|d| d.status),
+            status: (detection.as_ref())
+                .filter(|_| !possible_opt_out)
+                .map(|d| d.status),
             signal,
             at,
             inbound: true,
             message_id: id,
             evidence,
+            scope: detection.as_ref().and_then(|d| d.scope),
+            possible_opt_out,
             language: detection.and_then(|d| d.language),
         })))
     }
@@ -720,7 +732,7 @@ impl<'a> Cx<'a> {
                     .as_ref()
                     .and_then(|t| t.body.as_deref())
                     .unwrap_or("");
-                keyword(self.detector.detect_text(body), body, "text")
+                self.keyword(body, "text")
             }
             "button" => {
                 let b = m.button.as_ref();
@@ -742,13 +754,34 @@ impl<'a> Cx<'a> {
                     .filter(|e| e.kind.as_deref() == Some("text"))
                     .and_then(|e| e.text.as_ref()?.body.as_deref())
                     .unwrap_or("");
-                let d = self
-                    .detector
-                    .detect_text(body)
-                    .filter(|d| d.status == Status::OptedOut);
-                keyword(d, body, "edited text")
+                match self.detector.detect_text(body) {
+                    Some(d) if d.status == Status::OptedOut => {
+                        keyword(Some(d), body, "edited text")
+                    }
+                    Some(_) => keyword(None, body, "edited text"),
+                    None => self.keyword(body, "edited text"),
+                }
             }
             other => (None, Signal::Inbound, format!("inbound {}", short(other))),
+        }
+    }
+
+    /// A typed text: a keyword, a possible opt-out, or nothing about consent.
+    fn keyword(&self, body: &str, what: &str) -> Read {
+        if let Some(d) = self.detector.detect_text(body) {
+            return keyword(Some(d), body, what);
+        }
+        match self.detector.possible_opt_out(body) {
+            // Kept for an operator's review: the text, bounded, is the evidence.
+            Some(d) => {
+                let ev = format!(
+                    "{what} {:?} may be an opt-out ({} is a revocation word)",
+                    short(body),
+                    d.matched
+                );
+                (Some(d), Signal::Inbound, ev)
+            }
+            None => keyword(None, body, what),
         }
     }
 
@@ -819,6 +852,8 @@ impl<'a> Cx<'a> {
                 short(err.title.as_deref().unwrap_or(""))
             ),
             language: None,
+            scope: None,
+            possible_opt_out: false,
         }))
     }
 
@@ -839,15 +874,26 @@ impl<'a> Cx<'a> {
             return Err(Why::NoSender);
         };
         let at = self.time(&p.timestamp);
+        // The dedup key is the preference's content: a redelivery has the same sender,
+        // value and time. Without Meta's time, a resume is keyed by its content alone (a
+        // repeat is dropped, which can only keep an opt-out); a stop by its receive time,
+        // so a real second stop is never dropped (the core finds a repeat changes nothing).
+        let when = match (p.timestamp.as_ref().and_then(Lenient::seconds), status) {
+            (Some(_), _) => (at.millis() / 1000).to_string(),
+            (None, Status::OptedIn) => "untimed".to_string(),
+            (None, Status::OptedOut) => format!("received {}", at.millis()),
+        };
         Ok(Some(ConsentEvent {
             identities,
             status: Some(status),
             signal: Signal::MarketingPreference,
             at,
             inbound: false,
-            message_id: Some(format!("pref:{first}:{value}:{}", at.millis() / 1000)),
+            message_id: Some(format!("pref:{first}:{value}:{when}")),
             evidence: format!("user_preferences marketing_messages={value}"),
             language: None,
+            scope: None,
+            possible_opt_out: false,
         }))
     }
 }
@@ -1085,5 +1131,59 @@ mod tests {
         };
         assert_eq!(events(&mk("STOP"))[0].status, Some(Status::OptedOut));
         assert_eq!(events(&mk("START"))[0].status, None);
+    }
+
+    fn text_message(body: &str) -> Vec<u8> {
+        envelope(
+            "messages",
+            json!({"messages": [{"from": "15551230000", "id": "wamid.T", "timestamp": "1700000000",
+                "type": "text", "text": {"body": body}}]}),
+        )
+    }
+
+    #[test]
+    fn keywords_carry_their_scope_and_possible_opt_outs_decide_nothing() {
+        let ev = &events(&text_message("Stop promotions"))[0];
+        assert_eq!(ev.status, Some(Status::OptedOut));
+        assert_eq!(ev.scope, Some(optout_core::Scope::Marketing));
+        assert!(!ev.possible_opt_out);
+        let ev = &events(&text_message("I want to opt out"))[0];
+        assert_eq!((ev.status, ev.scope), (Some(Status::OptedOut), None));
+        let ev = &events(&text_message(
+            "stop sending me the catalogue, I want orders only",
+        ))[0];
+        assert_eq!(ev.status, None);
+        assert!(ev.possible_opt_out);
+        assert_eq!(ev.signal, Signal::Inbound);
+        assert_eq!(ev.language.as_deref(), Some("en"));
+        assert!(ev.evidence.contains("may be an opt-out"), "{}", ev.evidence);
+        let ev = &events(&text_message("stop by the store"))[0];
+        assert_eq!((ev.status, ev.possible_opt_out), (None, false));
+        assert_eq!(ev.evidence, "inbound text");
+        let button = envelope(
+            "messages",
+            json!({"messages": [{"from": "1", "id": "b", "timestamp": "1", "type": "button",
+                "button": {"payload": "Detener promociones", "text": "Detener promociones"}}]}),
+        );
+        let ev = &events(&button)[0];
+        assert_eq!(ev.signal, Signal::Button);
+        assert_eq!(ev.scope, Some(optout_core::Scope::Marketing));
+    }
+
+    #[test]
+    fn a_preference_is_keyed_by_its_content() {
+        let pref = |value: &str, ts: Option<i64>| {
+            let mut p = json!({"wa_id": "1555", "category": "marketing_messages", "value": value});
+            if let Some(ts) = ts {
+                p["timestamp"] = json!(ts);
+            }
+            envelope("user_preferences", json!({"user_preferences": [p]}))
+        };
+        let id = |b: &[u8]| events(b)[0].message_id.clone().unwrap();
+        assert_eq!(id(&pref("stop", Some(5))), id(&pref("stop", Some(5))));
+        assert_ne!(id(&pref("stop", Some(5))), id(&pref("stop", Some(6))));
+        assert_eq!(id(&pref("resume", None)), "pref:1555:resume:untimed");
+        // An untimed stop keeps its receive time: a real second stop is never dropped.
+        assert!(id(&pref("stop", None)).starts_with("pref:1555:stop:received "));
     }
 }

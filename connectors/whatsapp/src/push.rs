@@ -8,11 +8,11 @@
 //! when the credentials are refused before anything was sent; a refusal later in the batch
 //! marks the rest `RetryLater`, and the next call raises the alarm.
 
-use optout_core::{ConnectorError, Identity, PushItem, PushOutcome, Status, Timestamp};
+use optout_core::{ConnectorError, Identity, PushItem, PushOutcome, Scope, Status, Timestamp};
 use serde_json::{Value, json};
 
 use crate::client::{Class, Graph, Reply};
-use crate::config::{Confirmations, Texts};
+use crate::config::{BUILTIN_CLARIFY, BUILTIN_MARKETING_OPTED_OUT, Confirmations, Texts};
 
 pub(crate) const NOT_A_REPLY: &str = "whatsapp takes confirmation replies only";
 pub(crate) const WINDOW_CLOSED: &str = "24-hour window closed";
@@ -45,12 +45,21 @@ pub(crate) async fn push(
                 "confirmations are enabled but no access_token is set".into(),
             ));
         };
-        let text = pick_text(
-            texts,
-            &confirmations.default_language,
-            reply.language.as_deref(),
-            item.status,
-        );
+        let lang = reply.language.as_deref();
+        let default = &confirmations.default_language;
+        let text = if reply.clarify {
+            pick_optional(texts, default, lang, BUILTIN_CLARIFY, |t| &t.clarify)
+        } else if item.scope == Scope::Marketing && item.status == Status::OptedOut {
+            let marketing = BUILTIN_MARKETING_OPTED_OUT;
+            pick_optional(texts, default, lang, marketing, |t| &t.opted_out_marketing)
+        } else {
+            pick_text(
+                texts,
+                &confirmations.default_language,
+                reply.language.as_deref(),
+                item.status,
+            )
+        };
         let body = message_body(&reply.to, &reply.in_reply_to, text);
         let verdict = verdict(graph.send_message(&body).await, sent_any)?;
         sent_any |= matches!(verdict.outcome, PushOutcome::Done);
@@ -164,6 +173,39 @@ pub(crate) fn pick_text<'a>(
     }
 }
 
+/// An optional text (the clarification of a possible opt-out, the confirmation of a
+/// marketing opt-out) in `language`, with the same fallbacks as [`pick_text`]: a configured
+/// language without it uses the built-in text of that language, then the default
+/// language's, then the first built-in one.
+pub(crate) fn pick_optional<'a>(
+    texts: &'a std::collections::BTreeMap<String, Texts>,
+    default_language: &str,
+    language: Option<&str>,
+    builtins: &'static [(&'static str, &'static str)],
+    field: impl Fn(&Texts) -> &Option<String>,
+) -> &'a str {
+    let by = |l: &str| {
+        let t = texts.get(l).or_else(|| texts.get(&l.to_ascii_lowercase()));
+        t.and_then(|t| field(t).as_deref())
+    };
+    let builtin = |l: &str| {
+        let l = l.to_ascii_lowercase();
+        let short = l.split(['-', '_']).next().unwrap_or(&l).to_string();
+        (builtins.iter())
+            .find(|(k, _)| *k == l || *k == short)
+            .map(|(_, t)| *t)
+    };
+    let lang = |l: &str| {
+        by(l)
+            .or_else(|| by(l.split(['-', '_']).next().unwrap_or(l)))
+            .or_else(|| builtin(l))
+    };
+    language
+        .and_then(lang)
+        .or_else(|| lang(default_language))
+        .unwrap_or(builtins[0].1)
+}
+
 /// A free-form text reply in the context of the customer's message. Username users without
 /// a phone number are addressed by BSUID in `recipient` instead of `to`: Meta's
 /// business-scoped user ID documentation (2026) adds `recipient` to the Messages API for a
@@ -198,6 +240,32 @@ mod tests {
         assert!(pick_text(&t, "en", Some("DE"), Status::OptedIn).starts_with("Sie sind"));
         assert!(pick_text(&t, "en", Some("it"), Status::OptedOut).starts_with("You have been"));
         assert!(pick_text(&t, "fr", None, Status::OptedIn).starts_with("Vous êtes de nouveau"));
+    }
+
+    #[test]
+    fn clarifications_and_marketing_confirmations_have_texts_of_their_own() {
+        let mut t = default_texts();
+        let pick = |t: &std::collections::BTreeMap<String, Texts>, l| {
+            pick_optional(t, "en", l, BUILTIN_CLARIFY, |x| &x.clarify).to_string()
+        };
+        assert!(pick(&t, Some("es-MX")).starts_with("Responde BAJA"));
+        assert!(pick(&t, Some("it")).starts_with("Reply STOP"));
+        assert!(pick(&t, None).starts_with("Reply STOP"));
+        // A configured language without the text keeps the built-in one of its language.
+        t.insert(
+            "de".into(),
+            Texts {
+                opted_out: "Ab.".into(),
+                opted_in: "An.".into(),
+                clarify: None,
+                opted_out_marketing: None,
+            },
+        );
+        assert!(pick(&t, Some("de")).starts_with("Antworten Sie STOPP"));
+        let m = pick_optional(&t, "en", Some("pt"), BUILTIN_MARKETING_OPTED_OUT, |x| {
+            &x.opted_out_marketing
+        });
+        assert!(m.contains("promocionais"), "{m}");
     }
 
     #[test]

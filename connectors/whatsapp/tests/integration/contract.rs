@@ -95,6 +95,7 @@ impl Harness for Account {
                         in_reply_to: format!("wamid.IN{i}"),
                         window_ends: Timestamp::now().plus(Duration::from_secs(3600)),
                         language: None,
+                        clarify: false,
                     }),
                     ..push_item("whatsapp", Status::OptedOut, Timestamp::now())
                 }

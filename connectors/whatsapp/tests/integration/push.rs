@@ -34,6 +34,7 @@ fn item(to: Identity, in_reply_to: &str, status: Status, language: Option<&str>)
             in_reply_to: in_reply_to.into(),
             window_ends: Timestamp::now().plus(Duration::from_secs(3600)),
             language: language.map(String::from),
+            clarify: false,
         }),
     }
 }
