@@ -255,6 +255,39 @@ async fn a_marketing_stop_sets_the_marketing_fields_and_stop_all_then_the_consen
     stop(d).await;
 }
 
+/// Meta's "Stop promotions" button, under each of its shipped labels, is a marketing
+/// opt-out: it reaches both CRMs' marketing fields and leaves their consent fields alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stop_promotions_button_sets_the_marketing_fields_only() {
+    let w = World::new().await;
+    let people = [
+        ("+14155550101", "Stop promotions"),
+        ("+14155550102", "Detener promociones"),
+        ("+14155550103", "Parar promoções"),
+    ];
+    let records: Vec<Records> = people.iter().map(|(p, _)| w.seed(p)).collect();
+    let d = w.start(&w.with_marketing()).await;
+    for (i, (phone, label)) in people.iter().enumerate() {
+        let who = Who::wa(phone.trim_start_matches('+'));
+        let id = format!("wamid.SP{i}");
+        let body = envelope::button(&who, &id, now_s() - 60, "MKT_OPT_OUT", label);
+        w.deliver(&d, &body).await;
+    }
+    let unticked = (json!(null), json!(false));
+    d.until("every marketing field opted out", WITHIN, async || {
+        records.iter().all(|r| w.marketing_out(r, unticked.clone()))
+    })
+    .await;
+    for (phone, _) in people {
+        assert!(marketing_only_blocked(&d, phone).await, "{phone}");
+    }
+    quiet(&d).await;
+    for r in &records {
+        assert!(w.marketing_out(r, unticked.clone()), "{:?}", w.fields(r));
+    }
+    stop(d).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agents_edit_of_a_marketing_field_reaches_the_gate_and_the_other_crm() {
     let w = World::new().await;
