@@ -35,6 +35,8 @@ pub enum AuditKind {
     Merged,
     /// An operator's action (import, dead-letter retry).
     Operator,
+    /// A message template's category, as the send gate will judge it, was set or changed.
+    Template,
 }
 
 impl AuditKind {
@@ -50,6 +52,7 @@ impl AuditKind {
             AuditKind::IdentityRejected => "identity_rejected",
             AuditKind::Merged => "merged",
             AuditKind::Operator => "operator",
+            AuditKind::Template => "template",
         }
     }
 }

@@ -682,6 +682,7 @@ impl Daemon {
                 .collect(),
             webhook_inbox: facts.inbox,
             quarantined_webhooks: facts.quarantined,
+            templates_known: facts.templates,
             store_alarm: facts.alarm,
             connectors,
         }
@@ -721,6 +722,7 @@ struct StoreFacts {
     counts: Vec<(String, i64)>,
     inbox: usize,
     quarantined: usize,
+    templates: usize,
     alarm: Option<String>,
 }
 
@@ -732,6 +734,7 @@ impl StoreFacts {
             counts: store.counts().unwrap_or_default(),
             inbox: store.inbox_len(),
             quarantined: store.quarantine_len(),
+            templates: store.template_names().unwrap_or(0),
             alarm: store.failure(),
         }
     }
@@ -743,6 +746,7 @@ impl StoreFacts {
             counts: Vec::new(),
             inbox: 0,
             quarantined: 0,
+            templates: 0,
             alarm: Some(format!("the store could not be read: {why}")),
         }
     }

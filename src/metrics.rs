@@ -40,6 +40,12 @@ pub struct ConnectorReason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FromTo {
+    pub from: String,
+    pub to: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectorLabel {
     pub connector: String,
 }
@@ -69,6 +75,9 @@ pub struct Metrics {
     pub propagation: Family<ConnectorLabel, Histogram>,
     /// Seconds from a push being done to the read-back that confirms it.
     pub verification: Family<ConnectorLabel, Histogram>,
+    /// Templates whose category, as the send gate judges it, changed (`utility` →
+    /// `marketing`): sends of them are gated differently from then on.
+    pub template_recategorisations: Family<FromTo, Counter>,
     /// Serialises scrapes (gauges are refreshed then encoded).
     scrape: Mutex<()>,
 }
@@ -153,6 +162,11 @@ impl Metrics {
                 "verification_seconds",
                 "From a push to the read-back that confirms it",
                 Family::new_with_constructor(buckets),
+            ),
+            template_recategorisations: registered(
+                &mut r,
+                "template_recategorisations",
+                "Message templates whose gated category changed, by old and new category",
             ),
             // Last: the fields above register into it first.
             registry: r,

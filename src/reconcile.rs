@@ -62,6 +62,8 @@ pub struct ApplyReport {
     pub enqueued: BTreeMap<String, u64>,
     /// Pushes confirmed by a read-back: (connector, record, delay since the push).
     pub verified: Vec<(String, String, Duration)>,
+    /// Templates whose gated category changed: (from, to), e.g. (`utility`, `marketing`).
+    pub recategorised: Vec<(String, String)>,
 }
 
 /// What completing a batch of pushes did.
@@ -140,6 +142,7 @@ impl Engine {
                     Observation::Event(ev) => page.event(ev)?,
                     Observation::Record(snap) => page.record(snap)?,
                     Observation::IdentityChange(c) => page.identity_change(c)?,
+                    Observation::TemplateCategory(t) => page.template_category(t)?,
                 }
             }
             let report = page.finish()?;
@@ -1160,6 +1163,7 @@ fn bounded(s: &str, max_chars: usize) -> String {
 }
 
 mod changes;
+pub mod templates;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -20,6 +20,9 @@ pub struct StatusReport {
     pub subjects: BTreeMap<String, i64>,
     pub webhook_inbox: usize,
     pub quarantined_webhooks: usize,
+    /// Message templates whose category the send gate knows (`?template=`).
+    #[serde(default)]
+    pub templates_known: usize,
     /// Set while the store fails (a full disk, an I/O error): webhooks get 503 and nothing
     /// is applied until it works again.
     #[serde(default)]
@@ -95,6 +98,9 @@ pub struct GateReply {
     pub id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub category: Option<String>,
+    /// The template asked about (`?template=`); `category` is its current category.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
     /// Absent only when the identifier could not be read (`error` says why); `false` on a
     /// store error: the gate fails closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

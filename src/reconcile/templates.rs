@@ -1,0 +1,205 @@
+//! Template categories (WhatsApp's template webhooks, and configured ones): the store keeps
+//! each template's newest category, and the send gate decides a `template=` question by it.
+//!
+//! Newest by event time: a late redelivery of an older notice never replaces a newer one.
+//! At the same time, the stricter category stays (marketing over the others), as a tie
+//! between an opt-out and an opt-in goes to the opt-out. A configured category is timed
+//! [`Timestamp::MIN`]: any announced one replaces it, and a changed configuration replaces
+//! the configured one at the next start.
+//!
+//! An announced change (Meta warns a day before it re-categorises) to marketing gates the
+//! template as marketing at once: a day early is the safe error. An announced change away
+//! from marketing waits for the notice that it happened.
+
+use optout_core::{TemplateCategory, Timestamp};
+
+use super::PageTx;
+use crate::audit::{AuditEntry, AuditKind};
+use crate::policy::Category;
+use crate::store::{Store, StoreError, TemplateRecord, TxResult};
+
+/// Meta's template categories before 2023, still seen on old templates
+/// (`previous_category`), and what they became.
+const LEGACY: [(&str, Category); 13] = [
+    ("transactional", Category::Utility),
+    ("account_update", Category::Utility),
+    ("payment_update", Category::Utility),
+    ("personal_finance_update", Category::Utility),
+    ("shipping_update", Category::Utility),
+    ("reservation_update", Category::Utility),
+    ("issue_resolution", Category::Utility),
+    ("appointment_update", Category::Utility),
+    ("transportation_update", Category::Utility),
+    ("ticket_update", Category::Utility),
+    ("alert_update", Category::Utility),
+    ("auto_reply", Category::Utility),
+    ("otp", Category::Authentication),
+];
+
+/// The category a channel's name stands for. A name this build does not know counts as
+/// marketing, the strictest: an unknown category must never let a send past an opt-out.
+pub fn category_of(name: &str) -> Category {
+    match Category::parse(name) {
+        Some(c @ (Category::Marketing | Category::Utility | Category::Authentication)) => c,
+        _ => (LEGACY.iter())
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map_or(Category::Marketing, |&(_, c)| c),
+    }
+}
+
+/// The category a stored template is gated by: its own, or marketing already when a move
+/// to marketing is announced.
+pub fn gated(t: &TemplateRecord) -> Category {
+    match t.upcoming.as_deref().map(category_of) {
+        Some(Category::Marketing) => Category::Marketing,
+        _ => category_of(&t.category),
+    }
+}
+
+/// Whether `new` replaces the stored `old`: the newer event wins; at the same time, a
+/// configured one replaces a configured one, and otherwise marketing stays.
+fn replaces(old: &TemplateRecord, new: &TemplateRecord) -> bool {
+    if new.at != old.at {
+        return new.at > old.at;
+    }
+    new.at == Timestamp::MIN
+        || gated(new) == Category::Marketing
+        || gated(old) != Category::Marketing
+}
+
+/// What the gate knows of template `name`: the category it is gated by and the records
+/// behind it, or `None` when the store knows no category of it. Announced categories
+/// outrank configured ones; across languages the strictest holds.
+pub fn lookup(
+    store: &Store,
+    name: &str,
+) -> Result<Option<(Category, Vec<TemplateRecord>)>, StoreError> {
+    let all = store.templates_named(name)?;
+    let announced: Vec<TemplateRecord> = all
+        .iter()
+        .filter(|t| t.at != Timestamp::MIN)
+        .cloned()
+        .collect();
+    let records = if announced.is_empty() { all } else { announced };
+    let Some(newest) = records.iter().max_by_key(|t| t.at) else {
+        return Ok(None);
+    };
+    let category = match records.iter().any(|t| gated(t) == Category::Marketing) {
+        true => Category::Marketing,
+        false => gated(newest),
+    };
+    Ok(Some((category, records)))
+}
+
+impl PageTx<'_, '_, '_> {
+    /// Keeps a template's category if it is newer than the stored one; audits and reports a
+    /// change of the category it is gated by.
+    pub(super) fn template_category(&mut self, t: &TemplateCategory) -> TxResult<()> {
+        self.report.observations += 1;
+        let bad = |s: &str| s.contains('\0') || s.len() > 512;
+        if t.name.is_empty() || bad(&t.name) || bad(&t.language) {
+            self.tally("rejected");
+            return Ok(());
+        }
+        let new = TemplateRecord {
+            name: t.name.clone(),
+            language: t.language.clone(),
+            category: t.category.clone(),
+            upcoming: t.upcoming.clone(),
+            at: t.at,
+            id: t.id.clone(),
+            source: self.connector.to_string(),
+            evidence: super::bounded(&t.evidence, 200),
+            stored_at: self.now,
+        };
+        let old = self.tx.template(&t.name, &t.language)?;
+        if let Some(old) = &old {
+            let same = old.category == new.category && old.upcoming == new.upcoming;
+            if (same && old.at == new.at) || !replaces(old, &new) {
+                self.tally(if same { "unchanged" } else { "template_stale" });
+                return Ok(());
+            }
+        }
+        self.tx.put_template(&new)?;
+        let (from, to) = (old.as_ref().map(gated), gated(&new));
+        self.tally("template_category");
+        if from == Some(to) {
+            return Ok(());
+        }
+        if let Some(from) = from {
+            (self.report.recategorised).push((from.as_str().into(), to.as_str().into()));
+        }
+        let mut a = AuditEntry::new(AuditKind::Template, self.connector, self.now);
+        a.record = Some(format!("template {}/{}", new.name, new.language));
+        a.event_at = (new.at != Timestamp::MIN).then_some(new.at);
+        a.evidence = Some(new.evidence.clone());
+        a.reason = Some(match from {
+            Some(from) => format!("gated as {} → {}", from.as_str(), to.as_str()),
+            None => format!("gated as {}", to.as_str()),
+        });
+        self.tx.audit(&a, &[])?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(category: &str, upcoming: Option<&str>, at: i64) -> TemplateRecord {
+        TemplateRecord {
+            name: "order_update".into(),
+            language: "en_US".into(),
+            category: category.into(),
+            upcoming: upcoming.map(str::to_string),
+            at: Timestamp(at),
+            id: None,
+            source: "whatsapp".into(),
+            evidence: String::new(),
+            stored_at: Timestamp(0),
+        }
+    }
+
+    #[test]
+    fn categories_by_meta_name_with_unknown_ones_strictest() {
+        assert_eq!(category_of("UTILITY"), Category::Utility);
+        assert_eq!(category_of("AUTHENTICATION"), Category::Authentication);
+        assert_eq!(category_of("marketing"), Category::Marketing);
+        assert_eq!(category_of("ACCOUNT_UPDATE"), Category::Utility);
+        assert_eq!(category_of("OTP"), Category::Authentication);
+        assert_eq!(category_of("SERVICE"), Category::Marketing);
+        assert_eq!(category_of("SOMETHING_NEW"), Category::Marketing);
+        assert_eq!(
+            gated(&rec("UTILITY", Some("MARKETING"), 1)),
+            Category::Marketing
+        );
+        assert_eq!(
+            gated(&rec("MARKETING", Some("UTILITY"), 1)),
+            Category::Marketing
+        );
+        assert_eq!(gated(&rec("UTILITY", None, 1)), Category::Utility);
+    }
+
+    #[test]
+    fn the_newest_wins_and_a_tie_keeps_marketing() {
+        let (u1, m2) = (rec("UTILITY", None, 1), rec("MARKETING", None, 2));
+        assert!(replaces(&u1, &m2));
+        assert!(!replaces(&m2, &u1), "an older notice arriving late");
+        assert!(replaces(&m2, &rec("UTILITY", None, 3)));
+        assert!(
+            !replaces(&m2, &rec("UTILITY", None, 2)),
+            "a tie keeps marketing"
+        );
+        assert!(replaces(&rec("UTILITY", None, 2), &m2));
+        let seed = |c| rec(c, None, i64::MIN);
+        assert!(
+            replaces(&seed("MARKETING"), &seed("UTILITY")),
+            "configuration changed"
+        );
+        assert!(replaces(&seed("UTILITY"), &u1));
+        assert!(
+            !replaces(&u1, &seed("MARKETING")),
+            "an announcement outranks configuration"
+        );
+    }
+}
