@@ -88,6 +88,8 @@ impl Default for Metrics {
     }
 }
 
+const RECAT: &str = "Message templates whose gated category changed, by old and new category";
+
 impl Metrics {
     pub fn new() -> Self {
         let mut r = Registry::with_prefix("optout");
@@ -163,11 +165,7 @@ impl Metrics {
                 "From a push to the read-back that confirms it",
                 Family::new_with_constructor(buckets),
             ),
-            template_recategorisations: registered(
-                &mut r,
-                "template_recategorisations",
-                "Message templates whose gated category changed, by old and new category",
-            ),
+            template_recategorisations: registered(&mut r, "template_recategorisations", RECAT),
             // Last: the fields above register into it first.
             registry: r,
             scrape: Mutex::new(()),

@@ -7,8 +7,8 @@
 //! (append-only), `subject_audit` (subject → audit sequence index), `inbox` and
 //! `quarantine` (webhook bodies), `seen` (dedup keys of delivered messages), `counts`
 //! (decision totals and people), `unverified` (pushes not yet read back), `unreadable`
-//! (connector, record → phone values that are not numbers), `templates` (template name,
-//! language → its newest category) and `meta` (schema version).
+//! (connector, record → phone values that are not numbers), `templates` (template name →
+//! its newest category per language) and `meta` (schema version).
 //!
 //! Every value starts with a one-byte format version followed by JSON. Changes that must
 //! happen together go through [`Store::transaction`], which commits them atomically and,
@@ -1180,26 +1180,18 @@ impl Store {
     }
 
     /// Unreadable phone values per connector.
-    /// Every stored category of the template `name` (one per language, and the configured
-    /// one), in key order.
+    /// Every stored category of the template `name`: one per language, and the
+    /// configured one.
     pub fn templates_named(&self, name: &str) -> Result<Vec<TemplateRecord>, StoreError> {
-        let p = prefix(name);
-        self.with(|db| {
-            (db.trees[TEMPLATES].scan_prefix(&p))
-                .map(|kv| decode("template", &kv?.1))
-                .collect()
+        self.with(|db| match db.trees[TEMPLATES].get(name.as_bytes())? {
+            Some(v) => decode("template", &v),
+            None => Ok(Vec::new()),
         })
     }
 
     /// How many template names the store knows a category of.
     pub fn template_names(&self) -> Result<usize, StoreError> {
-        self.with(|db| {
-            let mut names = std::collections::BTreeSet::new();
-            for kv in db.trees[TEMPLATES].iter() {
-                names.insert(split_key(&kv?.0).0);
-            }
-            Ok(names.len())
-        })
+        self.with(|db| Ok(db.trees[TEMPLATES].len()))
     }
 
     pub fn unreadable_counts(&self) -> std::collections::BTreeMap<String, u64> {
@@ -1453,12 +1445,15 @@ impl Txn<'_> {
         Ok(())
     }
 
-    pub fn template(&self, name: &str, language: &str) -> TxResult<Option<TemplateRecord>> {
-        self.get(TEMPLATES, "template", &link_key(name, language))
+    /// The stored categories of template `name`, one per language.
+    pub fn templates(&self, name: &str) -> TxResult<Vec<TemplateRecord>> {
+        Ok(self
+            .get(TEMPLATES, "template", name.as_bytes())?
+            .unwrap_or_default())
     }
 
-    pub fn put_template(&self, t: &TemplateRecord) -> TxResult<()> {
-        self.t[TEMPLATES].insert(link_key(&t.name, &t.language), encode(t))?;
+    pub fn put_templates(&self, name: &str, records: &[TemplateRecord]) -> TxResult<()> {
+        self.t[TEMPLATES].insert(name.as_bytes(), encode(&records))?;
         Ok(())
     }
 

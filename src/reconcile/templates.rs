@@ -75,20 +75,24 @@ pub fn lookup(
     name: &str,
 ) -> Result<Option<(Category, Vec<TemplateRecord>)>, StoreError> {
     let all = store.templates_named(name)?;
-    let announced: Vec<TemplateRecord> = all
-        .iter()
-        .filter(|t| t.at != Timestamp::MIN)
-        .cloned()
+    Ok(judge(&all).map(|c| (c, all)))
+}
+
+/// The category a template name is gated by, from its stored records (one per language,
+/// and the configured one): announced ones outrank the configured one, and across
+/// languages marketing wins.
+fn judge(records: &[TemplateRecord]) -> Option<Category> {
+    let announced = records.iter().any(|t| t.at != Timestamp::MIN);
+    let counted: Vec<&TemplateRecord> = (records.iter())
+        .filter(|t| !announced || t.at != Timestamp::MIN)
         .collect();
-    let records = if announced.is_empty() { all } else { announced };
-    let Some(newest) = records.iter().max_by_key(|t| t.at) else {
-        return Ok(None);
-    };
-    let category = match records.iter().any(|t| gated(t) == Category::Marketing) {
-        true => Category::Marketing,
-        false => gated(newest),
-    };
-    Ok(Some((category, records)))
+    let newest = counted.iter().max_by_key(|t| t.at)?;
+    Some(
+        match counted.iter().any(|t| gated(t) == Category::Marketing) {
+            true => Category::Marketing,
+            false => gated(newest),
+        },
+    )
 }
 
 impl PageTx<'_, '_, '_> {
@@ -96,8 +100,7 @@ impl PageTx<'_, '_, '_> {
     /// change of the category it is gated by.
     pub(super) fn template_category(&mut self, t: &TemplateCategory) -> TxResult<()> {
         self.report.observations += 1;
-        let bad = |s: &str| s.contains('\0') || s.len() > 512;
-        if t.name.is_empty() || bad(&t.name) || bad(&t.language) {
+        if t.name.is_empty() || t.name.len() > 512 || t.language.len() > 64 {
             self.tally("rejected");
             return Ok(());
         }
@@ -112,17 +115,23 @@ impl PageTx<'_, '_, '_> {
             evidence: super::bounded(&t.evidence, 200),
             stored_at: self.now,
         };
-        let old = self.tx.template(&t.name, &t.language)?;
-        if let Some(old) = &old {
+        let mut records = self.tx.templates(&t.name)?;
+        let old = records.iter().position(|r| r.language == t.language);
+        if let Some(old) = old.map(|i| &records[i]) {
             let same = old.category == new.category && old.upcoming == new.upcoming;
             if (same && old.at == new.at) || !replaces(old, &new) {
                 self.tally(if same { "unchanged" } else { "template_stale" });
                 return Ok(());
             }
         }
-        self.tx.put_template(&new)?;
-        let (from, to) = (old.as_ref().map(gated), gated(&new));
         self.tally("template_category");
+        let from = judge(&records);
+        match old {
+            Some(i) => records[i] = new.clone(),
+            None => records.push(new.clone()),
+        }
+        self.tx.put_templates(&t.name, &records)?;
+        let to = judge(&records).unwrap_or(Category::Marketing);
         if from == Some(to) {
             return Ok(());
         }
@@ -130,7 +139,7 @@ impl PageTx<'_, '_, '_> {
             (self.report.recategorised).push((from.as_str().into(), to.as_str().into()));
         }
         let mut a = AuditEntry::new(AuditKind::Template, self.connector, self.now);
-        a.record = Some(format!("template {}/{}", new.name, new.language));
+        a.record = Some(format!("template {} ({})", new.name, new.language));
         a.event_at = (new.at != Timestamp::MIN).then_some(new.at);
         a.evidence = Some(new.evidence.clone());
         a.reason = Some(match from {
