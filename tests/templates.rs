@@ -245,3 +245,44 @@ async fn an_unknown_template_is_an_error_never_allowed() {
         "{g:?}"
     );
 }
+
+#[test]
+fn check_config_locates_a_bad_template_name_and_category() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path())
+        .set("whatsapp", r#"templates.Order_Update = "utility""#)
+        .set("whatsapp", r#"templates.spring_sale = "promotional""#);
+    let path = dir.path().join("optout-sync.toml");
+    std::fs::write(&path, c.toml()).unwrap();
+    let check = |path: &Path| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_optout-sync"));
+        cmd.arg("check-config")
+            .arg(path)
+            .env("OPTOUT_GATE_TOKEN", GATE_TOKEN);
+        for (k, v) in c.env() {
+            cmd.env(k, v);
+        }
+        let o = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (o.status.code(), text)
+    };
+    let (code, text) = check(&path);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains("templates.Order_Update: a template name is lowercase"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"templates.spring_sale: unknown category "promotional""#),
+        "{text}"
+    );
+    assert!(text.contains("2 problems found"), "{text}");
+
+    std::fs::write(&path, config(dir.path()).toml()).unwrap();
+    let (code, text) = check(&path);
+    assert_eq!(code, Some(0), "{text}");
+}
