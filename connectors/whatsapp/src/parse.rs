@@ -425,7 +425,7 @@ impl<'d> Walk<'d> {
     }
 
     /// A template notice: its category, or nothing when it names none (an older status
-    /// update); unreadable when it names no template.
+    /// update); unreadable when it names a category but no template.
     fn template(
         &mut self,
         at: &str,
@@ -929,7 +929,6 @@ fn template_category(
     field: TemplateField,
     at: Timestamp,
 ) -> Result<Option<TemplateCategory>, Why> {
-    let name = text_of(&v.message_template_name).ok_or(Why::Shape)?;
     let (category, upcoming, evidence) = match field {
         TemplateField::CategoryUpdate => {
             let Some(now) = text_of(&v.new_category) else {
@@ -955,6 +954,8 @@ fn template_category(
             (category, None, evidence)
         }
     };
+    // A category for no template cannot be kept: the operator sees it in the quarantine.
+    let name = text_of(&v.message_template_name).ok_or(Why::Shape)?;
     Ok(Some(TemplateCategory {
         name,
         language: text_of(&v.message_template_language).unwrap_or_default(),

@@ -101,6 +101,16 @@ fn a_notice_without_a_template_name_is_unreadable_and_without_time_takes_the_rec
         serde_json::json!({"message_template_id": 1, "new_category": "MARKETING"}),
     );
     let p = parts(&nameless, RECEIVED, &Detector::default()).unwrap();
+    // Without a category either, it says nothing the daemon keeps.
+    let bare = envelope::waba_notice(
+        "message_template_status_update",
+        1_750_000_000,
+        serde_json::json!({"event": "APPROVED", "message_template_id": 1}),
+    );
+    assert_eq!(
+        parts(&bare, RECEIVED, &Detector::default()).unwrap(),
+        vec![Part::Nothing]
+    );
     assert!(
         matches!(
             &p[..],
