@@ -189,6 +189,79 @@ mod tests {
         assert_eq!(gated(&rec("UTILITY", None, 1)), Category::Utility);
     }
 
+    fn engine(dir: &std::path::Path) -> crate::reconcile::Engine {
+        crate::reconcile::Engine::new(
+            Store::open(dir).unwrap(),
+            crate::policy::PolicyConfig::default(),
+            crate::identity::Normalizer::new(
+                crate::identity::Normalizer::parse_region("US").unwrap(),
+            ),
+            Default::default(),
+        )
+    }
+
+    fn notice(language: &str, category: &str, at: Timestamp) -> optout_core::Observation {
+        optout_core::Observation::TemplateCategory(TemplateCategory {
+            name: "order_update".into(),
+            language: language.into(),
+            category: category.into(),
+            upcoming: None,
+            at,
+            id: None,
+            evidence: format!("test {category}"),
+        })
+    }
+
+    #[test]
+    fn pages_keep_the_newest_notice_count_changes_and_audit_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let apply = |obs: &[optout_core::Observation]| {
+            e.apply_page("whatsapp", obs, None, Timestamp(5)).unwrap()
+        };
+        let gated_now = || lookup(e.store(), "order_update").unwrap().map(|(c, _)| c);
+        // Configured, then the same configuration at the next start: nothing new.
+        apply(&[notice("", "UTILITY", Timestamp::MIN)]);
+        let r = apply(&[notice("", "UTILITY", Timestamp::MIN)]);
+        assert_eq!(r.results.get("unchanged"), Some(&1));
+        assert_eq!(gated_now(), Some(Category::Utility));
+        // A newer and an older notice in one page: the newer holds.
+        let r = apply(&[
+            notice("en_US", "MARKETING", Timestamp(20)),
+            notice("en_US", "UTILITY", Timestamp(10)),
+        ]);
+        assert_eq!(r.results.get("template_stale"), Some(&1));
+        assert_eq!(
+            r.recategorised,
+            [("utility".to_string(), "marketing".to_string())]
+        );
+        assert_eq!(gated_now(), Some(Category::Marketing));
+        // A configuration that says utility no longer counts against an announcement.
+        apply(&[notice("", "UTILITY", Timestamp::MIN)]);
+        assert_eq!(gated_now(), Some(Category::Marketing));
+        // Meta moves it back, later: utility again, counted.
+        let r = apply(&[notice("en_US", "UTILITY", Timestamp(30))]);
+        assert_eq!(
+            r.recategorised,
+            [("marketing".to_string(), "utility".to_string())]
+        );
+        assert_eq!(gated_now(), Some(Category::Utility));
+        assert_eq!(lookup(e.store(), "unknown_one").unwrap(), None);
+        let audited: Vec<String> = (e.store().audit_from(0))
+            .map(|a| a.unwrap())
+            .filter(|a| a.kind == AuditKind::Template)
+            .map(|a| a.reason.unwrap())
+            .collect();
+        assert_eq!(
+            audited,
+            [
+                "gated as utility",
+                "gated as utility → marketing",
+                "gated as marketing → utility"
+            ]
+        );
+    }
+
     #[test]
     fn the_newest_wins_and_a_tie_keeps_marketing() {
         let (u1, m2) = (rec("UTILITY", None, 1), rec("MARKETING", None, 2));
