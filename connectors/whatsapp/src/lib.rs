@@ -5,8 +5,9 @@
 //! - the webhook ([`router`], [`WebhookState`]) verifies Meta's signature and appends raw
 //!   bodies to the inbox before acknowledging them;
 //! - the [`Connector`] impl drains the inbox in pages (`poll`), turning bodies into consent
-//!   events ([`parse`], [`detect`]), and sends confirmation replies (`push`) through the
-//!   Graph API ([`client`]).
+//!   events ([`parse`], [`detect`]) and template categories (the template webhooks; the
+//!   configured `[templates]` lead the first page committed after each start), and sends
+//!   confirmation replies (`push`) through the Graph API ([`client`]).
 //!
 //! What the daemon does with it, through the connector contract ([`Kind`]):
 //! 1. implement [`Inbox`] on its store (append durable before returning, sequence numbers
