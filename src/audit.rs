@@ -38,6 +38,8 @@ pub enum AuditKind {
     /// A message that may be an opt-out but is not clearly one ("stop sending me the
     /// catalogue, I only want my orders"): kept for an operator's review, never decided on.
     PossibleOptOut,
+    /// A message template's category, as the send gate will judge it, was set or changed.
+    Template,
 }
 
 impl AuditKind {
@@ -54,6 +56,7 @@ impl AuditKind {
             AuditKind::Merged => "merged",
             AuditKind::Operator => "operator",
             AuditKind::PossibleOptOut => "possible_opt_out",
+            AuditKind::Template => "template",
         }
     }
 }

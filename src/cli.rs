@@ -580,8 +580,8 @@ fn print_status(o: &mut impl Write, r: &StatusReport) -> std::io::Result<()> {
     )?;
     writeln!(
         o,
-        "webhooks: {} waiting in the inbox, {} quarantined",
-        r.webhook_inbox, r.quarantined_webhooks
+        "webhooks: {} waiting in the inbox, {} quarantined; templates: {} known",
+        r.webhook_inbox, r.quarantined_webhooks, r.templates_known
     )?;
     if r.possible_opt_outs > 0 {
         writeln!(

@@ -687,6 +687,7 @@ impl Daemon {
             possible_opt_outs,
             webhook_inbox: facts.inbox,
             quarantined_webhooks: facts.quarantined,
+            templates_known: facts.templates,
             store_alarm: facts.alarm,
             connectors,
         }
@@ -726,6 +727,7 @@ struct StoreFacts {
     counts: Vec<(String, i64)>,
     inbox: usize,
     quarantined: usize,
+    templates: usize,
     alarm: Option<String>,
 }
 
@@ -737,6 +739,7 @@ impl StoreFacts {
             counts: store.counts().unwrap_or_default(),
             inbox: store.inbox_len(),
             quarantined: store.quarantine_len(),
+            templates: store.template_names().unwrap_or(0),
             alarm: store.failure(),
         }
     }
@@ -748,6 +751,7 @@ impl StoreFacts {
             counts: Vec::new(),
             inbox: 0,
             quarantined: 0,
+            templates: 0,
             alarm: Some(format!("the store could not be read: {why}")),
         }
     }

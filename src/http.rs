@@ -5,6 +5,8 @@
 //! that send. It reads the store and never creates anything. It needs the bearer token
 //! from `daemon.gate_token`; without one configured it is off. The token is checked before
 //! any body is read, and a category the gate does not know is a 400, never "allowed".
+//! A `template` is judged by its current category (`reconcile::templates`); a template
+//! the store knows no category of is a 400 naming it, never "allowed".
 //!
 //! Every request passes [`guard_request`]: its body gets a deadline (`daemon.body_timeout`,
 //! 408 after it) and waits its turn to be read, and webhook refusals for a bad signature
@@ -143,13 +145,63 @@ async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
 #[derive(Deserialize)]
 struct GateQuery {
     category: Option<String>,
+    template: Option<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BatchRequest {
     category: Option<String>,
+    template: Option<String>,
     ids: Vec<String>,
+}
+
+/// What a request asks to be judged by: a category, or a template's current category.
+enum Asked {
+    Category(Category),
+    Template(String),
+}
+
+fn bad_request(body: serde_json::Value) -> Box<Response> {
+    Box::new((StatusCode::BAD_REQUEST, Json(body)).into_response())
+}
+
+/// A category or a template, not both: a template's category is the store's to say.
+fn asked(category: Option<&str>, template: Option<&str>) -> Result<Asked, Box<Response>> {
+    match (category, template) {
+        (Some(_), Some(_)) => Err(bad_request(json!({"error":
+            "give either category or template, not both: a template is judged by its current category"}))),
+        (_, Some("")) => Err(bad_request(json!({"error": "empty template name"}))),
+        (_, Some(t)) => Ok(Asked::Template(t.to_string())),
+        (c, None) => self::category(c).map(Asked::Category),
+    }
+}
+
+/// The category to judge by, and the template it is of. Reads the store: call it off the
+/// async threads. An unknown template is a 400 naming it; a store error a 503 (the gate
+/// fails closed).
+fn judged(engine: &Engine, asked: &Asked) -> Result<(Category, Option<String>), Box<Response>> {
+    let name = match asked {
+        Asked::Category(c) => return Ok((*c, None)),
+        Asked::Template(name) => name,
+    };
+    match crate::reconcile::templates::lookup(engine.store(), name) {
+        Ok(Some((c, _))) => Ok((c, Some(name.clone()))),
+        Ok(None) => {
+            let shown: String = name.chars().take(128).collect();
+            Err(bad_request(json!({
+                "error": format!("unknown template {shown:?}: no category of it is known (from WhatsApp's template webhooks or connectors.<whatsapp>.templates)"),
+                "unknown_template": shown,
+            })))
+        }
+        Err(e) => Err(Box::new(
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": format!("store error: {e}")})),
+            )
+                .into_response(),
+        )),
+    }
 }
 
 const MAX_BATCH: usize = 1000;
@@ -314,14 +366,24 @@ async fn gate_one(
     if let Err(r) = authorize(&s, &headers) {
         return *r;
     }
-    let category = match category(q.category.as_deref()) {
-        Ok(c) => c,
+    let asked = match asked(q.category.as_deref(), q.template.as_deref()) {
+        Ok(a) => a,
         Err(r) => return *r,
     };
     let engine = s.engine.clone();
-    let v = tokio::task::spawn_blocking(move || answer(&engine, &id, category))
-        .await
-        .unwrap_or_default();
+    let v = tokio::task::spawn_blocking(move || {
+        let (category, template) = judged(&engine, &asked)?;
+        Ok::<_, Box<Response>>(GateReply {
+            template,
+            ..answer(&engine, &id, category)
+        })
+    })
+    .await
+    .unwrap_or_else(|_| Ok(GateReply::default()));
+    let v = match v {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
     let code = if v.error.is_some() && v.allowed.is_none() {
         StatusCode::BAD_REQUEST
     } else {
@@ -357,20 +419,28 @@ async fn gate_batch(State(s): State<Arc<HttpState>>, req: Request) -> Response {
         )
             .into_response();
     }
-    let category = match category(req.category.as_deref()) {
-        Ok(c) => c,
+    let asked = match asked(req.category.as_deref(), req.template.as_deref()) {
+        Ok(a) => a,
         Err(r) => return *r,
     };
     let engine = s.engine.clone();
     let results = tokio::task::spawn_blocking(move || {
-        req.ids
-            .iter()
-            .map(|id| answer(&engine, id, category))
-            .collect::<Vec<_>>()
+        let (category, template) = judged(&engine, &asked)?;
+        Ok::<_, Box<Response>>(
+            (req.ids.iter())
+                .map(|id| GateReply {
+                    template: template.clone(),
+                    ..answer(&engine, id, category)
+                })
+                .collect::<Vec<_>>(),
+        )
     })
     .await
-    .unwrap_or_default();
-    Json(GateBatchReply { results }).into_response()
+    .unwrap_or_else(|_| Ok(Vec::new()));
+    match results {
+        Ok(results) => Json(GateBatchReply { results }).into_response(),
+        Err(r) => *r,
+    }
 }
 
 /// The announced body length, if the header is present and a number.

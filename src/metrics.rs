@@ -40,6 +40,12 @@ pub struct ConnectorReason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FromTo {
+    pub from: String,
+    pub to: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectorLabel {
     pub connector: String,
 }
@@ -71,6 +77,9 @@ pub struct Metrics {
     pub propagation: Family<ConnectorLabel, Histogram>,
     /// Seconds from a push being done to the read-back that confirms it.
     pub verification: Family<ConnectorLabel, Histogram>,
+    /// Templates whose category, as the send gate judges it, changed (`utility` →
+    /// `marketing`): sends of them are gated differently from then on.
+    pub template_recategorisations: Family<FromTo, Counter>,
     /// Serialises scrapes (gauges are refreshed then encoded).
     scrape: Mutex<()>,
 }
@@ -84,70 +93,32 @@ impl Default for Metrics {
     }
 }
 
+const RECAT: &str = "Message templates whose gated category changed, by old and new category";
+
 impl Metrics {
     pub fn new() -> Self {
         let mut r = Registry::with_prefix("optout");
         let buckets = || Histogram::new(exponential_buckets(0.005, 2.0, 20));
         Metrics {
-            observations: registered(
-                &mut r,
-                "observations",
-                "Observations read, by source and result",
-            ),
-            decisions: registered(
-                &mut r,
-                "decisions",
-                "Decision changes, by scope and new decision",
-            ),
-            pushes: registered(
-                &mut r,
-                "pushes",
-                "Push items, by connector and outcome (done, retry, rejected)",
-            ),
-            poll_errors: registered(
-                &mut r,
-                "poll_errors",
-                "Failed polls and pushes, by connector and error kind",
-            ),
-            webhooks: registered(&mut r, "webhooks", "Webhook deliveries, by result"),
+            observations: registered(&mut r, "observations", help::OBSERVATIONS),
+            decisions: registered(&mut r, "decisions", help::DECISIONS),
+            pushes: registered(&mut r, "pushes", help::PUSHES),
+            poll_errors: registered(&mut r, "poll_errors", help::POLL_ERRORS),
+            webhooks: registered(&mut r, "webhooks", help::WEBHOOKS),
             possible_opt_outs: registered(&mut r, "possible_optouts", POSSIBLE_OPT_OUTS_HELP),
             signature_failures: registered(
                 &mut r,
                 "webhook_signature_failures",
-                "Webhooks refused for a missing or invalid signature, by connector and reason",
+                help::WEBHOOK_SIGNATURE_FAILURES,
             ),
-            outbox_depth: registered(&mut r, "outbox_depth", "Pushes waiting, by connector"),
-            dead_letters: registered(
-                &mut r,
-                "dead_letters",
-                "Pushes rejected for good, by connector",
-            ),
-            unverified: registered(
-                &mut r,
-                "unverified_pushes",
-                "Pushes not read back within unverified_after (an alarm)",
-            ),
-            unreadable_numbers: registered(
-                &mut r,
-                "unreadable_numbers",
-                "Phone values of CRM records that are not numbers, by connector",
-            ),
-            cursor_lag: registered(
-                &mut r,
-                "cursor_lag_seconds",
-                "Seconds since the connector last completed a poll",
-            ),
-            alarm: registered(
-                &mut r,
-                "connector_alarm",
-                "1 when a connector needs an operator (credentials, quota, configuration)",
-            ),
-            subjects: registered(&mut r, "subjects", "People by scope and decision"),
-            store_healthy: registered(
-                &mut r,
-                "store_healthy",
-                "1 while the store takes writes; 0 while it fails (webhooks get 503, not ready)",
-            ),
+            outbox_depth: registered(&mut r, "outbox_depth", help::OUTBOX_DEPTH),
+            dead_letters: registered(&mut r, "dead_letters", help::DEAD_LETTERS),
+            unverified: registered(&mut r, "unverified_pushes", help::UNVERIFIED_PUSHES),
+            unreadable_numbers: registered(&mut r, "unreadable_numbers", help::UNREADABLE_NUMBERS),
+            cursor_lag: registered(&mut r, "cursor_lag_seconds", help::CURSOR_LAG_SECONDS),
+            alarm: registered(&mut r, "connector_alarm", help::CONNECTOR_ALARM),
+            subjects: registered(&mut r, "subjects", help::SUBJECTS),
+            store_healthy: registered(&mut r, "store_healthy", help::STORE_HEALTHY),
             propagation: registered_as(
                 &mut r,
                 "propagation_seconds",
@@ -160,6 +131,7 @@ impl Metrics {
                 "From a push to the read-back that confirms it",
                 Family::new_with_constructor(buckets),
             ),
+            template_recategorisations: registered(&mut r, "template_recategorisations", RECAT),
             // Last: the fields above register into it first.
             registry: r,
             scrape: Mutex::new(()),
@@ -213,4 +185,26 @@ fn registered_as<M: Metric + Clone>(
 ) -> M {
     registry.register(name, help, metric.clone());
     metric
+}
+
+/// Help texts, one per family, kept apart so the registration reads as a list.
+mod help {
+    pub const OBSERVATIONS: &str = "Observations read, by source and result";
+    pub const DECISIONS: &str = "Decision changes, by scope and new decision";
+    pub const PUSHES: &str = "Push items, by connector and outcome (done, retry, rejected)";
+    pub const POLL_ERRORS: &str = "Failed polls and pushes, by connector and error kind";
+    pub const WEBHOOK_SIGNATURE_FAILURES: &str =
+        "Webhooks refused for a missing or invalid signature, by connector and reason";
+    pub const DEAD_LETTERS: &str = "Pushes rejected for good, by connector";
+    pub const UNVERIFIED_PUSHES: &str = "Pushes not read back within unverified_after (an alarm)";
+    pub const UNREADABLE_NUMBERS: &str =
+        "Phone values of CRM records that are not numbers, by connector";
+    pub const CURSOR_LAG_SECONDS: &str = "Seconds since the connector last completed a poll";
+    pub const CONNECTOR_ALARM: &str =
+        "1 when a connector needs an operator (credentials, quota, configuration)";
+    pub const STORE_HEALTHY: &str =
+        "1 while the store takes writes; 0 while it fails (webhooks get 503, not ready)";
+    pub const WEBHOOKS: &str = "Webhook deliveries, by result";
+    pub const OUTBOX_DEPTH: &str = "Pushes waiting, by connector";
+    pub const SUBJECTS: &str = "People by scope and decision";
 }

@@ -66,6 +66,8 @@ pub struct ApplyReport {
     pub enqueued: BTreeMap<String, u64>,
     /// Pushes confirmed by a read-back: (connector, record, delay since the push).
     pub verified: Vec<(String, String, Duration)>,
+    /// Templates whose gated category changed: (from, to), e.g. (`utility`, `marketing`).
+    pub recategorised: Vec<(String, String)>,
 }
 
 /// What completing a batch of pushes did.
@@ -159,6 +161,7 @@ impl Engine {
                     Observation::Event(ev) => page.event(ev)?,
                     Observation::Record(snap) => page.record(snap)?,
                     Observation::IdentityChange(c) => page.identity_change(c)?,
+                    Observation::TemplateCategory(t) => page.template_category(t)?,
                 }
             }
             let report = page.finish()?;
@@ -1262,6 +1265,7 @@ fn bounded(s: &str, max_chars: usize) -> String {
 mod changes;
 mod marketing;
 pub use marketing::outbox_key as marketing_key;
+pub mod templates;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

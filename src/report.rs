@@ -24,6 +24,9 @@ pub struct StatusReport {
     /// one), recorded for review and never decided on; `lookup` and the audit log show each.
     #[serde(default)]
     pub possible_opt_outs: i64,
+    /// Message templates whose category the send gate knows (`?template=`).
+    #[serde(default)]
+    pub templates_known: usize,
     /// Set while the store fails (a full disk, an I/O error): webhooks get 503 and nothing
     /// is applied until it works again.
     #[serde(default)]
@@ -99,6 +102,9 @@ pub struct GateReply {
     pub id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub category: Option<String>,
+    /// The template asked about (`?template=`); `category` is its current category.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
     /// Absent only when the identifier could not be read (`error` says why); `false` on a
     /// store error: the gate fails closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -7,7 +7,8 @@
 //! (append-only), `subject_audit` (subject → audit sequence index), `inbox` and
 //! `quarantine` (webhook bodies), `seen` (dedup keys of delivered messages), `counts`
 //! (decision totals and people), `unverified` (pushes not yet read back), `unreadable`
-//! (connector, record → phone values that are not numbers) and `meta` (schema version).
+//! (connector, record → phone values that are not numbers), `templates` (template name →
+//! its newest category per language) and `meta` (schema version).
 //!
 //! Every value starts with a one-byte format version followed by JSON. Changes that must
 //! happen together go through [`Store::transaction`], which commits them atomically and,
@@ -216,6 +217,28 @@ mod body_text {
     }
 }
 
+/// A message template's newest known category (see `reconcile::templates`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateRecord {
+    pub name: String,
+    /// Empty for a configured category (every language of the name).
+    pub language: String,
+    /// As the channel named it (`MARKETING`).
+    pub category: String,
+    /// A category announced for later (Meta's notice a day before a change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upcoming: Option<String>,
+    /// Event time of the notice that set it; `Timestamp::MIN` when configured.
+    pub at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The connector instance it came from.
+    pub source: String,
+    pub evidence: String,
+    /// When the daemon stored it.
+    pub stored_at: Timestamp,
+}
+
 // ---- encoding -------------------------------------------------------------------------
 
 /// A CRM phone value that could not be read as a number: kept until the record is read
@@ -271,7 +294,7 @@ fn prefix(connector: &str) -> Vec<u8> {
 
 // ---- the store ------------------------------------------------------------------------
 
-const TREES: [&str; 15] = [
+const TREES: [&str; 16] = [
     "subjects",
     "aliases",
     "links",
@@ -287,6 +310,7 @@ const TREES: [&str; 15] = [
     "meta",
     "unverified",
     "unreadable",
+    "templates",
 ];
 const SUBJECTS: usize = 0;
 const ALIASES: usize = 1;
@@ -303,6 +327,7 @@ const COUNTS: usize = 11;
 const META: usize = 12;
 const UNVERIFIED: usize = 13;
 const UNREADABLE: usize = 14;
+const TEMPLATES: usize = 15;
 
 /// The embedded database. Cheap to clone: clones share one open database, its health and
 /// its group commit.
@@ -1168,6 +1193,20 @@ impl Store {
     }
 
     /// Unreadable phone values per connector.
+    /// Every stored category of the template `name`: one per language, and the
+    /// configured one.
+    pub fn templates_named(&self, name: &str) -> Result<Vec<TemplateRecord>, StoreError> {
+        self.with(|db| match db.trees[TEMPLATES].get(name.as_bytes())? {
+            Some(v) => decode("template", &v),
+            None => Ok(Vec::new()),
+        })
+    }
+
+    /// How many template names the store knows a category of.
+    pub fn template_names(&self) -> Result<usize, StoreError> {
+        self.with(|db| Ok(db.trees[TEMPLATES].len()))
+    }
+
     pub fn unreadable_counts(&self) -> std::collections::BTreeMap<String, u64> {
         let mut out = std::collections::BTreeMap::new();
         for (c, _, n) in self.unreadable(None).flatten() {
@@ -1416,6 +1455,18 @@ impl Txn<'_> {
         } else {
             self.t[UNREADABLE].insert(k, encode(&numbers))?;
         }
+        Ok(())
+    }
+
+    /// The stored categories of template `name`, one per language.
+    pub fn templates(&self, name: &str) -> TxResult<Vec<TemplateRecord>> {
+        Ok(self
+            .get(TEMPLATES, "template", name.as_bytes())?
+            .unwrap_or_default())
+    }
+
+    pub fn put_templates(&self, name: &str, records: &[TemplateRecord]) -> TxResult<()> {
+        self.t[TEMPLATES].insert(name.as_bytes(), encode(&records))?;
         Ok(())
     }
 

@@ -321,6 +321,17 @@ impl WorkerContext {
                 .observe(delay.as_secs_f64());
             tracing::debug!(connector = %connector, record = %record, "push verified by read-back");
         }
+        for (from, to) in &report.recategorised {
+            let labels = crate::metrics::FromTo {
+                from: from.clone(),
+                to: to.clone(),
+            };
+            self.metrics
+                .template_recategorisations
+                .get_or_create(&labels)
+                .inc();
+            tracing::info!(source, from = %from, to = %to, "a message template was re-categorised");
+        }
         for connector in report.enqueued.keys() {
             if let Some(w) = self.push_wakers.get(connector) {
                 w.notify_one();

@@ -27,6 +27,7 @@ pub use error::ConnectorError;
 pub use inbox::{Inbox, InboxEntry, InboxError};
 pub use model::{
     ChangeKind, ConsentEvent, Cursor, Identity, IdentityChange, Observation, Page, Progress,
-    PushItem, PushOutcome, RecordSnapshot, Reply, Scope, Signal, Status, Timestamp,
+    PushItem, PushOutcome, RecordSnapshot, Reply, Scope, Signal, Status, TemplateCategory,
+    Timestamp,
 };
 pub use secret::{Secret, SecretError, SecretRef};

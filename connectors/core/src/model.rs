@@ -266,6 +266,33 @@ pub enum Observation {
     Event(ConsentEvent),
     Record(RecordSnapshot),
     IdentityChange(IdentityChange),
+    TemplateCategory(TemplateCategory),
+}
+
+/// A message template's category as the channel announced it (WhatsApp's template
+/// webhooks), or as configured for a template approved before the daemon started. The core
+/// keeps each template's newest category and gates sends of it by that category.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateCategory {
+    /// The template's name, as a send names it.
+    pub name: String,
+    /// Its language code (`en_US`); empty for a configured category that holds for every
+    /// language of the name.
+    pub language: String,
+    /// The category as the channel names it (`MARKETING`, `UTILITY`, `AUTHENTICATION`).
+    pub category: String,
+    /// A category the channel announced the template will move to (Meta warns a day
+    /// ahead); the core may gate by it already when it is the stricter one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upcoming: Option<String>,
+    /// When the channel announced it, by its clock; [`Timestamp::MIN`] for a configured
+    /// category, which any announcement replaces.
+    pub at: Timestamp,
+    /// The channel's id for the template, when it gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// What was seen, for the audit log (`template_category_update UTILITY → MARKETING`).
+    pub evidence: String,
 }
 
 /// What changed about a person's identity on a channel.

@@ -13,6 +13,9 @@
 //! scopes = { HALT = "all", "STOP PROMOTIONS" = "marketing" }
 //! payload_scopes = { PROMO_STOP = "marketing" }
 //!
+//! [templates]
+//! order_update = "utility"
+//!
 //! [confirmations]
 //! enabled = true
 //! default_language = "en"
@@ -78,6 +81,21 @@ pub struct Config {
     /// ids from different portfolios are never taken for one person.
     #[serde(default)]
     pub portfolio: Option<String>,
+    /// Categories of templates approved before the daemon started (name → `marketing`,
+    /// `utility` or `authentication`), for the send gate's `template=` question. Meta's
+    /// template webhooks replace them: any announced category wins over a configured one.
+    #[serde(default)]
+    pub templates: BTreeMap<String, String>,
+}
+
+/// The categories Meta approves templates in.
+pub const TEMPLATE_CATEGORIES: [&str; 3] = ["MARKETING", "UTILITY", "AUTHENTICATION"];
+
+/// Meta's rule for template names: lowercase letters, digits and underscores, at most 512.
+pub fn is_template_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 512
+        && (name.bytes()).all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -323,6 +341,7 @@ impl Config {
         p.extend(self.keywords.problems());
         p.extend(self.confirmations.problems());
         p.extend(self.sender_problems());
+        p.extend(self.template_problems());
         if let Some(f) = &self.portfolio {
             let ok = !f.is_empty()
                 && f.len() <= 64
@@ -417,6 +436,29 @@ impl Config {
         p
     }
 
+    /// Each configured template: a name Meta accepts and one of its categories.
+    fn template_problems(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        for (name, category) in &self.templates {
+            let key = format!("templates.{name}");
+            if !is_template_name(name) {
+                p.push((
+                    key.clone(),
+                    "a template name is lowercase letters, digits and '_' (at most 512)".into(),
+                ));
+            }
+            if !TEMPLATE_CATEGORIES.contains(&category.to_ascii_uppercase().as_str()) {
+                p.push((
+                    key,
+                    format!(
+                        "unknown category {category:?}: use marketing, utility or authentication"
+                    ),
+                ));
+            }
+        }
+        p
+    }
+
     /// Every secret reference, by key, for `check-config` to test.
     pub fn secrets(&self) -> Vec<(&'static str, &SecretRef)> {
         let mut s: Vec<(&'static str, &SecretRef)> = self
@@ -496,12 +538,28 @@ mod tests {
             vec!["OPT_OUT_BUTTON", "PROMO_STOP"]
         );
         assert_eq!(c.keywords.payload_scopes["PROMO_STOP"], "marketing");
+        assert_eq!(c.templates["order_update"], "utility");
         assert!(
             c.confirmations.texts["en"]
                 .opted_out
                 .starts_with("You will get")
         );
         assert_eq!(c.validate(), vec![]);
+    }
+
+    #[test]
+    fn configured_templates_are_checked() {
+        let ok = parse(&format!(
+            "{MIN}[templates]\norder_update = \"UTILITY\"\npromo_2 = \"marketing\""
+        ))
+        .unwrap();
+        assert_eq!(ok.validate(), vec![]);
+        let bad = parse(&format!(
+            "{MIN}[templates]\nOrder = \"utility\"\nfine = \"promotional\""
+        ))
+        .unwrap();
+        let keys: Vec<_> = bad.validate().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["templates.Order", "templates.fine"]);
     }
 
     #[test]

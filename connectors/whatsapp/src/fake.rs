@@ -761,6 +761,75 @@ pub mod envelope {
         )
     }
 
+    /// A WhatsApp Business Account notice (template webhooks): no `messaging_product` or
+    /// `metadata`, and the entry's `time` (Unix seconds) says when Meta triggered it.
+    pub fn waba_notice(field: &str, time: i64, value: Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "entry": [{"id": "102290129340398", "time": time,
+                       "changes": [{"field": field, "value": value}]}],
+            "object": "whatsapp_business_account"
+        }))
+        .expect("serialisable")
+    }
+
+    /// `template_category_update` for a change done: the template (`name`, `language`, id
+    /// `id`) moved from `previous` to `new` (Meta's names: `UTILITY`, `MARKETING`…).
+    pub fn template_recategorised(
+        id: u64,
+        name: &str,
+        language: &str,
+        previous: &str,
+        new: &str,
+        time: i64,
+    ) -> Vec<u8> {
+        waba_notice(
+            "template_category_update",
+            time,
+            json!({"message_template_id": id, "message_template_name": name,
+                   "message_template_language": language,
+                   "previous_category": previous, "new_category": new}),
+        )
+    }
+
+    /// `template_category_update` announcing a change: the template is `current` now and
+    /// becomes `correct` at `effective` (Unix seconds; Meta announces a day ahead).
+    pub fn template_recategorisation_announced(
+        id: u64,
+        name: &str,
+        language: &str,
+        current: &str,
+        correct: &str,
+        time: i64,
+        effective: i64,
+    ) -> Vec<u8> {
+        waba_notice(
+            "template_category_update",
+            time,
+            json!({"message_template_id": id, "message_template_name": name,
+                   "message_template_language": language, "new_category": current,
+                   "correct_category": correct, "category_update_timestamp": effective}),
+        )
+    }
+
+    /// `message_template_status_update`: `event` (`APPROVED`, `REJECTED`, `PAUSED`…) for a
+    /// template of `category`.
+    pub fn template_status(
+        id: u64,
+        name: &str,
+        language: &str,
+        event: &str,
+        category: &str,
+        time: i64,
+    ) -> Vec<u8> {
+        waba_notice(
+            "message_template_status_update",
+            time,
+            json!({"event": event, "message_template_id": id, "message_template_name": name,
+                   "message_template_language": language, "reason": "NONE",
+                   "message_template_category": category}),
+        )
+    }
+
     /// A `failed` status for one of our sends, with one error code.
     pub fn failed_status(who: &Who, message_id: &str, timestamp: i64, code: i64) -> Vec<u8> {
         let mut s = json!({

@@ -5,8 +5,9 @@
 //! - the webhook ([`router`], [`WebhookState`]) verifies Meta's signature and appends raw
 //!   bodies to the inbox before acknowledging them;
 //! - the [`Connector`] impl drains the inbox in pages (`poll`), turning bodies into consent
-//!   events ([`parse`], [`detect`]), and sends confirmation replies (`push`) through the
-//!   Graph API ([`client`]).
+//!   events ([`parse`], [`detect`]) and template categories (the template webhooks; the
+//!   configured `[templates]` lead the first page committed after each start), and sends
+//!   confirmation replies (`push`) through the Graph API ([`client`]).
 //!
 //! What the daemon does with it, through the connector contract ([`Kind`]):
 //! 1. implement [`Inbox`] on its store (append durable before returning, sequence numbers
@@ -33,11 +34,12 @@ pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use optout_core::{
-    Connector, ConnectorError, Cursor, Finding, Health, Host, Page, Polling, Problem, PushItem,
-    PushOutcome, SecretRef, Secrets, Takes, Timestamp,
+    Connector, ConnectorError, Cursor, Finding, Health, Host, Observation, Page, Polling, Problem,
+    PushItem, PushOutcome, SecretRef, Secrets, Takes, TemplateCategory, Timestamp,
 };
 
 pub use config::{Config, Confirmations, Texts};
@@ -119,6 +121,9 @@ pub struct WhatsApp<I: Inbox + ?Sized = dyn Inbox> {
     graph: Option<Graph>,
     /// The daemon's only WhatsApp connector: it also answers on the unnamed route.
     sole: bool,
+    /// The configured template categories went out in a committed page (they are sent
+    /// once per start, timed [`Timestamp::MIN`] so that any announced category wins).
+    seeded: AtomicBool,
 }
 
 impl<I: Inbox + ?Sized> std::fmt::Debug for WhatsApp<I> {
@@ -170,6 +175,7 @@ impl<I: Inbox + ?Sized> WhatsApp<I> {
             webhook,
             graph,
             sole: true,
+            seeded: AtomicBool::new(false),
         })
     }
 
@@ -187,18 +193,42 @@ impl<I: Inbox + ?Sized> WhatsApp<I> {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// The configured template categories (`[templates]`), as observations for every
+    /// language of each name.
+    fn template_seeds(&self) -> Vec<Observation> {
+        (self.config.templates.iter())
+            .map(|(name, category)| {
+                Observation::TemplateCategory(TemplateCategory {
+                    name: name.clone(),
+                    language: String::new(),
+                    category: category.to_ascii_uppercase(),
+                    upcoming: None,
+                    at: Timestamp::MIN,
+                    id: None,
+                    evidence: format!("configured templates.{name}"),
+                })
+            })
+            .collect()
+    }
 }
 
 impl<I: Inbox + ?Sized> Connector for WhatsApp<I> {
+    /// Drains the inbox; until a page has been committed since start, the configured
+    /// template categories come first in it.
     async fn poll(&self, cursor: Option<&Cursor>) -> Result<Page, ConnectorError> {
-        poll::poll(
+        let mut page = poll::poll(
             &self.name,
             self.inbox.as_ref(),
             &self.detector,
             cursor,
             self.config.page_size,
         )
-        .await
+        .await?;
+        if !self.seeded.load(Ordering::Acquire) {
+            page.observations.splice(0..0, self.template_seeds());
+        }
+        Ok(page)
     }
 
     async fn push(&self, batch: &[PushItem]) -> Result<Vec<PushOutcome>, ConnectorError> {
@@ -244,6 +274,7 @@ impl<I: Inbox + ?Sized> Connector for WhatsApp<I> {
     /// Applied bodies leave the inbox (the page's cursor, their last sequence number, is
     /// stored already). A failure only delays the trim to the next page.
     fn committed(&self, page: &Page) {
+        self.seeded.store(true, Ordering::Release);
         if let Ok(seq) = page.cursor.0.parse::<u64>()
             && let Err(e) = self.inbox.trim(seq)
         {

@@ -9,6 +9,9 @@
 //!   24-hour reply window);
 //! - `user_preferences` `marketing_messages` stop/resume → `MarketingPreference`;
 //! - a `failed` status with error 131050 → `MarketingSendFailure` opted out;
+//! - a template's category in `template_category_update` (`new_category`, and the
+//!   announced `correct_category` of an impending change) or `message_template_status_update`
+//!   (`message_template_category`) → a [`TemplateCategory`], timed by the entry's `time`;
 //! - other statuses, system messages, revocations (deleted messages) and value-level errors
 //!   → nothing.
 //!
@@ -36,7 +39,8 @@
 //! what a body holds (numbers, texts) never reaches a log line.
 
 use optout_core::{
-    ChangeKind, ConsentEvent, Identity, IdentityChange, Observation, Signal, Status, Timestamp,
+    ChangeKind, ConsentEvent, Identity, IdentityChange, Observation, Signal, Status,
+    TemplateCategory, Timestamp,
 };
 use serde::Deserialize;
 use serde::de::IgnoredAny;
@@ -186,6 +190,8 @@ pub enum Part {
     Event(ConsentEvent),
     /// A `system` notice that the person's number or business-scoped user id changed.
     Change(IdentityChange),
+    /// A template's category, from a template webhook.
+    Template(TemplateCategory),
     /// Readable, and says nothing the core needs (a delivery status, a contact).
     Nothing,
     /// Cannot be used: `span` (bytes of the stored body) goes to the quarantine; `at`
@@ -209,6 +215,7 @@ pub fn parse(
         .filter_map(|p| match p {
             Part::Event(e) => Some(Observation::Event(e)),
             Part::Change(c) => Some(Observation::IdentityChange(c)),
+            Part::Template(t) => Some(Observation::TemplateCategory(t)),
             _ => None,
         })
         .collect())
@@ -286,6 +293,9 @@ struct Envelope<'a> {
 struct EntryRaw<'a> {
     #[serde(borrow, default)]
     changes: Option<Vec<&'a RawValue>>,
+    /// When Meta triggered the webhook (Unix seconds); times template notices.
+    #[serde(default)]
+    time: Option<Lenient>,
 }
 
 #[derive(Deserialize)]
@@ -354,16 +364,20 @@ impl<'d> Walk<'d> {
         if self.bad_outside(raw, changes.iter().copied()) {
             return self.unreadable(raw, at, Why::InvalidUtf8);
         }
+        let time = entry.time.as_ref().and_then(Lenient::seconds);
         for (j, c) in changes.iter().enumerate() {
-            self.change(&format!("{at} change {j}"), c);
+            self.change(&format!("{at} change {j}"), c, time);
         }
     }
 
-    fn change(&mut self, at: &str, raw: &RawValue) {
+    fn change(&mut self, at: &str, raw: &RawValue, time: Option<i64>) {
         let change = match serde_json::from_str::<ChangeRaw<'_>>(raw.get()) {
             Ok(c) => c,
             Err(e) => return self.unreadable(raw, at.to_string(), why(&e)),
         };
+        if let (Some(field), Some(value)) = (template_field(&change.field), change.value) {
+            return self.template(at, raw, value, field, time);
+        }
         let consent = matches!(change.field.as_str(), "messages" | "user_preferences");
         let value = match change.value {
             // Account, template and other management updates say nothing about consent;
@@ -413,6 +427,31 @@ impl<'d> Walk<'d> {
                     .preference(serde_json::from_str(text).map_err(|e| why(&e))?)
                     .map(|e| e.map(Part::Event)),
             });
+        }
+    }
+
+    /// A template notice: its category, or nothing when it names none (an older status
+    /// update); unreadable when it names a category but no template.
+    fn template(
+        &mut self,
+        at: &str,
+        raw: &RawValue,
+        value: &RawValue,
+        field: TemplateField,
+        time: Option<i64>,
+    ) {
+        if self.bad_in(raw) > 0 {
+            return self.unreadable(raw, at.to_string(), Why::InvalidUtf8);
+        }
+        let v = match serde_json::from_str::<TemplateValue>(value.get()) {
+            Ok(v) => v,
+            Err(e) => return self.unreadable(raw, at.to_string(), why(&e)),
+        };
+        let at_time = time.map_or(self.received_at, Timestamp::from_secs);
+        match template_category(v, field, at_time) {
+            Ok(Some(t)) => self.out.push(Part::Template(t)),
+            Ok(None) => self.out.push(Part::Nothing),
+            Err(w) => self.unreadable(raw, at.to_string(), w),
         }
     }
 
@@ -898,6 +937,82 @@ impl<'a> Cx<'a> {
     }
 }
 
+/// The two webhook fields that carry a template's category.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TemplateField {
+    /// `template_category_update`: a change done, or announced a day ahead.
+    CategoryUpdate,
+    /// `message_template_status_update`: approved, rejected, paused…, with the category.
+    StatusUpdate,
+}
+
+fn template_field(field: &str) -> Option<TemplateField> {
+    match field {
+        "template_category_update" => Some(TemplateField::CategoryUpdate),
+        "message_template_status_update" => Some(TemplateField::StatusUpdate),
+        _ => None,
+    }
+}
+
+/// The value of a template notice (both fields share the `message_template_*` names).
+#[derive(Deserialize)]
+struct TemplateValue {
+    event: Option<Lenient>,
+    message_template_id: Option<Lenient>,
+    message_template_name: Option<Lenient>,
+    message_template_language: Option<Lenient>,
+    message_template_category: Option<Lenient>,
+    previous_category: Option<Lenient>,
+    new_category: Option<Lenient>,
+    correct_category: Option<Lenient>,
+}
+
+/// What a template notice says of the template's category. In an impending change
+/// (`correct_category` present) `new_category` is the category the template has *now*, and
+/// `correct_category` the one it will have in 24 hours.
+fn template_category(
+    v: TemplateValue,
+    field: TemplateField,
+    at: Timestamp,
+) -> Result<Option<TemplateCategory>, Why> {
+    let (category, upcoming, evidence) = match field {
+        TemplateField::CategoryUpdate => {
+            let Some(now) = text_of(&v.new_category) else {
+                return Ok(None);
+            };
+            let upcoming = text_of(&v.correct_category);
+            let evidence = match (&upcoming, text_of(&v.previous_category)) {
+                (Some(next), _) => format!("template_category_update {now}, {next} announced"),
+                (None, Some(prev)) => format!("template_category_update {prev} → {now}"),
+                (None, None) => format!("template_category_update → {now}"),
+            };
+            (now, upcoming, evidence)
+        }
+        TemplateField::StatusUpdate => {
+            let Some(category) = text_of(&v.message_template_category) else {
+                return Ok(None);
+            };
+            let event = text_of(&v.event).unwrap_or_default();
+            let evidence = format!(
+                "message_template_status_update {} {category}",
+                short(&event)
+            );
+            (category, None, evidence)
+        }
+    };
+    // A category for no template cannot be kept: the operator sees it in the quarantine.
+    let name = text_of(&v.message_template_name).ok_or(Why::Shape)?;
+    Ok(Some(TemplateCategory {
+        name,
+        language: text_of(&v.message_template_language).unwrap_or_default(),
+        category: short(&category),
+        upcoming: upcoming.map(|u| short(&u)),
+        at,
+        id: text_of(&v.message_template_id),
+        evidence,
+    }))
+}
+
 fn identity_value(i: &Identity) -> String {
     match i {
         Identity::Phone(v) | Identity::WaId(v) | Identity::Bsuid(v) => v.clone(),
@@ -998,7 +1113,7 @@ mod tests {
         .into_iter()
         .filter_map(|o| match o {
             Observation::Event(e) => Some(e),
-            Observation::IdentityChange(_) => None,
+            Observation::IdentityChange(_) | Observation::TemplateCategory(_) => None,
             Observation::Record(_) => panic!("records are never produced"),
         })
         .collect()

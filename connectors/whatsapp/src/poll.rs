@@ -172,6 +172,10 @@ impl<I: Inbox + ?Sized> Gather<'_, I> {
                         self.observations.push(Observation::IdentityChange(change));
                     }
                 }
+                Part::Template(t) => {
+                    self.used += 1;
+                    self.observations.push(Observation::TemplateCategory(t));
+                }
                 Part::Unreadable { span, at, why } => {
                     self.used += 1;
                     unreadable.push((span, format!("{at}: {why}")));

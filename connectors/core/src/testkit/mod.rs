@@ -65,6 +65,9 @@ pub fn observation_key(observation: &Observation) -> String {
             Some(id) => id.clone(),
             None => panic!("a change without a message id cannot be told apart: {c:?}"),
         },
+        Observation::TemplateCategory(t) => {
+            format!("template:{}:{}:{}", t.name, t.language, t.at.millis())
+        }
     }
 }
 

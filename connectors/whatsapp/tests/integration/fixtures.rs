@@ -241,6 +241,7 @@ fn events(file: &str) -> Vec<ConsentEvent> {
             Observation::Event(e) => Some(e),
             // Identity changes are checked by `system_notices_yield_identity_changes`.
             Observation::IdentityChange(_) => None,
+            Observation::TemplateCategory(t) => panic!("{file}: unexpected template {t:?}"),
             Observation::Record(r) => panic!("{file}: unexpected record {r:?}"),
         })
         .collect()

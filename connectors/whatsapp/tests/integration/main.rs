@@ -6,4 +6,5 @@ mod contract;
 mod fixtures;
 mod parts;
 mod push;
+mod templates;
 mod webhook;

@@ -47,6 +47,7 @@ fn ids(obs: &[Observation]) -> Vec<String> {
         .map(|o| match o {
             Observation::Event(e) => e.message_id.clone().unwrap_or_default(),
             Observation::IdentityChange(c) => c.message_id.clone().unwrap_or_default(),
+            Observation::TemplateCategory(t) => t.name.clone(),
             Observation::Record(_) => panic!("no records from whatsapp"),
         })
         .collect()

@@ -39,7 +39,7 @@ fn events(obs: &[Observation]) -> Vec<optout_core::ConsentEvent> {
     obs.iter()
         .filter_map(|o| match o {
             Observation::Event(e) => Some(e.clone()),
-            Observation::IdentityChange(_) => None,
+            Observation::IdentityChange(_) | Observation::TemplateCategory(_) => None,
             Observation::Record(_) => panic!("no records from whatsapp"),
         })
         .collect()
