@@ -255,10 +255,19 @@ fn spawn_workers(
 /// How often a connector's pre-flight runs again while it finds problems.
 const PREFLIGHT_RECHECK: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// The pauses before re-running checks that found a problem, before it is an alarm: a
+/// vendor's passing error (a 503, a malformed answer, a reset connection) fails a check as
+/// surely as a missing field does, and must not raise a five-minute alarm over nothing.
+const PREFLIGHT_CONFIRM: [std::time::Duration; 2] = [
+    std::time::Duration::from_secs(2),
+    std::time::Duration::from_secs(6),
+];
+
 /// Runs the connector's pre-flight checks (the same as `check-config --connect`) at start,
 /// in the background so that READY=1 does not wait on vendors. Each finding is logged;
-/// problems raise the connector's alarm (`status`, metrics, `STATUS=`), and the checks
-/// run again every [`PREFLIGHT_RECHECK`] until they pass, which lowers it.
+/// problems found by [`PREFLIGHT_CONFIRM`]'s runs in a row raise the connector's alarm
+/// (`status`, metrics, `STATUS=`), and the checks run again every [`PREFLIGHT_RECHECK`]
+/// until they pass, which lowers it.
 async fn preflight(
     name: String,
     connector: Arc<dyn DynConnector>,
@@ -266,11 +275,22 @@ async fn preflight(
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
+    let mut confirm = PREFLIGHT_CONFIRM.iter();
     loop {
         let findings = tokio::select! {
             f = connector.preflight() => f,
             _ = cancel.cancelled() => return,
         };
+        if findings.iter().any(|f| f.is_problem()) {
+            if let Some(pause) = confirm.next() {
+                tracing::info!(connector = %name, "pre-flight found a problem; checking again in {pause:?} before raising an alarm");
+                tokio::select! {
+                    _ = tokio::time::sleep(*pause) => continue,
+                    _ = cancel.cancelled() => return,
+                }
+            }
+        }
+        confirm = PREFLIGHT_CONFIRM.iter();
         let problems: Vec<String> = (findings.iter())
             .filter(|f| f.is_problem())
             .map(|f| match &f.fix {

@@ -214,12 +214,51 @@ async fn the_daemon_raises_a_precise_alarm_and_sends_no_split_storm() {
     let t = text(&o);
     assert_eq!(o.status.code(), Some(1), "{t}");
     assert!(t.contains("whatsapp_consent"), "{t}");
-    assert!(
-        d.log_text().contains("pre-flight check failed"),
-        "the start-up pre-flight logs it too"
-    );
+    // The start-up pre-flight logs it too, once its re-runs have confirmed it.
+    common::eventually(
+        "the start-up pre-flight's confirmed failure in the log",
+        Duration::from_secs(30),
+        async || d.log_text().contains("pre-flight check failed"),
+    )
+    .await;
     assert_eq!(
         hs.property(&hs.contact_ids()[0], "whatsapp_consent_source"),
         None
     );
+}
+
+/// A vendor's passing error during the start-up pre-flight (every Salesforce data call
+/// answering malformed JSON for a while) is checked again before it is an alarm: once
+/// the org answers, the pre-flight passes and no alarm is ever raised or logged.
+#[tokio::test]
+async fn a_passing_vendor_error_at_start_raises_no_alarm() {
+    let dir = tempfile::tempdir().unwrap();
+    let sf = salesforce::start(salesforce::FakeOptions {
+        faults: salesforce::Faults {
+            server_error_rate: 1.0,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let c = Config::new(dir.path()).salesforce(&sf.base_url());
+    let d = common::start(dir.path(), &c.toml(), &c.env()).await;
+    common::eventually(
+        "the pre-flight finding the error and checking again",
+        Duration::from_secs(30),
+        async || d.log_text().contains("checking again in"),
+    )
+    .await;
+    let s = d.status().await;
+    assert_eq!(s.connector("salesforce").unwrap().alarm, None, "{s:?}");
+    sf.set_faults(salesforce::Faults::default());
+    common::eventually(
+        "the pre-flight passing",
+        Duration::from_secs(30),
+        async || d.log_text().contains("logged in to Salesforce"),
+    )
+    .await;
+    let s = d.status().await;
+    assert_eq!(s.connector("salesforce").unwrap().alarm, None, "{s:?}");
+    assert!(!d.log_text().contains("pre-flight check failed"));
 }
