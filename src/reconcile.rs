@@ -20,7 +20,7 @@ use optout_core::{
 
 use crate::audit::{AuditEntry, AuditKind};
 use crate::identity::{Alias, Normalizer};
-use crate::policy::{self, Decision, Fact, Judgement, PolicyConfig, RecordMemory};
+use crate::policy::{self, Consent, Decision, Fact, Judgement, PolicyConfig, RecordMemory};
 use crate::store::{
     DeadLetter, LinkRecord, OutboxEntry, Store, StoreError, SubjectRecord, TxResult, Txn,
     UnreadableNumber,
@@ -1070,11 +1070,15 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
         Ok(self.report)
     }
 
-    /// Enqueues a push if the record's known value differs from what its subjects'
-    /// decisions require.
-    fn record_push(&mut self, connector: &str, record: &str) -> TxResult<()> {
+    /// A record's link and the consent registers of every subject it holds, `None` for a
+    /// record not known.
+    fn record_consents(
+        &mut self,
+        connector: &str,
+        record: &str,
+    ) -> TxResult<Option<(LinkRecord, Vec<Consent>)>> {
         let Some(link) = self.tx.link(connector, record)? else {
-            return Ok(());
+            return Ok(None);
         };
         let mut consents = Vec::new();
         for &id in &link.subjects {
@@ -1082,6 +1086,15 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
                 consents.push(s.consent.clone());
             }
         }
+        Ok(Some((link, consents)))
+    }
+
+    /// Enqueues a push if the record's known value differs from what its subjects'
+    /// decisions require.
+    fn record_push(&mut self, connector: &str, record: &str) -> TxResult<()> {
+        let Some((link, consents)) = self.record_consents(connector, record)? else {
+            return Ok(());
+        };
         let Some(fact) = policy::desired_record_value(consents.iter(), self.margin()) else {
             return Ok(());
         };

@@ -125,15 +125,9 @@ impl PageTx<'_, '_, '_> {
         if !self.has_marketing_field(connector) {
             return Ok(());
         }
-        let Some(link) = self.tx.link(connector, record)? else {
+        let Some((link, consents)) = self.record_consents(connector, record)? else {
             return Ok(());
         };
-        let mut consents = Vec::new();
-        for &id in &link.subjects {
-            if let Some(s) = self.load(id)? {
-                consents.push(s.consent.clone());
-            }
-        }
         let Some(fact) = policy::desired_marketing_value(consents.iter(), self.margin()) else {
             return Ok(());
         };
