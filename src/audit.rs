@@ -35,6 +35,12 @@ pub enum AuditKind {
     Merged,
     /// An operator's action (import, dead-letter retry).
     Operator,
+    /// An opt-in held by the mass re-opt-in guard: not applied until an operator decides.
+    Held,
+    /// A held opt-in an operator released: applied as of its original event time.
+    HoldReleased,
+    /// A held opt-in an operator discarded: never applied.
+    HoldDiscarded,
 }
 
 impl AuditKind {
@@ -50,6 +56,9 @@ impl AuditKind {
             AuditKind::IdentityRejected => "identity_rejected",
             AuditKind::Merged => "merged",
             AuditKind::Operator => "operator",
+            AuditKind::Held => "held",
+            AuditKind::HoldReleased => "hold_released",
+            AuditKind::HoldDiscarded => "hold_discarded",
         }
     }
 }

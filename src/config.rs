@@ -176,6 +176,64 @@ pub struct PolicySection {
     /// omitted = 2009-01-01.
     #[serde(default)]
     pub event_time_floor: Option<String>,
+    /// `{ max = 100, per = "1h" }` (the default) or `"off"`: see [`OptInGuardSetting`].
+    #[serde(default)]
+    pub opt_in_guard: OptInGuardSetting,
+}
+
+/// `policy.opt_in_guard`: how many opt-ins that lift a suppression one source may apply
+/// per window before the rest are held, or `"off"`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OptInGuardSetting {
+    Word(String),
+    Limit {
+        max: u64,
+        #[serde(with = "humantime_serde")]
+        per: Duration,
+    },
+}
+
+impl Default for OptInGuardSetting {
+    fn default() -> Self {
+        let d = crate::policy::OptInGuard::DEFAULT;
+        OptInGuardSetting::Limit {
+            max: d.max,
+            per: d.per,
+        }
+    }
+}
+
+impl OptInGuardSetting {
+    /// The guard, or `None` when off (or not understood: `check_policy` refuses that).
+    fn guard(&self) -> Option<crate::policy::OptInGuard> {
+        match self {
+            OptInGuardSetting::Limit { max, per } => {
+                Some(crate::policy::OptInGuard { max: *max, per: *per })
+            }
+            OptInGuardSetting::Word(_) => None,
+        }
+    }
+
+    /// What is wrong with it, if anything.
+    fn problem(&self) -> Option<&'static str> {
+        match self {
+            OptInGuardSetting::Word(w) if w == "off" => None,
+            OptInGuardSetting::Word(_) => {
+                Some("write { max = 100, per = \"1h\" } or \"off\"")
+            }
+            OptInGuardSetting::Limit { max: 0, .. } => {
+                Some("max must be at least 1 (\"off\" turns the guard off)")
+            }
+            OptInGuardSetting::Limit { per, .. } if *per < Duration::from_secs(60) => {
+                Some("per must be at least 1m: a shorter window lets a bulk edit through in bursts")
+            }
+            OptInGuardSetting::Limit { per, .. } if *per > Duration::from_secs(30 * 86_400) => {
+                Some("per must be at most 30d")
+            }
+            OptInGuardSetting::Limit { .. } => None,
+        }
+    }
 }
 
 impl Default for PolicySection {
@@ -186,6 +244,7 @@ impl Default for PolicySection {
             accept_opt_ins_from: None,
             scopes: ScopeMap::default(),
             event_time_floor: None,
+            opt_in_guard: OptInGuardSetting::default(),
         }
     }
 }
@@ -211,6 +270,7 @@ impl PolicySection {
                 .accept_opt_ins_from
                 .as_ref()
                 .map(|v| v.iter().cloned().collect()),
+            opt_in_guard: self.opt_in_guard.guard(),
         }
     }
 }
@@ -681,6 +741,9 @@ impl Config {
                 "policy.opt_in_margin",
                 "more than a day would ignore genuine opt-ins; use seconds to minutes",
             );
+        }
+        if let Some(why) = pol.opt_in_guard.problem() {
+            found.add("policy.opt_in_guard", why);
         }
         for name in pol.accept_opt_ins_from.iter().flatten() {
             if name != "import" && !self.connectors.iter().any(|c| &c.name == name) {

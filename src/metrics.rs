@@ -44,6 +44,11 @@ pub struct ConnectorLabel {
     pub connector: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub observations: Family<SourceResult, Counter>,
@@ -69,6 +74,9 @@ pub struct Metrics {
     pub propagation: Family<ConnectorLabel, Histogram>,
     /// Seconds from a push being done to the read-back that confirms it.
     pub verification: Family<ConnectorLabel, Histogram>,
+    /// Opt-ins held by the mass re-opt-in guard, by source (ever), and held now.
+    pub opt_ins_held: Family<SourceLabel, Counter>,
+    pub held_opt_ins: Family<SourceLabel, Gauge>,
     /// Serialises scrapes (gauges are refreshed then encoded).
     scrape: Mutex<()>,
 }
@@ -154,9 +162,25 @@ impl Metrics {
                 "From a push to the read-back that confirms it",
                 Family::new_with_constructor(buckets),
             ),
+            opt_ins_held: registered(
+                &mut r,
+                "opt_ins_held",
+                "Opt-ins held by the mass re-opt-in guard, by source",
+            ),
+            held_opt_ins: registered(
+                &mut r,
+                "held_opt_ins",
+                "Opt-ins held now, waiting for an operator (optout-sync holds), by source",
+            ),
             // Last: the fields above register into it first.
             registry: r,
             scrape: Mutex::new(()),
+        }
+    }
+
+    pub fn source(s: &str) -> SourceLabel {
+        SourceLabel {
+            source: s.to_string(),
         }
     }
 

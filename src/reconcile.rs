@@ -62,6 +62,12 @@ pub struct ApplyReport {
     pub enqueued: BTreeMap<String, u64>,
     /// Pushes confirmed by a read-back: (connector, record, delay since the push).
     pub verified: Vec<(String, String, Duration)>,
+    /// Opt-ins held by the mass re-opt-in guard, per source; `tripped`: the sources whose
+    /// guard this page tripped (none of their opt-ins was held before).
+    pub held: BTreeMap<String, u64>,
+    pub tripped: Vec<String>,
+    /// Every record push enqueued, as `resync --dry-run` lists it.
+    pub changes: Vec<guard::RecordChange>,
 }
 
 /// What completing a batch of pushes did.
@@ -625,6 +631,9 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
     }
 
     fn accept(&mut self, id: u64, fact: &Fact, reported_at: Timestamp) -> TxResult<()> {
+        if self.held(id, fact)? {
+            return Ok(());
+        }
         let s = self.subjects.get_mut(&id).expect("loaded");
         s.consent.record(fact);
         let mut a = fact_audit(AuditKind::Accepted, fact, self.now);
@@ -1026,6 +1035,15 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
             identities,
             reply: None,
         };
+        self.report.changes.push(guard::RecordChange {
+            connector: connector.to_string(),
+            record: record.to_string(),
+            subject: item.subject.clone(),
+            from: link.memory.last_seen,
+            to: fact.status,
+            evidence: format!("{} {}", fact.origin(), bounded(&fact.evidence, 200)),
+            event_at: fact.at,
+        });
         self.enqueue(connector, item)
     }
 
@@ -1160,6 +1178,8 @@ fn bounded(s: &str, max_chars: usize) -> String {
 }
 
 mod changes;
+pub mod dry_run;
+pub mod guard;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
