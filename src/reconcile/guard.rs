@@ -153,3 +153,6 @@ impl Engine {
         Ok((done, total))
     }
 }
+
+#[cfg(test)]
+mod tests;
