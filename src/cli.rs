@@ -642,6 +642,12 @@ fn print_status(o: &mut impl Write, r: &StatusReport) -> std::io::Result<()> {
             "STORE ALARM: {why}; webhooks get 503 and nothing is applied until it works again"
         )?;
     }
+    for (source, n) in r.held_opt_ins.iter().filter(|(_, n)| **n > 0) {
+        writeln!(
+            o,
+            "HELD OPT-INS: {source}: {n} held by the mass re-opt-in guard; review with `optout-sync holds`"
+        )?;
+    }
     writeln!(o)?;
     let rows: Vec<Row> = r.connectors.iter().map(connector_row).collect();
     let widths = column_widths(&rows);
@@ -840,7 +846,10 @@ fn holds(
         && t.ids.is_empty()
         && source.is_none()
     {
-        return Err(Refused("name the holds to resolve: --all, --source NAME, or their ids".into()).into());
+        return Err(Refused(
+            "name the holds to resolve: --all, --source NAME, or their ids".into(),
+        )
+        .into());
     }
     let selection = crate::holds::HoldSelection {
         source,

@@ -208,9 +208,10 @@ impl OptInGuardSetting {
     /// The guard, or `None` when off (or not understood: `check_policy` refuses that).
     fn guard(&self) -> Option<crate::policy::OptInGuard> {
         match self {
-            OptInGuardSetting::Limit { max, per } => {
-                Some(crate::policy::OptInGuard { max: *max, per: *per })
-            }
+            OptInGuardSetting::Limit { max, per } => Some(crate::policy::OptInGuard {
+                max: *max,
+                per: *per,
+            }),
             OptInGuardSetting::Word(_) => None,
         }
     }
@@ -219,9 +220,7 @@ impl OptInGuardSetting {
     fn problem(&self) -> Option<&'static str> {
         match self {
             OptInGuardSetting::Word(w) if w == "off" => None,
-            OptInGuardSetting::Word(_) => {
-                Some("write { max = 100, per = \"1h\" } or \"off\"")
-            }
+            OptInGuardSetting::Word(_) => Some("write { max = 100, per = \"1h\" } or \"off\""),
             OptInGuardSetting::Limit { max: 0, .. } => {
                 Some("max must be at least 1 (\"off\" turns the guard off)")
             }

@@ -615,7 +615,9 @@ impl Daemon {
         }
         for (source, w) in self.engine.store().guard_windows().unwrap_or_default() {
             let held = i64::try_from(w.held).unwrap_or(i64::MAX);
-            m.held_opt_ins.get_or_create(&Metrics::source(&source)).set(held);
+            m.held_opt_ins
+                .get_or_create(&Metrics::source(&source))
+                .set(held);
         }
         for (key, n) in self.engine.store().counts().unwrap_or_default() {
             if let Some((scope, decision)) = key.split_once(':') {

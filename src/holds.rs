@@ -103,7 +103,9 @@ pub fn holds(
             );
         }
     }
-    reply.holds = (engine.holds(selection)?.iter()).map(HoldView::from).collect();
+    reply.holds = (engine.holds(selection)?.iter())
+        .map(HoldView::from)
+        .collect();
     for (source, w) in engine.store().guard_windows()? {
         if w.held > 0 {
             reply.by_source.insert(source, w.held);
@@ -131,7 +133,10 @@ pub fn print(o: &mut impl Write, r: &HoldsReply) -> std::io::Result<()> {
         return Ok(());
     }
     writeln!(o)?;
-    writeln!(o, "ID\tSOURCE\tPERSON\tRECORD\tSCOPE\tEVENT TIME\tHELD AT\tEVIDENCE")?;
+    writeln!(
+        o,
+        "ID\tSOURCE\tPERSON\tRECORD\tSCOPE\tEVENT TIME\tHELD AT\tEVIDENCE"
+    )?;
     for h in &r.holds {
         writeln!(
             o,

@@ -388,7 +388,9 @@ impl OptInGuard {
     /// Decides one opt-in that would lift a suppression, from its source's window as
     /// stored; returns the verdict and the window to store back.
     pub fn judge(&self, w: GuardWindow, now: Timestamp) -> (GuardVerdict, GuardWindow) {
-        let per = i64::try_from(self.per.as_millis()).unwrap_or(i64::MAX).max(1);
+        let per = i64::try_from(self.per.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1);
         let bucket = now.millis().div_euclid(per);
         let mut w = match bucket - w.bucket {
             0 => w,
@@ -587,6 +589,6 @@ pub fn wants_confirmation(fact: &Fact) -> bool {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod guard_tests;
+#[cfg(test)]
+mod tests;

@@ -990,7 +990,10 @@ impl Store {
         (self.scan(GUARD, ..))
             .map(|kv| {
                 let (k, v) = kv?;
-                Ok((String::from_utf8_lossy(&k).into_owned(), decode("guard", &v)?))
+                Ok((
+                    String::from_utf8_lossy(&k).into_owned(),
+                    decode("guard", &v)?,
+                ))
             })
             .collect()
     }
@@ -1472,7 +1475,9 @@ impl Txn<'_> {
     }
 
     pub fn guard_window(&self, source: &str) -> TxResult<GuardWindow> {
-        Ok(self.get(GUARD, "guard", source.as_bytes())?.unwrap_or_default())
+        Ok(self
+            .get(GUARD, "guard", source.as_bytes())?
+            .unwrap_or_default())
     }
 
     pub fn put_guard_window(&self, source: &str, w: &GuardWindow) -> TxResult<()> {

@@ -9,7 +9,12 @@ fn guard(max: u64) -> OptInGuard {
 }
 
 /// Runs `n` opt-ins at `at` through the guard; returns the verdicts and the window.
-fn run(g: &OptInGuard, mut w: GuardWindow, at: Timestamp, n: usize) -> (Vec<GuardVerdict>, GuardWindow) {
+fn run(
+    g: &OptInGuard,
+    mut w: GuardWindow,
+    at: Timestamp,
+    n: usize,
+) -> (Vec<GuardVerdict>, GuardWindow) {
     let mut out = Vec::new();
     for _ in 0..n {
         let (v, next) = g.judge(w, at);
@@ -45,7 +50,12 @@ fn a_source_with_held_opt_ins_stays_held_in_a_later_window() {
 fn the_previous_window_counts_for_what_still_overlaps() {
     let start = Timestamp::from_secs(1_700_000_000 / 3600 * 3600);
     // 10 applied late in one window…
-    let (_, w) = run(&guard(10), GuardWindow::default(), start.plus(HOUR * 59 / 60), 10);
+    let (_, w) = run(
+        &guard(10),
+        GuardWindow::default(),
+        start.plus(HOUR * 59 / 60),
+        10,
+    );
     // …a quarter into the next, three quarters of them still count: 7.5 → 2 more pass.
     let (v, _) = run(&guard(10), w, start.plus(HOUR + HOUR / 4), 4);
     use GuardVerdict::*;
@@ -73,6 +83,10 @@ fn only_an_opt_in_that_lifts_a_suppression_counts() {
     // Within the margin the opt-out still wins: nothing is lifted.
     assert!(!lifts_suppression(&out, &f(Status::OptedIn, 103), margin));
     // An opt-in for someone not suppressed, and an opt-out, are never held.
-    assert!(!lifts_suppression(&Consent::default(), &f(Status::OptedIn, 200), margin));
+    assert!(!lifts_suppression(
+        &Consent::default(),
+        &f(Status::OptedIn, 200),
+        margin
+    ));
     assert!(!lifts_suppression(&out, &f(Status::OptedOut, 300), margin));
 }

@@ -154,6 +154,11 @@ fn a_dry_run_decides_a_page_and_keeps_none_of_it() {
     assert_eq!(e.store().audit_from(0).count(), audit_before);
     assert!(outbox(&e).is_empty());
     assert_eq!(decision(&e, 0), Decision::OptedOut);
-    assert!(e.store().subject_by_alias(&format!("p:{}", phone(3))).unwrap().is_none());
+    assert!(
+        e.store()
+            .subject_by_alias(&format!("p:{}", phone(3)))
+            .unwrap()
+            .is_none()
+    );
     assert!(e.store().guard_windows().unwrap().is_empty());
 }
