@@ -613,11 +613,20 @@ impl Daemon {
                 .get_or_create(&l)
                 .set(Timestamp::now().since(since).as_secs_f64());
         }
+        // Every connector and `import` present (0 when none is held), and any other
+        // source that ever had an opt-in counted.
+        let mut held: BTreeMap<String, u64> = (self.statuses.keys().cloned())
+            .chain([crate::import::SOURCE.to_string()])
+            .map(|s| (s, 0))
+            .collect();
         for (source, w) in self.engine.store().guard_windows().unwrap_or_default() {
-            let held = i64::try_from(w.held).unwrap_or(i64::MAX);
+            held.insert(source, w.held);
+        }
+        for (source, n) in held {
+            let n = i64::try_from(n).unwrap_or(i64::MAX);
             m.held_opt_ins
                 .get_or_create(&Metrics::source(&source))
-                .set(held);
+                .set(n);
         }
         for (key, n) in self.engine.store().counts().unwrap_or_default() {
             if let Some((scope, decision)) = key.split_once(':') {
