@@ -183,24 +183,53 @@ pub struct PolicySection {
 
 /// `policy.opt_in_guard`: how many opt-ins that lift a suppression one source may apply
 /// per window before the rest are held, or `"off"`.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Clone, Debug)]
 pub enum OptInGuardSetting {
     Word(String),
-    Limit {
-        max: u64,
-        #[serde(with = "humantime_serde")]
-        per: Duration,
-    },
+    Limit(GuardLimit),
+}
+
+/// A word or a table, each with serde's own precise errors (an unknown key, a missing
+/// `per`), rather than an untagged enum's "did not match any variant".
+impl<'de> Deserialize<'de> for OptInGuardSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = OptInGuardSetting;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(r#"{ max = 100, per = "1h" } or "off""#)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(OptInGuardSetting::Word(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                m: A,
+            ) -> Result<Self::Value, A::Error> {
+                let d = serde::de::value::MapAccessDeserializer::new(m);
+                GuardLimit::deserialize(d).map(OptInGuardSetting::Limit)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// `{ max = 100, per = "1h" }`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardLimit {
+    pub max: u64,
+    #[serde(with = "humantime_serde")]
+    pub per: Duration,
 }
 
 impl Default for OptInGuardSetting {
     fn default() -> Self {
         let d = crate::policy::OptInGuard::DEFAULT;
-        OptInGuardSetting::Limit {
+        OptInGuardSetting::Limit(GuardLimit {
             max: d.max,
             per: d.per,
-        }
+        })
     }
 }
 
@@ -208,9 +237,9 @@ impl OptInGuardSetting {
     /// The guard, or `None` when off (or not understood: `check_policy` refuses that).
     fn guard(&self) -> Option<crate::policy::OptInGuard> {
         match self {
-            OptInGuardSetting::Limit { max, per } => Some(crate::policy::OptInGuard {
-                max: *max,
-                per: *per,
+            OptInGuardSetting::Limit(l) => Some(crate::policy::OptInGuard {
+                max: l.max,
+                per: l.per,
             }),
             OptInGuardSetting::Word(_) => None,
         }
@@ -218,19 +247,21 @@ impl OptInGuardSetting {
 
     /// What is wrong with it, if anything.
     fn problem(&self) -> Option<&'static str> {
-        match self {
-            OptInGuardSetting::Word(w) if w == "off" => None,
-            OptInGuardSetting::Word(_) => Some("write { max = 100, per = \"1h\" } or \"off\""),
-            OptInGuardSetting::Limit { max: 0, .. } => {
-                Some("max must be at least 1 (\"off\" turns the guard off)")
+        let limit = match self {
+            OptInGuardSetting::Word(w) if w == "off" => return None,
+            OptInGuardSetting::Word(_) => {
+                return Some("write { max = 100, per = \"1h\" } or \"off\"");
             }
-            OptInGuardSetting::Limit { per, .. } if *per < Duration::from_secs(60) => {
-                Some("per must be at least 1m: a shorter window lets a bulk edit through in bursts")
-            }
-            OptInGuardSetting::Limit { per, .. } if *per > Duration::from_secs(30 * 86_400) => {
-                Some("per must be at most 30d")
-            }
-            OptInGuardSetting::Limit { .. } => None,
+            OptInGuardSetting::Limit(l) => l,
+        };
+        if limit.max == 0 {
+            Some("max must be at least 1 (\"off\" turns the guard off)")
+        } else if limit.per < Duration::from_secs(60) {
+            Some("per must be at least 1m: a shorter window lets a bulk edit through in bursts")
+        } else if limit.per > Duration::from_secs(30 * 86_400) {
+            Some("per must be at most 30d")
+        } else {
+            None
         }
     }
 }

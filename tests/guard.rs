@@ -265,3 +265,45 @@ async fn a_bad_bulk_opt_in_is_held_past_the_guard_then_discarded_and_released() 
         began.elapsed()
     );
 }
+
+/// `check-config` accepts the guard's two shapes and locates every bad value.
+#[test]
+fn check_config_validates_the_guard() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (r#"{ max = 250, per = "1h" }"#, None),
+        (r#""off""#, None),
+        (r#""sometimes""#, Some(r#"or "off""#)),
+        (r#"{ max = 0, per = "1h" }"#, Some("at least 1")),
+        (r#"{ max = 100, per = "10s" }"#, Some("at least 1m")),
+        (
+            r#"{ max = 100, per = "1h", burst = 3 }"#,
+            Some("opt_in_guard"),
+        ),
+    ];
+    for (value, problem) in cases {
+        let c = Config::new(dir.path())
+            .hubspot("http://127.0.0.1:9")
+            .set("policy", &format!("opt_in_guard = {value}"));
+        let path = dir.path().join("check.toml");
+        std::fs::write(&path, c.toml()).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_optout-sync"))
+            .arg("check-config")
+            .arg(&path)
+            .envs(c.env())
+            .env("OPTOUT_GATE_TOKEN", GATE_TOKEN)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        match problem {
+            None => assert!(out.status.success(), "{value}: {err}"),
+            Some(needle) => {
+                assert_eq!(out.status.code(), Some(2), "{value}: {err}");
+                assert!(
+                    err.contains("opt_in_guard") && err.contains(needle),
+                    "{value}: {err}"
+                );
+            }
+        }
+    }
+}
