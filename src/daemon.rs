@@ -624,7 +624,8 @@ impl Daemon {
         }
         for (source, n) in held {
             let n = i64::try_from(n).unwrap_or(i64::MAX);
-            m.held_opt_ins
+            m.guard
+                .held_opt_ins
                 .get_or_create(&Metrics::source(&source))
                 .set(n);
         }

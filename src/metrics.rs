@@ -49,6 +49,31 @@ pub struct SourceLabel {
     pub source: String,
 }
 
+/// Opt-ins held by the mass re-opt-in guard, by source: ever (a counter), and now (a
+/// gauge, refreshed from the store before each scrape).
+#[derive(Clone)]
+pub struct GuardMetrics {
+    pub opt_ins_held: Family<SourceLabel, Counter>,
+    pub held_opt_ins: Family<SourceLabel, Gauge>,
+}
+
+impl GuardMetrics {
+    fn register(r: &mut Registry) -> Self {
+        GuardMetrics {
+            opt_ins_held: registered(
+                r,
+                "opt_ins_held",
+                "Opt-ins held by the mass re-opt-in guard, by source",
+            ),
+            held_opt_ins: registered(
+                r,
+                "held_opt_ins",
+                "Opt-ins held now, waiting for an operator (optout-sync holds), by source",
+            ),
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub observations: Family<SourceResult, Counter>,
@@ -74,9 +99,8 @@ pub struct Metrics {
     pub propagation: Family<ConnectorLabel, Histogram>,
     /// Seconds from a push being done to the read-back that confirms it.
     pub verification: Family<ConnectorLabel, Histogram>,
-    /// Opt-ins held by the mass re-opt-in guard, by source (ever), and held now.
-    pub opt_ins_held: Family<SourceLabel, Counter>,
-    pub held_opt_ins: Family<SourceLabel, Gauge>,
+    /// The mass re-opt-in guard's holds.
+    pub guard: GuardMetrics,
     /// Serialises scrapes (gauges are refreshed then encoded).
     scrape: Mutex<()>,
 }
@@ -162,18 +186,8 @@ impl Metrics {
                 "From a push to the read-back that confirms it",
                 Family::new_with_constructor(buckets),
             ),
-            opt_ins_held: registered(
-                &mut r,
-                "opt_ins_held",
-                "Opt-ins held by the mass re-opt-in guard, by source",
-            ),
-            held_opt_ins: registered(
-                &mut r,
-                "held_opt_ins",
-                "Opt-ins held now, waiting for an operator (optout-sync holds), by source",
-            ),
-            // Last: the fields above register into it first.
-            registry: r,
+            guard: GuardMetrics::register(&mut r),
+            registry: r, // last: the fields above register into it first
             scrape: Mutex::new(()),
         }
     }

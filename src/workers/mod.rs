@@ -324,6 +324,7 @@ impl WorkerContext {
         }
         for (source, n) in &report.held {
             self.metrics
+                .guard
                 .opt_ins_held
                 .get_or_create(&Metrics::source(source))
                 .inc_by(*n);
