@@ -871,7 +871,7 @@ impl Daemon {
         }
     }
 
-    /// `resync --full --dry-run`: each polling connector's worker re-reads everything and
+    /// `resync --full --dry-run`: each CRM connector's poll worker re-reads everything and
     /// rehearses each page (decided, then discarded); progress is relayed as for a resync.
     async fn dry_run(
         &self,
@@ -880,7 +880,14 @@ impl Daemon {
     ) -> Result<DryRunReport, String> {
         let mut waiting = Vec::new();
         for name in self.resync_names(connector.as_ref())? {
-            if (self.checked.connector(&name)).is_some_and(|c| c.poll.is_none()) {
+            // Only systems of records: a push-only connector reads nothing, and WhatsApp's
+            // inbox holds messages already applied or about to be (its reads quarantine).
+            let records = (self.checked.connector(&name))
+                .is_some_and(|c| c.poll.is_some() && c.takes == crate::reconcile::Takes::Records);
+            if !records {
+                let _ = progress
+                    .send(format!("{name}: holds no records; skipped"))
+                    .await;
                 continue;
             }
             let (tx, rx) = mpsc::channel(64);

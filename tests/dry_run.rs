@@ -76,6 +76,7 @@ async fn a_dry_run_lists_exactly_what_a_full_resync_then_corrects_and_changes_no
     let dir = tempfile::tempdir().unwrap();
     // Polled once at start, then only when asked: nothing reads the drift but the resyncs.
     let c = Config::new(dir.path())
+        .whatsapp("app-secret")
         .hubspot(&hs.base_url())
         .set("hubspot", r#"poll_interval = "1h""#);
     let mut d = common::start(dir.path(), &c.toml(), &c.env()).await;
@@ -182,9 +183,10 @@ async fn a_dry_run_lists_exactly_what_a_full_resync_then_corrects_and_changes_no
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
     assert!(
-        text.contains("would suppress 10, re-enable 5, leave alone 10")
+        text.contains("would suppress 10, re-enable 5, leave alone 15")
             && text.contains(&format!("hubspot/{} ", suppress[0]))
-            && text.contains("nothing was pushed"),
+            && text.contains("nothing was pushed")
+            && text.contains("whatsapp: holds no records; skipped"),
         "{text}"
     );
     // Nothing moved: no write reached HubSpot, no value, no outbox entry, no cursor.
