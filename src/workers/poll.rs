@@ -7,7 +7,9 @@
 //! resync starts from the beginning, first giving dead letters another chance, and after
 //! an error carries on from the page that failed; an incremental read that fails ends,
 //! and the next one (after the back-off, or sooner if triggered) starts again from the
-//! saved cursor.
+//! saved cursor. A dry run (`resync --full --dry-run`) reads like a full resync but
+//! rehearses each page (decided, then discarded) into its report: no cursor is saved, and
+//! the status keeps its cursor and last poll.
 
 use std::sync::Arc;
 use std::time::Duration;
