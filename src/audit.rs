@@ -40,6 +40,12 @@ pub enum AuditKind {
     PossibleOptOut,
     /// A message template's category, as the send gate will judge it, was set or changed.
     Template,
+    /// An opt-in held by the mass re-opt-in guard: not applied until an operator decides.
+    Held,
+    /// A held opt-in an operator released: applied as of its original event time.
+    HoldReleased,
+    /// A held opt-in an operator discarded: never applied.
+    HoldDiscarded,
 }
 
 impl AuditKind {
@@ -57,6 +63,9 @@ impl AuditKind {
             AuditKind::Operator => "operator",
             AuditKind::PossibleOptOut => "possible_opt_out",
             AuditKind::Template => "template",
+            AuditKind::Held => "held",
+            AuditKind::HoldReleased => "hold_released",
+            AuditKind::HoldDiscarded => "hold_discarded",
         }
     }
 }

@@ -78,7 +78,29 @@ enum Command {
         /// Re-read everything and repair drift.
         #[arg(long)]
         full: bool,
+        /// With --full: report what would change (per connector: suppressed, re-enabled,
+        /// left alone, and each record's change with its evidence), changing nothing.
+        #[arg(long, requires = "full")]
+        dry_run: bool,
+        /// With --dry-run: the report as JSON (progress goes to standard error).
+        #[arg(long, requires = "dry_run")]
+        json: bool,
         #[arg(long, short, env = "OPTOUT_SYNC_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Opt-ins held by the mass re-opt-in guard (policy.opt_in_guard): list them, or
+    /// release them (applied as of their event times; a newer opt-out still wins) or
+    /// discard them. Through the running daemon, or over the store while it is stopped.
+    Holds {
+        #[command(subcommand)]
+        action: Option<HoldsAction>,
+        /// Only holds from this source (a connector instance, `import`, an API source).
+        #[arg(long, global = true)]
+        source: Option<String>,
+        /// Machine-readable output.
+        #[arg(long, global = true)]
+        json: bool,
+        #[arg(long, short, global = true, env = "OPTOUT_SYNC_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Check a configuration file: syntax, types, schedules, and that every secret can be
@@ -150,6 +172,23 @@ enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+enum HoldsAction {
+    /// Apply the held opt-ins named, as of their original event times.
+    Release(HoldTargets),
+    /// Drop the held opt-ins named: the people stay suppressed.
+    Discard(HoldTargets),
+}
+
+#[derive(Debug, clap::Args)]
+struct HoldTargets {
+    /// Every held opt-in (of --source, if given).
+    #[arg(long, conflicts_with = "ids")]
+    all: bool,
+    /// Hold ids as `holds` lists them (`h123`).
+    ids: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Write the audit log to standard output, oldest first, streaming.
     Export {
@@ -191,9 +230,23 @@ pub fn main() -> ExitCode {
         Command::Status { config, json } => status(&config, json),
         Command::Resync {
             connector,
+            full: _,
+            dry_run: true,
+            json,
+            config,
+        } => dry_run(&config, connector, json),
+        Command::Resync {
+            connector,
             full,
             config,
+            ..
         } => resync(&config, connector, full),
+        Command::Holds {
+            action,
+            source,
+            json,
+            config,
+        } => holds(&config, action, source, json),
         Command::CheckConfig { path, connect } => return check_config(&path, connect),
         Command::Lookup { id, config, json } => lookup(&config, &id, json),
         Command::Numbers {
@@ -596,6 +649,12 @@ fn print_status(o: &mut impl Write, r: &StatusReport) -> std::io::Result<()> {
             "STORE ALARM: {why}; webhooks get 503 and nothing is applied until it works again"
         )?;
     }
+    for (source, n) in r.held_opt_ins.iter().filter(|(_, n)| **n > 0) {
+        writeln!(
+            o,
+            "HELD OPT-INS: {source}: {n} held by the mass re-opt-in guard; review with `optout-sync holds`"
+        )?;
+    }
     writeln!(o)?;
     let rows: Vec<Row> = r.connectors.iter().map(connector_row).collect();
     let widths = column_widths(&rows);
@@ -721,6 +780,135 @@ fn resync(config_path: &Path, connector: Option<String>, full: bool) -> Result<E
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// `resync --full --dry-run`: through the running daemon only (it reads with its workers).
+fn dry_run(config_path: &Path, connector: Option<String>, json: bool) -> Result<ExitCode> {
+    let socket = socket_of(config_path)?;
+    let req = crate::control::Request::DryRun { connector };
+    let shown = |p: &str| match json {
+        true => eprintln!("{p}"),
+        false => println!("{p}"),
+    };
+    let value = match runtime()?.block_on(crate::control::request(&socket, &req, shown)) {
+        Ok(v) => v,
+        Err(e @ crate::control::ClientError::NotRunning(_)) => {
+            eprintln!("optout-sync: {e}");
+            return Ok(ExitCode::from(3));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let report: crate::report::DryRunReport = serde_json::from_value(value)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        output(writeln!(out, "{}", serde_json::to_string_pretty(&report)?))?;
+    } else {
+        output(print_dry_run(&mut out, &report))?;
+    }
+    output(out.flush())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_dry_run(o: &mut impl Write, r: &crate::report::DryRunReport) -> std::io::Result<()> {
+    writeln!(o, "\ndry run: nothing was pushed, changed or moved")?;
+    for c in &r.connectors {
+        writeln!(
+            o,
+            "\n{}: {} read; would suppress {}, re-enable {}, leave alone {}; {} opt-in(s) would be held",
+            c.name, c.records, c.suppressed, c.re_enabled, c.left_alone, c.held
+        )?;
+        for ch in &c.changes {
+            writeln!(
+                o,
+                "  {}/{} {}: {} → {} ({} at {})",
+                ch.connector,
+                ch.record,
+                ch.subject,
+                ch.from.as_deref().unwrap_or("-"),
+                ch.to,
+                crate::lookup::shorten(&ch.evidence, 100),
+                ch.event_at
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// `holds [release|discard]`: over the store, or through the running daemon when it
+/// holds the store or the store is not this user's (as `numbers`).
+fn holds(
+    config_path: &Path,
+    action: Option<HoldsAction>,
+    source: Option<String>,
+    json: bool,
+) -> Result<ExitCode> {
+    use crate::control::Resolve;
+    let (resolve, targets) = match action {
+        None => (None, None),
+        Some(HoldsAction::Release(t)) => (Some(Resolve::Release), Some(t)),
+        Some(HoldsAction::Discard(t)) => (Some(Resolve::Discard), Some(t)),
+    };
+    if let Some(t) = &targets
+        && !t.all
+        && t.ids.is_empty()
+        && source.is_none()
+    {
+        return Err(Refused(
+            "name the holds to resolve: --all, --source NAME, or their ids".into(),
+        )
+        .into());
+    }
+    let selection = crate::holds::HoldSelection {
+        source,
+        ids: targets.map(|t| t.ids).unwrap_or_default(),
+    };
+    let config = app::load_offline(config_path)?;
+    existing_store(&config)?;
+    let socket = &config.daemon.control_socket;
+    let ask = || -> Result<serde_json::Value> {
+        let request = crate::control::Request::Holds {
+            selection: selection.clone(),
+            resolve,
+        };
+        Ok(runtime()?.block_on(crate::control::request(socket, &request, |_| {}))?)
+    };
+    let offline = || -> Result<serde_json::Value> {
+        let engine = app::open_engine(&config)?;
+        let (reply, _) = crate::holds::holds(&engine, &selection, resolve, |_| {})?;
+        engine.store().save_high_water()?;
+        Ok(serde_json::to_value(reply)?)
+    };
+    let value = match store_owner(&config.daemon.state_dir, "holds") {
+        Ok(()) => match offline() {
+            Ok(v) => v,
+            Err(e) if in_use(&e) => ask()?,
+            Err(e) => return Err(e),
+        },
+        Err(not_owner) => match ask() {
+            Ok(value) => value,
+            Err(e) if is_not_running(&e) => return Err(not_owner.into()),
+            Err(e) => return Err(e),
+        },
+    };
+    let reply: crate::holds::HoldsReply = serde_json::from_value(value)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        output(writeln!(out, "{}", serde_json::to_string_pretty(&reply)?))?;
+    } else {
+        output(crate::holds::print(&mut out, &reply))?;
+    }
+    output(out.flush())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The store is open in the running daemon.
+fn in_use(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<crate::store::StoreError>(),
+            Some(crate::store::StoreError::Open { reason, .. }) if reason.contains("in use")
+        )
+    })
 }
 
 fn lookup(config_path: &Path, id: &str, json: bool) -> Result<ExitCode> {

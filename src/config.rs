@@ -176,6 +176,94 @@ pub struct PolicySection {
     /// omitted = 2009-01-01.
     #[serde(default)]
     pub event_time_floor: Option<String>,
+    /// `{ max = 100, per = "1h" }` (the default) or `"off"`: see [`OptInGuardSetting`].
+    #[serde(default)]
+    pub opt_in_guard: OptInGuardSetting,
+}
+
+/// `policy.opt_in_guard`: how many opt-ins that lift a suppression one source may apply
+/// per window before the rest are held, or `"off"`.
+#[derive(Clone, Debug)]
+pub enum OptInGuardSetting {
+    Word(String),
+    Limit(GuardLimit),
+}
+
+/// A word or a table, each with serde's own precise errors (an unknown key, a missing
+/// `per`), rather than an untagged enum's "did not match any variant".
+impl<'de> Deserialize<'de> for OptInGuardSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = OptInGuardSetting;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(r#"{ max = 100, per = "1h" } or "off""#)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(OptInGuardSetting::Word(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                m: A,
+            ) -> Result<Self::Value, A::Error> {
+                let d = serde::de::value::MapAccessDeserializer::new(m);
+                GuardLimit::deserialize(d).map(OptInGuardSetting::Limit)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// `{ max = 100, per = "1h" }`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardLimit {
+    pub max: u64,
+    #[serde(with = "humantime_serde")]
+    pub per: Duration,
+}
+
+impl Default for OptInGuardSetting {
+    fn default() -> Self {
+        let d = crate::policy::OptInGuard::DEFAULT;
+        OptInGuardSetting::Limit(GuardLimit {
+            max: d.max,
+            per: d.per,
+        })
+    }
+}
+
+impl OptInGuardSetting {
+    /// The guard, or `None` when off (or not understood: `check_policy` refuses that).
+    fn guard(&self) -> Option<crate::policy::OptInGuard> {
+        match self {
+            OptInGuardSetting::Limit(l) => Some(crate::policy::OptInGuard {
+                max: l.max,
+                per: l.per,
+            }),
+            OptInGuardSetting::Word(_) => None,
+        }
+    }
+
+    /// What is wrong with it, if anything.
+    fn problem(&self) -> Option<&'static str> {
+        let limit = match self {
+            OptInGuardSetting::Word(w) if w == "off" => return None,
+            OptInGuardSetting::Word(_) => {
+                return Some("write { max = 100, per = \"1h\" } or \"off\"");
+            }
+            OptInGuardSetting::Limit(l) => l,
+        };
+        if limit.max == 0 {
+            Some("max must be at least 1 (\"off\" turns the guard off)")
+        } else if limit.per < Duration::from_secs(60) {
+            Some("per must be at least 1m: a shorter window lets a bulk edit through in bursts")
+        } else if limit.per > Duration::from_secs(30 * 86_400) {
+            Some("per must be at most 30d")
+        } else {
+            None
+        }
+    }
 }
 
 impl Default for PolicySection {
@@ -186,6 +274,7 @@ impl Default for PolicySection {
             accept_opt_ins_from: None,
             scopes: ScopeMap::default(),
             event_time_floor: None,
+            opt_in_guard: OptInGuardSetting::default(),
         }
     }
 }
@@ -211,6 +300,7 @@ impl PolicySection {
                 .accept_opt_ins_from
                 .as_ref()
                 .map(|v| v.iter().cloned().collect()),
+            opt_in_guard: self.opt_in_guard.guard(),
         }
     }
 }
@@ -681,6 +771,9 @@ impl Config {
                 "policy.opt_in_margin",
                 "more than a day would ignore genuine opt-ins; use seconds to minutes",
             );
+        }
+        if let Some(why) = pol.opt_in_guard.problem() {
+            found.add("policy.opt_in_guard", why);
         }
         for name in pol.accept_opt_ins_from.iter().flatten() {
             if name != "import" && !self.connectors.iter().any(|c| &c.name == name) {

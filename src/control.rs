@@ -3,7 +3,8 @@
 //! daemon holds the store, `lookup` go through it. Nothing listens on a network port.
 //!
 //! Requests: `{"command":"status"}`, `{"command":"resync","connector":null,"full":false}`,
-//! `{"command":"lookup","id":"+1…"}`. The daemon answers with zero or more
+//! `{"command":"lookup","id":"+1…"}`, `{"command":"dry_run","connector":null}`,
+//! `{"command":"holds","selection":{"source":null,"ids":[]},"resolve":"release"}`. The daemon answers with zero or more
 //! `{"progress":"…"}` lines and one final `{"ok":true,"result":…}` or
 //! `{"ok":false,"error":"…"}` line.
 
@@ -34,6 +35,26 @@ pub enum Request {
         #[serde(default)]
         connector: Option<String>,
     },
+    /// What `resync --full` would change (all connectors, or one), changing nothing.
+    DryRun {
+        #[serde(default)]
+        connector: Option<String>,
+    },
+    /// Opt-ins held by the mass re-opt-in guard; with `resolve`, released or discarded.
+    Holds {
+        #[serde(default)]
+        selection: crate::holds::HoldSelection,
+        #[serde(default)]
+        resolve: Option<Resolve>,
+    },
+}
+
+/// What an operator does with held opt-ins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resolve {
+    Release,
+    Discard,
 }
 
 /// What the daemon does with a request. Progress lines go to `progress`; the returned

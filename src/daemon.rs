@@ -29,7 +29,7 @@ use crate::control::{self, Request};
 use crate::inbox::StoreInbox;
 use crate::metrics::{Metrics, ScopeDecision};
 use crate::reconcile::Engine;
-use crate::report::{ConnectorReport, ResyncReport, StatusReport};
+use crate::report::{ConnectorReport, DryRunReport, ResyncReport, StatusReport};
 use crate::systemd::Notifier;
 use crate::workers::store_health::{StoreFatal, StoreHooks};
 use crate::workers::{
@@ -43,6 +43,8 @@ pub struct Daemon {
     pub metrics: Arc<Metrics>,
     pub statuses: BTreeMap<String, StatusCell>,
     pub triggers: BTreeMap<String, mpsc::Sender<Trigger>>,
+    /// What the workers share: bookkeeping after an operator's change (released holds).
+    pub workers: Arc<WorkerContext>,
     /// What `/readyz` and the watchdog read: running and the store works.
     pub ready: Arc<AtomicBool>,
     /// Between READY=1 and the start of shutdown.
@@ -87,6 +89,7 @@ pub async fn run_until(
         metrics,
         statuses: started_connectors.statuses,
         triggers: started_connectors.triggers,
+        workers: ctx.clone(),
         ready: Arc::new(AtomicBool::new(false)),
         running: AtomicBool::new(false),
         started,
@@ -630,6 +633,22 @@ impl Daemon {
                 .get_or_create(&l)
                 .set(Timestamp::now().since(since).as_secs_f64());
         }
+        // Every connector and `import` present (0 when none is held), and any other
+        // source that ever had an opt-in counted.
+        let mut held: BTreeMap<String, u64> = (self.statuses.keys().cloned())
+            .chain([crate::import::SOURCE.to_string()])
+            .map(|s| (s, 0))
+            .collect();
+        for (source, w) in self.engine.store().guard_windows().unwrap_or_default() {
+            held.insert(source, w.held);
+        }
+        for (source, n) in held {
+            let n = i64::try_from(n).unwrap_or(i64::MAX);
+            m.guard
+                .held_opt_ins
+                .get_or_create(&Metrics::source(&source))
+                .set(n);
+        }
         for (key, n) in self.engine.store().counts().unwrap_or_default() {
             if let Some((scope, decision)) = key.split_once(':') {
                 m.subjects
@@ -710,6 +729,7 @@ impl Daemon {
             templates_known: facts.templates,
             store_alarm: facts.alarm,
             connectors,
+            held_opt_ins: facts.held,
         }
     }
 }
@@ -740,6 +760,14 @@ fn pending_counts(store: &crate::store::Store, unverified_after: std::time::Dura
     (depth, dead, unverified)
 }
 
+/// Opt-ins held by the mass re-opt-in guard, per source that has any.
+fn held_by_source(store: &crate::store::Store) -> BTreeMap<String, u64> {
+    (store.guard_windows().unwrap_or_default().into_iter())
+        .filter(|(_, w)| w.held > 0)
+        .map(|(s, w)| (s, w.held))
+        .collect()
+}
+
 /// What `status` reads from the store.
 struct StoreFacts {
     pending: Pending,
@@ -749,6 +777,8 @@ struct StoreFacts {
     quarantined: usize,
     templates: usize,
     alarm: Option<String>,
+    /// Held opt-ins per source.
+    held: BTreeMap<String, u64>,
 }
 
 impl StoreFacts {
@@ -761,6 +791,7 @@ impl StoreFacts {
             quarantined: store.quarantine_len(),
             templates: store.template_names().unwrap_or(0),
             alarm: store.failure(),
+            held: held_by_source(store),
         }
     }
 
@@ -773,6 +804,7 @@ impl StoreFacts {
             quarantined: 0,
             templates: 0,
             alarm: Some(format!("the store could not be read: {why}")),
+            held: BTreeMap::new(),
         }
     }
 }
@@ -805,6 +837,14 @@ impl control::Handler for Daemon {
                 let report = self.resync(connector, full, progress).await?;
                 serde_json::to_value(report).map_err(|e| e.to_string())
             }
+            Request::DryRun { connector } => {
+                let report = self.dry_run(connector, progress).await?;
+                serde_json::to_value(report).map_err(|e| e.to_string())
+            }
+            Request::Holds { selection, resolve } => {
+                let reply = self.holds(selection, resolve, progress).await?;
+                serde_json::to_value(reply).map_err(|e| e.to_string())
+            }
         }
     }
 }
@@ -818,15 +858,7 @@ impl Daemon {
         full: bool,
         progress: mpsc::Sender<String>,
     ) -> Result<ResyncReport, String> {
-        let names: Vec<String> = match &connector {
-            Some(n) if self.triggers.contains_key(n) => vec![n.clone()],
-            Some(n) => {
-                let known: Vec<_> = self.triggers.keys().cloned().collect();
-                let known = known.join(", ");
-                return Err(format!("no connector named `{n}` (configured: {known})"));
-            }
-            None => self.triggers.keys().cloned().collect(),
-        };
+        let names = self.resync_names(connector.as_ref())?;
         let mut waiting = Vec::new();
         for name in names {
             let push_only = (self.checked.connector(&name)).is_some_and(|c| c.poll.is_none());
@@ -853,6 +885,82 @@ impl Daemon {
             resynced.extend(workers::relay_progress(rx, &progress).await);
         }
         Ok(ResyncReport { resynced, full })
+    }
+
+    /// Connector names a resync or dry run covers: `connector`, or all.
+    fn resync_names(&self, connector: Option<&String>) -> Result<Vec<String>, String> {
+        match connector {
+            Some(n) if self.triggers.contains_key(n) => Ok(vec![n.clone()]),
+            Some(n) => {
+                let known: Vec<_> = self.triggers.keys().cloned().collect();
+                let known = known.join(", ");
+                Err(format!("no connector named `{n}` (configured: {known})"))
+            }
+            None => Ok(self.triggers.keys().cloned().collect()),
+        }
+    }
+
+    /// `resync --full --dry-run`: each CRM connector's poll worker re-reads everything and
+    /// rehearses each page (decided, then discarded); progress is relayed as for a resync.
+    async fn dry_run(
+        &self,
+        connector: Option<String>,
+        progress: mpsc::Sender<String>,
+    ) -> Result<DryRunReport, String> {
+        let mut waiting = Vec::new();
+        for name in self.resync_names(connector.as_ref())? {
+            // Only systems of records: a push-only connector reads nothing, and WhatsApp's
+            // inbox holds messages already applied or about to be (its reads quarantine).
+            let records = (self.checked.connector(&name))
+                .is_some_and(|c| c.poll.is_some() && c.takes == crate::reconcile::Takes::Records);
+            if !records {
+                let _ = progress
+                    .send(format!("{name}: holds no records; skipped"))
+                    .await;
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(64);
+            let cell = workers::DryRunCell::default();
+            cell.lock().unwrap_or_else(|p| p.into_inner()).name = name.clone();
+            let t = Trigger::DryRun {
+                done: tx,
+                report: cell.clone(),
+            };
+            self.triggers[&name]
+                .send(t)
+                .await
+                .map_err(|_| format!("{name}: its worker has stopped"))?;
+            waiting.push((name, rx, cell));
+        }
+        let mut report = DryRunReport::default();
+        for (name, rx, cell) in waiting {
+            if workers::relay_progress(rx, &progress).await.is_none() {
+                return Err(format!("{name}: the dry run did not complete"));
+            }
+            let c = std::mem::take(&mut *cell.lock().unwrap_or_else(|p| p.into_inner()));
+            report.connectors.push(c);
+        }
+        Ok(report)
+    }
+
+    /// `holds`: lists, releases or discards held opt-ins; released ones are pushed.
+    async fn holds(
+        &self,
+        selection: crate::holds::HoldSelection,
+        resolve: Option<control::Resolve>,
+        progress: mpsc::Sender<String>,
+    ) -> Result<crate::holds::HoldsReply, String> {
+        let engine = self.engine.clone();
+        let (reply, report) = tokio::task::spawn_blocking(move || {
+            crate::holds::holds(&engine, &selection, resolve, |n| {
+                let _ = progress.blocking_send(format!("{n} resolved"));
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        self.workers.after_apply("operator", &report);
+        Ok(reply)
     }
 
     async fn requeue_dead_letters(&self, name: &str) -> Result<usize, String> {

@@ -3,7 +3,7 @@
 //!
 //! The public surface is what the binary, the tests and the benchmarks use: the command
 //! line ([`cli`]), the control protocol ([`control`]) and the answers it carries
-//! ([`report`]), and phone-number normalisation ([`identity`]); everything else is private to the daemon.
+//! ([`report`], [`holds`]), and phone-number normalisation ([`identity`]); everything else is private to the daemon.
 
 mod app;
 mod audit;
@@ -13,6 +13,7 @@ pub mod control;
 mod daemon;
 #[cfg(feature = "demo")]
 mod demo;
+pub mod holds;
 mod http;
 pub mod identity;
 mod import;

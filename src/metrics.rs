@@ -50,6 +50,36 @@ pub struct ConnectorLabel {
     pub connector: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: String,
+}
+
+/// Opt-ins held by the mass re-opt-in guard, by source: ever (a counter), and now (a
+/// gauge, refreshed from the store before each scrape).
+#[derive(Clone)]
+pub struct GuardMetrics {
+    pub opt_ins_held: Family<SourceLabel, Counter>,
+    pub held_opt_ins: Family<SourceLabel, Gauge>,
+}
+
+impl GuardMetrics {
+    fn register(r: &mut Registry) -> Self {
+        GuardMetrics {
+            opt_ins_held: registered(
+                r,
+                "opt_ins_held",
+                "Opt-ins held by the mass re-opt-in guard, by source",
+            ),
+            held_opt_ins: registered(
+                r,
+                "held_opt_ins",
+                "Opt-ins held now, waiting for an operator (optout-sync holds), by source",
+            ),
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub observations: Family<SourceResult, Counter>,
@@ -80,6 +110,8 @@ pub struct Metrics {
     /// Templates whose category, as the send gate judges it, changed (`utility` →
     /// `marketing`): sends of them are gated differently from then on.
     pub template_recategorisations: Family<FromTo, Counter>,
+    /// The mass re-opt-in guard's holds.
+    pub guard: GuardMetrics,
     /// Serialises scrapes (gauges are refreshed then encoded).
     scrape: Mutex<()>,
 }
@@ -132,9 +164,16 @@ impl Metrics {
                 Family::new_with_constructor(buckets),
             ),
             template_recategorisations: registered(&mut r, "template_recategorisations", RECAT),
+            guard: GuardMetrics::register(&mut r),
             // Last: the fields above register into it first.
             registry: r,
             scrape: Mutex::new(()),
+        }
+    }
+
+    pub fn source(s: &str) -> SourceLabel {
+        SourceLabel {
+            source: s.to_string(),
         }
     }
 

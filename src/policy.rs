@@ -38,6 +38,9 @@ pub struct PolicyConfig {
     pub scopes: ScopeMap,
     /// Sources whose opt-ins count; `None` = every source.
     pub accept_opt_ins_from: Option<BTreeSet<String>>,
+    /// How many opt-ins that lift a suppression one source may apply per window before
+    /// the rest are held for an operator; `None` = no guard.
+    pub opt_in_guard: Option<OptInGuard>,
 }
 
 impl Default for PolicyConfig {
@@ -48,6 +51,7 @@ impl Default for PolicyConfig {
             event_time_floor: EVENT_TIME_FLOOR,
             scopes: ScopeMap::default(),
             accept_opt_ins_from: None,
+            opt_in_guard: Some(OptInGuard::DEFAULT),
         }
     }
 }
@@ -364,6 +368,92 @@ pub struct RecordMemory {
     pub pending: Option<Status>,
 }
 
+/// The mass re-opt-in guard: at most `max` opt-ins that lift a suppression per source in
+/// any window of `per` (estimated from two fixed windows, the previous one weighted by how
+/// much of it still overlaps the sliding window). Once a source has an opt-in held, every
+/// further one is held too until an operator resolves them: a bad import read over hours
+/// must not leak `max` people per window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OptInGuard {
+    pub max: u64,
+    pub per: Duration,
+}
+
+impl OptInGuard {
+    /// 100 per hour per source: far above what people re-subscribe at by hand, far below
+    /// what one bulk edit does.
+    pub const DEFAULT: OptInGuard = OptInGuard {
+        max: 100,
+        per: Duration::from_secs(3600),
+    };
+
+    /// Decides one opt-in that would lift a suppression, from its source's window as
+    /// stored; returns the verdict and the window to store back.
+    pub fn judge(&self, w: GuardWindow, now: Timestamp) -> (GuardVerdict, GuardWindow) {
+        let per = i64::try_from(self.per.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        let bucket = now.millis().div_euclid(per);
+        let mut w = match bucket - w.bucket {
+            0 => w,
+            1 => GuardWindow {
+                bucket,
+                previous: w.current,
+                current: 0,
+                ..w
+            },
+            _ => GuardWindow {
+                bucket,
+                previous: 0,
+                current: 0,
+                ..w
+            },
+        };
+        // previous × (part of the previous window still inside the sliding one) + current,
+        // compared with max, all scaled by `per` to stay in integers.
+        let elapsed = u128::try_from(now.millis().rem_euclid(per)).unwrap_or(0);
+        let per = u128::try_from(per).unwrap_or(1);
+        let estimate = u128::from(w.previous) * (per - elapsed) + u128::from(w.current) * per;
+        if w.held > 0 || estimate >= u128::from(self.max) * per {
+            w.held += 1;
+            (GuardVerdict::Hold, w)
+        } else {
+            w.current += 1;
+            (GuardVerdict::Apply, w)
+        }
+    }
+}
+
+/// One source's guard counts, kept in the store so a restart resets nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuardWindow {
+    /// The current fixed window's number (`now / per`).
+    pub bucket: i64,
+    /// Opt-ins applied in the current and in the previous window.
+    pub current: u64,
+    pub previous: u64,
+    /// Opt-ins held and not yet resolved.
+    pub held: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuardVerdict {
+    Apply,
+    Hold,
+}
+
+/// Whether recording `fact` would lift a suppression of `consent` (an opted-out scope
+/// becoming opted in): what the guard counts. Other opt-ins change nobody's gate answer.
+pub fn lifts_suppression(consent: &Consent, fact: &Fact, margin: Duration) -> bool {
+    if fact.status != Status::OptedIn {
+        return false;
+    }
+    let before = consent.decide(fact.scope, margin);
+    let mut after = consent.clone();
+    after.record(fact);
+    before == Decision::OptedOut && after.decide(fact.scope, margin) == Decision::OptedIn
+}
+
 /// What one observation amounts to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Judgement {
@@ -540,5 +630,7 @@ pub fn wants_confirmation(fact: &Fact) -> bool {
     matches!(fact.signal, Signal::Keyword | Signal::Button)
 }
 
+#[cfg(test)]
+mod guard_tests;
 #[cfg(test)]
 mod tests;

@@ -68,6 +68,12 @@ pub struct ApplyReport {
     pub verified: Vec<(String, String, Duration)>,
     /// Templates whose gated category changed: (from, to), e.g. (`utility`, `marketing`).
     pub recategorised: Vec<(String, String)>,
+    /// Opt-ins held by the mass re-opt-in guard, per source; `tripped`: the sources whose
+    /// guard this page tripped (none of their opt-ins was held before).
+    pub held: BTreeMap<String, u64>,
+    pub tripped: Vec<String>,
+    /// Every record push enqueued, as `resync --dry-run` lists it.
+    pub changes: Vec<guard::RecordChange>,
 }
 
 /// What completing a batch of pushes did.
@@ -156,14 +162,7 @@ impl Engine {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         self.store.transaction(true, |tx| {
             let mut page = PageTx::new(self, tx, connector, now);
-            for obs in observations {
-                match obs {
-                    Observation::Event(ev) => page.event(ev)?,
-                    Observation::Record(snap) => page.record(snap)?,
-                    Observation::IdentityChange(c) => page.identity_change(c)?,
-                    Observation::TemplateCategory(t) => page.template_category(t)?,
-                }
-            }
+            page.observe_all(observations)?;
             let report = page.finish()?;
             if let Some(c) = cursor {
                 tx.set_cursor(connector, c)?;
@@ -414,6 +413,19 @@ struct PageTx<'e, 't, 'tx> {
 }
 
 impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
+    /// Judges every observation of a page, in order.
+    fn observe_all(&mut self, observations: &[Observation]) -> TxResult<()> {
+        for obs in observations {
+            match obs {
+                Observation::Event(ev) => self.event(ev)?,
+                Observation::Record(snap) => self.record(snap)?,
+                Observation::IdentityChange(c) => self.identity_change(c)?,
+                Observation::TemplateCategory(t) => self.template_category(t)?,
+            }
+        }
+        Ok(())
+    }
+
     fn new(engine: &'e Engine, tx: &'t Txn<'tx>, connector: &'e str, now: Timestamp) -> Self {
         PageTx {
             engine,
@@ -656,6 +668,9 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
     }
 
     fn accept(&mut self, id: u64, fact: &Fact, reported_at: Timestamp) -> TxResult<()> {
+        if self.held(id, fact)? {
+            return Ok(());
+        }
         let s = self.subjects.get_mut(&id).expect("loaded");
         s.consent.record(fact);
         let mut a = fact_audit(AuditKind::Accepted, fact, self.now);
@@ -1135,6 +1150,15 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
             identities,
             reply: None,
         };
+        self.report.changes.push(guard::RecordChange {
+            connector: connector.to_string(),
+            record: record.to_string(),
+            subject: item.subject.clone(),
+            from: link.memory.last_seen,
+            to: fact.status,
+            evidence: format!("{} {}", fact.origin(), bounded(&fact.evidence, 200)),
+            event_at: fact.at,
+        });
         self.enqueue(connector, item)
     }
 
@@ -1278,6 +1302,8 @@ fn bounded(s: &str, max_chars: usize) -> String {
 mod changes;
 mod marketing;
 pub use marketing::outbox_key as marketing_key;
+pub mod dry_run;
+pub mod guard;
 pub mod templates;
 #[cfg(test)]
 mod tests;

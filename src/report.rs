@@ -32,6 +32,10 @@ pub struct StatusReport {
     #[serde(default)]
     pub store_alarm: Option<String>,
     pub connectors: Vec<ConnectorReport>,
+    /// Opt-ins held by the mass re-opt-in guard, per source (an alarm while any is held:
+    /// `optout-sync holds` lists them).
+    #[serde(default)]
+    pub held_opt_ins: BTreeMap<String, u64>,
 }
 
 impl StatusReport {
@@ -43,7 +47,9 @@ impl StatusReport {
 
     /// Whether the store or any connector needs an operator (exit code 1 of `status`).
     pub fn needs_attention(&self) -> bool {
-        self.store_alarm.is_some() || self.connectors.iter().any(ConnectorReport::needs_attention)
+        self.store_alarm.is_some()
+            || self.connectors.iter().any(ConnectorReport::needs_attention)
+            || self.held_opt_ins.values().any(|n| *n > 0)
     }
 
     pub fn connector(&self, name: &str) -> Option<&ConnectorReport> {
@@ -93,6 +99,43 @@ pub struct ResyncReport {
     /// The last line of each connector resynced.
     pub resynced: Vec<String>,
     pub full: bool,
+}
+
+/// `resync --full --dry-run`: what a full resync would change, per connector read.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DryRunReport {
+    pub connectors: Vec<DryRunConnector>,
+}
+
+/// One connector's part of a [`DryRunReport`]. The counts are of its own records;
+/// `changes` also lists pushes its records would cause to other systems' records.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DryRunConnector {
+    pub name: String,
+    /// Records (observations) read.
+    pub records: u64,
+    pub suppressed: u64,
+    pub re_enabled: u64,
+    pub left_alone: u64,
+    /// Opt-ins the mass re-opt-in guard would hold.
+    pub held: u64,
+    pub changes: Vec<DryRunChange>,
+}
+
+/// One record a full resync would write.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DryRunChange {
+    pub connector: String,
+    pub record: String,
+    /// The person (`s12`; `s12,s40` for a record holding two people's numbers).
+    pub subject: String,
+    /// The value last read from the record (`None`: empty or never read).
+    pub from: Option<String>,
+    pub to: String,
+    /// The fact that decides it: `source:signal evidence`.
+    pub evidence: String,
+    /// RFC 3339: when the deciding act happened.
+    pub event_at: String,
 }
 
 /// The send gate's answer for one identifier (`GET /v1/consent/{id}` and each item of the

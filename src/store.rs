@@ -8,7 +8,8 @@
 //! `quarantine` (webhook bodies), `seen` (dedup keys of delivered messages), `counts`
 //! (decision totals and people), `unverified` (pushes not yet read back), `unreadable`
 //! (connector, record → phone values that are not numbers), `templates` (template name →
-//! its newest category per language) and `meta` (schema version).
+//! its newest category per language), `meta` (schema version), `holds` (opt-ins held by
+//! the mass re-opt-in guard) and `guard` (source → its window).
 //!
 //! Every value starts with a one-byte format version followed by JSON. Changes that must
 //! happen together go through [`Store::transaction`], which commits them atomically and,
@@ -29,7 +30,7 @@ use sled::{Transactional, Tree};
 use tokio::sync::watch;
 
 use crate::audit::AuditEntry;
-use crate::policy::{Consent, RecordMemory};
+use crate::policy::{Consent, Fact, GuardWindow, RecordMemory};
 
 /// The layout this build reads and writes. A store with another version is refused.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -62,6 +63,9 @@ pub enum StoreError {
     /// The store failed earlier and has not been proved to work again.
     #[error("the store is unavailable: {0}")]
     Unavailable(String),
+    /// The end of a [`Store::rehearse`]: its writes are discarded on purpose.
+    #[error("a rehearsal's writes are discarded")]
+    Rehearsed,
 }
 
 impl StoreError {
@@ -253,6 +257,17 @@ pub struct UnreadableNumber {
     pub at: Timestamp,
 }
 
+/// An opt-in held by the mass re-opt-in guard until an operator releases or discards it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldRecord {
+    pub id: u64,
+    /// The person it would have re-enabled (as then; merges are followed on release).
+    pub subject: u64,
+    /// The opt-in, with its original event time.
+    pub fact: Fact,
+    pub held_at: Timestamp,
+}
+
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     let mut out = vec![FORMAT];
     serde_json::to_writer(&mut out, v).expect("store values serialise");
@@ -294,7 +309,7 @@ fn prefix(connector: &str) -> Vec<u8> {
 
 // ---- the store ------------------------------------------------------------------------
 
-const TREES: [&str; 16] = [
+const TREES: [&str; 18] = [
     "subjects",
     "aliases",
     "links",
@@ -311,6 +326,8 @@ const TREES: [&str; 16] = [
     "unverified",
     "unreadable",
     "templates",
+    "holds",
+    "guard",
 ];
 const SUBJECTS: usize = 0;
 const ALIASES: usize = 1;
@@ -328,6 +345,8 @@ const META: usize = 12;
 const UNVERIFIED: usize = 13;
 const UNREADABLE: usize = 14;
 const TEMPLATES: usize = 15;
+const HOLDS: usize = 16;
+const GUARD: usize = 17;
 
 /// The embedded database. Cheap to clone: clones share one open database, its health and
 /// its group commit.
@@ -999,6 +1018,43 @@ impl Store {
         })
     }
 
+    /// Held opt-ins, oldest first.
+    pub fn holds(&self) -> impl Iterator<Item = Result<HoldRecord, StoreError>> + Send {
+        (self.scan(HOLDS, ..)).map(|kv| kv.and_then(|(_, v)| decode("hold", &v)))
+    }
+
+    /// Every source's guard window (held opt-ins included).
+    pub fn guard_windows(&self) -> Result<Vec<(String, GuardWindow)>, StoreError> {
+        (self.scan(GUARD, ..))
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((
+                    String::from_utf8_lossy(&k).into_owned(),
+                    decode("guard", &v)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Runs `f` as a transaction and then discards every write it made: what a page
+    /// would do, without doing it (`resync --dry-run`). `f` may run more than once.
+    pub fn rehearse<R: Send>(
+        &self,
+        f: impl Fn(&mut Txn<'_>) -> TxResult<R>,
+    ) -> Result<R, StoreError> {
+        let kept: Mutex<Option<R>> = Mutex::new(None);
+        let r = self.transaction(false, |tx| {
+            let r = f(tx)?;
+            *kept.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            Err(StoreError::Rehearsed.into())
+        });
+        match (r, kept.into_inner().unwrap_or_else(|p| p.into_inner())) {
+            (Err(StoreError::Rehearsed), Some(r)) => Ok(r),
+            (Err(e), _) => Err(e),
+            (Ok(()), _) => unreachable!("a rehearsal always aborts"),
+        }
+    }
+
     /// Decision totals: (`scope:decision`, count).
     pub fn counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
         self.with(|db| {
@@ -1467,6 +1523,29 @@ impl Txn<'_> {
 
     pub fn put_templates(&self, name: &str, records: &[TemplateRecord]) -> TxResult<()> {
         self.t[TEMPLATES].insert(name.as_bytes(), encode(&records))?;
+        Ok(())
+    }
+
+    pub fn put_hold(&self, h: &HoldRecord) -> TxResult<()> {
+        self.t[HOLDS].insert(&h.id.to_be_bytes(), encode(h))?;
+        Ok(())
+    }
+
+    pub fn remove_hold(&self, id: u64) -> TxResult<Option<HoldRecord>> {
+        match self.t[HOLDS].remove(&id.to_be_bytes())? {
+            Some(v) => Ok(Some(decode("hold", &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn guard_window(&self, source: &str) -> TxResult<GuardWindow> {
+        Ok(self
+            .get(GUARD, "guard", source.as_bytes())?
+            .unwrap_or_default())
+    }
+
+    pub fn put_guard_window(&self, source: &str, w: &GuardWindow) -> TxResult<()> {
+        self.t[GUARD].insert(source.as_bytes(), encode(w))?;
         Ok(())
     }
 

@@ -62,7 +62,16 @@ pub enum Trigger {
     Full {
         done: Option<mpsc::Sender<ResyncProgress>>,
     },
+    /// Re-read everything and note what a full resync would change, changing nothing
+    /// (`resync --full --dry-run`): no push, no record, no cursor.
+    DryRun {
+        done: mpsc::Sender<ResyncProgress>,
+        report: DryRunCell,
+    },
 }
+
+/// Where a dry run collects its connector's report.
+pub type DryRunCell = Arc<Mutex<crate::report::DryRunConnector>>;
 
 /// What a poll worker reports to an operator waiting on a resync. An incremental read that
 /// fails ends after `Retrying` (the channel closes); a full one carries on.
@@ -331,6 +340,22 @@ impl WorkerContext {
                 .get_or_create(&labels)
                 .inc();
             tracing::info!(source, from = %from, to = %to, "a message template was re-categorised");
+        }
+        for (source, n) in &report.held {
+            self.metrics
+                .guard
+                .opt_ins_held
+                .get_or_create(&Metrics::source(source))
+                .inc_by(*n);
+            if report.tripped.contains(source) {
+                // Once per episode: the guard stays tripped until an operator resolves it.
+                tracing::warn!(
+                    source = %source, held = n,
+                    "mass re-opt-in guard tripped: this source re-enabled more people than policy.opt_in_guard allows; its further opt-ins are held, not applied (review: optout-sync holds)"
+                );
+            } else {
+                tracing::debug!(source = %source, held = n, "opt-ins held by the mass re-opt-in guard");
+            }
         }
         for connector in report.enqueued.keys() {
             if let Some(w) = self.push_wakers.get(connector) {

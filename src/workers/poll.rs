@@ -7,7 +7,9 @@
 //! resync starts from the beginning, first giving dead letters another chance, and after
 //! an error carries on from the page that failed; an incremental read that fails ends,
 //! and the next one (after the back-off, or sooner if triggered) starts again from the
-//! saved cursor.
+//! saved cursor. A dry run (`resync --full --dry-run`) reads like a full resync but
+//! rehearses each page (decided, then discarded) into its report: no cursor is saved, and
+//! the status keeps its cursor and last poll.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +20,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::runner::{Failure, Next, Step, StepCx, Worker};
-use super::{ResyncProgress, Schedule, StatusCell, Trigger, WorkerContext, blocking, sleep_opt};
+use super::{
+    DryRunCell, ResyncProgress, Schedule, StatusCell, Trigger, WorkerContext, blocking, sleep_opt,
+};
 
 /// What a poll worker needs besides its connector.
 pub struct PollSettings {
@@ -36,6 +40,8 @@ struct Read {
     pages: u64,
     records: u64,
     progress: Option<mpsc::Sender<ResyncProgress>>,
+    /// A dry run's report: pages are rehearsed into it, never applied.
+    dry: Option<DryRunCell>,
 }
 
 /// The poll worker of one connector instance.
@@ -68,6 +74,17 @@ impl<C: Connector + ?Sized> Poll<C> {
         let (full, progress) = match trigger {
             Trigger::Incremental { done } => (false, done),
             Trigger::Full { done } => (true, done),
+            Trigger::DryRun { done, report } => {
+                tracing::info!(connector = %self.settings.name, "dry run started");
+                return Read {
+                    full: true,
+                    cursor: None,
+                    pages: 0,
+                    records: 0,
+                    progress: Some(done),
+                    dry: Some(report),
+                };
+            }
         };
         let name = self.settings.name.clone();
         let engine = self.ctx.engine.clone();
@@ -94,14 +111,26 @@ impl<C: Connector + ?Sized> Poll<C> {
             pages: 0,
             records: 0,
             progress,
+            dry: None,
         }
     }
 
     /// Stores a page read by `read`; the caller has checked nothing failed before.
-    async fn store(&self, page: &Page) -> Result<(), Failure> {
+    async fn store(&self, page: &Page, dry: Option<&DryRunCell>) -> Result<(), Failure> {
         let engine = self.ctx.engine.clone();
         let name = self.settings.name.clone();
         let obs = page.observations.clone();
+        if let Some(cell) = dry {
+            let report = blocking(move || engine.rehearse_page(&name, &obs, Timestamp::now()))
+                .await
+                .map_err(|error| Failure::Store {
+                    doing: "could not rehearse a page",
+                    error,
+                })?;
+            let mut into = cell.lock().unwrap_or_else(|p| p.into_inner());
+            crate::reconcile::dry_run::fold(&mut into, page.observations.len(), report);
+            return Ok(());
+        }
         let c = page.cursor.0.clone();
         let report = blocking(move || engine.apply_page(&name, &obs, Some(&c), Timestamp::now()))
             .await
@@ -122,13 +151,16 @@ impl<C: Connector + ?Sized> Poll<C> {
         read.records += page.observations.len() as u64;
         read.cursor = Some(page.cursor.clone());
         let name = &self.settings.name;
+        let dry = read.dry.is_some();
         {
             let mut s = self
                 .settings
                 .status
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            s.cursor = Some(page.cursor.0.clone());
+            if !dry {
+                s.cursor = Some(page.cursor.0.clone());
+            }
             if read.full || page.more {
                 let p = ResyncProgress::Reading {
                     connector: name.clone(),
@@ -152,11 +184,15 @@ impl<C: Connector + ?Sized> Poll<C> {
                 .status
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            s.last_poll_ok = Some(Timestamp::now());
+            if !dry {
+                s.last_poll_ok = Some(Timestamp::now());
+            }
             s.resync = None;
         }
         let (pages, records) = (read.pages, read.records);
-        if read.full {
+        if dry {
+            tracing::info!(connector = %name, pages, records, "dry run finished");
+        } else if read.full {
             tracing::info!(connector = %name, pages, records, "full resync finished");
         }
         if let Some(tx) = &read.progress {
@@ -203,7 +239,7 @@ impl<C: Connector + ?Sized> Worker for Poll<C> {
             }
         };
         cx.backoff.reset();
-        if let Err(f) = self.store(&page).await {
+        if let Err(f) = self.store(&page, read.dry.as_ref()).await {
             // The read ends (a full resync too); the next one starts from the saved cursor.
             drop(read);
             return Err(f);
