@@ -3,7 +3,7 @@
 //! daemon holds the store, `lookup` go through it. Nothing listens on a network port.
 //!
 //! Requests: `{"command":"status"}`, `{"command":"resync","connector":null,"full":false}`,
-//! `{"command":"lookup","id":"+1…"}`. The daemon answers with zero or more
+//! `{"command":"lookup","id":"+1…"}`, `{"command":"erase","id":"+1…"}`. The daemon answers with zero or more
 //! `{"progress":"…"}` lines and one final `{"ok":true,"result":…}` or
 //! `{"ok":false,"error":"…"}` line.
 
@@ -33,6 +33,10 @@ pub enum Request {
     Numbers {
         #[serde(default)]
         connector: Option<String>,
+    },
+    /// Erase one person's personal data, keeping their suppression (see `Engine::erase`).
+    Erase {
+        id: String,
     },
 }
 

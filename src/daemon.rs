@@ -67,6 +67,7 @@ pub async fn run_until(
 ) -> Result<()> {
     let notifier = Notifier::from_env();
     let started = Timestamp::now();
+    compact_after_erasure(&checked.daemon.state_dir)?;
     let engine = Arc::new(crate::app::open_engine(&checked)?);
     abandon_in_flight(&engine, started)?;
     let metrics = Arc::new(Metrics::new());
@@ -109,6 +110,21 @@ pub async fn run_until(
     }
     shut_down(&daemon, &notifier, &tracker, &cancel).await?;
     fatal.map_or(Ok(()), |f| Err(f.into()))
+}
+
+/// After an erasure, old copies of the erased data remain in the store's files until they
+/// are rewritten: that happens here, before the store is opened for work.
+fn compact_after_erasure(dir: &std::path::Path) -> Result<()> {
+    if let Some(c) = crate::store::compact_if_pending(dir).context("opening the store")? {
+        tracing::info!(
+            entries = c.entries,
+            bytes_before = c.bytes_before,
+            bytes_after = c.bytes_after,
+            millis = c.millis,
+            "compacted the store after an erasure"
+        );
+    }
+    Ok(())
 }
 
 /// Confirmation replies a crash left in flight are abandoned (and audited), never re-sent.
@@ -391,6 +407,7 @@ fn spawn_retention(daemon: &Daemon, tracker: &TaskTracker, cancel: &Cancellation
         daemon.engine.store().clone(),
         d.dedup_retention,
         d.quarantine_retention,
+        daemon.checked.audit_retention,
         cancel.clone(),
     ));
 }
@@ -771,6 +788,19 @@ impl control::Handler for Daemon {
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())
+            }
+            Request::Erase { id } => {
+                let engine = self.engine.clone();
+                let done: crate::reconcile::Erasure = tokio::task::spawn_blocking(move || {
+                    engine.erase(&id, "operator", Timestamp::now())
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e: crate::reconcile::EraseError| e.to_string())?;
+                if let Some(subject) = &done.subject {
+                    tracing::info!(subject = %subject, "erased a person's personal data");
+                }
+                serde_json::to_value(done).map_err(|e| e.to_string())
             }
             Request::Resync { connector, full } => {
                 let report = self.resync(connector, full, progress).await?;

@@ -476,6 +476,7 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
         if ids.len() > 1 {
             self.new_aliases.insert(target);
         }
+        self.tombstones(target, aliases)?;
         Ok(target)
     }
 
@@ -1160,6 +1161,8 @@ fn bounded(s: &str, max_chars: usize) -> String {
 }
 
 mod changes;
+mod erasure;
+pub use erasure::{ERASURE_SOURCE, EraseError, Erasure};
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
