@@ -161,3 +161,115 @@ fn a_crash_at_any_step_leaves_the_old_or_the_new_store_whole() {
         );
     }
 }
+
+/// The cost of a compaction per person, for the README: `OPTOUT_COMPACT_PEOPLE=1000000
+/// cargo test --release --lib compaction_cost -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn compaction_cost() {
+    use crate::identity::Normalizer;
+    use crate::policy::PolicyConfig;
+    use crate::reconcile::{Engine, Takes};
+    use optout_core::{Observation, RecordSnapshot, Status};
+    let people: u64 = std::env::var("OPTOUT_COMPACT_PEOPLE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::new(
+        Store::open(dir.path()).unwrap(),
+        PolicyConfig::default(),
+        Normalizer::new(Normalizer::parse_region("US").unwrap()),
+        [("hubspot".to_string(), Takes::Records)].into(),
+    );
+    let now = Timestamp::now();
+    for page in 0..people.div_ceil(1000) {
+        let obs: Vec<Observation> = (0..1000)
+            .map(|i| page * 1000 + i)
+            .take_while(|n| *n < people)
+            .map(|n| {
+                Observation::Record(RecordSnapshot {
+                    record: n.to_string(),
+                    phones: vec![format!("+1 415 {:03} {:04}", 200 + n / 10_000, n % 10_000)],
+                    value: Some(Status::OptedOut),
+                    changed_at: None,
+                    modified_at: Timestamp(now.millis() - 60_000),
+                    evidence: "whatsapp_consent=opted_out".into(),
+                })
+            })
+            .collect();
+        engine.apply_page("hubspot", &obs, None, now).unwrap();
+    }
+    drop(engine);
+    let c = compact(dir.path()).unwrap();
+    println!(
+        "{people} people: {} entries, {} → {} bytes, {} ms ({:.1} s per million people)",
+        c.entries,
+        c.bytes_before,
+        c.bytes_after,
+        c.millis,
+        c.millis as f64 / people as f64 * 1000.0
+    );
+}
+
+/// Not a test on its own: compacts the store in `OPTOUT_COMPACT_CHILD_DIR` over and over,
+/// for the SIGKILL test below.
+#[test]
+fn compact_crash_child() {
+    let Ok(dir) = std::env::var("OPTOUT_COMPACT_CHILD_DIR") else {
+        return;
+    };
+    loop {
+        let c = compact(Path::new(&dir)).unwrap();
+        // Its duration, for the parent to aim inside the next one.
+        println!("compacted {}", c.millis.max(1));
+    }
+}
+
+/// SIGKILLs a process at seeded moments while it compacts; the store opens whole every
+/// time, with everything it held.
+#[test]
+fn sigkill_during_compaction_leaves_a_whole_store() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let last = seeded(dir.path());
+    let exe = std::env::current_exe().unwrap();
+    let mut seed: u64 = 0x00c0_ffee_0b7c;
+    let mut interrupted = 0;
+    for _ in 0..16 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let mut child = Command::new(&exe)
+            .args([
+                "--exact",
+                "store::compact::tests::compact_crash_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("OPTOUT_COMPACT_CHILD_DIR", dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut millis = 0;
+        for _ in 0..1 + (seed >> 33) % 3 {
+            millis = (lines.by_ref().map_while(Result::ok))
+                .find_map(|l| l.strip_prefix("compacted ")?.parse::<u64>().ok())
+                .expect("the child compacts");
+        }
+        // A moment inside the next compaction, as long as the last one took.
+        std::thread::sleep(std::time::Duration::from_micros(
+            (seed >> 20) % (millis * 1000),
+        ));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        interrupted += usize::from(dir.path().join(NEW_DIR).exists());
+        check_intact(dir.path(), last);
+    }
+    assert!(!dir.path().join(NEW_DIR).exists());
+    eprintln!("{interrupted} of 16 kills interrupted a compaction");
+    assert!(interrupted > 0, "no kill landed inside a compaction");
+}
