@@ -116,3 +116,32 @@ impl Worker for Retention {
         Next::Now
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_retention_drops_old_evidence_once_and_audits_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let day = Duration::from_secs(24 * 3600);
+        let now = Timestamp::now();
+        for age in [400, 200, 10] {
+            let mut a = AuditEntry::new(AuditKind::Accepted, "whatsapp", now.minus(day * age));
+            a.evidence = Some("keyword: STOP".into());
+            store.transaction(true, |tx| tx.audit(&a, &[1])).unwrap();
+        }
+        assert_eq!(audit_retention(&store, day * 365, now).unwrap(), 1);
+        assert_eq!(audit_retention(&store, day * 365, now).unwrap(), 0);
+        let entries: Vec<AuditEntry> = store.audit_from(0).map(Result::unwrap).collect();
+        let texts: Vec<bool> = entries.iter().map(|e| e.evidence.is_some()).collect();
+        assert_eq!(texts, [false, true, true, false], "{entries:?}");
+        let own = &entries[3];
+        assert_eq!(own.kind, AuditKind::Retention);
+        assert!(
+            own.reason.as_deref().unwrap().contains("from 1 entries"),
+            "{own:?}"
+        );
+    }
+}
