@@ -67,8 +67,7 @@ pub async fn run_until(
 ) -> Result<()> {
     let notifier = Notifier::from_env();
     let started = Timestamp::now();
-    compact_after_erasure(&checked.daemon.state_dir)?;
-    let engine = Arc::new(crate::app::open_engine(&checked)?);
+    let engine = Arc::new(open_compacted(&checked)?);
     abandon_in_flight(&engine, started)?;
     let metrics = Arc::new(Metrics::new());
     let cancel = CancellationToken::new();
@@ -112,10 +111,13 @@ pub async fn run_until(
     fatal.map_or(Ok(()), |f| Err(f.into()))
 }
 
-/// After an erasure, old copies of the erased data remain in the store's files until they
-/// are rewritten: that happens here, before the store is opened for work.
-fn compact_after_erasure(dir: &std::path::Path) -> Result<()> {
-    if let Some(c) = crate::store::compact_if_pending(dir).context("opening the store")? {
+/// Opens the store and builds the engine. After an erasure, old copies of the erased data
+/// remain in the store's files until they are rewritten: that happens here, first.
+fn open_compacted(checked: &Checked) -> Result<Engine> {
+    let store =
+        crate::store::Store::open(&checked.daemon.state_dir).context("opening the store")?;
+    let (store, done) = crate::store::compact_if_pending(store).context("opening the store")?;
+    if let Some(c) = done {
         tracing::info!(
             entries = c.entries,
             bytes_before = c.bytes_before,
@@ -124,7 +126,7 @@ fn compact_after_erasure(dir: &std::path::Path) -> Result<()> {
             "compacted the store after an erasure"
         );
     }
-    Ok(())
+    Ok(crate::app::engine(checked, store))
 }
 
 /// Confirmation replies a crash left in flight are abandoned (and audited), never re-sent.

@@ -64,22 +64,25 @@ fn store_entry(name: &str) -> bool {
     matches!(name, "conf" | "db" | "blobs") || name.starts_with("snap.") || name == MARKER
 }
 
-/// Compacts the store in `dir` if an erasure asked for it (the daemon, at start). A store
-/// that cannot be compacted now (a full disk) is opened as it is: the erasure already
-/// holds in the live data, and the next start tries again.
-pub fn compact_if_pending(dir: &Path) -> Result<Option<Compacted>, StoreError> {
-    let pending = Store::open(dir)?.compaction_pending()?;
-    if !pending {
-        return Ok(None);
+/// Compacts the store just opened if an erasure asked for it (the daemon, at start), and
+/// opens it again. A store that cannot be compacted now (a full disk) is opened as it is:
+/// the erasure already holds in the live data, and the next start tries again.
+pub fn compact_if_pending(store: Store) -> Result<(Store, Option<Compacted>), StoreError> {
+    if !store.compaction_pending()? {
+        return Ok((store, None));
     }
-    match compact(dir) {
-        Ok(c) => Ok(Some(c)),
-        Err(e) if e.is_damage() => Err(e),
+    let dir = store.path().to_path_buf();
+    // The only handle: dropping it closes the database (see `open_sled` for the wait).
+    drop(store);
+    let done = match compact(&dir) {
+        Ok(c) => Some(c),
+        Err(e) if e.is_damage() => return Err(e),
         Err(e) => {
             tracing::error!(error = %e, "could not compact the store after an erasure; old copies of erased data remain in its files until a compaction succeeds (`optout-sync store compact`)");
-            Ok(None)
+            None
         }
-    }
+    };
+    Ok((Store::open(&dir)?, done))
 }
 
 /// Rewrites the store in `dir` (which nothing may have open) into fresh files and swaps
