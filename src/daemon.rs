@@ -67,7 +67,7 @@ pub async fn run_until(
 ) -> Result<()> {
     let notifier = Notifier::from_env();
     let started = Timestamp::now();
-    let engine = Arc::new(open_compacted(&checked)?);
+    let engine = Arc::new(open_compacted(&checked, &notifier)?);
     abandon_in_flight(&engine, started)?;
     let metrics = Arc::new(Metrics::new());
     let cancel = CancellationToken::new();
@@ -113,10 +113,26 @@ pub async fn run_until(
 
 /// Opens the store and builds the engine. After an erasure, old copies of the erased data
 /// remain in the store's files until they are rewritten: that happens here, first.
-fn open_compacted(checked: &Checked) -> Result<Engine> {
+/// A compaction takes minutes for millions of people: systemd is told, every few seconds,
+/// that start-up is still progressing, so `TimeoutStartSec=` does not end it half-way (and
+/// a restart begin it again).
+fn open_compacted(checked: &Checked, notifier: &Notifier) -> Result<Engine> {
     let store =
         crate::store::Store::open(&checked.daemon.state_dir).context("opening the store")?;
-    let (store, done) = crate::store::compact_if_pending(store).context("opening the store")?;
+    let (tick, ticks) = std::sync::mpsc::channel::<()>();
+    let compacted = std::thread::scope(|scope| {
+        scope.spawn(move || {
+            use std::sync::mpsc::RecvTimeoutError::Timeout;
+            while let Err(Timeout) = ticks.recv_timeout(std::time::Duration::from_secs(5)) {
+                notifier.status("compacting the store after an erasure");
+                notifier.extend_start(std::time::Duration::from_secs(30));
+            }
+        });
+        let r = crate::store::compact_if_pending(store);
+        drop(tick);
+        r
+    });
+    let (store, done) = compacted.context("opening the store")?;
     if let Some(c) = done {
         tracing::info!(
             entries = c.entries,
