@@ -7,7 +7,9 @@
 //! (append-only), `subject_audit` (subject → audit sequence index), `inbox` and
 //! `quarantine` (webhook bodies), `seen` (dedup keys of delivered messages), `counts`
 //! (decision totals and people), `unverified` (pushes not yet read back), `unreadable`
-//! (connector, record → phone values that are not numbers) and `meta` (schema version).
+//! (connector, record → phone values that are not numbers) and `meta` (schema version; the
+//! erasure key, tombstones and pending compaction of `store/erasure.rs`; the id base of
+//! `store/compact.rs`, which rewrites the store after an erasure).
 //!
 //! Every value starts with a one-byte format version followed by JSON. Changes that must
 //! happen together go through [`Store::transaction`], which commits them atomically and,
