@@ -1,7 +1,9 @@
 //! The audit log's entry type and its export formats.
 //!
 //! Every observation (accepted, echo, ignored and why), every decision change and every
-//! push outcome becomes one entry, appended and never rewritten. The store assigns the
+//! push outcome becomes one entry, appended and never rewritten, except to remove personal
+//! data: an erasure removes a person's evidence text and record ids, and `audit.retention`
+//! removes evidence text past its age; both are audited as entries of their own. The store assigns the
 //! sequence number and persists entries; this module only describes and formats them.
 
 use std::io::Write;
@@ -46,6 +48,11 @@ pub enum AuditKind {
     HoldReleased,
     /// A held opt-in an operator discarded: never applied.
     HoldDiscarded,
+    /// A person's personal data was erased; the entry names only the subject id and the
+    /// tombstones that keep their suppression.
+    Erased,
+    /// Evidence text past `audit.retention` was dropped from older entries.
+    Retention,
 }
 
 impl AuditKind {
@@ -66,6 +73,8 @@ impl AuditKind {
             AuditKind::Held => "held",
             AuditKind::HoldReleased => "hold_released",
             AuditKind::HoldDiscarded => "hold_discarded",
+            AuditKind::Erased => "erased",
+            AuditKind::Retention => "retention",
         }
     }
 }

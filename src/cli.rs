@@ -150,6 +150,25 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Erase one person's personal data (numbers, ids, message texts, record ids) from the
+    /// store and the audit log, keeping a keyed-hash tombstone of each identity so that a
+    /// person who had opted out stays opted out of all messages wherever the number shows
+    /// up again. Through the running daemon, or on the store while it is stopped (which is
+    /// then compacted at once). Irreversible.
+    Erase {
+        /// A phone number in any format, `wa:<digits>`, or a business-scoped user id.
+        id: String,
+        #[arg(long, short, env = "OPTOUT_SYNC_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The store's files.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Seed the store from an existing suppression list (CSV with columns phone, status,
     /// time and optionally source). Bad rows are reported by line; good rows are applied
     /// and pushed to every system by the running daemon.
@@ -186,6 +205,17 @@ struct HoldTargets {
     all: bool,
     /// Hold ids as `holds` lists them (`h123`).
     ids: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Rewrite the store into fresh files (the daemon stopped), leaving no old copies of
+    /// erased or expired data in them. The daemon does this itself at start after an
+    /// erasure.
+    Compact {
+        #[arg(long, short, env = "OPTOUT_SYNC_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -264,6 +294,10 @@ pub fn main() -> ExitCode {
                 },
         } => audit_export(&config, since, format),
         Command::Import { file, config } => import(&config, &file),
+        Command::Erase { id, config, json } => erase::erase(&config, &id, json),
+        Command::Store {
+            command: StoreCommand::Compact { config },
+        } => erase::compact(&config),
         #[cfg(feature = "generate")]
         Command::Generate { what, dir } => generate::write(what, &dir),
     };
@@ -1112,6 +1146,8 @@ fn import(config_path: &Path, file: &Path) -> Result<ExitCode> {
         ExitCode::from(1)
     })
 }
+
+mod erase;
 
 /// `generate`: man pages and shell completions from the command line's own definition, so
 /// they can never disagree with it. Built only with the `generate` feature: the packaging

@@ -305,6 +305,19 @@ impl PolicySection {
     }
 }
 
+/// `[audit]`
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// Evidence text (message texts, record values) older than this is dropped from the
+    /// audit log; the entries and their decisions stay. Omitted = kept for ever.
+    #[serde(default, with = "humantime_serde")]
+    pub retention: Option<Duration>,
+}
+
+/// The shortest `audit.retention`: evidence is what answers a dispute about a recent act.
+pub const MIN_AUDIT_RETENTION: Duration = Duration::from_secs(30 * DAY);
+
 /// The daemon's own keys in a connector table.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -389,6 +402,7 @@ pub struct Config {
     pub path: PathBuf,
     pub daemon: DaemonConfig,
     pub policy: PolicySection,
+    pub audit: AuditSection,
     pub connectors: Vec<ConnectorConfig>,
     /// The file's text, kept to locate problems found after parsing.
     source: String,
@@ -400,6 +414,8 @@ struct RawConfig {
     daemon: DaemonConfig,
     #[serde(default)]
     policy: PolicySection,
+    #[serde(default)]
+    audit: AuditSection,
     #[serde(default)]
     connectors: BTreeMap<String, toml::Table>,
 }
@@ -447,6 +463,7 @@ pub fn parse_with(path: &Path, source: &str, kinds: &[&dyn Entry]) -> Result<Con
         path: path.to_path_buf(),
         daemon: raw.daemon,
         policy: raw.policy,
+        audit: raw.audit,
         connectors,
         source: source.to_string(),
     })
@@ -564,6 +581,8 @@ pub struct Checked {
     pub region: phonenumber::country::Id,
     /// The send gate's token; `None` when the gate is off or secrets were not read.
     pub gate_token: Option<Secret>,
+    /// `audit.retention`: evidence text older than this is dropped.
+    pub audit_retention: Option<Duration>,
     pub connectors: Vec<CheckedConnector>,
     /// Allowed but probably a mistake (`file:line:column: key: message`).
     pub warnings: Vec<String>,
@@ -663,6 +682,16 @@ impl Config {
             _ => None,
         };
         self.check_policy(&mut found);
+        if self
+            .audit
+            .retention
+            .is_some_and(|r| r < MIN_AUDIT_RETENTION)
+        {
+            found.add(
+                "audit.retention",
+                "at least 30d: the evidence answers disputes about recent opt-outs",
+            );
+        }
         let connectors: Vec<CheckedConnector> = (self.connectors.iter())
             .filter_map(|c| check_connector(c, secrets, &mut found))
             .collect();
@@ -685,6 +714,7 @@ impl Config {
                 policy: self.policy.to_policy(),
                 region,
                 gate_token,
+                audit_retention: self.audit.retention,
                 connectors,
                 warnings,
             }),

@@ -4,7 +4,8 @@
 //!
 //! Requests: `{"command":"status"}`, `{"command":"resync","connector":null,"full":false}`,
 //! `{"command":"lookup","id":"+1…"}`, `{"command":"dry_run","connector":null}`,
-//! `{"command":"holds","selection":{"source":null,"ids":[]},"resolve":"release"}`. The daemon answers with zero or more
+//! `{"command":"holds","selection":{"source":null,"ids":[]},"resolve":"release"}`,
+//! `{"command":"erase","id":"+1…"}`. The daemon answers with zero or more
 //! `{"progress":"…"}` lines and one final `{"ok":true,"result":…}` or
 //! `{"ok":false,"error":"…"}` line.
 
@@ -34,6 +35,10 @@ pub enum Request {
     Numbers {
         #[serde(default)]
         connector: Option<String>,
+    },
+    /// Erase one person's personal data, keeping their suppression (see `Engine::erase`).
+    Erase {
+        id: String,
     },
     /// What `resync --full` would change (all connectors, or one), changing nothing.
     DryRun {

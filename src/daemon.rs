@@ -69,7 +69,7 @@ pub async fn run_until(
 ) -> Result<()> {
     let notifier = Notifier::from_env();
     let started = Timestamp::now();
-    let engine = Arc::new(crate::app::open_engine(&checked)?);
+    let engine = Arc::new(open_compacted(&checked, &notifier)?);
     abandon_in_flight(&engine, started)?;
     let metrics = Arc::new(Metrics::new());
     let cancel = CancellationToken::new();
@@ -112,6 +112,40 @@ pub async fn run_until(
     }
     shut_down(&daemon, &notifier, &tracker, &cancel).await?;
     fatal.map_or(Ok(()), |f| Err(f.into()))
+}
+
+/// Opens the store and builds the engine. After an erasure, old copies of the erased data
+/// remain in the store's files until they are rewritten: that happens here, first.
+/// A compaction takes minutes for millions of people: systemd is told, every few seconds,
+/// that start-up is still progressing, so `TimeoutStartSec=` does not end it half-way (and
+/// a restart begin it again).
+fn open_compacted(checked: &Checked, notifier: &Notifier) -> Result<Engine> {
+    let store =
+        crate::store::Store::open(&checked.daemon.state_dir).context("opening the store")?;
+    let (tick, ticks) = std::sync::mpsc::channel::<()>();
+    let compacted = std::thread::scope(|scope| {
+        scope.spawn(move || {
+            use std::sync::mpsc::RecvTimeoutError::Timeout;
+            while let Err(Timeout) = ticks.recv_timeout(std::time::Duration::from_secs(5)) {
+                notifier.status("compacting the store after an erasure");
+                notifier.extend_start(std::time::Duration::from_secs(30));
+            }
+        });
+        let r = crate::store::compact_if_pending(store);
+        drop(tick);
+        r
+    });
+    let (store, done) = compacted.context("opening the store")?;
+    if let Some(c) = done {
+        tracing::info!(
+            entries = c.entries,
+            bytes_before = c.bytes_before,
+            bytes_after = c.bytes_after,
+            millis = c.millis,
+            "compacted the store after an erasure"
+        );
+    }
+    Ok(crate::app::engine(checked, store))
 }
 
 /// Confirmation replies a crash left in flight are abandoned (and audited), never re-sent.
@@ -414,6 +448,7 @@ fn spawn_retention(daemon: &Daemon, tracker: &TaskTracker, cancel: &Cancellation
         daemon.engine.store().clone(),
         d.dedup_retention,
         d.quarantine_retention,
+        daemon.checked.audit_retention,
         cancel.clone(),
     ));
 }
@@ -832,6 +867,19 @@ impl control::Handler for Daemon {
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())
+            }
+            Request::Erase { id } => {
+                let engine = self.engine.clone();
+                let done: crate::reconcile::Erasure = tokio::task::spawn_blocking(move || {
+                    engine.erase(&id, "operator", Timestamp::now())
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e: crate::reconcile::EraseError| e.to_string())?;
+                if let Some(subject) = &done.subject {
+                    tracing::info!(subject = %subject, "erased a person's personal data");
+                }
+                serde_json::to_value(done).map_err(|e| e.to_string())
             }
             Request::Resync { connector, full } => {
                 let report = self.resync(connector, full, progress).await?;

@@ -330,11 +330,7 @@ pub fn answer(engine: &Engine, id: &str, category: Category) -> GateReply {
         ..base
     };
     let Some(s) = subject else {
-        return GateReply {
-            allowed: Some(true),
-            known: Some(false),
-            ..base
-        };
+        return erased_or_unknown(engine, id, base);
     };
     let margin = engine.policy().margin;
     let g = policy::gate(&s.consent, category, margin);
@@ -354,6 +350,34 @@ pub fn answer(engine: &Engine, id: &str, category: Category) -> GateReply {
         decisions: Some(decisions),
         evidence: g.evidence.and_then(|f| serde_json::to_value(f).ok()),
         ..base
+    }
+}
+
+/// No subject holds the identifier: an erased person's suppression still blocks (their
+/// tombstone); anyone else is unknown, and allowed.
+fn erased_or_unknown(engine: &Engine, id: &str, base: GateReply) -> GateReply {
+    let aliases = engine.normalizer().parse_query(id).unwrap_or_default();
+    match engine.tombstone_of(&aliases) {
+        Ok(Some((_, t))) if t.suppressed => GateReply {
+            allowed: Some(false),
+            known: Some(true),
+            blocked_by: Some(Scope::All.as_str().to_string()),
+            evidence: Some(
+                json!({"source": crate::reconcile::ERASURE_SOURCE, "erased_at": t.erased_at}),
+            ),
+            ..base
+        },
+        Ok(_) => GateReply {
+            allowed: Some(true),
+            known: Some(false),
+            ..base
+        },
+        // Fail closed, as for any store error.
+        Err(e) => GateReply {
+            allowed: Some(false),
+            error: Some(format!("store error: {e}")),
+            ..base
+        },
     }
 }
 

@@ -35,10 +35,12 @@ pub fn lookup(engine: &Engine, id: &str) -> Result<Value, LookupError> {
             break;
         }
     }
+    let erased = erased(engine, &aliases)?;
     let Some(s) = subject else {
         return Ok(json!({
             "query": id,
             "known": false,
+            "erased": erased,
             "variants": variants(engine, &aliases)?,
         }));
     };
@@ -86,6 +88,7 @@ pub fn lookup(engine: &Engine, id: &str) -> Result<Value, LookupError> {
         "query": id,
         "known": true,
         "possible_opt_outs": possible,
+        "erased": erased,
         "subject": subject_name(s.id),
         "aliases": s.aliases,
         "variants": variants(engine, &all_aliases(&aliases, &s.aliases))?,
@@ -94,6 +97,38 @@ pub fn lookup(engine: &Engine, id: &str) -> Result<Value, LookupError> {
         "records": records,
         "history": history,
     }))
+}
+
+/// Whether the identity was erased: when, and whether it stays suppressed (`null` if not).
+fn erased(engine: &Engine, aliases: &[Alias]) -> Result<Value, StoreError> {
+    Ok(match engine.tombstone_of(aliases)? {
+        Some((hash, t)) => json!({
+            "at": t.erased_at,
+            "subject": subject_name(t.subject),
+            "suppressed": t.suppressed,
+            "tombstone": hash,
+        }),
+        None => Value::Null,
+    })
+}
+
+/// The erasure of an identity, for people.
+fn print_erased(o: &mut impl Write, id: &str, v: &Value) -> std::io::Result<()> {
+    let e = &v["erased"];
+    if e.is_null() {
+        return Ok(());
+    }
+    let kept = if e["suppressed"] == true {
+        "suppressed: opted out of all messages (messages are blocked)"
+    } else {
+        "not suppressed (was not opted out)"
+    };
+    writeln!(
+        o,
+        "{id}: erased on {} (was subject {}); {kept}",
+        ts(&e["at"]),
+        text(&e["subject"])
+    )
 }
 
 /// The query's aliases and the subject's, once each.
@@ -180,11 +215,14 @@ pub fn print_unreadable(o: &mut impl Write, v: &Value) -> std::io::Result<()> {
 
 /// Prints a lookup result for people.
 pub fn print(o: &mut impl Write, id: &str, v: &Value) -> std::io::Result<()> {
+    print_erased(o, id, v)?;
     if v["known"] != true {
-        writeln!(
-            o,
-            "{id}: not known (no observation names this person; messages are allowed)"
-        )?;
+        if v["erased"].is_null() {
+            writeln!(
+                o,
+                "{id}: not known (no observation names this person; messages are allowed)"
+            )?;
+        }
         return print_variants(o, v);
     }
     print_subject(o, id, v)?;

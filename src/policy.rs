@@ -106,7 +106,7 @@ impl ScopeMap {
             Signal::MarketingSendFailure => self.marketing_send_failure,
             Signal::CrmField => self.crm_field,
             Signal::Import => self.import,
-            Signal::Inbound => Scope::All,
+            Signal::Inbound | Signal::Erasure => Scope::All,
         }
     }
 }

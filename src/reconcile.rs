@@ -523,6 +523,7 @@ impl<'e, 't, 'tx> PageTx<'e, 't, 'tx> {
         if ids.len() > 1 {
             self.new_aliases.insert(target);
         }
+        self.tombstones(target, aliases)?;
         Ok(target)
     }
 
@@ -1303,8 +1304,10 @@ mod changes;
 mod marketing;
 pub use marketing::outbox_key as marketing_key;
 pub mod dry_run;
+mod erasure;
 pub mod guard;
 pub mod templates;
+pub use erasure::{ERASURE_SOURCE, EraseError, Erasure};
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

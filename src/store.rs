@@ -8,8 +8,10 @@
 //! `quarantine` (webhook bodies), `seen` (dedup keys of delivered messages), `counts`
 //! (decision totals and people), `unverified` (pushes not yet read back), `unreadable`
 //! (connector, record → phone values that are not numbers), `templates` (template name →
-//! its newest category per language), `meta` (schema version), `holds` (opt-ins held by
-//! the mass re-opt-in guard) and `guard` (source → its window).
+//! its newest category per language), `holds` (opt-ins held by the mass re-opt-in guard),
+//! `guard` (source → its window) and `meta` (schema version; the erasure key, tombstones
+//! and pending compaction of `store/erasure.rs`; the id base of `store/compact.rs`, which
+//! rewrites the store after an erasure).
 //!
 //! Every value starts with a one-byte format version followed by JSON. Changes that must
 //! happen together go through [`Store::transaction`], which commits them atomically and,
@@ -377,6 +379,9 @@ struct Shared {
 struct Db {
     db: sled::Db,
     trees: Vec<Tree>,
+    /// Added to sled's id generator: a compacted store starts a fresh generator, and ids
+    /// must keep increasing past the ones the old store handed out (see `compact`).
+    id_base: u64,
 }
 
 /// Group commit for webhook appends: many concurrent appends share one flush to disk
@@ -512,7 +517,13 @@ impl Db {
             .iter()
             .map(|n| db.open_tree(n))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Db { db, trees })
+        let id_base = compact::id_base(&trees[META])?;
+        Ok(Db { db, trees, id_base })
+    }
+
+    /// A fresh unique, increasing id.
+    fn next_id(&self) -> Result<u64, StoreError> {
+        Ok(self.id_base + self.db.generate_id()?)
     }
 }
 
@@ -533,6 +544,8 @@ impl Store {
     /// drops the rest). A small store's files are therefore read beforehand and, when the
     /// store is refused as damaged, written back as they were, for whoever restores it.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        // A compaction interrupted by a crash is finished (or undone) before anything else.
+        compact::recover(dir)?;
         let saved = Saved::take(dir);
         let opened = Self::open_checked(dir);
         if let (Err(e), Some(saved)) = (&opened, saved)
@@ -777,7 +790,10 @@ impl Store {
     ) -> Result<R, StoreError> {
         self.with(|db| {
             let r = db.trees.as_slice().transaction(|view| {
-                let mut tx = Txn { t: view };
+                let mut tx = Txn {
+                    t: view,
+                    id_base: db.id_base,
+                };
                 let r = f(&mut tx).map_err(|e| e.0)?;
                 if durable {
                     view[0].flush();
@@ -1116,7 +1132,7 @@ impl Store {
             let group = &self.shared.group;
             let _order = group.append_order.lock().unwrap_or_else(|p| p.into_inner());
             // Sequence numbers start at 1: a cursor of 0 means "nothing read yet".
-            let seq = db.db.generate_id()? + 1;
+            let seq = db.next_id()? + 1;
             db.trees[INBOX].insert(seq.to_be_bytes(), value)?;
             Ok(seq)
         })
@@ -1139,7 +1155,7 @@ impl Store {
         let store = self.clone();
         off_runtime(move || {
             store.with(|db| {
-                let seq = db.db.generate_id()?;
+                let seq = db.next_id()?;
                 db.trees[QUARANTINE].insert(seq.to_be_bytes(), value)?;
                 Ok(())
             })
@@ -1384,6 +1400,7 @@ fn i64_of(b: &[u8]) -> i64 {
 /// The view of the store inside one transaction.
 pub struct Txn<'a> {
     t: &'a [TransactionalTree],
+    id_base: u64,
 }
 
 impl Txn<'_> {
@@ -1396,9 +1413,8 @@ impl Txn<'_> {
 
     /// A fresh unique, increasing id.
     pub fn new_id(&self) -> TxResult<u64> {
-        self.t[0]
-            .generate_id()
-            .map_err(|e| TxError::from(StoreError::from(e)))
+        let id = (self.t[0].generate_id()).map_err(|e| TxError::from(StoreError::from(e)))?;
+        Ok(self.id_base + id)
     }
 
     pub fn subject(&self, id: u64) -> TxResult<Option<SubjectRecord>> {
@@ -1559,6 +1575,11 @@ impl Txn<'_> {
         Ok(())
     }
 }
+
+mod compact;
+mod erasure;
+pub use compact::{compact, compact_if_pending};
+pub use erasure::Tombstone;
 
 #[cfg(test)]
 mod tests;

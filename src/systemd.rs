@@ -133,6 +133,13 @@ impl Notifier {
         }
     }
 
+    /// Start-up takes longer than usual (compacting the store): asks systemd for `by` more
+    /// before `TimeoutStartSec=` runs out, and resets the watchdog.
+    pub fn extend_start(&self, by: Duration) {
+        self.notify(&format!("EXTEND_TIMEOUT_USEC={}", by.as_micros()));
+        self.watchdog();
+    }
+
     /// "Still alive": resets systemd's watchdog timer.
     pub fn watchdog(&self) {
         self.notify("WATCHDOG=1");

@@ -323,3 +323,23 @@ fn several_whatsapp_accounts_are_accepted() {
     let kinds: Vec<_> = checked.connectors.iter().map(|c| c.kind.as_str()).collect();
     assert_eq!(kinds.iter().filter(|k| **k == "whatsapp").count(), 2);
 }
+
+#[test]
+fn audit_retention_is_optional_read_as_a_duration_and_not_too_short() {
+    let checked = parse(Path::new("test.toml"), GOOD)
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert_eq!(checked.audit_retention, None, "kept for ever by default");
+    let five_years = format!("{GOOD}\n[audit]\nretention = \"5y\"\n");
+    let checked = (parse(Path::new("test.toml"), &five_years)
+        .unwrap()
+        .validate())
+    .unwrap();
+    let years = checked.audit_retention.unwrap().as_secs() / (365 * 24 * 3600);
+    assert_eq!(years, 5);
+    let text = problems(&format!("{GOOD}\n[audit]\nretention = \"1d\"\n")).to_string();
+    assert!(text.contains("audit.retention: at least 30d"), "{text}");
+    let text = problems(&format!("{GOOD}\n[audit]\nretention = \"soon\"\n")).to_string();
+    assert!(text.contains("audit.retention"), "{text}");
+}

@@ -213,9 +213,10 @@ pub async fn retention_worker(
     store: Store,
     dedup: Duration,
     quarantine: Duration,
+    audit: Option<Duration>,
     cancel: CancellationToken,
 ) {
-    let worker = retention::Retention::new(store, dedup, quarantine);
+    let worker = retention::Retention::new(store, dedup, quarantine).with_audit_retention(audit);
     runner::run(worker, cancel, None).await
 }
 

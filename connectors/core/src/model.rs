@@ -178,6 +178,8 @@ pub enum Signal {
     Import,
     /// A message that says nothing about consent (it only opens the 24-hour window).
     Inbound,
+    /// The suppression an erased person left behind (their tombstone), met again.
+    Erasure,
 }
 
 impl Signal {
@@ -190,6 +192,7 @@ impl Signal {
             Signal::CrmField => "crm_field",
             Signal::Import => "import",
             Signal::Inbound => "inbound",
+            Signal::Erasure => "erasure",
         }
     }
 }
