@@ -81,11 +81,12 @@ fn print(o: &mut impl Write, id: &str, v: &Value) -> std::io::Result<()> {
     }
     writeln!(
         o,
-        "{id}: erased subject {} at {when}: {} audit entries scrubbed, {} records forgotten, {} pending events or replies dropped, {} quarantined bodies removed",
+        "{id}: erased subject {} at {when}: {} audit entries scrubbed, {} records forgotten, {} pending events or replies dropped, {} held opt-ins dropped, {} quarantined bodies removed",
         text("subject"),
         v["audit_entries_scrubbed"],
         v["records_forgotten"],
         v["pushes_dropped"],
+        v["holds_dropped"],
         v["bodies_removed"],
     )?;
     let stones = v["tombstones"].as_array().map_or(0, Vec::len);
