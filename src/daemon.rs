@@ -48,6 +48,10 @@ pub struct Daemon {
     /// Between READY=1 and the start of shutdown.
     running: AtomicBool,
     pub started: Timestamp,
+    /// What the workers share (waking push workers after an import through the daemon).
+    workers: Arc<WorkerContext>,
+    /// Wakes the worker that applies the write API's recorded events.
+    api_wake: Arc<Notify>,
 }
 
 /// Runs until SIGTERM or SIGINT.
@@ -90,7 +94,13 @@ pub async fn run_until(
         ready: Arc::new(AtomicBool::new(false)),
         running: AtomicBool::new(false),
         started,
+        workers: ctx.clone(),
+        api_wake: Arc::new(Notify::new()),
     });
+    tracker.spawn(crate::api::apply_worker(
+        ctx.clone(),
+        daemon.api_wake.clone(),
+    ));
     let bound = serve_http(&daemon, started_connectors.routes, &tracker, &cancel).await?;
     serve_control(&daemon, &tracker, &cancel)?;
     spawn_high_water(&daemon, &tracker, &cancel);
@@ -342,6 +352,14 @@ async fn serve_http(
         cfg.body_timeout,
         crate::http::Refusals::new(daemon.metrics.clone()),
     ));
+    let write = Arc::new(crate::http::write::WriteState {
+        engine: daemon.engine.clone(),
+        write_token: daemon.checked.write_token.clone(),
+        gate_token: daemon.checked.gate_token.clone(),
+        applied: daemon.api_wake.clone(),
+    });
+    let mut routes = routes;
+    routes.push(crate::http::write::routes(write));
     let app = crate::http::app(http_state, routes, guard);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
