@@ -13,6 +13,8 @@
 //! has brought the store back; damage it finds then, or a store it cannot reopen, stops
 //! the daemon with an error ([`StoreFatal`]).
 
+mod live;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -794,6 +796,33 @@ impl control::Handler for Daemon {
                 let report = self.resync(connector, full, progress).await?;
                 serde_json::to_value(report).map_err(|e| e.to_string())
             }
+            Request::AuditExport { .. } | Request::Import => {
+                Err("a streaming request (see control::stream)".into())
+            }
+        }
+    }
+
+    async fn stream(
+        &self,
+        request: Request,
+        input: control::Input,
+        lines: mpsc::Sender<String>,
+    ) -> Result<Value, String> {
+        match request {
+            Request::AuditExport {
+                since,
+                until,
+                subject,
+            } => {
+                let filter = crate::audit::Filter {
+                    since,
+                    until,
+                    subject,
+                };
+                live::export(self.workers.clone(), filter, lines).await
+            }
+            Request::Import => live::import(self.workers.clone(), input, lines).await,
+            _ => Err("this request does not stream".into()),
         }
     }
 }
