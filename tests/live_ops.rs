@@ -1,0 +1,280 @@
+//! `audit export` and `import` while the daemon runs (through its control socket) and
+//! serves signed WhatsApp webhooks at the same time: nothing lost, no errors; and the same
+//! commands once it has stopped.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::GATE_TOKEN;
+use common::config::Config;
+use optout_core::Timestamp;
+use optout_whatsapp::fake::WebhookSender;
+use optout_whatsapp::fake::envelope::{self, Who};
+use serde_json::{Value, json};
+
+const APP_SECRET: &str = "meta-app-secret-for-tests";
+const STOPS: usize = 300;
+const ROWS: usize = 3000;
+/// A CRM phone value a spreadsheet would run as a formula.
+const FORMULA: &str = "=2+3*cmd";
+
+fn wa(i: usize) -> String {
+    format!("1415201{i:04}")
+}
+
+fn imported(i: usize) -> String {
+    format!("+1 212 555 {i:04}")
+}
+
+fn cli(config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_optout-sync"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
+fn jsonl(out: &Output) -> Vec<Value> {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (String::from_utf8_lossy(&out.stdout).lines())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn csv_rows(out: &Output) -> Vec<Vec<String>> {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    csv::Reader::from_reader(out.stdout.as_slice())
+        .records()
+        .map(|r| r.unwrap().iter().map(str::to_string).collect())
+        .collect()
+}
+
+fn suppression_list(dir: &Path) -> std::path::PathBuf {
+    let mut text = String::from("phone,status,time,source\n");
+    for i in 0..ROWS {
+        text += &format!("{},opted_out,2024-05-01T10:00:00Z,old ESP\n", imported(i));
+    }
+    text += "not a number,opted_out,2024-05-01T10:00:00Z,old ESP\n";
+    text += "+1 212 555 9999,maybe,2024-05-01T10:00:00Z,old ESP\n";
+    let path = dir.join("suppression.csv");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Delivers one signed STOP per person, eight at a time, each once: every one must be
+/// acknowledged with 200 at the first attempt.
+async fn send_stops(url: String) -> Vec<Vec<Result<u16, String>>> {
+    let sender = std::sync::Arc::new(
+        WebhookSender::new(url, APP_SECRET).with_retries(1, Duration::from_millis(10)),
+    );
+    let mut attempts = Vec::new();
+    for chunk in (0..STOPS).collect::<Vec<_>>().chunks(8) {
+        let mut sends = tokio::task::JoinSet::new();
+        for &i in chunk {
+            let s = sender.clone();
+            let now = Timestamp::now().millis() / 1000;
+            let body = envelope::text(&Who::wa(&wa(i)), &format!("wamid.L{i}"), now, "STOP");
+            sends.spawn(async move { s.deliver(&body).await.attempts });
+        }
+        attempts.extend(sends.join_all().await);
+    }
+    attempts
+}
+
+/// What the running daemon's commands print while the webhooks arrive.
+struct Live {
+    import: Output,
+    jsonl: Output,
+    csv: Output,
+}
+
+fn commands_while_serving(config: &Path, list: &Path) -> Live {
+    let import = cli(config, &["import", list.to_str().unwrap()]);
+    Live {
+        import,
+        jsonl: cli(config, &["audit", "export"]),
+        csv: cli(config, &["audit", "export", "--format", "csv"]),
+    }
+}
+
+async fn gate_blocks(d: &common::Daemon, ids: Vec<String>) -> bool {
+    let r = reqwest::Client::new()
+        .post(d.url("/v1/consent/batch"))
+        .bearer_auth(GATE_TOKEN)
+        .json(&json!({"category": "utility", "ids": ids}))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    (v["results"].as_array().unwrap().iter()).all(|r| r["allowed"] == json!(false))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_and_import_through_the_running_daemon_lose_nothing_while_webhooks_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let hs = optout_hubspot::fake::start(optout_hubspot::fake::FakeOptions {
+        limits: optout_hubspot::fake::Limits::off(),
+        ..Default::default()
+    })
+    .await;
+    let suppressed = hs.create_contact(&[("firstname", "Imported"), ("phone", &imported(100))]);
+    hs.create_contact(&[("firstname", "Typo"), ("phone", FORMULA)]);
+    let c = Config::new(dir.path())
+        .shutdown_timeout("5s")
+        .whatsapp(APP_SECRET)
+        .hubspot(&hs.base_url());
+    let mut d = common::start(dir.path(), &c.toml(), &c.env()).await;
+    d.until("HubSpot read", Duration::from_secs(30), async || {
+        d.crms_polled_since(None).await
+    })
+    .await;
+    let list = suppression_list(dir.path());
+    let started = Timestamp::now();
+
+    let stops = tokio::spawn(send_stops(d.url("/webhooks/whatsapp")));
+    let (config, l) = (d.config.clone(), list.clone());
+    let live = tokio::task::spawn_blocking(move || commands_while_serving(&config, &l))
+        .await
+        .unwrap();
+    let attempts = stops.await.unwrap();
+    assert!(
+        attempts.iter().all(|a| a == &[Ok(200)]),
+        "every webhook acknowledged at once: {:?}",
+        attempts.iter().find(|a| a != &&[Ok(200)])
+    );
+
+    // The import went through the daemon: bad rows by line, good rows applied and pushed.
+    let stdout = String::from_utf8_lossy(&live.import.stdout);
+    let stderr = String::from_utf8_lossy(&live.import.stderr);
+    assert_eq!(live.import.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "imported {ROWS} row(s); 0 already imported; 2 bad row(s)"
+        )),
+        "{stdout}"
+    );
+    let line = ROWS + 2;
+    assert!(
+        stderr.contains(&format!("suppression.csv:{line}: phone")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("suppression.csv:{}: status", line + 1)),
+        "{stderr}"
+    );
+    d.until(
+        "the imported opt-out pushed to HubSpot",
+        Duration::from_secs(30),
+        async || hs.property(&suppressed, "whatsapp_consent").as_deref() == Some("opted_out"),
+    )
+    .await;
+
+    // Exports taken during the traffic are whole and well-formed, oldest first.
+    let during = jsonl(&live.jsonl);
+    let seqs: Vec<u64> = during.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order, no repeats");
+    let rows = csv_rows(&live.csv);
+    assert!(
+        rows.len() >= during.len(),
+        "the later CSV export has every earlier entry"
+    );
+
+    // Every STOP and every row is applied; the final export has them all.
+    let wa_ids: Vec<String> = (0..STOPS).map(|i| format!("wa:{}", wa(i))).collect();
+    d.until("every STOP applied", Duration::from_secs(60), async || {
+        gate_blocks(&d, wa_ids.clone()).await
+    })
+    .await;
+    let all = jsonl(&cli(&d.config, &["audit", "export"]));
+    let accepted = |source: &str| {
+        (all.iter())
+            .filter(|e| e["kind"] == "accepted" && e["source"] == source)
+            .count()
+    };
+    assert_eq!(accepted("whatsapp"), STOPS);
+    assert_eq!(accepted("import"), ROWS);
+
+    // CSV: the formula a CRM held is text, and no cell starts a formula.
+    let rows = csv_rows(&cli(&d.config, &["audit", "export", "--format", "csv"]));
+    assert_eq!(rows.len(), all.len());
+    assert!(
+        rows.iter().flatten().any(|c| c == &format!("'{FORMULA}")),
+        "the CRM's formula is in the export, neutralised"
+    );
+    assert!(
+        (rows.iter().flatten()).all(|c| !c.starts_with(['=', '+', '-', '@', '\t', '\r'])),
+        "no cell a spreadsheet would run"
+    );
+
+    // Filters: one person, a time window.
+    let one = jsonl(&cli(
+        &d.config,
+        &["audit", "export", "--subject", &format!("wa:{}", wa(7))],
+    ));
+    assert!(!one.is_empty());
+    let subject = one[0]["subject"].clone();
+    assert!(one.iter().all(|e| e["subject"] == subject), "{one:#?}");
+    assert!(
+        one.iter().any(|e| e["kind"] == "accepted"
+            && e["evidence"].as_str().is_some_and(|t| t.contains("STOP")))
+    );
+    let csv_one = csv_rows(&cli(
+        &d.config,
+        &[
+            "audit",
+            "export",
+            "--format",
+            "csv",
+            "--subject",
+            &format!("wa:{}", wa(7)),
+        ],
+    ));
+    assert_eq!(csv_one.len(), one.len());
+    let (since, until) = (started.to_rfc3339(), Timestamp::now().to_rfc3339());
+    let window = jsonl(&cli(
+        &d.config,
+        &["audit", "export", "--since", &since, "--until", &until],
+    ));
+    let expected = (all.iter())
+        .filter(|e| {
+            let at = e["stored_at"].as_i64().unwrap();
+            at >= started.millis() && at < Timestamp::parse(&until).unwrap().millis()
+        })
+        .count();
+    assert_eq!(window.len(), expected);
+    assert!(window.len() >= STOPS + ROWS);
+    let unknown = cli(
+        &d.config,
+        &["audit", "export", "--subject", "+1 917 555 0199"],
+    );
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no one is known"));
+    let log = d.log_text();
+    assert!(!log.contains(" ERROR "), "{log}");
+
+    // With the daemon stopped, the same commands open the store themselves.
+    assert!(d.terminate().await.success());
+    let offline = jsonl(&cli(&d.config, &["audit", "export"]));
+    assert!(offline.len() >= all.len());
+    assert_eq!(offline[..all.len()], all[..]);
+    let again = cli(&d.config, &["import", list.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "imported 0 row(s); {ROWS} already imported; 2 bad row(s)"
+        )),
+        "{stdout}"
+    );
+}
