@@ -933,18 +933,23 @@ fn audit_export(
             until: filter.until,
             subject: filter.subject.clone(),
         };
-        let mut exporter = out()?;
+        // Made at the first entry: nothing (not even a CSV header) is written when the
+        // daemon cannot be asked.
+        let mut exporter: Option<Exporter<std::io::BufWriter<std::io::StdoutLock<'static>>>> = None;
         let mut closed = false;
         let on_line = |mut v: serde_json::Value| -> std::io::Result<()> {
             let entry: crate::audit::AuditEntry = serde_json::from_value(v["entry"].take())
                 .map_err(|e| std::io::Error::other(format!("bad entry from the daemon: {e}")))?;
-            let written = exporter.write(&entry);
+            let written = match &mut exporter {
+                Some(x) => x.write(&entry),
+                None => out().and_then(|x| exporter.insert(x).write(&entry)),
+            };
             closed = matches!(&written, Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe);
             written
         };
         let streamed = crate::control::stream(socket, &request, None, |_| {}, on_line);
         match runtime()?.block_on(streamed) {
-            Ok(_) => finish_output(exporter.finish()),
+            Ok(_) => finish_output(exporter.map_or_else(out, Ok)?.finish()),
             Err(_) if closed => Ok(ExitCode::SUCCESS),
             Err(e) => Err(e.into()),
         }
