@@ -2239,6 +2239,8 @@ struct ExportRun {
     secs: f64,
     client_peak: f64,
     daemon_peak: f64,
+    /// The daemon's RSS (seconds into the export, MiB), sampled with the client's peak.
+    daemon_rss: Vec<(f64, f64)>,
 }
 
 /// Runs `optout-sync audit export` against the running daemon, counting its output without
@@ -2258,11 +2260,13 @@ async fn export_run(d: &Daemon, config: &Path, args: &[&str]) -> ExportRun {
     let mut out = child.stdout.take().expect("stdout");
     let mut buf = vec![0u8; 1 << 16];
     let (mut bytes, mut lines, mut peak) = (0u64, 0u64, 0f64);
+    let mut daemon_rss = Vec::new();
     let mut sampled = Instant::now();
     loop {
         let n = out.read(&mut buf).await.expect("read the export");
         if sampled.elapsed() > Duration::from_millis(20) || n == 0 {
             peak = peak.max(proc_mib(pid, "VmHWM:").max(0.0));
+            daemon_rss.push((t.elapsed().as_secs_f64(), d.rss()));
             sampled = Instant::now();
         }
         if n == 0 {
@@ -2279,6 +2283,7 @@ async fn export_run(d: &Daemon, config: &Path, args: &[&str]) -> ExportRun {
         secs: t.elapsed().as_secs_f64(),
         client_peak: peak,
         daemon_peak: d.hwm(),
+        daemon_rss,
     }
 }
 
@@ -2327,7 +2332,7 @@ async fn export_bench(sizes: &Sizes) {
     let n = sizes.export_entries;
     header(
         &format!("8. Audit export of {n} entries through the running daemon"),
-        "A store filled by an offline `import` (an accepted opt-out and a decision per row), then a daemon on it (no connector: idle) and `optout-sync audit export` run as an operator would while the daemon holds the store: the request goes over the control socket, the daemon streams one line per entry, the client formats and writes to a pipe the harness drains and counts. Peak RSS is VmHWM: the client's sampled every 20 ms until it exits, the daemon's after each export. Exports of a tenth of the log (`--until`) come first, so that a peak growing with the size of the export would show.",
+        "A store filled by an offline `import` (an accepted opt-out and a decision per row), then a daemon on it (no connector: idle) and `optout-sync audit export` run as an operator would while the daemon holds the store: the request goes over the control socket, the daemon streams one line per entry, the client formats and writes to a pipe the harness drains and counts. Peak RSS is VmHWM: the client's sampled every 20 ms until it exits, the daemon's after each export; the daemon's current RSS is sampled every 20 ms too (below the table: at 10, 25, 50, 75 and 100 % of each export). Each format is exported whole, then with `--until` at a tenth of the log (which still scans the whole log: the filter is on the entries' store time), then whole again.",
     );
     let dir = tempfile::tempdir().expect("tempdir");
     // No connector: nothing competes with the export for the 2 CPUs.
@@ -2353,9 +2358,14 @@ async fn export_bench(sizes: &Sizes) {
         ]);
     };
     row("jsonl, all (first, cold)", &first);
+    let mut during = vec![format!(
+        "jsonl, all (first, cold): {}",
+        memory_flatness(&first.daemon_rss)
+    )];
     for (label, args) in [
         ("jsonl, `--until` a tenth", vec!["--until", until.as_str()]),
         ("jsonl, all", vec![]),
+        ("csv, all", vec!["--format", "csv"]),
         (
             "csv, `--until` a tenth",
             vec!["--format", "csv", "--until", until.as_str()],
@@ -2363,6 +2373,7 @@ async fn export_bench(sizes: &Sizes) {
         ("csv, all", vec!["--format", "csv"]),
     ] {
         let r = export_run(&d, &config_path, &args).await;
+        during.push(format!("{label}: {}", memory_flatness(&r.daemon_rss)));
         row(label, &r);
     }
     table(
@@ -2377,8 +2388,12 @@ async fn export_bench(sizes: &Sizes) {
         ],
         &rows,
     );
+    println!("Daemon RSS MiB during each export (at 10/25/50/75/100 % of its samples):\n");
+    for line in during {
+        println!("- {line}");
+    }
     println!(
-        "Store built by the offline import in {:.0} s; daemon RSS at READY {rss_ready:.0} MiB; after the exports {:.0} MiB.\n",
+        "\nStore built by the offline import in {:.0} s; daemon RSS at READY {rss_ready:.0} MiB; after the exports {:.0} MiB.\n",
         built.as_secs_f64(),
         d.rss()
     );

@@ -30,10 +30,10 @@ pub fn route(state: Arc<WriteState>) -> Router {
 }
 
 /// A request's events, and whether it was a single event (answered on its own).
-fn events_of(body: &[u8]) -> Result<(Vec<Value>, bool), Response> {
+fn events_of(body: &[u8]) -> Result<(Vec<Value>, bool), Box<Response>> {
     if body.iter().all(u8::is_ascii_whitespace) {
         let why = "empty body: send one event (a JSON object) or {\"events\": [...]}";
-        return Err(error(StatusCode::BAD_REQUEST, why));
+        return Err(Box::new(error(StatusCode::BAD_REQUEST, why)));
     }
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         error(
@@ -47,21 +47,24 @@ fn events_of(body: &[u8]) -> Result<(Vec<Value>, bool), Response> {
             Some(Value::Array(items)) if o.is_empty() => (items, false),
             _ => {
                 let why = "`events` must be an array, and the only key beside it";
-                return Err(error(StatusCode::BAD_REQUEST, why));
+                return Err(Box::new(error(StatusCode::BAD_REQUEST, why)));
             }
         },
         v @ Value::Object(_) => (vec![v], true),
         _ => {
             let why = "send one event (a JSON object) or {\"events\": [...]}";
-            return Err(error(StatusCode::BAD_REQUEST, why));
+            return Err(Box::new(error(StatusCode::BAD_REQUEST, why)));
         }
     };
     if items.is_empty() {
-        return Err(error(StatusCode::BAD_REQUEST, "no events in the request"));
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "no events in the request",
+        )));
     }
     if items.len() > MAX_EVENTS {
         let why = format!("{} events: at most {MAX_EVENTS} per request", items.len());
-        return Err(error(StatusCode::PAYLOAD_TOO_LARGE, why));
+        return Err(Box::new(error(StatusCode::PAYLOAD_TOO_LARGE, why)));
     }
     Ok((items, single))
 }
@@ -81,7 +84,7 @@ async fn events(State(s): State<Arc<WriteState>>, req: Request) -> Response {
     };
     let (items, single) = match events_of(&body) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     drop(body);
     let answers = api::record(&s.engine, items, Timestamp::now()).await;
