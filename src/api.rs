@@ -377,3 +377,102 @@ fn apply_round(ctx: &WorkerContext) -> Result<bool, crate::store::StoreError> {
     store.inbox_trim_where(last, |t| t == Some(SOURCE))?;
     Ok(entries.len() == ENTRIES_PER_ROUND)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Normalizer;
+    use crate::policy::Decision;
+    use crate::store::Store;
+    use serde_json::json;
+    use std::collections::BTreeMap;
+
+    fn engine(dir: &std::path::Path) -> Engine {
+        Engine::new(
+            Store::open(dir).unwrap(),
+            PolicyConfig::default(),
+            Normalizer::new(Normalizer::parse_region("US").unwrap()),
+            BTreeMap::new(),
+        )
+    }
+
+    fn event(key: &str, evidence: &str) -> Value {
+        json!({"id": "(415) 555-2671", "status": "STOP", "event_time": "2025-03-01T10:00:00Z",
+               "source": "ivr", "evidence": evidence, "idempotency_key": key})
+    }
+
+    /// New keys are recorded together, a repeated key with the same event is a duplicate
+    /// with the first receipt (also within one request), another event under it a
+    /// conflict; only the new ones reach the inbox, and applying them decides.
+    #[tokio::test]
+    async fn keys_are_claimed_once_and_recorded_events_are_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let now = Timestamp::now();
+        let first = record(
+            &e,
+            vec![event("a", "pressed 9"), event("a", "pressed 9")],
+            now,
+        )
+        .await;
+        let results: Vec<_> = first.iter().map(|a| a.result).collect();
+        assert_eq!(results, ["accepted", "duplicate"]);
+        assert_eq!(first[0].receipt, first[1].receipt);
+        let again = record(
+            &e,
+            vec![event("a", "pressed 9"), event("a", "other"), event("b", "")],
+            now,
+        )
+        .await;
+        let results: Vec<_> = again.iter().map(|a| a.result).collect();
+        assert_eq!(results, ["duplicate", "rejected", "accepted"]);
+        assert!(again[1].conflict && !again[1].unavailable);
+        assert_eq!(again[0].receipt, first[0].receipt);
+        assert_eq!(
+            e.store().inbox_len(),
+            2,
+            "one entry per request with new events"
+        );
+
+        let ctx = WorkerContext {
+            engine: Arc::new(e),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+            push_wakers: BTreeMap::new(),
+            cancel: tokio_util::sync::CancellationToken::new(),
+        };
+        assert!(!apply_round(&ctx).unwrap(), "everything in one round");
+        let store = ctx.engine.store();
+        assert_eq!(store.inbox_len(), 0, "applied entries are trimmed");
+        let s = store.subject_by_alias("p:+14155552671").unwrap().unwrap();
+        assert_eq!(
+            s.consent.decide(Scope::All, ctx.engine.policy().margin),
+            Decision::OptedOut
+        );
+        let history = store.subject_audit(&s).unwrap();
+        let accepted: Vec<_> = history
+            .iter()
+            .filter(|a| a.kind == crate::audit::AuditKind::Accepted)
+            .collect();
+        assert_eq!(accepted.len(), 2, "two acts (keys a and b): {history:?}");
+        assert!(accepted.iter().all(|a| a.source == SOURCE));
+        let evidence = accepted[0].evidence.as_deref().unwrap();
+        assert!(
+            evidence.ends_with("ivr (consent API): pressed 9"),
+            "{evidence}"
+        );
+        assert!(!apply_round(&ctx).unwrap(), "nothing applied twice");
+    }
+
+    #[test]
+    fn opt_ins_need_the_api_listed() {
+        let mut p = PolicyConfig::default();
+        assert!(
+            !accepts_opt_ins(&p),
+            "not listing sources does not admit the API"
+        );
+        p.accept_opt_ins_from = Some(["hubspot".to_string()].into());
+        assert!(!accepts_opt_ins(&p));
+        p.accept_opt_ins_from = Some(["api".to_string()].into());
+        assert!(accepts_opt_ins(&p));
+    }
+}

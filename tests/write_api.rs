@@ -335,3 +335,42 @@ async fn accepted_opt_ins_count_when_the_policy_lists_the_api() {
     })
     .await;
 }
+
+/// The answer comes only once the event is on disk: a daemon killed right after it applies
+/// the event when it starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_event_survives_sigkill_right_after_the_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fakes().await;
+    let c = config(dir.path(), &f);
+    let mut d = common::start(dir.path(), &c.toml(), &c.env()).await;
+    let event = opt_out("k-kill").to_string();
+    let (code, v) = post(&d, Some(WRITE_TOKEN), event.clone()).await;
+    assert_eq!(code, 200, "{v}");
+    d.child.start_kill().unwrap();
+    d.child.wait().await.unwrap();
+    let d = common::start(dir.path(), &c.toml(), &c.env()).await;
+    eventually(
+        "the event applied after the restart",
+        Duration::from_secs(20),
+        async || {
+            let r = reqwest::Client::new()
+                .get(d.url("/v1/consent/+14155552671?category=utility"))
+                .bearer_auth(GATE_TOKEN)
+                .send()
+                .await
+                .unwrap();
+            let v: Value = r.json().await.unwrap();
+            v["allowed"] == json!(false)
+        },
+    )
+    .await;
+    // The key is remembered across the restart.
+    let (code, again) = post(&d, Some(WRITE_TOKEN), event).await;
+    assert_eq!(
+        (code, &again["result"]),
+        (200, &json!("duplicate")),
+        "{again}"
+    );
+    assert_eq!(again["receipt"], v["receipt"]);
+}
