@@ -884,28 +884,21 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// The store, or the running daemon when it holds the store (or the store is not this
-/// user's, as `lookup`): `offline` runs with the store, `live` through the daemon.
+/// Through the running daemon when it answers on its control socket (it holds the store),
+/// else with the store: `live` runs through the daemon, `offline` with the store, opened
+/// only by its owner (see [`store_owner`]).
 fn store_or_daemon(
     config: &crate::config::Checked,
     command: &str,
     offline: impl FnOnce(Store) -> Result<ExitCode>,
     live: impl FnOnce(&Path) -> Result<ExitCode>,
 ) -> Result<ExitCode> {
-    let socket = &config.daemon.control_socket;
-    match store_owner(&config.daemon.state_dir, command) {
-        Ok(()) => match Store::open(&config.daemon.state_dir) {
-            Ok(store) => offline(store),
-            Err(crate::store::StoreError::Open { reason, .. }) if reason.contains("in use") => {
-                live(socket)
-            }
-            Err(e) => Err(e.into()),
-        },
-        Err(not_owner) => match live(socket) {
-            Err(e) if is_not_running(&e) => Err(not_owner.into()),
-            other => other,
-        },
+    match live(&config.daemon.control_socket) {
+        Err(e) if is_not_running(&e) => {}
+        answered => return answered,
     }
+    store_owner(&config.daemon.state_dir, command)?;
+    offline(Store::open(&config.daemon.state_dir)?)
 }
 
 fn audit_export(
