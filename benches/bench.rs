@@ -8,8 +8,8 @@
 //! cargo bench --bench bench -- --quick            # small sizes: seconds, for iterating
 //! ```
 //!
-//! Benchmarks: `propagation`, `requests`, `intake`, `resync`, `store`, `gate` (in that
-//! order). `store` and `gate` need the store `resync` leaves behind; selected without it
+//! Benchmarks: `propagation`, `requests`, `intake`, `resync`, `store`, `gate`, `export`
+//! (in that order). `store` and `gate` need the store `resync` leaves behind; selected without it
 //! they run `resync` first.
 //!
 //! Environment: `OPTOUT_BENCH_PEOPLE=10000000` (or `BENCH_RESYNC_N`) sets how many people
@@ -69,6 +69,8 @@ struct Sizes {
     /// Single gate lookups per concurrency level, and 1,000-id batch requests per level.
     gate_load: usize,
     gate_batches: usize,
+    /// Audit entries exported through the running daemon (each imported row adds two).
+    export_entries: usize,
 }
 
 impl Sizes {
@@ -85,6 +87,7 @@ impl Sizes {
             gate_queries: 2_000,
             gate_load: 60_000,
             gate_batches: 200,
+            export_entries: 1_000_000,
         }
     }
 
@@ -101,17 +104,19 @@ impl Sizes {
             gate_queries: 200,
             gate_load: 5_000,
             gate_batches: 20,
+            export_entries: 40_000,
         }
     }
 }
 
-const ALL: [&str; 6] = [
+const ALL: [&str; 7] = [
     "propagation",
     "requests",
     "intake",
     "resync",
     "store",
     "gate",
+    "export",
 ];
 
 fn main() {
@@ -181,6 +186,7 @@ async fn run(selected: Vec<String>, sizes: Sizes, quick: bool) {
             "propagation" => propagation(&sizes).await,
             "requests" => requests(&sizes).await,
             "intake" => intake(&sizes).await,
+            "export" => export_bench(&sizes).await,
             "resync" => big_store = Some(resync(&sizes).await),
             "store" | "gate" => {
                 if big_store.is_none() {
@@ -2219,6 +2225,177 @@ async fn gate_bench(sizes: &Sizes, big: &BigStore) {
         lookup_ms.join(" / "),
         d.rss(),
         d.hwm()
+    );
+    d.terminate().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. Audit export through the running daemon
+
+/// What one `audit export` run through the daemon's control socket cost.
+struct ExportRun {
+    entries: u64,
+    bytes: u64,
+    secs: f64,
+    client_peak: f64,
+    daemon_peak: f64,
+    /// The daemon's RSS (seconds into the export, MiB), sampled with the client's peak.
+    daemon_rss: Vec<(f64, f64)>,
+}
+
+/// Runs `optout-sync audit export` against the running daemon, counting its output without
+/// keeping it, and sampling the client's peak RSS (VmHWM) every 20 ms until it exits.
+async fn export_run(d: &Daemon, config: &Path, args: &[&str]) -> ExportRun {
+    use tokio::io::AsyncReadExt;
+    let t = Instant::now();
+    let mut child = Command::new(BIN)
+        .args(["audit", "export", "--config"])
+        .arg(config)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn audit export");
+    let pid = child.id().expect("pid");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut buf = vec![0u8; 1 << 16];
+    let (mut bytes, mut lines, mut peak) = (0u64, 0u64, 0f64);
+    let mut daemon_rss = Vec::new();
+    let mut sampled = Instant::now();
+    loop {
+        let n = out.read(&mut buf).await.expect("read the export");
+        if sampled.elapsed() > Duration::from_millis(20) || n == 0 {
+            peak = peak.max(proc_mib(pid, "VmHWM:").max(0.0));
+            daemon_rss.push((t.elapsed().as_secs_f64(), d.rss()));
+            sampled = Instant::now();
+        }
+        if n == 0 {
+            break;
+        }
+        bytes += n as u64;
+        lines += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+    }
+    let status = child.wait().await.expect("export exit");
+    assert!(status.success(), "audit export failed: {status}");
+    ExportRun {
+        entries: lines,
+        bytes,
+        secs: t.elapsed().as_secs_f64(),
+        client_peak: peak,
+        daemon_peak: d.hwm(),
+        daemon_rss,
+    }
+}
+
+/// A store with at least `entries` audit entries, made by offline imports (an accepted
+/// opt-out and a decision per row) before the daemon starts: a tenth of the rows, then
+/// the rest. Returns the time taken and a time between the two (an import stamps all its
+/// entries with its start time).
+fn export_store(dir: &Path, config: &Path, entries: usize) -> (Duration, Timestamp) {
+    let rows = entries.div_ceil(2);
+    check_customers(0..rows);
+    let import = |range: std::ops::Range<usize>| {
+        let mut csv = String::with_capacity(range.len() * 48);
+        csv.push_str("phone,status,time,source\n");
+        for i in range {
+            let c = Customer::new(i);
+            csv += &format!(
+                "{},opted_out,2024-05-01T10:00:00Z,bench list\n",
+                c.hubspot()
+            );
+        }
+        let list = dir.join("list.csv");
+        std::fs::write(&list, csv).expect("write the list");
+        let out = std::process::Command::new(BIN)
+            .arg("import")
+            .arg(&list)
+            .arg("--config")
+            .arg(config)
+            .output()
+            .expect("import");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let t = Instant::now();
+    import(0..rows / 10);
+    std::thread::sleep(Duration::from_millis(20));
+    let between = Timestamp::now();
+    std::thread::sleep(Duration::from_millis(20));
+    import(rows / 10..rows);
+    (t.elapsed(), between)
+}
+
+async fn export_bench(sizes: &Sizes) {
+    let n = sizes.export_entries;
+    header(
+        &format!("8. Audit export of {n} entries through the running daemon"),
+        "A store filled by an offline `import` (an accepted opt-out and a decision per row), then a daemon on it (no connector: idle) and `optout-sync audit export` run as an operator would while the daemon holds the store: the request goes over the control socket, the daemon streams one line per entry, the client formats and writes to a pipe the harness drains and counts. Peak RSS is VmHWM: the client's sampled every 20 ms until it exits, the daemon's after each export; the daemon's current RSS is sampled every 20 ms too (below the table: at 10, 25, 50, 75 and 100 % of each export). Each format is exported whole, then with `--until` at a tenth of the log (which still scans the whole log: the filter is on the entries' store time), then whole again.",
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    // No connector: nothing competes with the export for the 2 CPUs.
+    let config = daemon_section(dir.path());
+    std::fs::create_dir_all(dir.path().join("state")).expect("state dir");
+    let config_path = dir.path().join("optout-sync.toml");
+    std::fs::write(&config_path, &config).expect("config");
+    let (built, between) = export_store(dir.path(), &config_path, n);
+    let until = between.to_rfc3339();
+    let d = spawn_daemon(dir.path(), &config).await;
+    let rss_ready = d.rss();
+    let first = export_run(&d, &config_path, &[]).await;
+    let mut rows = Vec::new();
+    let mut row = |label: &str, r: &ExportRun| {
+        rows.push(vec![
+            label.to_string(),
+            r.entries.to_string(),
+            format!("{:.0}", r.bytes as f64 / (1 << 20) as f64),
+            format!("{:.1}", r.secs),
+            format!("**{:.0}**", r.entries as f64 / r.secs),
+            format!("**{:.1}**", r.client_peak),
+            format!("**{:.1}**", r.daemon_peak),
+        ]);
+    };
+    row("jsonl, all (first, cold)", &first);
+    let mut during = vec![format!(
+        "jsonl, all (first, cold): {}",
+        memory_flatness(&first.daemon_rss)
+    )];
+    for (label, args) in [
+        ("jsonl, `--until` a tenth", vec!["--until", until.as_str()]),
+        ("jsonl, all", vec![]),
+        ("csv, all", vec!["--format", "csv"]),
+        (
+            "csv, `--until` a tenth",
+            vec!["--format", "csv", "--until", until.as_str()],
+        ),
+        ("csv, all", vec!["--format", "csv"]),
+    ] {
+        let r = export_run(&d, &config_path, &args).await;
+        during.push(format!("{label}: {}", memory_flatness(&r.daemon_rss)));
+        row(label, &r);
+    }
+    table(
+        &[
+            "export",
+            "entries",
+            "MiB written",
+            "seconds",
+            "entries/s",
+            "client peak RSS MiB",
+            "daemon peak RSS MiB (since start)",
+        ],
+        &rows,
+    );
+    println!("Daemon RSS MiB during each export (at 10/25/50/75/100 % of its samples):\n");
+    for line in during {
+        println!("- {line}");
+    }
+    println!(
+        "\nStore built by the offline import in {:.0} s; daemon RSS at READY {rss_ready:.0} MiB; after the exports {:.0} MiB.\n",
+        built.as_secs_f64(),
+        d.rss()
     );
     d.terminate().await;
 }

@@ -1,4 +1,4 @@
-//! The audit log's entry type and its export formats.
+//! The audit log's entry type, its export formats and the export's filter.
 //!
 //! Every observation (accepted, echo, ignored and why), every decision change and every
 //! push outcome becomes one entry, appended and never rewritten, except to remove personal
@@ -182,7 +182,7 @@ impl<W: Write> Exporter<W> {
             }
             Format::Csv => {
                 let opt = |t: Option<Timestamp>| t.map(|t| t.to_rfc3339()).unwrap_or_default();
-                let row = [
+                let row: [String; 12] = [
                     e.seq.to_string(),
                     e.kind.as_str().to_string(),
                     e.subject.clone().unwrap_or_default(),
@@ -195,7 +195,8 @@ impl<W: Write> Exporter<W> {
                     e.stored_at.to_rfc3339(),
                     e.evidence.clone().unwrap_or_default(),
                     e.reason.clone().unwrap_or_default(),
-                ];
+                ]
+                .map(spreadsheet_safe);
                 self.csv
                     .as_mut()
                     .expect("csv writer")
@@ -213,5 +214,116 @@ impl<W: Write> Exporter<W> {
             w.flush()?;
         }
         Ok(())
+    }
+}
+
+/// A cell a spreadsheet would read as a formula (`=`, `+`, `-`, `@`, or a tab or carriage
+/// return first) gets a leading `'`, which makes it text: evidence and record ids come
+/// from customers and CRMs, and a cell like `=HYPERLINK(…)` must not run when an operator
+/// opens the export (OWASP's "CSV injection").
+pub fn spreadsheet_safe(cell: String) -> String {
+    match cell.chars().next() {
+        Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{cell}"),
+        _ => cell,
+    }
+}
+
+/// Which entries `audit export` writes: stored at or after `since`, before `until`, and
+/// (with `subject`) only those of one person.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Filter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<Timestamp>,
+    /// A subject (`s42`), a phone number, `wa:<digits>` or a business-scoped id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+}
+
+impl Filter {
+    fn admits(&self, e: &AuditEntry) -> bool {
+        self.since.is_none_or(|t| e.stored_at >= t) && self.until.is_none_or(|t| e.stored_at < t)
+    }
+}
+
+type Entries<'a> = Box<dyn Iterator<Item = Result<AuditEntry, crate::store::StoreError>> + 'a>;
+
+/// The entries `filter` selects, oldest first, streamed from the store (one person's
+/// history is read as a whole: it is small). An unknown person is an error, so that a
+/// typo is not mistaken for an empty history.
+pub fn select<'a>(
+    engine: &'a crate::reconcile::Engine,
+    filter: &Filter,
+) -> Result<Entries<'a>, String> {
+    let f = filter.clone();
+    let Some(who) = &filter.subject else {
+        let all = engine.store().audit_from(0);
+        return Ok(Box::new(
+            all.filter(move |e| e.as_ref().map_or(true, |e| f.admits(e))),
+        ));
+    };
+    let subject = find_subject(engine, who)?;
+    let history = engine
+        .store()
+        .subject_audit(&subject)
+        .map_err(|e| e.to_string())?;
+    Ok(Box::new(
+        history.into_iter().filter(move |e| f.admits(e)).map(Ok),
+    ))
+}
+
+/// The subject `who` names: `s<number>` as the audit log writes it, or an identity.
+fn find_subject(
+    engine: &crate::reconcile::Engine,
+    who: &str,
+) -> Result<crate::store::SubjectRecord, String> {
+    let store = engine.store();
+    let by_name = (who.strip_prefix('s').and_then(|n| n.parse::<u64>().ok()))
+        .map(|id| store.subject(id))
+        .transpose()
+        .map_err(|e| e.to_string())?
+        .flatten();
+    if let Some(s) = by_name {
+        return Ok(s);
+    }
+    let aliases = engine.normalizer().parse_query(who)?;
+    for a in &aliases {
+        if let Some(s) = store
+            .subject_by_alias(a.as_str())
+            .map_err(|e| e.to_string())?
+        {
+            return Ok(s);
+        }
+    }
+    Err("no one is known by that identifier (use a subject such as s42, a phone number, wa:<digits> or a business-scoped id)".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cells_a_spreadsheet_would_run_are_made_text() {
+        for bad in ["=1+1", "+15551234567", "-2", "@SUM(A1)", "\tx", "\rx"] {
+            assert_eq!(spreadsheet_safe(bad.into()), format!("'{bad}"));
+        }
+        for good in ["opted_out", "s42", "", "2024-05-01T10:00:00.000Z"] {
+            assert_eq!(spreadsheet_safe(good.into()), good);
+        }
+    }
+
+    #[test]
+    fn csv_export_neutralises_formulas() {
+        let mut e = AuditEntry::new(AuditKind::Accepted, "api", Timestamp(0));
+        e.evidence = Some("=HYPERLINK(\"http://x\")".into());
+        e.record = Some("+14155552671".into());
+        let mut out = Vec::new();
+        let mut x = Exporter::new(Format::Csv, &mut out).unwrap();
+        x.write(&e).unwrap();
+        x.finish().unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("'+14155552671"), "{text}");
+        assert!(text.contains("\"'=HYPERLINK"), "{text}");
     }
 }

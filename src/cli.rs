@@ -171,7 +171,7 @@ enum Command {
     },
     /// Seed the store from an existing suppression list (CSV with columns phone, status,
     /// time and optionally source). Bad rows are reported by line; good rows are applied
-    /// and pushed to every system by the running daemon.
+    /// and pushed to every system by the daemon (through the running daemon when it runs).
     Import {
         /// The CSV file (`-` for standard input).
         file: PathBuf,
@@ -220,11 +220,19 @@ enum StoreCommand {
 
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
-    /// Write the audit log to standard output, oldest first, streaming.
+    /// Write the audit log to standard output, oldest first, streaming. Reads the store,
+    /// or asks the running daemon.
     Export {
         /// Only entries stored at or after this time (RFC 3339, or a date).
         #[arg(long, value_parser = parse_time)]
         since: Option<Timestamp>,
+        /// Only entries stored before this time (RFC 3339, or a date).
+        #[arg(long, value_parser = parse_time)]
+        until: Option<Timestamp>,
+        /// Only one person's entries: a subject (s42), a phone number, wa:<digits> or a
+        /// business-scoped id.
+        #[arg(long)]
+        subject: Option<String>,
         #[arg(long, value_enum, default_value = "jsonl")]
         format: Format,
         #[arg(long, short, env = "OPTOUT_SYNC_CONFIG", default_value = DEFAULT_CONFIG)]
@@ -289,10 +297,19 @@ pub fn main() -> ExitCode {
             command:
                 AuditCommand::Export {
                     since,
+                    until,
+                    subject,
                     format,
                     config,
                 },
-        } => audit_export(&config, since, format),
+        } => {
+            let filter = crate::audit::Filter {
+                since,
+                until,
+                subject,
+            };
+            audit_export(&config, filter, format)
+        }
         Command::Import { file, config } => import(&config, &file),
         Command::Erase { id, config, json } => erase::erase(&config, &id, json),
         Command::Store {
@@ -1096,51 +1113,121 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn audit_export(config_path: &Path, since: Option<Timestamp>, format: Format) -> Result<ExitCode> {
+/// Through the running daemon when it answers on its control socket (it holds the store),
+/// else with the store: `live` runs through the daemon, `offline` with the store, opened
+/// only by its owner (see [`store_owner`]).
+fn store_or_daemon(
+    config: &crate::config::Checked,
+    command: &str,
+    offline: impl FnOnce(Store) -> Result<ExitCode>,
+    live: impl FnOnce(&Path) -> Result<ExitCode>,
+) -> Result<ExitCode> {
+    match live(&config.daemon.control_socket) {
+        Err(e) if is_not_running(&e) => {}
+        answered => return answered,
+    }
+    store_owner(&config.daemon.state_dir, command)?;
+    offline(Store::open(&config.daemon.state_dir)?)
+}
+
+fn audit_export(
+    config_path: &Path,
+    filter: crate::audit::Filter,
+    format: Format,
+) -> Result<ExitCode> {
     let config = app::load_offline(config_path)?;
     existing_store(&config)?;
-    store_owner(&config.daemon.state_dir, "audit export")?;
-    let store = Store::open(&config.daemon.state_dir)?;
-    let out = std::io::BufWriter::new(std::io::stdout().lock());
-    let mut exporter = Exporter::new(format, out)?;
-    for entry in store.audit_from(0) {
-        let entry = entry?;
-        if since.is_some_and(|t| entry.stored_at < t) {
-            continue;
-        }
-        if let Err(e) = exporter.write(&entry) {
-            // A closed pipe (`| head`) is a normal end.
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                return Ok(ExitCode::SUCCESS);
+    let out = || Exporter::new(format, std::io::BufWriter::new(std::io::stdout().lock()));
+    let offline = |store: Store| -> Result<ExitCode> {
+        let engine = app::engine(&config, store);
+        let entries = crate::audit::select(&engine, &filter).map_err(|e| anyhow::anyhow!(e))?;
+        let mut exporter = out()?;
+        for entry in entries {
+            if let Err(e) = exporter.write(&entry?) {
+                return finish_output(Err(e));
             }
-            return Err(e.into());
         }
-    }
-    output(exporter.finish())?;
-    Ok(ExitCode::SUCCESS)
+        finish_output(exporter.finish())
+    };
+    let live = |socket: &Path| -> Result<ExitCode> {
+        let request = crate::control::Request::AuditExport {
+            since: filter.since,
+            until: filter.until,
+            subject: filter.subject.clone(),
+        };
+        // Made at the first entry: nothing (not even a CSV header) is written when the
+        // daemon cannot be asked.
+        let mut exporter: Option<Exporter<std::io::BufWriter<std::io::StdoutLock<'static>>>> = None;
+        let mut closed = false;
+        let on_line = |mut v: serde_json::Value| -> std::io::Result<()> {
+            let entry: crate::audit::AuditEntry = serde_json::from_value(v["entry"].take())
+                .map_err(|e| std::io::Error::other(format!("bad entry from the daemon: {e}")))?;
+            let written = match &mut exporter {
+                Some(x) => x.write(&entry),
+                None => out().and_then(|x| exporter.insert(x).write(&entry)),
+            };
+            closed = matches!(&written, Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe);
+            written
+        };
+        let streamed = crate::control::stream(socket, &request, None, |_| {}, on_line);
+        match runtime()?.block_on(streamed) {
+            Ok(_) => finish_output(exporter.map_or_else(out, Ok)?.finish()),
+            Err(_) if closed => Ok(ExitCode::SUCCESS),
+            Err(e) => Err(e.into()),
+        }
+    };
+    store_or_daemon(&config, "audit export", offline, live)
+}
+
+/// The end of a streamed output: a closed pipe (`| head`) is a normal end.
+fn finish_output(written: std::io::Result<()>) -> Result<ExitCode> {
+    output(written).map(|()| ExitCode::SUCCESS)
 }
 
 fn import(config_path: &Path, file: &Path) -> Result<ExitCode> {
     let config = app::load_offline(config_path)?;
-    store_owner(&config.daemon.state_dir, "import")?;
-    let engine = app::open_engine(&config)?;
-    let input: Box<dyn std::io::Read> = if file == Path::new("-") {
-        Box::new(std::io::stdin().lock())
-    } else {
-        Box::new(std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?)
+    let input = || -> Result<Box<dyn std::io::Read + Send>> {
+        Ok(if file == Path::new("-") {
+            Box::new(std::io::stdin())
+        } else {
+            let f =
+                std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+            Box::new(f)
+        })
     };
-    let report = crate::import::import(&engine, input, Timestamp::now())?;
-    engine.store().save_high_water()?;
-    for (line, why) in &report.bad {
-        eprintln!("{}:{line}: {why}", file.display());
+    let offline = |store: Store| -> Result<ExitCode> {
+        let engine = app::engine(&config, store);
+        let report = crate::import::import(&engine, input()?, Timestamp::now())?;
+        engine.store().save_high_water()?;
+        for (line, why) in &report.bad {
+            eprintln!("{}:{line}: {why}", file.display());
+        }
+        import_summary(report.applied, report.duplicates, report.bad.len())
+    };
+    let live = |socket: &Path| -> Result<ExitCode> {
+        let on_bad = |v: serde_json::Value| {
+            let line = v["bad_row"]["line"].as_u64().unwrap_or(0);
+            let why = v["bad_row"]["why"].as_str().unwrap_or("");
+            eprintln!("{}:{line}: {why}", file.display());
+            Ok(())
+        };
+        let request = crate::control::Request::Import;
+        let streamed = crate::control::stream(socket, &request, Some(input()?), |_| {}, on_bad);
+        let r = runtime()?.block_on(streamed)?;
+        let n = |k: &str| r[k].as_u64().unwrap_or(0) as usize;
+        import_summary(n("applied"), n("duplicates"), n("bad_rows"))
+    };
+    if !config.daemon.state_dir.is_dir() {
+        // No store yet: created here (as before the daemon ever ran), never through it.
+        store_owner(&config.daemon.state_dir, "import")?;
+        return offline(Store::open(&config.daemon.state_dir)?);
     }
-    println!(
-        "imported {} row(s); {} already imported; {} bad row(s)",
-        report.applied,
-        report.duplicates,
-        report.bad.len()
-    );
-    Ok(if report.bad.is_empty() {
+    store_or_daemon(&config, "import", offline, live)
+}
+
+fn import_summary(applied: usize, duplicates: usize, bad: usize) -> Result<ExitCode> {
+    println!("imported {applied} row(s); {duplicates} already imported; {bad} bad row(s)");
+    Ok(if bad == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

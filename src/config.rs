@@ -105,6 +105,10 @@ pub struct DaemonConfig {
     /// Bearer token for the send gate (`/v1/consent`). Without it the gate is off.
     #[serde(default)]
     pub gate_token: Option<SecretRef>,
+    /// Bearer token for the consent write API (`POST /v1/consent/events`). Without it
+    /// the write API is off. Never the gate's token: the gate only reads.
+    #[serde(default)]
+    pub write_token: Option<SecretRef>,
     /// A push not confirmed by a read-back within this is an alarm.
     #[serde(default = "default_unverified", with = "humantime_serde")]
     pub unverified_after: Duration,
@@ -583,6 +587,8 @@ pub struct Checked {
     pub gate_token: Option<Secret>,
     /// `audit.retention`: evidence text older than this is dropped.
     pub audit_retention: Option<Duration>,
+    /// The write API's token; `None` when the write API is off or secrets were not read.
+    pub write_token: Option<Secret>,
     pub connectors: Vec<CheckedConnector>,
     /// Allowed but probably a mistake (`file:line:column: key: message`).
     pub warnings: Vec<String>,
@@ -681,6 +687,13 @@ impl Config {
                 .ok(),
             _ => None,
         };
+        let write_token = match &self.daemon.write_token {
+            Some(s) if secrets => s
+                .resolve()
+                .map_err(|e| found.add("daemon.write_token", e.to_string()))
+                .ok(),
+            _ => None,
+        };
         self.check_policy(&mut found);
         if self
             .audit
@@ -695,7 +708,11 @@ impl Config {
         let connectors: Vec<CheckedConnector> = (self.connectors.iter())
             .filter_map(|c| check_connector(c, secrets, &mut found))
             .collect();
-        check_secrets_apart(gate_token.as_ref(), &connectors, &mut found);
+        let tokens = [
+            ("daemon.gate_token", gate_token.as_ref()),
+            ("daemon.write_token", write_token.as_ref()),
+        ];
+        check_secrets_apart(&tokens, &connectors, &mut found);
         let warnings = (found.warnings.iter())
             .map(|w| {
                 format!(
@@ -715,6 +732,7 @@ impl Config {
                 region,
                 gate_token,
                 audit_retention: self.audit.retention,
+                write_token,
                 connectors,
                 warnings,
             }),
@@ -806,10 +824,11 @@ impl Config {
             found.add("policy.opt_in_guard", why);
         }
         for name in pol.accept_opt_ins_from.iter().flatten() {
-            if name != "import" && !self.connectors.iter().any(|c| &c.name == name) {
+            let own = name == "import" || name == "api";
+            if !own && !self.connectors.iter().any(|c| &c.name == name) {
                 found.add(
                     "policy.accept_opt_ins_from",
-                    format!("`{name}` is not a configured connector (nor `import`)"),
+                    format!("`{name}` is not a configured connector (nor `import` or `api`)"),
                 );
             }
         }
@@ -946,19 +965,28 @@ fn shortest_gap(s: &cron::Schedule) -> Option<Duration> {
 /// shared value means one leak (a log of bearer tokens, a rotated app secret) opens both
 /// doors. A role is a key: two WhatsApp accounts of one Meta app share its app secret
 /// legitimately. Messages name keys, never values.
-fn check_secrets_apart(gate: Option<&Secret>, connectors: &[CheckedConnector], found: &mut Found) {
+fn check_secrets_apart(
+    tokens: &[(&str, Option<&Secret>)],
+    connectors: &[CheckedConnector],
+    found: &mut Found,
+) {
     // (role, full key, value)
     let mut seen: Vec<(String, String, Secret)> = Vec::new();
-    if let Some(token) = gate {
+    for (key, token) in tokens.iter().filter_map(|(k, t)| Some((*k, (*t)?))) {
         let chars = token.expose().chars().count();
         if chars < MIN_TOKEN_CHARS {
             found.add(
-                "daemon.gate_token",
+                key,
                 format!("too short ({chars} characters); use at least {MIN_TOKEN_CHARS} random characters, e.g. `openssl rand -hex 32`"),
             );
         }
-        let key = "daemon.gate_token".to_string();
-        seen.push((key.clone(), key, token.clone()));
+        // The gate's read token must not also write (nor the reverse).
+        if let Some((_, other, _)) = seen.iter().find(|(_, _, s)| s == token) {
+            let message =
+                format!("has the same value as {other}; give each role a secret of its own");
+            found.add(key, message);
+        }
+        seen.push((key.to_string(), key.to_string(), token.clone()));
     }
     for c in connectors {
         for (key, secret) in c.secrets.iter() {

@@ -8,6 +8,12 @@
 //! `{"command":"erase","id":"+1…"}`. The daemon answers with zero or more
 //! `{"progress":"…"}` lines and one final `{"ok":true,"result":…}` or
 //! `{"ok":false,"error":"…"}` line.
+//!
+//! Streaming requests ([`Request::streams`]) move data line by line, in constant memory on
+//! both sides: `audit_export` answers one `{"entry":…}` line per audit entry before its
+//! final line; after an `import` request line the client sends the CSV itself, to the end
+//! of its half of the connection, and gets a `{"bad_row":{"line":…,"why":…}}` line per bad
+//! row. A slow reader slows the writer down (bounded buffers), nothing piles up.
 
 use std::path::{Path, PathBuf};
 
@@ -36,6 +42,17 @@ pub enum Request {
         #[serde(default)]
         connector: Option<String>,
     },
+    /// The audit log, streamed (see the module doc), filtered as `audit export` is.
+    AuditExport {
+        #[serde(default)]
+        since: Option<optout_core::Timestamp>,
+        #[serde(default)]
+        until: Option<optout_core::Timestamp>,
+        #[serde(default)]
+        subject: Option<String>,
+    },
+    /// A suppression list (CSV) follows the request line (see the module doc).
+    Import,
     /// Erase one person's personal data, keeping their suppression (see `Engine::erase`).
     Erase {
         id: String,
@@ -62,6 +79,16 @@ pub enum Resolve {
     Discard,
 }
 
+impl Request {
+    /// Whether the request moves data in lines ([`Handler::stream`]) rather than one answer.
+    pub fn streams(&self) -> bool {
+        matches!(self, Request::AuditExport { .. } | Request::Import)
+    }
+}
+
+/// What a streaming request reads after its request line (an import's CSV).
+pub type Input = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+
 /// What the daemon does with a request. Progress lines go to `progress`; the returned
 /// value (or error) is the final answer.
 pub trait Handler: Send + Sync + 'static {
@@ -70,6 +97,18 @@ pub trait Handler: Send + Sync + 'static {
         request: Request,
         progress: mpsc::Sender<String>,
     ) -> impl std::future::Future<Output = Result<Value, String>> + Send;
+
+    /// A streaming request: `lines` takes whole JSON lines (data, or `{"progress":…}`),
+    /// written as they come; the returned value (or error) is the final answer.
+    fn stream(
+        &self,
+        request: Request,
+        input: Input,
+        lines: mpsc::Sender<String>,
+    ) -> impl std::future::Future<Output = Result<Value, String>> + Send {
+        let _ = (request, input, lines);
+        async { Err("this request does not stream".to_string()) }
+    }
 }
 
 /// Binds the socket: removes a stale socket file, refuses to steal a live one or to remove
@@ -159,6 +198,12 @@ async fn session<H: Handler>(
             return Ok(());
         }
     };
+    if request.streams() {
+        let mut rest = lines.into_inner();
+        // The request line had its limit; what follows it (a CSV) has none.
+        rest.get_mut().set_limit(u64::MAX);
+        return stream_session(request, Box::new(rest), write, handler).await;
+    }
     let (tx, mut rx) = mpsc::channel::<String>(64);
     let work = handler.handle(request, tx);
     tokio::pin!(work);
@@ -184,6 +229,47 @@ async fn session<H: Handler>(
 }
 
 use tokio::io::AsyncReadExt as _;
+
+/// Lines a streaming session buffers between the daemon's work and the socket.
+const STREAM_LINES: usize = 256;
+
+/// Writes a streaming request's lines as they come (flushing whenever the work has none
+/// ready), then its final line.
+async fn stream_session<H: Handler>(
+    request: Request,
+    input: Input,
+    write: tokio::net::unix::OwnedWriteHalf,
+    handler: std::sync::Arc<H>,
+) -> std::io::Result<()> {
+    let mut out = tokio::io::BufWriter::new(write);
+    let (tx, mut rx) = mpsc::channel::<String>(STREAM_LINES);
+    let work = handler.stream(request, input, tx);
+    tokio::pin!(work);
+    let result = loop {
+        tokio::select! {
+            biased;
+            Some(line) = rx.recv() => {
+                out.write_all(line.as_bytes()).await?;
+                out.write_all(b"\n").await?;
+                if rx.is_empty() {
+                    out.flush().await?;
+                }
+            }
+            r = &mut work => break r,
+        }
+    };
+    while let Ok(line) = rx.try_recv() {
+        out.write_all(line.as_bytes()).await?;
+        out.write_all(b"\n").await?;
+    }
+    let last = match result {
+        Ok(v) => json!({"ok": true, "result": v}),
+        Err(e) => json!({"ok": false, "error": e}),
+    };
+    out.write_all(format!("{last}\n").as_bytes()).await?;
+    out.flush().await?;
+    out.into_inner().shutdown().await
+}
 
 #[cfg(test)]
 mod tests {
@@ -275,4 +361,100 @@ pub async fn request(
     Err(ClientError::Daemon(
         "the daemon closed the connection without an answer".into(),
     ))
+}
+
+/// Sends a streaming request; `input` (an import's CSV) is sent after the request line,
+/// while the answer is read, so neither side waits on the other. Calls `on_progress` for
+/// each progress line and `on_line` for each data line; returns the final result.
+pub async fn stream(
+    path: &Path,
+    req: &Request,
+    input: Option<Box<dyn std::io::Read + Send>>,
+    mut on_progress: impl FnMut(&str),
+    mut on_line: impl FnMut(Value) -> std::io::Result<()>,
+) -> Result<Value, ClientError> {
+    let shown = path.display().to_string();
+    let io = |e: std::io::Error| ClientError::Io {
+        path: shown.clone(),
+        reason: e.to_string(),
+    };
+    let stream = connect(path).await?;
+    let (read, mut write) = stream.into_split();
+    let line = serde_json::to_string(req).expect("requests serialise");
+    write
+        .write_all(format!("{line}\n").as_bytes())
+        .await
+        .map_err(io)?;
+    let sender = tokio::spawn(send_input(input, write));
+    let mut lines = BufReader::new(read).lines();
+    while let Some(line) = lines.next_line().await.map_err(io)? {
+        let v: Value = serde_json::from_str(&line)
+            .map_err(|e| ClientError::Daemon(format!("bad answer from the daemon: {e}")))?;
+        if let Some(p) = v.get("progress").and_then(Value::as_str) {
+            on_progress(p);
+        } else if let Some(ok) = v.get("ok").and_then(Value::as_bool) {
+            sender.abort();
+            return final_answer(ok, v);
+        } else {
+            on_line(v).map_err(io)?;
+        }
+    }
+    Err(ClientError::Daemon(
+        "the daemon closed the connection without an answer".into(),
+    ))
+}
+
+fn final_answer(ok: bool, v: Value) -> Result<Value, ClientError> {
+    if ok {
+        return Ok(v.get("result").cloned().unwrap_or(Value::Null));
+    }
+    let why = v
+        .get("error")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown error");
+    Err(ClientError::Daemon(why.to_string()))
+}
+
+/// Copies `input` to the socket in chunks (read on a blocking thread: standard input or a
+/// file), then ends the client's half so the daemon sees the end of the CSV.
+async fn send_input(
+    input: Option<Box<dyn std::io::Read + Send>>,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+) -> std::io::Result<()> {
+    if let Some(mut input) = input {
+        let (tx, mut rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(4);
+        tokio::task::spawn_blocking(move || {
+            loop {
+                let mut buf = vec![0; 64 * 1024];
+                match input.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.blocking_send(Ok(buf)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return drop(tx.blocking_send(Err(e))),
+                }
+            }
+        });
+        while let Some(chunk) = rx.recv().await {
+            write.write_all(&chunk?).await?;
+        }
+    }
+    write.shutdown().await
+}
+
+async fn connect(path: &Path) -> Result<UnixStream, ClientError> {
+    let shown = path.display().to_string();
+    UnixStream::connect(path).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            ClientError::NotRunning(shown)
+        }
+        _ => ClientError::Io {
+            path: shown,
+            reason: e.to_string(),
+        },
+    })
 }

@@ -13,6 +13,8 @@
 //! has brought the store back; damage it finds then, or a store it cannot reopen, stops
 //! the daemon with an error ([`StoreFatal`]).
 
+mod live;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,13 +45,16 @@ pub struct Daemon {
     pub metrics: Arc<Metrics>,
     pub statuses: BTreeMap<String, StatusCell>,
     pub triggers: BTreeMap<String, mpsc::Sender<Trigger>>,
-    /// What the workers share: bookkeeping after an operator's change (released holds).
+    /// What the workers share: bookkeeping after an operator's change (released holds, an
+    /// import through the daemon).
     pub workers: Arc<WorkerContext>,
     /// What `/readyz` and the watchdog read: running and the store works.
     pub ready: Arc<AtomicBool>,
     /// Between READY=1 and the start of shutdown.
     running: AtomicBool,
     pub started: Timestamp,
+    /// Wakes the worker that applies the write API's recorded events.
+    api_wake: Arc<Notify>,
 }
 
 /// Runs until SIGTERM or SIGINT.
@@ -93,7 +98,12 @@ pub async fn run_until(
         ready: Arc::new(AtomicBool::new(false)),
         running: AtomicBool::new(false),
         started,
+        api_wake: Arc::new(Notify::new()),
     });
+    tracker.spawn(crate::api::apply_worker(
+        ctx.clone(),
+        daemon.api_wake.clone(),
+    ));
     let bound = serve_http(&daemon, started_connectors.routes, &tracker, &cancel).await?;
     serve_control(&daemon, &tracker, &cancel)?;
     spawn_high_water(&daemon, &tracker, &cancel);
@@ -399,6 +409,14 @@ async fn serve_http(
         cfg.body_timeout,
         crate::http::Refusals::new(daemon.metrics.clone()),
     ));
+    let write = Arc::new(crate::http::write::WriteState {
+        engine: daemon.engine.clone(),
+        write_token: daemon.checked.write_token.clone(),
+        gate_token: daemon.checked.gate_token.clone(),
+        applied: daemon.api_wake.clone(),
+    });
+    let mut routes = routes;
+    routes.push(crate::http::write::routes(write));
     let app = crate::http::app(http_state, routes, guard);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -893,6 +911,33 @@ impl control::Handler for Daemon {
                 let reply = self.holds(selection, resolve, progress).await?;
                 serde_json::to_value(reply).map_err(|e| e.to_string())
             }
+            Request::AuditExport { .. } | Request::Import => {
+                Err("a streaming request (see control::stream)".into())
+            }
+        }
+    }
+
+    async fn stream(
+        &self,
+        request: Request,
+        input: control::Input,
+        lines: mpsc::Sender<String>,
+    ) -> Result<Value, String> {
+        match request {
+            Request::AuditExport {
+                since,
+                until,
+                subject,
+            } => {
+                let filter = crate::audit::Filter {
+                    since,
+                    until,
+                    subject,
+                };
+                live::export(self.workers.clone(), filter, lines).await
+            }
+            Request::Import => live::import(self.workers.clone(), input, lines).await,
+            _ => Err("this request does not stream".into()),
         }
     }
 }

@@ -11,10 +11,11 @@
 //! Every request passes [`guard_request`]: its body gets a deadline (`daemon.body_timeout`,
 //! 408 after it) and waits its turn to be read, and webhook refusals for a bad signature
 //! are counted and logged at a bounded rate ([`refusals`]). Connections are accepted and
-//! limited in [`serve`].
+//! limited in [`serve`]. The write API's routes (their own token) are in [`write`].
 
 mod refusals;
 mod serve;
+pub mod write;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -468,7 +469,7 @@ async fn gate_batch(State(s): State<Arc<HttpState>>, req: Request) -> Response {
 }
 
 /// The announced body length, if the header is present and a number.
-fn content_length(headers: &HeaderMap) -> Option<u64> {
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)?
         .to_str()

@@ -22,8 +22,9 @@ const PAGE: usize = 500;
 pub struct ImportReport {
     pub applied: usize,
     pub duplicates: usize,
-    /// (line number, problem)
+    /// (line number, problem); empty from [`import_streaming`], which hands them out.
     pub bad: Vec<(u64, String)>,
+    pub bad_rows: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +59,28 @@ pub fn import(
     input: impl Read,
     now: Timestamp,
 ) -> Result<ImportReport, ImportError> {
+    let mut bad = Vec::new();
+    let mut report = import_streaming(
+        engine,
+        input,
+        now,
+        |line, why| bad.push((line, why)),
+        |_| {},
+    )?;
+    report.bad = bad;
+    Ok(report)
+}
+
+/// [`import`] in constant memory, for the running daemon: each bad row goes to `on_bad`
+/// as it is found (not into the report), and each applied page to `on_page` (which wakes
+/// the push workers at once).
+pub fn import_streaming(
+    engine: &Engine,
+    input: impl Read,
+    now: Timestamp,
+    mut on_bad: impl FnMut(u64, String),
+    mut on_page: impl FnMut(&crate::reconcile::ApplyReport),
+) -> Result<ImportReport, ImportError> {
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
         .trim(csv::Trim::All)
@@ -65,25 +88,32 @@ pub fn import(
     let columns = Columns::from_headers(reader.headers()?)?;
     let mut report = ImportReport::default();
     let mut page = Vec::with_capacity(PAGE);
+    let mut apply_page = |page: &mut Vec<Observation>, report: &mut ImportReport| {
+        apply(engine, page, report, now).map(|r| r.inspect(&mut on_page))
+    };
     for row in reader.records() {
         let row = match row {
             Ok(r) => r,
             Err(e) => {
                 let line = e.position().map(|p| p.line()).unwrap_or(0);
-                report.bad.push((line, e.to_string()));
+                report.bad_rows += 1;
+                on_bad(line, e.to_string());
                 continue;
             }
         };
         let line = row.position().map(|p| p.line()).unwrap_or(0);
         match columns.observation(engine, &row, line) {
             Ok(observation) => page.push(observation),
-            Err(why) => report.bad.push((line, why)),
+            Err(why) => {
+                report.bad_rows += 1;
+                on_bad(line, why);
+            }
         }
         if page.len() >= PAGE {
-            apply(engine, &mut page, &mut report, now)?;
+            apply_page(&mut page, &mut report)?;
         }
     }
-    apply(engine, &mut page, &mut report, now)?;
+    apply_page(&mut page, &mut report)?;
     Ok(report)
 }
 
@@ -163,15 +193,15 @@ fn apply(
     page: &mut Vec<Observation>,
     report: &mut ImportReport,
     now: Timestamp,
-) -> Result<(), StoreError> {
+) -> Result<Option<crate::reconcile::ApplyReport>, StoreError> {
     if page.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let r = engine.apply_page(SOURCE, page, None, now)?;
     report.duplicates += r.results.get("duplicate").copied().unwrap_or(0) as usize;
     report.applied += page.len() - r.results.get("duplicate").copied().unwrap_or(0) as usize;
     page.clear();
-    Ok(())
+    Ok(Some(r))
 }
 
 fn shorten(s: &str) -> String {
@@ -220,6 +250,7 @@ mod tests {
                 "{alias}"
             );
         }
+        assert_eq!(r.bad_rows, 3);
         let again = import(&e, csv.as_bytes(), Timestamp::now()).unwrap();
         assert_eq!((again.applied, again.duplicates), (0, 2));
         assert!(matches!(

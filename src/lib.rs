@@ -5,6 +5,7 @@
 //! line ([`cli`]), the control protocol ([`control`]) and the answers it carries
 //! ([`report`], [`holds`]), and phone-number normalisation ([`identity`]); everything else is private to the daemon.
 
+mod api;
 mod app;
 mod audit;
 pub mod cli;

@@ -106,6 +106,7 @@ impl ScopeMap {
             Signal::MarketingSendFailure => self.marketing_send_failure,
             Signal::CrmField => self.crm_field,
             Signal::Import => self.import,
+            Signal::Api(scope) => scope,
             Signal::Inbound | Signal::Erasure => Scope::All,
         }
     }

@@ -9,9 +9,10 @@
 //! (decision totals and people), `unverified` (pushes not yet read back), `unreadable`
 //! (connector, record → phone values that are not numbers), `templates` (template name →
 //! its newest category per language), `holds` (opt-ins held by the mass re-opt-in guard),
-//! `guard` (source → its window) and `meta` (schema version; the erasure key, tombstones
-//! and pending compaction of `store/erasure.rs`; the id base of `store/compact.rs`, which
-//! rewrites the store after an erasure).
+//! `guard` (source → its window), `api_keys` (the write API's idempotency keys, hashed)
+//! and `meta` (schema version; the erasure key, tombstones and pending compaction of
+//! `store/erasure.rs`; the id base of `store/compact.rs`, which rewrites the store after
+//! an erasure).
 //!
 //! Every value starts with a one-byte format version followed by JSON. Changes that must
 //! happen together go through [`Store::transaction`], which commits them atomically and,
@@ -270,6 +271,37 @@ pub struct HoldRecord {
     pub held_at: Timestamp,
 }
 
+/// One event offered to the write API: its idempotency key (hashed by the caller, so no
+/// personal data a client puts in a key is kept), a hash of its content, and the JSON it
+/// is stored as.
+#[derive(Clone, Debug)]
+pub struct KeyClaim {
+    pub key: String,
+    pub content: String,
+    pub body: Vec<u8>,
+}
+
+/// What the store remembers of an idempotency key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKeyRecord {
+    /// The hash of the event first recorded under the key.
+    pub content: String,
+    pub recorded_at: Timestamp,
+    /// The receipt the first answer carried.
+    pub receipt: String,
+}
+
+/// How the store took one [`KeyClaim`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claimed {
+    /// Recorded now.
+    New(ApiKeyRecord),
+    /// The key was recorded before with the same event: nothing changes.
+    Same(ApiKeyRecord),
+    /// The key was recorded before with another event.
+    Conflict(ApiKeyRecord),
+}
+
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     let mut out = vec![FORMAT];
     serde_json::to_writer(&mut out, v).expect("store values serialise");
@@ -311,7 +343,7 @@ fn prefix(connector: &str) -> Vec<u8> {
 
 // ---- the store ------------------------------------------------------------------------
 
-const TREES: [&str; 18] = [
+const TREES: [&str; 19] = [
     "subjects",
     "aliases",
     "links",
@@ -330,6 +362,7 @@ const TREES: [&str; 18] = [
     "templates",
     "holds",
     "guard",
+    "api_keys",
 ];
 const SUBJECTS: usize = 0;
 const ALIASES: usize = 1;
@@ -349,6 +382,7 @@ const UNREADABLE: usize = 14;
 const TEMPLATES: usize = 15;
 const HOLDS: usize = 16;
 const GUARD: usize = 17;
+const API_KEYS: usize = 18;
 
 /// The embedded database. Cheap to clone: clones share one open database, its health and
 /// its group commit.
@@ -1228,6 +1262,102 @@ impl Store {
                 db.trees[INBOX].remove(k)?;
             }
             Ok(keys.len())
+        })
+    }
+
+    // -- the write API's intake --
+
+    /// Records the write API's events durably, with their idempotency keys: the events
+    /// whose key is new become one inbox entry of `connector` (a JSON array of their
+    /// `body`s, for its worker to apply); a key seen before is answered from its record.
+    /// Returns once the entry and the keys are on disk, sharing the flush with webhooks.
+    pub async fn api_append(
+        &self,
+        connector: &str,
+        received_at: Timestamp,
+        claims: Vec<KeyClaim>,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let store = self.clone();
+        let connector = connector.to_string();
+        let claimed =
+            off_runtime(move || store.insert_api(&connector, received_at, &claims)).await?;
+        if claimed.iter().any(|c| matches!(c, Claimed::New(_))) {
+            self.commit_write().await?;
+        }
+        Ok(claimed)
+    }
+
+    fn insert_api(
+        &self,
+        connector: &str,
+        received_at: Timestamp,
+        claims: &[KeyClaim],
+    ) -> Result<Vec<Claimed>, StoreError> {
+        self.with(|db| {
+            let group = &self.shared.group;
+            // The same lock as webhooks: inbox entries become visible in sequence order,
+            // and two requests with one key cannot both find it new.
+            let _order = group.append_order.lock().unwrap_or_else(|p| p.into_inner());
+            let mut out: Vec<Claimed> = Vec::with_capacity(claims.len());
+            let mut fresh: Vec<(&KeyClaim, ApiKeyRecord)> = Vec::new();
+            let seq = db.db.generate_id()? + 1;
+            for c in claims {
+                let earlier = (fresh.iter().find(|(f, _)| f.key == c.key))
+                    .map(|(_, r)| r.clone())
+                    .map(Ok)
+                    .or_else(|| {
+                        let v = db.trees[API_KEYS].get(c.key.as_bytes()).transpose()?;
+                        Some(
+                            v.map_err(StoreError::from)
+                                .and_then(|v| decode("api key", &v)),
+                        )
+                    })
+                    .transpose()?;
+                out.push(match earlier {
+                    Some(r) if r.content == c.content => Claimed::Same(r),
+                    Some(r) => Claimed::Conflict(r),
+                    None => {
+                        let r = ApiKeyRecord {
+                            content: c.content.clone(),
+                            recorded_at: received_at,
+                            receipt: format!("api-{seq}-{}", fresh.len()),
+                        };
+                        fresh.push((c, r.clone()));
+                        Claimed::New(r)
+                    }
+                });
+            }
+            if fresh.is_empty() {
+                return Ok(out);
+            }
+            let mut body = b"[".to_vec();
+            for (i, (c, _)) in fresh.iter().enumerate() {
+                if i > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(&c.body);
+            }
+            body.push(b']');
+            let entry = encode(&InboxRecord {
+                received_at,
+                body,
+                reason: None,
+                connector: Some(connector.to_string()),
+            });
+            let (inbox, keys) = (&db.trees[INBOX], &db.trees[API_KEYS]);
+            (inbox, keys)
+                .transaction(|(inbox, keys)| {
+                    inbox.insert(&seq.to_be_bytes(), entry.as_slice())?;
+                    for (c, r) in &fresh {
+                        keys.insert(c.key.as_bytes(), encode(r))?;
+                    }
+                    Ok::<_, ConflictableTransactionError<StoreError>>(())
+                })
+                .map_err(|e| match e {
+                    TransactionError::Abort(e) => e,
+                    TransactionError::Storage(e) => e.into(),
+                })?;
+            Ok(out)
         })
     }
 

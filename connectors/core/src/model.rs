@@ -176,6 +176,9 @@ pub enum Signal {
     CrmField,
     /// A row of an imported suppression list.
     Import,
+    /// An act reported through the daemon's consent write API (a preference centre, a
+    /// call-centre agent, an IVR), with the scope the caller named.
+    Api(Scope),
     /// A message that says nothing about consent (it only opens the 24-hour window).
     Inbound,
     /// The suppression an erased person left behind (their tombstone), met again.
@@ -191,6 +194,8 @@ impl Signal {
             Signal::MarketingSendFailure => "marketing_send_failure",
             Signal::CrmField => "crm_field",
             Signal::Import => "import",
+            Signal::Api(Scope::All) => "api",
+            Signal::Api(Scope::Marketing) => "api_marketing",
             Signal::Inbound => "inbound",
             Signal::Erasure => "erasure",
         }
