@@ -308,6 +308,8 @@ impl StoredEvent {
             message_id: Some(format!("{}#{}", self.source, self.key)),
             evidence,
             language: None,
+            scope: Some(self.scope),
+            possible_opt_out: false,
         })
     }
 }

@@ -258,7 +258,21 @@ pub fn main() -> ExitCode {
     if private {
         private_files();
     }
-    let result = match cli.command {
+    let result = dispatch(cli.command);
+    match result {
+        Ok(code) => code,
+        // The reader went away (`lookup … | head`): what it wanted was written.
+        Err(e) if e.is::<OutputClosed>() => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("optout-sync: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// Runs one command.
+fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
         Command::Run {
             config,
             create_state_dir,
@@ -285,7 +299,7 @@ pub fn main() -> ExitCode {
             json,
             config,
         } => holds(&config, action, source, json),
-        Command::CheckConfig { path, connect } => return check_config(&path, connect),
+        Command::CheckConfig { path, connect } => Ok(check_config(&path, connect)),
         Command::Lookup { id, config, json } => lookup(&config, &id, json),
         Command::Numbers {
             unreadable: _,
@@ -317,15 +331,6 @@ pub fn main() -> ExitCode {
         } => erase::compact(&config),
         #[cfg(feature = "generate")]
         Command::Generate { what, dir } => generate::write(what, &dir),
-    };
-    match result {
-        Ok(code) => code,
-        // The reader went away (`lookup … | head`): what it wanted was written.
-        Err(e) if e.is::<OutputClosed>() => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("optout-sync: {e:#}");
-            ExitCode::from(exit_code(&e))
-        }
     }
 }
 
