@@ -15,7 +15,7 @@
 //! Environment: `OPTOUT_BENCH_PEOPLE=10000000` (or `BENCH_RESYNC_N`) sets how many people
 //! the resync builds the big store from, which `store` and `gate` then use (default
 //! 1,000,000, or 20,000 with `--quick`; ten million takes the better part of an hour); `BENCH_PERF_DIR=/some/dir` attaches `perf record -g` to the
-//! daemon during the resync and each intake level and leaves `<name>.perf.data` there
+//! daemon during the resync, each intake level and each gate level and leaves `<name>.perf.data` there
 //! (read with `perf report -i`); `BENCH_DAEMON_ENV="MALLOC_ARENA_MAX=2"` adds environment
 //! variables (space-separated `K=V`) to every daemon the harness starts.
 //!
@@ -2163,7 +2163,9 @@ async fn gate_bench(sizes: &Sizes, big: &BigStore) {
     let _ = gate_load(&d, n, 2_000, 8, 1).await;
     let mut rows = Vec::new();
     for (k, conns) in [1usize, 32, 128].into_iter().enumerate() {
+        let perf = perf_attach(d.pid, &format!("gate-{conns}"));
         let g = gate_load(&d, n, sizes.gate_load, conns, 0x6a7e + k as u64).await;
+        perf.stop();
         rows.push(vec![
             conns.to_string(),
             g.lat.len().to_string(),
@@ -2192,7 +2194,9 @@ async fn gate_bench(sizes: &Sizes, big: &BigStore) {
     );
     let mut rows = Vec::new();
     for conns in [1usize, 4] {
+        let perf = perf_attach(d.pid, &format!("gate-batch-{conns}"));
         let lat = gate_batches(&d, n, sizes.gate_batches, conns).await;
+        perf.stop();
         rows.push(dist_row(&format!("1,000 ids, {conns} connection(s)"), lat));
     }
     table(
