@@ -167,6 +167,16 @@ fn bad_request(body: serde_json::Value) -> Box<Response> {
     Box::new((StatusCode::BAD_REQUEST, Json(body)).into_response())
 }
 
+fn unavailable(error: &str) -> Box<Response> {
+    Box::new(
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": error})),
+        )
+            .into_response(),
+    )
+}
+
 /// A category or a template, not both: a template's category is the store's to say.
 fn asked(category: Option<&str>, template: Option<&str>) -> Result<Asked, Box<Response>> {
     match (category, template) {
@@ -384,7 +394,22 @@ static ON_WORKERS: AtomicUsize = AtomicUsize::new(0);
 /// disk can never hold every worker; without a free slot the lookup goes to the pool.
 struct WorkerSlot;
 
+/// Times a lookup lets other tasks run before it gives up waiting for a [`WorkerSlot`].
+const SLOT_TRIES: usize = 4;
+
 impl WorkerSlot {
+    /// A slot, letting this worker's other tasks run while none is free: a slot is held
+    /// for one read, so one is usually free again after a turn (cheaper than the pool).
+    async fn wait() -> Option<WorkerSlot> {
+        for _ in 0..SLOT_TRIES {
+            if let Some(slot) = WorkerSlot::take() {
+                return Some(slot);
+            }
+            tokio::task::yield_now().await;
+        }
+        WorkerSlot::take()
+    }
+
     fn take() -> Option<WorkerSlot> {
         let workers = tokio::runtime::Handle::current().metrics().num_workers();
         let limit = workers.saturating_sub(1);
@@ -424,7 +449,7 @@ async fn gate_one(
             ..answer(&engine, &read, &id, category)
         })
     };
-    let v = match WorkerSlot::take() {
+    let v = match WorkerSlot::wait().await {
         Some(_slot) => run(),
         None => {
             (tokio::task::spawn_blocking(run).await).unwrap_or_else(|_| Ok(GateReply::default()))
@@ -473,21 +498,29 @@ async fn gate_batch(State(s): State<Arc<HttpState>>, req: Request) -> Response {
         Ok(a) => a,
         Err(r) => return *r,
     };
-    let engine = s.engine.clone();
-    let results = tokio::task::spawn_blocking(move || {
-        let (category, template) = judged(&engine, &asked)?;
-        Ok::<_, Box<Response>>(batch_answers(&engine, &req.ids, category, template))
-    })
-    .await
-    .unwrap_or_else(|_| Ok(Vec::new()));
-    match results {
+    match batch_answers(s.engine.clone(), asked, req.ids).await {
         Ok(results) => Json(GateBatchReply { results }).into_response(),
         Err(r) => *r,
     }
 }
 
-/// The batch's answers, in order, all read in one store call.
-fn batch_answers(
+/// The batch's answers, in order, read on a blocking thread in one store call (a batch is
+/// a thousand sled reads: milliseconds, too long for an async worker).
+async fn batch_answers(
+    engine: Arc<Engine>,
+    asked: Asked,
+    ids: Vec<String>,
+) -> Result<Vec<GateReply>, Box<Response>> {
+    (tokio::task::spawn_blocking(move || {
+        let (category, template) = judged(&engine, &asked)?;
+        Ok(batch_read(&engine, &ids, category, template))
+    })
+    .await)
+        .unwrap_or_else(|_| Err(unavailable("the daemon is stopping")))
+}
+
+/// Answers for `ids`, in order, all read in one store call.
+fn batch_read(
     engine: &Engine,
     ids: &[String],
     category: Category,
