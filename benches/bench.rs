@@ -16,7 +16,8 @@
 //! the resync builds the big store from, which `store` and `gate` then use (default
 //! 1,000,000, or 20,000 with `--quick`; ten million takes the better part of an hour); `BENCH_PERF_DIR=/some/dir` attaches `perf record -g` to the
 //! daemon during the resync, each intake level and each gate level and leaves `<name>.perf.data` there
-//! (read with `perf report -i`); `BENCH_DAEMON_ENV="MALLOC_ARENA_MAX=2"` adds environment
+//! (read with `perf report -i`), or only the recordings `BENCH_PERF_ONLY=gate-128,gate-batch-4`
+//! names; `BENCH_DAEMON_ENV="MALLOC_ARENA_MAX=2"` adds environment
 //! variables (space-separated `K=V`) to every daemon the harness starts.
 //!
 //! The daemon is the real release binary (`target/release/optout-sync`, built by cargo
@@ -625,6 +626,12 @@ fn perf_attach(pid: u32, name: &str) -> Perf {
     let Ok(dir) = std::env::var("BENCH_PERF_DIR") else {
         return Perf(None);
     };
+    // Only the named recordings, when given: the others' figures stay free of perf.
+    if let Ok(only) = std::env::var("BENCH_PERF_ONLY")
+        && !only.split(',').any(|n| n.trim() == name)
+    {
+        return Perf(None);
+    }
     let out = Path::new(&dir).join(format!("{name}.perf.data"));
     let child = std::process::Command::new("perf")
         .args([
