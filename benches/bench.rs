@@ -195,6 +195,7 @@ async fn run(selected: Vec<String>, sizes: Sizes, quick: bool) {
                     store_bench(&sizes, store).await;
                 } else {
                     gate_bench(&sizes, store).await;
+                    gate_baseline(&sizes, store).await;
                 }
             }
             _ => unreachable!(),
@@ -483,6 +484,21 @@ fn env_vars() -> Vec<(&'static str, String)> {
     ]
 }
 
+/// Another daemon binary to start instead of [`BIN`] (the gate's A/B comparison).
+static DAEMON_BIN: Mutex<Option<String>> = Mutex::new(None);
+
+/// With `BENCH_GATE_BASELINE_BIN=<another build of the daemon>`, the gate benchmark again
+/// on the same store with that binary: a before/after at the same size and load.
+async fn gate_baseline(sizes: &Sizes, big: &BigStore) {
+    let Ok(bin) = std::env::var("BENCH_GATE_BASELINE_BIN") else {
+        return;
+    };
+    println!("(the gate benchmark again with the baseline binary `{bin}`)\n");
+    *DAEMON_BIN.lock().expect("bin") = Some(bin);
+    gate_bench(sizes, big).await;
+    *DAEMON_BIN.lock().expect("bin") = None;
+}
+
 /// Writes `config` in `dir` and starts the daemon; returns at READY=1.
 async fn spawn_daemon(dir: &Path, config: &str) -> Daemon {
     let n = SPAWNS.fetch_add(1, Ordering::Relaxed);
@@ -492,7 +508,8 @@ async fn spawn_daemon(dir: &Path, config: &str) -> Daemon {
     let _ = std::fs::remove_file(&notify_path);
     let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
     let log = dir.join(format!("daemon-{n}.log"));
-    let mut cmd = Command::new(BIN);
+    let bin = (DAEMON_BIN.lock().expect("bin").clone()).unwrap_or_else(|| BIN.to_string());
+    let mut cmd = Command::new(bin);
     cmd.arg("run")
         .arg("--create-state-dir")
         .arg("--config")
