@@ -15,8 +15,9 @@
 //! Environment: `OPTOUT_BENCH_PEOPLE=10000000` (or `BENCH_RESYNC_N`) sets how many people
 //! the resync builds the big store from, which `store` and `gate` then use (default
 //! 1,000,000, or 20,000 with `--quick`; ten million takes the better part of an hour); `BENCH_PERF_DIR=/some/dir` attaches `perf record -g` to the
-//! daemon during the resync and each intake level and leaves `<name>.perf.data` there
-//! (read with `perf report -i`); `BENCH_DAEMON_ENV="MALLOC_ARENA_MAX=2"` adds environment
+//! daemon during the resync, each intake level and each gate level and leaves `<name>.perf.data` there
+//! (read with `perf report -i`), or only the recordings `BENCH_PERF_ONLY=gate-128,gate-batch-4`
+//! names; `BENCH_DAEMON_ENV="MALLOC_ARENA_MAX=2"` adds environment
 //! variables (space-separated `K=V`) to every daemon the harness starts.
 //!
 //! The daemon is the real release binary (`target/release/optout-sync`, built by cargo
@@ -200,6 +201,7 @@ async fn run(selected: Vec<String>, sizes: Sizes, quick: bool) {
                     store_bench(&sizes, store).await;
                 } else {
                     gate_bench(&sizes, store).await;
+                    gate_baseline(&sizes, store).await;
                 }
             }
             _ => unreachable!(),
@@ -488,6 +490,21 @@ fn env_vars() -> Vec<(&'static str, String)> {
     ]
 }
 
+/// Another daemon binary to start instead of [`BIN`] (the gate's A/B comparison).
+static DAEMON_BIN: Mutex<Option<String>> = Mutex::new(None);
+
+/// With `BENCH_GATE_BASELINE_BIN=<another build of the daemon>`, the gate benchmark again
+/// on the same store with that binary: a before/after at the same size and load.
+async fn gate_baseline(sizes: &Sizes, big: &BigStore) {
+    let Ok(bin) = std::env::var("BENCH_GATE_BASELINE_BIN") else {
+        return;
+    };
+    println!("(the gate benchmark again with the baseline binary `{bin}`)\n");
+    *DAEMON_BIN.lock().expect("bin") = Some(bin);
+    gate_bench(sizes, big).await;
+    *DAEMON_BIN.lock().expect("bin") = None;
+}
+
 /// Writes `config` in `dir` and starts the daemon; returns at READY=1.
 async fn spawn_daemon(dir: &Path, config: &str) -> Daemon {
     let n = SPAWNS.fetch_add(1, Ordering::Relaxed);
@@ -497,7 +514,8 @@ async fn spawn_daemon(dir: &Path, config: &str) -> Daemon {
     let _ = std::fs::remove_file(&notify_path);
     let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
     let log = dir.join(format!("daemon-{n}.log"));
-    let mut cmd = Command::new(BIN);
+    let bin = (DAEMON_BIN.lock().expect("bin").clone()).unwrap_or_else(|| BIN.to_string());
+    let mut cmd = Command::new(bin);
     cmd.arg("run")
         .arg("--create-state-dir")
         .arg("--config")
@@ -631,6 +649,12 @@ fn perf_attach(pid: u32, name: &str) -> Perf {
     let Ok(dir) = std::env::var("BENCH_PERF_DIR") else {
         return Perf(None);
     };
+    // Only the named recordings, when given: the others' figures stay free of perf.
+    if let Ok(only) = std::env::var("BENCH_PERF_ONLY")
+        && !only.split(',').any(|n| n.trim() == name)
+    {
+        return Perf(None);
+    }
     let out = Path::new(&dir).join(format!("{name}.perf.data"));
     let child = std::process::Command::new("perf")
         .args([
@@ -2169,7 +2193,9 @@ async fn gate_bench(sizes: &Sizes, big: &BigStore) {
     let _ = gate_load(&d, n, 2_000, 8, 1).await;
     let mut rows = Vec::new();
     for (k, conns) in [1usize, 32, 128].into_iter().enumerate() {
+        let perf = perf_attach(d.pid, &format!("gate-{conns}"));
         let g = gate_load(&d, n, sizes.gate_load, conns, 0x6a7e + k as u64).await;
+        perf.stop();
         rows.push(vec![
             conns.to_string(),
             g.lat.len().to_string(),
@@ -2198,7 +2224,9 @@ async fn gate_bench(sizes: &Sizes, big: &BigStore) {
     );
     let mut rows = Vec::new();
     for conns in [1usize, 4] {
+        let perf = perf_attach(d.pid, &format!("gate-batch-{conns}"));
         let lat = gate_batches(&d, n, sizes.gate_batches, conns).await;
+        perf.stop();
         rows.push(dist_row(&format!("1,000 ids, {conns} connection(s)"), lat));
     }
     table(

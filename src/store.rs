@@ -923,6 +923,19 @@ impl Store {
         )))
     }
 
+    /// The send gate's read: the live subject an alias belongs to (following merges) and
+    /// its consent registers. Only the registers are decoded; a subject's alias and link
+    /// lists, which the gate's answer does not use, are skipped.
+    pub fn consent_by_alias(&self, alias: &str) -> Result<Option<(u64, Consent)>, StoreError> {
+        self.with(|db| consent_of(db, alias))
+    }
+
+    /// Runs `f` with a [`ConsentReads`] (many gate reads in one store call: the batch
+    /// gate); `Err` only if the store is unavailable.
+    pub fn consent_reads<T>(&self, f: impl FnOnce(&ConsentReads) -> T) -> Result<T, StoreError> {
+        self.with(|db| Ok(f(&ConsentReads { store: self, db })))
+    }
+
     pub fn link(&self, connector: &str, record: &str) -> Result<Option<LinkRecord>, StoreError> {
         self.with(|db| {
             db.trees[LINKS]
@@ -1510,6 +1523,51 @@ fn probe(db: &Db) -> Result<(), StoreError> {
     db.trees[META].insert("probe", &Timestamp::now().millis().to_be_bytes())?;
     db.db.flush()?;
     Ok(())
+}
+
+/// Gate reads within one [`Store::consent_reads`] call.
+pub struct ConsentReads<'a> {
+    store: &'a Store,
+    db: &'a Db,
+}
+
+impl ConsentReads<'_> {
+    /// As [`Store::consent_by_alias`].
+    pub fn consent_by_alias(&self, alias: &str) -> Result<Option<(u64, Consent)>, StoreError> {
+        let r = consent_of(self.db, alias);
+        if let Err(e) = &r {
+            self.store.note(e);
+        }
+        r
+    }
+}
+
+/// What the gate decodes of a subject; serde skips the other fields without building them.
+#[derive(Deserialize)]
+struct ConsentView {
+    consent: Consent,
+    merged_into: Option<u64>,
+}
+
+/// The live subject of `alias` and its registers (see [`Store::consent_by_alias`]).
+fn consent_of(db: &Db, alias: &str) -> Result<Option<(u64, Consent)>, StoreError> {
+    let Some(id) = db.trees[ALIASES].get(alias.as_bytes())? else {
+        return Ok(None);
+    };
+    let mut id = u64_of(&id)?;
+    for _ in 0..16 {
+        let Some(v) = db.trees[SUBJECTS].get(id.to_be_bytes())? else {
+            return Ok(None);
+        };
+        let s: ConsentView = decode("subject", &v)?;
+        match s.merged_into {
+            Some(next) => id = next,
+            None => return Ok(Some((id, s.consent))),
+        }
+    }
+    Err(StoreError::Corrupt(format!(
+        "merge chain of subject {id} too long"
+    )))
 }
 
 fn u64_of(b: &[u8]) -> Result<u64, StoreError> {

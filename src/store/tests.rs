@@ -554,3 +554,54 @@ async fn retention_prunes_only_what_is_older_than_the_cutoff() {
     .unwrap();
     assert_eq!(s.prune_seen(cutoff).unwrap(), 0);
 }
+
+#[test]
+fn the_gate_read_follows_merges_and_decodes_only_the_registers() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let mut consent = Consent::default();
+    consent.record(&crate::policy::Fact {
+        status: Status::OptedOut,
+        scope: optout_core::Scope::All,
+        at: Timestamp(1_700_000_000_000),
+        source: "whatsapp".into(),
+        record: "wamid.1".into(),
+        signal: optout_core::Signal::Keyword,
+        evidence: "STOP".into(),
+    });
+    let merged = SubjectRecord {
+        id: 1,
+        aliases: vec!["p:+14155550001".into()],
+        merged_into: Some(2),
+        ..SubjectRecord::default()
+    };
+    let live = SubjectRecord {
+        id: 2,
+        aliases: vec!["p:+14155550002".into()],
+        consent: consent.clone(),
+        links: vec![("hubspot".into(), "c-1".into())],
+        merged_from: vec![1],
+        ..SubjectRecord::default()
+    };
+    s.transaction(true, |tx| {
+        tx.put_subject(&merged)?;
+        tx.put_subject(&live)?;
+        tx.put_alias("p:+14155550001", 1)?;
+        tx.put_alias("p:+14155550002", 2)
+    })
+    .unwrap();
+    let want = Some((2, consent));
+    assert_eq!(s.consent_by_alias("p:+14155550001").unwrap(), want);
+    let both = s
+        .consent_reads(|r| {
+            ["p:+14155550002", "p:+19995550000"].map(|a| r.consent_by_alias(a).unwrap())
+        })
+        .unwrap();
+    assert_eq!(both, [want, None]);
+    assert_eq!(
+        s.subject_by_alias("p:+14155550001")
+            .unwrap()
+            .map(|s| s.consent),
+        both[0].clone().map(|(_, c)| c)
+    );
+}
