@@ -329,8 +329,14 @@ async fn no_number_or_message_text_reaches_the_log_at_trace_level() {
         gate(&d, n).await;
         lookup(&d, n);
     }
-    assert!(d.terminate().await.success());
+    let exit = d.terminate().await;
     let log = d.log_text();
+    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+    assert!(
+        exit.success(),
+        "exit {exit:?}; the log's end:\n{}",
+        tail.join("\n")
+    );
     assert!(log.contains("TRACE"), "the log is not at trace level");
     assert!(log.contains("quarantined"), "no quarantine in the log");
     let mut leaks = Vec::new();
