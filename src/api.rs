@@ -302,7 +302,7 @@ impl StoredEvent {
         Observation::Event(ConsentEvent {
             identities: vec![self.identity],
             status: Some(self.status),
-            signal: Signal::Api(self.scope),
+            signal: Signal::Api,
             at: self.at,
             inbound: false,
             message_id: Some(format!("{}#{}", self.source, self.key)),

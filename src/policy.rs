@@ -106,8 +106,8 @@ impl ScopeMap {
             Signal::MarketingSendFailure => self.marketing_send_failure,
             Signal::CrmField => self.crm_field,
             Signal::Import => self.import,
-            Signal::Api(scope) => scope,
-            Signal::Inbound | Signal::Erasure => Scope::All,
+            // The write API names the scope on each event; this is only its fallback.
+            Signal::Api | Signal::Inbound | Signal::Erasure => Scope::All,
         }
     }
 }

@@ -177,8 +177,8 @@ pub enum Signal {
     /// A row of an imported suppression list.
     Import,
     /// An act reported through the daemon's consent write API (a preference centre, a
-    /// call-centre agent, an IVR), with the scope the caller named.
-    Api(Scope),
+    /// call-centre agent, an IVR); the scope the caller named is the event's own.
+    Api,
     /// A message that says nothing about consent (it only opens the 24-hour window).
     Inbound,
     /// The suppression an erased person left behind (their tombstone), met again.
@@ -194,8 +194,7 @@ impl Signal {
             Signal::MarketingSendFailure => "marketing_send_failure",
             Signal::CrmField => "crm_field",
             Signal::Import => "import",
-            Signal::Api(Scope::All) => "api",
-            Signal::Api(Scope::Marketing) => "api_marketing",
+            Signal::Api => "api",
             Signal::Inbound => "inbound",
             Signal::Erasure => "erasure",
         }
