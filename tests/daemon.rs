@@ -15,27 +15,7 @@ use serde_json::json;
 
 const PHONE: &str = "+1 415 555 2671";
 
-struct Fakes {
-    hubspot: optout_hubspot::fake::FakeHandle,
-    salesforce: optout_salesforce::fake::FakeHandle,
-    hook: optout_webhook::fake::FakeHandle,
-}
-
-async fn fakes() -> Fakes {
-    let hubspot = optout_hubspot::fake::start(optout_hubspot::fake::FakeOptions {
-        limits: optout_hubspot::fake::Limits::off(),
-        ..Default::default()
-    })
-    .await;
-    let salesforce =
-        optout_salesforce::fake::start(optout_salesforce::fake::FakeOptions::default()).await;
-    let hook = optout_webhook::fake::start(optout_webhook::fake::FakeOptions::default()).await;
-    Fakes {
-        hubspot,
-        salesforce,
-        hook,
-    }
-}
+use common::{Fakes, fakes};
 
 fn config(dir: &Path, f: &Fakes, shutdown: &str) -> Config {
     Config::new(dir)

@@ -14,27 +14,7 @@ use serde_json::{Value, json};
 const WRITE_TOKEN: &str = "write-token-for-tests-0123";
 const PHONE: &str = "+1 415 555 2671";
 
-struct Fakes {
-    hubspot: optout_hubspot::fake::FakeHandle,
-    salesforce: optout_salesforce::fake::FakeHandle,
-    hook: optout_webhook::fake::FakeHandle,
-}
-
-async fn fakes() -> Fakes {
-    let hubspot = optout_hubspot::fake::start(optout_hubspot::fake::FakeOptions {
-        limits: optout_hubspot::fake::Limits::off(),
-        ..Default::default()
-    })
-    .await;
-    let salesforce =
-        optout_salesforce::fake::start(optout_salesforce::fake::FakeOptions::default()).await;
-    let hook = optout_webhook::fake::start(optout_webhook::fake::FakeOptions::default()).await;
-    Fakes {
-        hubspot,
-        salesforce,
-        hook,
-    }
-}
+use common::{Fakes, fakes};
 
 fn config(dir: &Path, f: &Fakes) -> Config {
     Config::new(dir)

@@ -178,3 +178,27 @@ pub async fn eventually(what: &str, within: Duration, mut check: impl AsyncFnMut
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// HubSpot (rate limits off), Salesforce and an automation-webhook receiver, each a
+/// fresh fake on 127.0.0.1.
+pub struct Fakes {
+    pub hubspot: optout_hubspot::fake::FakeHandle,
+    pub salesforce: optout_salesforce::fake::FakeHandle,
+    pub hook: optout_webhook::fake::FakeHandle,
+}
+
+pub async fn fakes() -> Fakes {
+    let hubspot = optout_hubspot::fake::start(optout_hubspot::fake::FakeOptions {
+        limits: optout_hubspot::fake::Limits::off(),
+        ..Default::default()
+    })
+    .await;
+    let salesforce =
+        optout_salesforce::fake::start(optout_salesforce::fake::FakeOptions::default()).await;
+    let hook = optout_webhook::fake::start(optout_webhook::fake::FakeOptions::default()).await;
+    Fakes {
+        hubspot,
+        salesforce,
+        hook,
+    }
+}
