@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Starts a throw-away PostgreSQL for the test suites: Debian's server binaries, run as the
+# `postgres` user (PostgreSQL refuses to run as root), in a fresh data directory, listening
+# on 127.0.0.1 and a Unix socket only, with trust authentication for local connections.
+#
+#   scripts/start-postgres.sh [PORT]     # prints the URL the tests read from OPTOUT_TEST_PG
+#
+# Installs the `postgresql` package first when its binaries are missing (CI runs as root on
+# Debian). The server keeps running after the script exits; its data directory is under
+# the system's temporary directory.
+set -euo pipefail
+port="${1:-55432}"
+
+bindir="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)"
+if [[ -z "$bindir" || ! -x "$bindir/initdb" ]]; then
+    apt-get update >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql >&2
+    bindir="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
+fi
+
+as_postgres() {
+    if [[ "$(id -u)" == 0 ]]; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+data="$(mktemp -d -t optout-pg.XXXXXX)"
+chmod 755 "$data"
+[[ "$(id -u)" == 0 ]] && chown postgres: "$data"
+as_postgres "$bindir/initdb" -D "$data/db" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >&2
+as_postgres "$bindir/pg_ctl" -D "$data/db" -l "$data/server.log" -w -t 60 start \
+    -o "-c listen_addresses=127.0.0.1 -p $port -k $data -c max_connections=400 -c shared_buffers=256MB -c fsync=on" >&2
+echo "postgresql://postgres@127.0.0.1:$port/postgres"
