@@ -110,6 +110,34 @@ impl From<UnabortableTransactionError> for TxError {
 
 pub type TxResult<T> = Result<T, TxError>;
 
+// ---- the engine ----------------------------------------------------------------------
+
+/// Which engine holds the store (`[store]` in the configuration).
+#[allow(dead_code)] // chosen by the configuration; the PostgreSQL engine follows
+#[derive(Clone, Debug, Default)]
+pub enum Backend {
+    /// sled, in `daemon.state_dir`: one process on one host, nothing to install.
+    #[default]
+    Sled,
+    /// PostgreSQL, shared by every instance of the daemon.
+    Postgres(PgSettings),
+}
+
+/// How to reach the PostgreSQL database and how this instance takes part.
+#[derive(Clone, Debug)]
+pub struct PgSettings {
+    /// A libpq-style URL or key=value string, password included: a secret.
+    pub url: optout_core::Secret,
+    /// Connections this instance keeps open.
+    pub pool_size: u32,
+    /// PEM certificates to trust for TLS instead of the public web roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// This instance's name in `status` (unique among the instances on one database).
+    pub instance: String,
+    /// How long the leader's lease lasts without renewal; a successor takes over after it.
+    pub lease: std::time::Duration,
+}
+
 // ---- stored records -------------------------------------------------------------------
 
 /// A person, as far as consent goes.
