@@ -23,13 +23,10 @@ use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex, RwLock};
 
+use kv::{Engine, KvIter, Tree, TxErr, TxFail, TxOpts, TxTree};
 use optout_core::{PushItem, Timestamp};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use sled::transaction::{
-    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
-};
-use sled::{Transactional, Tree};
 use tokio::sync::watch;
 
 use crate::audit::AuditEntry;
@@ -69,6 +66,9 @@ pub enum StoreError {
     /// The end of a [`Store::rehearse`]: its writes are discarded on purpose.
     #[error("a rehearsal's writes are discarded")]
     Rehearsed,
+    /// This instance no longer holds the leader's lease: the leader's work is refused.
+    #[error("this instance no longer leads (its lease was lost or taken over)")]
+    Fenced,
 }
 
 impl StoreError {
@@ -91,20 +91,20 @@ impl From<sled::Error> for StoreError {
     }
 }
 
-/// An error inside a transaction. Opaque so callers never see sled's types; convert
+/// An error inside a transaction. Opaque so callers never see an engine's types; convert
 /// from [`StoreError`] with `?`.
 #[derive(Debug)]
-pub struct TxError(ConflictableTransactionError<StoreError>);
+pub struct TxError(TxErr);
 
 impl From<StoreError> for TxError {
     fn from(e: StoreError) -> Self {
-        TxError(ConflictableTransactionError::Abort(e))
+        TxError(TxErr::Abort(e))
     }
 }
 
-impl From<UnabortableTransactionError> for TxError {
-    fn from(e: UnabortableTransactionError) -> Self {
-        TxError(e.into())
+impl From<TxErr> for TxError {
+    fn from(e: TxErr) -> Self {
+        TxError(e)
     }
 }
 
@@ -113,7 +113,6 @@ pub type TxResult<T> = Result<T, TxError>;
 // ---- the engine ----------------------------------------------------------------------
 
 /// Which engine holds the store (`[store]` in the configuration).
-#[allow(dead_code)] // chosen by the configuration; the PostgreSQL engine follows
 #[derive(Clone, Debug, Default)]
 pub enum Backend {
     /// sled, in `daemon.state_dir`: one process on one host, nothing to install.
@@ -371,7 +370,7 @@ fn prefix(connector: &str) -> Vec<u8> {
 
 // ---- the store ------------------------------------------------------------------------
 
-const TREES: [&str; 19] = [
+pub(crate) const TREES: [&str; 19] = [
     "subjects",
     "aliases",
     "links",
@@ -428,7 +427,9 @@ pub struct Store {
 }
 
 struct Shared {
+    /// sled's directory (PostgreSQL: the state directory, which holds no store files).
     path: PathBuf,
+    backend: Backend,
     /// `None` only while [`Store::recover`] reopens the database.
     db: RwLock<Option<Arc<Db>>>,
     group: GroupCommit,
@@ -437,9 +438,9 @@ struct Shared {
     reserve: FdReserve,
 }
 
-/// One open sled database and its trees.
+/// One open engine (sled or PostgreSQL) and its trees.
 struct Db {
-    db: sled::Db,
+    db: Engine,
     trees: Vec<Tree>,
     /// Added to sled's id generator: a compacted store starts a fresh generator, and ids
     /// must keep increasing past the ones the old store handed out (see `compact`).
@@ -574,13 +575,24 @@ fn guarded_open(config: &sled::Config) -> sled::Result<sled::Db> {
 
 impl Db {
     fn open(dir: &Path) -> Result<Db, StoreError> {
-        let db = open_sled(dir)?;
-        let trees = TREES
-            .iter()
-            .map(|n| db.open_tree(n))
-            .collect::<Result<Vec<_>, _>>()?;
+        Self::over(Engine::Sled(open_sled(dir)?))
+    }
+
+    fn open_backend(dir: &Path, backend: &Backend) -> Result<Db, StoreError> {
+        match backend {
+            Backend::Sled => Self::open(dir),
+            Backend::Postgres(settings) => Self::over(Engine::Pg(kv::pg::Pg::open(settings)?)),
+        }
+    }
+
+    fn over(db: Engine) -> Result<Db, StoreError> {
+        let trees = db.trees(&TREES)?;
         let id_base = compact::id_base(&trees[META])?;
         Ok(Db { db, trees, id_base })
+    }
+
+    fn is_sled(&self) -> bool {
+        matches!(self.db, Engine::Sled(_))
     }
 
     /// A fresh unique, increasing id.
@@ -609,7 +621,7 @@ impl Store {
         // A compaction interrupted by a crash is finished (or undone) before anything else.
         compact::recover(dir)?;
         let saved = Saved::take(dir);
-        let opened = Self::open_checked(dir);
+        let opened = Self::open_checked(dir, &Backend::Sled);
         if let (Err(e), Some(saved)) = (&opened, saved)
             && e.is_damage()
         {
@@ -618,12 +630,21 @@ impl Store {
         opened
     }
 
-    fn open_checked(dir: &Path) -> Result<Store, StoreError> {
+    /// Opens the store on the configured engine: sled in `dir`, or PostgreSQL.
+    pub fn open_with(dir: &Path, backend: &Backend) -> Result<Store, StoreError> {
+        match backend {
+            Backend::Sled => Self::open(dir),
+            Backend::Postgres(_) => Self::open_checked(dir, backend),
+        }
+    }
+
+    fn open_checked(dir: &Path, backend: &Backend) -> Result<Store, StoreError> {
         let reserve = FdReserve::new();
-        let db = Db::open(dir)?;
+        let db = Db::open_backend(dir, backend)?;
         let store = Store {
             shared: Arc::new(Shared {
                 path: dir.to_path_buf(),
+                backend: backend.clone(),
                 db: RwLock::new(Some(Arc::new(db))),
                 group: Default::default(),
                 health: watch::Sender::new(None),
@@ -636,6 +657,35 @@ impl Store {
 
     fn path(&self) -> &Path {
         &self.shared.path
+    }
+
+    /// Fences this instance's transactions with the leader's lease `(holder, epoch)`:
+    /// from now on each commits only while that lease is still this instance's
+    /// (PostgreSQL; sled has one process and needs no fence). `None` lifts it.
+    pub fn set_fence(&self, fence: Option<(String, i64)>) {
+        if let Ok(db) = self.db()
+            && let Engine::Pg(pg) = &db.db
+        {
+            pg.set_fence(fence);
+        }
+    }
+
+    /// Whether the store is sled's (its files in the state directory).
+    pub fn is_sled(&self) -> bool {
+        matches!(self.shared.backend, Backend::Sled)
+    }
+
+    /// Where the store is, for messages: sled's directory or the PostgreSQL database.
+    fn shown(&self) -> String {
+        match &self.shared.backend {
+            Backend::Sled => self.path().display().to_string(),
+            Backend::Postgres(_) => self
+                .with_db_unchecked(|db| match &db.db {
+                    Engine::Pg(pg) => Ok(format!("PostgreSQL database {}", pg.name())),
+                    Engine::Sled(_) => Ok(String::new()),
+                })
+                .unwrap_or_else(|_| "the PostgreSQL database".into()),
+        }
     }
 
     /// The open database, unless the store is failing.
@@ -721,7 +771,7 @@ impl Store {
         // Dropping our handle lets sled release its files once calls under way return;
         // `open_sled` waits a moment for that.
         drop(slot.take());
-        let db = Db::open(self.path())?;
+        let db = Db::open_backend(self.path(), &self.shared.backend)?;
         *slot = Some(Arc::new(db));
         drop(slot);
         // The reopened store must still be the one we had.
@@ -753,12 +803,15 @@ impl Store {
                     let found = std::str::from_utf8(&v).unwrap_or("?").to_string();
                     if found != SCHEMA_VERSION.to_string() {
                         return Err(StoreError::Schema {
-                            path: self.path().display().to_string(),
+                            path: self.shown(),
                             found,
                             expected: SCHEMA_VERSION,
                         });
                     }
-                    self.check_high_water(db)
+                    if db.is_sled() {
+                        self.check_high_water(db)?;
+                    }
+                    Ok(())
                 }
                 None => self.initialise(db),
             }
@@ -768,8 +821,11 @@ impl Store {
     /// A store without a schema version: a new one (initialised now), or one whose data
     /// is gone (refused).
     fn initialise(&self, db: &Db) -> Result<(), StoreError> {
-        let has_data = db.trees.iter().any(|t| !t.is_empty());
-        if self.path().join(MARKER).exists() {
+        let mut has_data = false;
+        for t in &db.trees {
+            has_data |= !t.is_empty()?;
+        }
+        if db.is_sled() && self.path().join(MARKER).exists() {
             return Err(StoreError::Corrupt(format!(
                 "{}: the store was initialised before but its data is gone or damaged; restore it from a backup (refusing to start empty)",
                 self.path().display()
@@ -778,11 +834,14 @@ impl Store {
         if has_data {
             return Err(StoreError::Corrupt(format!(
                 "{}: data present but no schema version; refusing to guess",
-                self.path().display()
+                self.shown()
             )));
         }
         db.trees[META].insert("schema_version", SCHEMA_VERSION.to_string().as_bytes())?;
         db.db.flush()?;
+        if !db.is_sled() {
+            return Ok(());
+        }
         std::fs::write(
             self.path().join(MARKER),
             format!("schema {SCHEMA_VERSION}\n"),
@@ -826,6 +885,10 @@ impl Store {
     /// Called periodically and at shutdown; every audit entry is already durable, so the
     /// mark never runs ahead of the disk.
     pub fn save_high_water(&self) -> Result<(), StoreError> {
+        if !self.is_sled() {
+            // PostgreSQL does not drop a log's tail when it recovers.
+            return Ok(());
+        }
         let Some(seq) = self.with(Self::last_audit_seq)? else {
             return Ok(());
         };
@@ -845,28 +908,29 @@ impl Store {
     /// Runs `f` as one atomic transaction over every tree. `durable` flushes to disk
     /// before returning, so what is acknowledged afterwards survives a crash. `f` may
     /// run more than once (on conflict), so it must not have side effects outside `tx`.
-    pub fn transaction<R>(
+    pub fn transaction<R: Send>(
         &self,
         durable: bool,
-        f: impl Fn(&mut Txn<'_>) -> TxResult<R>,
+        f: impl Fn(&mut Txn<'_>) -> TxResult<R> + Sync,
     ) -> Result<R, StoreError> {
+        let opts = TxOpts {
+            durable,
+            fenced: true,
+            ..TxOpts::default()
+        };
         self.with(|db| {
-            let r = db.trees.as_slice().transaction(|view| {
+            let r = db.db.transaction(&db.trees, opts, |view| {
                 let mut tx = Txn {
                     t: view,
                     id_base: db.id_base,
                 };
-                let r = f(&mut tx).map_err(|e| e.0)?;
-                if durable {
-                    view[0].flush();
-                }
-                Ok(r)
+                f(&mut tx).map_err(|e| e.0)
             });
-            // Only sled's own failures mark the store failing, not an abort of ours.
+            // Only the engine's own failures mark the store failing, not an abort of ours.
             match r {
                 Ok(v) => Ok(Ok(v)),
-                Err(TransactionError::Abort(e)) => Ok(Err(e)),
-                Err(TransactionError::Storage(e)) => Err(e.into()),
+                Err(TxFail::Abort(e)) => Ok(Err(e)),
+                Err(TxFail::Storage(e)) => Err(e),
             }
         })?
     }
@@ -874,7 +938,7 @@ impl Store {
     /// Flushes everything written so far to disk (off the async threads).
     pub async fn flush(&self) -> Result<(), StoreError> {
         let store = self.clone();
-        off_runtime(move || store.with(|db| Ok(db.db.flush().map(drop)?))).await
+        off_runtime(move || store.with(|db| db.db.flush().map(drop))).await
     }
 
     /// Makes a write that has already happened durable, sharing the flush with concurrent
@@ -893,29 +957,21 @@ impl Store {
         Ok(())
     }
 
-    /// One of sled's trees, for tests that tamper with the store.
+    /// Runs `f` on one of the engine's trees, for tests that tamper with the store.
     #[cfg(test)]
-    fn tree(&self, i: usize) -> Tree {
-        self.db().expect("store open").trees[i].clone()
+    fn tree<T>(&self, i: usize, f: impl FnOnce(&Tree) -> T) -> T {
+        f(&self.db().expect("store open").trees[i])
     }
 
     #[cfg(test)]
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
-        self.with(|db| Ok(db.db.flush().map(drop)?))
+        self.with(|db| db.db.flush().map(drop))
     }
 
     /// A tree's entries (in `range`), streamed; an unavailable store yields one error.
-    fn scan(
-        &self,
-        tree: usize,
-        range: impl std::ops::RangeBounds<Vec<u8>>,
-    ) -> Box<dyn Iterator<Item = Result<(sled::IVec, sled::IVec), StoreError>> + Send> {
+    fn scan(&self, tree: usize, range: impl std::ops::RangeBounds<Vec<u8>>) -> KvIter {
         match self.db() {
-            Ok(db) => Box::new(
-                db.trees[tree]
-                    .range(range)
-                    .map(|kv| kv.map_err(StoreError::from)),
-            ),
+            Ok(db) => db.trees[tree].range(range),
             Err(e) => Box::new(std::iter::once(Err(e))),
         }
     }
@@ -933,7 +989,7 @@ impl Store {
 
     /// The live subject an alias belongs to (following merges).
     pub fn subject_by_alias(&self, alias: &str) -> Result<Option<SubjectRecord>, StoreError> {
-        let Some(id) = self.with(|db| Ok(db.trees[ALIASES].get(alias.as_bytes())?))? else {
+        let Some(id) = self.with(|db| db.trees[ALIASES].get(alias.as_bytes()))? else {
             return Ok(None);
         };
         let mut id = u64_of(&id)?;
@@ -1046,7 +1102,7 @@ impl Store {
 
     #[cfg(test)]
     pub fn outbox_len(&self) -> usize {
-        self.with(|db| Ok(db.trees[OUTBOX].len())).unwrap_or(0)
+        self.with(|db| db.trees[OUTBOX].len()).unwrap_or(0)
     }
 
     pub fn dead_letters(
@@ -1131,7 +1187,7 @@ impl Store {
     /// would do, without doing it (`resync --dry-run`). `f` may run more than once.
     pub fn rehearse<R: Send>(
         &self,
-        f: impl Fn(&mut Txn<'_>) -> TxResult<R>,
+        f: impl Fn(&mut Txn<'_>) -> TxResult<R> + Sync,
     ) -> Result<R, StoreError> {
         let kept: Mutex<Option<R>> = Mutex::new(None);
         let r = self.transaction(false, |tx| {
@@ -1161,7 +1217,7 @@ impl Store {
 
     #[cfg(test)]
     pub fn subject_count(&self) -> usize {
-        self.with(|db| Ok(db.trees[SUBJECTS].len())).unwrap_or(0)
+        self.with(|db| db.trees[SUBJECTS].len()).unwrap_or(0)
     }
 
     // -- webhook inbox --
@@ -1240,7 +1296,7 @@ impl Store {
     }
 
     pub fn quarantine_len(&self) -> usize {
-        self.with(|db| Ok(db.trees[QUARANTINE].len())).unwrap_or(0)
+        self.with(|db| db.trees[QUARANTINE].len()).unwrap_or(0)
     }
 
     /// Inbox entries after `after`, oldest first.
@@ -1278,7 +1334,7 @@ impl Store {
     }
 
     pub fn inbox_len(&self) -> usize {
-        self.with(|db| Ok(db.trees[INBOX].len())).unwrap_or(0)
+        self.with(|db| db.trees[INBOX].len()).unwrap_or(0)
     }
 
     /// Drops inbox entries up to and including `seq` (already applied: their cursor is
@@ -1341,17 +1397,14 @@ impl Store {
             let _order = group.append_order.lock().unwrap_or_else(|p| p.into_inner());
             let mut out: Vec<Claimed> = Vec::with_capacity(claims.len());
             let mut fresh: Vec<(&KeyClaim, ApiKeyRecord)> = Vec::new();
-            let seq = db.db.generate_id()? + 1;
+            let seq = db.next_id()? + 1;
             for c in claims {
                 let earlier = (fresh.iter().find(|(f, _)| f.key == c.key))
                     .map(|(_, r)| r.clone())
                     .map(Ok)
                     .or_else(|| {
                         let v = db.trees[API_KEYS].get(c.key.as_bytes()).transpose()?;
-                        Some(
-                            v.map_err(StoreError::from)
-                                .and_then(|v| decode("api key", &v)),
-                        )
+                        Some(v.and_then(|v| decode("api key", &v)))
                     })
                     .transpose()?;
                 out.push(match earlier {
@@ -1385,19 +1438,18 @@ impl Store {
                 reason: None,
                 connector: Some(connector.to_string()),
             });
-            let (inbox, keys) = (&db.trees[INBOX], &db.trees[API_KEYS]);
-            (inbox, keys)
-                .transaction(|(inbox, keys)| {
-                    inbox.insert(&seq.to_be_bytes(), entry.as_slice())?;
-                    for (c, r) in &fresh {
-                        keys.insert(c.key.as_bytes(), encode(r))?;
-                    }
-                    Ok::<_, ConflictableTransactionError<StoreError>>(())
-                })
-                .map_err(|e| match e {
-                    TransactionError::Abort(e) => e,
-                    TransactionError::Storage(e) => e.into(),
-                })?;
+            let ordered = TxOpts {
+                ordered: true,
+                ..TxOpts::default()
+            };
+            let written = db.db.transaction(&db.trees, ordered, |t| {
+                t[INBOX].insert(seq.to_be_bytes(), entry.as_slice())?;
+                for (c, r) in &fresh {
+                    t[API_KEYS].insert(c.key.as_bytes(), encode(r))?;
+                }
+                Ok(())
+            });
+            written.map_err(|(TxFail::Abort(e) | TxFail::Storage(e))| e)?;
             Ok(out)
         })
     }
@@ -1447,7 +1499,7 @@ impl Store {
 
     /// How many template names the store knows a category of.
     pub fn template_names(&self) -> Result<usize, StoreError> {
-        self.with(|db| Ok(db.trees[TEMPLATES].len()))
+        self.with(|db| db.trees[TEMPLATES].len())
     }
 
     pub fn unreadable_counts(&self) -> std::collections::BTreeMap<String, u64> {
@@ -1485,9 +1537,7 @@ impl Store {
                 let (k, v) = kv?;
                 // An undecodable entry is left for an operator to look at.
                 if expired(&v).unwrap_or(false)
-                    && db.trees[tree]
-                        .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?
-                        .is_ok()
+                    && db.trees[tree].compare_and_swap(&k, Some(&v), None)?
                 {
                     removed += 1;
                 }
@@ -1548,7 +1598,7 @@ impl Saved {
 
 /// Makes one small write durable: proves the database takes writes again.
 fn probe(db: &Db) -> Result<(), StoreError> {
-    db.trees[META].insert("probe", &Timestamp::now().millis().to_be_bytes())?;
+    db.trees[META].insert("probe", Timestamp::now().millis().to_be_bytes())?;
     db.db.flush()?;
     Ok(())
 }
@@ -1615,7 +1665,7 @@ fn i64_of(b: &[u8]) -> i64 {
 
 /// The view of the store inside one transaction.
 pub struct Txn<'a> {
-    t: &'a [TransactionalTree],
+    t: &'a [TxTree<'a>],
     id_base: u64,
 }
 
@@ -1629,7 +1679,7 @@ impl Txn<'_> {
 
     /// A fresh unique, increasing id.
     pub fn new_id(&self) -> TxResult<u64> {
-        let id = (self.t[0].generate_id()).map_err(|e| TxError::from(StoreError::from(e)))?;
+        let id = self.t[0].generate_id()?;
         Ok(self.id_base + id)
     }
 
@@ -1638,7 +1688,7 @@ impl Txn<'_> {
     }
 
     pub fn put_subject(&self, s: &SubjectRecord) -> TxResult<()> {
-        self.t[SUBJECTS].insert(&s.id.to_be_bytes(), encode(s))?;
+        self.t[SUBJECTS].insert(s.id.to_be_bytes(), encode(s))?;
         Ok(())
     }
 
@@ -1650,7 +1700,7 @@ impl Txn<'_> {
     }
 
     pub fn put_alias(&self, alias: &str, subject: u64) -> TxResult<()> {
-        self.t[ALIASES].insert(alias.as_bytes(), &subject.to_be_bytes())?;
+        self.t[ALIASES].insert(alias.as_bytes(), subject.to_be_bytes())?;
         Ok(())
     }
 
@@ -1697,7 +1747,7 @@ impl Txn<'_> {
     /// Appends an audit entry (and indexes it under its subjects); returns its sequence.
     pub fn audit(&self, entry: &AuditEntry, subjects: &[u64]) -> TxResult<u64> {
         let seq = self.new_id()?;
-        self.t[AUDIT].insert(&seq.to_be_bytes(), encode(entry))?;
+        self.t[AUDIT].insert(seq.to_be_bytes(), encode(entry))?;
         for s in subjects {
             let mut k = s.to_be_bytes().to_vec();
             k.extend_from_slice(&seq.to_be_bytes());
@@ -1712,7 +1762,7 @@ impl Txn<'_> {
         if self.t[SEEN].get(&k)?.is_some() {
             return Ok(false);
         }
-        self.t[SEEN].insert(k, &now.millis().to_be_bytes())?;
+        self.t[SEEN].insert(k, now.millis().to_be_bytes())?;
         Ok(true)
     }
 
@@ -1724,8 +1774,8 @@ impl Txn<'_> {
     ) -> TxResult<()> {
         let k = link_key(connector, record);
         match pushed_at {
-            Some(t) => self.t[UNVERIFIED].insert(k, &t.millis().to_be_bytes())?,
-            None => self.t[UNVERIFIED].remove(k)?,
+            Some(t) => self.t[UNVERIFIED].insert(k, t.millis().to_be_bytes())?,
+            None => drop(self.t[UNVERIFIED].remove(k)?),
         };
         Ok(())
     }
@@ -1759,12 +1809,12 @@ impl Txn<'_> {
     }
 
     pub fn put_hold(&self, h: &HoldRecord) -> TxResult<()> {
-        self.t[HOLDS].insert(&h.id.to_be_bytes(), encode(h))?;
+        self.t[HOLDS].insert(h.id.to_be_bytes(), encode(h))?;
         Ok(())
     }
 
     pub fn remove_hold(&self, id: u64) -> TxResult<Option<HoldRecord>> {
-        match self.t[HOLDS].remove(&id.to_be_bytes())? {
+        match self.t[HOLDS].remove(id.to_be_bytes())? {
             Some(v) => Ok(Some(decode("hold", &v)?)),
             None => Ok(None),
         }
@@ -1787,13 +1837,14 @@ impl Txn<'_> {
             .get(key.as_bytes())?
             .map(|v| i64_of(&v))
             .unwrap_or(0);
-        self.t[COUNTS].insert(key.as_bytes(), &(cur + delta).to_be_bytes())?;
+        self.t[COUNTS].insert(key.as_bytes(), (cur + delta).to_be_bytes())?;
         Ok(())
     }
 }
 
 mod compact;
 mod erasure;
+mod kv;
 pub use compact::{compact, compact_if_pending};
 pub use erasure::Tombstone;
 

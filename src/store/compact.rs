@@ -25,6 +25,7 @@ use std::time::Instant;
 
 use sled::Tree;
 
+use super::kv::{self, Engine};
 use super::{Db, MARKER, META, Store, StoreError, erasure::COMPACT_PENDING};
 
 const NEW_DIR: &str = ".compact.new";
@@ -50,7 +51,7 @@ pub struct Compacted {
 }
 
 /// The id offset recorded in a store's meta tree (0 for a store never compacted).
-pub(super) fn id_base(meta: &Tree) -> Result<u64, StoreError> {
+pub(super) fn id_base(meta: &kv::Tree) -> Result<u64, StoreError> {
     Ok(meta
         .get(ID_BASE)?
         .map(|v| super::u64_of(&v))
@@ -71,6 +72,10 @@ pub fn compact_if_pending(store: Store) -> Result<(Store, Option<Compacted>), St
     if !store.compaction_pending()? {
         return Ok((store, None));
     }
+    if !store.is_sled() {
+        let done = store.compact_in_place()?;
+        return Ok((store, Some(done)));
+    }
     let dir = store.path().to_path_buf();
     // The only handle: dropping it closes the database (see `open_sled` for the wait).
     drop(store);
@@ -83,6 +88,28 @@ pub fn compact_if_pending(store: Store) -> Result<(Store, Option<Compacted>), St
         }
     };
     Ok((Store::open(&dir)?, done))
+}
+
+impl Store {
+    /// PostgreSQL: rewrites the table in place (`VACUUM FULL`, which locks it meanwhile),
+    /// so that erased values leave the database's files; then clears the request. Copies
+    /// in the database's write-ahead log, replicas and backups age out with them.
+    pub fn compact_in_place(&self) -> Result<Compacted, StoreError> {
+        let started = Instant::now();
+        self.with(|db| {
+            if let Engine::Pg(pg) = &db.db {
+                pg.vacuum_full()?;
+            }
+            db.trees[META].remove(COMPACT_PENDING)?;
+            db.db.flush()
+        })?;
+        Ok(Compacted {
+            bytes_before: 0,
+            bytes_after: 0,
+            entries: 0,
+            millis: started.elapsed().as_millis() as u64,
+        })
+    }
 }
 
 /// Rewrites the store in `dir` (which nothing may have open) into fresh files and swaps
@@ -126,9 +153,12 @@ fn prepare(dir: &Path) -> Result<u64, StoreError> {
 fn copy_store(from: &Path, to: &Path) -> Result<u64, StoreError> {
     let old = Db::open(from)?;
     let new = Db::open(to)?;
+    let (Engine::Sled(old_db), Engine::Sled(new_db)) = (&old.db, &new.db) else {
+        unreachable!("Db::open opens sled");
+    };
     let mut entries = 0;
-    for name in old.db.tree_names() {
-        let (src, dst) = (old.db.open_tree(&name)?, new.db.open_tree(&name)?);
+    for name in old_db.tree_names() {
+        let (src, dst) = (old_db.open_tree(&name)?, new_db.open_tree(&name)?);
         entries += copy_tree(&src, &dst)?;
     }
     // Ids handed out from now on must exceed every id the old store gave.
@@ -137,7 +167,7 @@ fn copy_store(from: &Path, to: &Path) -> Result<u64, StoreError> {
     for k in NOT_COPIED {
         meta.remove(k)?;
     }
-    meta.insert(ID_BASE, &base.to_be_bytes())?;
+    meta.insert(ID_BASE, base.to_be_bytes())?;
     new.db.flush()?;
     drop((old, new));
     Ok(entries)

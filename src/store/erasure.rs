@@ -61,7 +61,7 @@ impl Store {
     /// The store's erasure key, drawn from the OS's random source and stored durably the
     /// first time it is needed.
     pub fn erasure_key(&self) -> Result<ErasureKey, StoreError> {
-        if let Some(k) = self.with(|db| Ok(db.trees[META].get(KEY)?))? {
+        if let Some(k) = self.with(|db| db.trees[META].get(KEY))? {
             return key_of(&k);
         }
         let mut fresh = [0u8; 32];
@@ -151,11 +151,11 @@ impl Store {
                 if e.evidence.take().is_some() {
                     // An entry rewritten meanwhile (an erasure) is left as it now is.
                     let swapped =
-                        db.trees[AUDIT].compare_and_swap(&k, Some(&v), Some(encode(&e)))?;
-                    dropped += usize::from(swapped.is_ok());
+                        db.trees[AUDIT].compare_and_swap(&k, Some(&v), Some(&encode(&e)))?;
+                    dropped += usize::from(swapped);
                 }
             }
-            meta.insert(RETENTION_UPTO, &upto.to_be_bytes())?;
+            meta.insert(RETENTION_UPTO, upto.to_be_bytes())?;
             Ok(dropped)
         })
     }
@@ -194,7 +194,7 @@ impl Txn<'_> {
 
     /// Forgets a subject record.
     pub fn remove_subject(&self, id: u64) -> TxResult<()> {
-        self.t[SUBJECTS].remove(&id.to_be_bytes())?;
+        self.t[SUBJECTS].remove(id.to_be_bytes())?;
         Ok(())
     }
 
@@ -220,7 +220,7 @@ impl Txn<'_> {
             if e.evidence.is_some() || e.record.is_some() {
                 e.evidence = None;
                 e.record = None;
-                self.t[AUDIT].insert(&k, encode(&e))?;
+                self.t[AUDIT].insert(k, encode(&e))?;
             }
         }
         Ok(())

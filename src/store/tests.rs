@@ -90,7 +90,8 @@ fn unknown_value_format_is_a_clear_error() {
     let s = Store::open(dir.path()).unwrap();
     let mut v = vec![42u8];
     v.extend_from_slice(b"{}");
-    s.tree(SUBJECTS).insert(7u64.to_be_bytes(), v).unwrap();
+    s.tree(SUBJECTS, |t| t.insert(7u64.to_be_bytes(), v))
+        .unwrap();
     let err = s.subject(7).unwrap_err().to_string();
     assert!(err.contains("value format 42"), "{err}");
 }
@@ -462,8 +463,8 @@ fn a_store_that_lost_acknowledged_entries_is_refused() {
     }
     let s = Store::open(dir.path()).unwrap();
     // Simulate sled dropping the tail of its log: the last audit entries vanish.
-    let last = s.tree(AUDIT).last().unwrap().unwrap().0;
-    s.tree(AUDIT).remove(last).unwrap();
+    let last = s.tree(AUDIT, |t| t.last()).unwrap().unwrap().0;
+    s.tree(AUDIT, |t| t.remove(last)).unwrap();
     s.flush_blocking().unwrap();
     drop(s);
     let err = Store::open(dir.path()).err().expect("refused");
@@ -604,4 +605,62 @@ fn the_gate_read_follows_merges_and_decodes_only_the_registers() {
             .map(|s| s.consent),
         both[0].clone().map(|(_, c)| c)
     );
+}
+
+/// A fresh PostgreSQL database for one test (`OPTOUT_TEST_PG` is an admin URL), or `None`.
+fn pg_store_for_test() -> Option<Store> {
+    let admin = std::env::var("OPTOUT_TEST_PG").ok()?;
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let name = format!("optout_u_{}_{}", std::process::id(), N.fetch_add(1, SeqCst));
+    let mut c = postgres::Client::connect(&admin, postgres::NoTls).unwrap();
+    c.batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+        .unwrap();
+    c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+    let mut cfg: postgres::Config = admin.parse().unwrap();
+    cfg.dbname(&name);
+    let url = format!(
+        "host={} port={} user={} dbname={name}",
+        "127.0.0.1",
+        cfg.get_ports().first().unwrap_or(&5432),
+        cfg.get_user().unwrap_or("postgres")
+    );
+    let settings = PgSettings {
+        url: optout_core::Secret::new(url),
+        pool_size: 4,
+        tls_ca_file: None,
+        instance: "test".into(),
+        lease: std::time::Duration::from_secs(10),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    Some(Store::open_with(dir.path(), &Backend::Postgres(settings)).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_smoke() {
+    let Some(s) = tokio::task::block_in_place(pg_store_for_test) else {
+        return;
+    };
+    s.transaction(true, |tx| {
+        tx.set_cursor("hubspot", "c-1")?;
+        tx.count("all:opted_out", 3)?;
+        tx.count("all:opted_out", 2)?;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(s.cursor("hubspot").unwrap().as_deref(), Some("c-1"));
+    assert_eq!(s.counts().unwrap(), vec![("all:opted_out".to_string(), 5)]);
+    for i in 0..2500 {
+        s.inbox_append(Timestamp(i), format!("{{\"n\":{i}}}").as_bytes())
+            .await
+            .unwrap();
+    }
+    let all = s.inbox_after(0, 5000).unwrap();
+    assert_eq!(all.len(), 2500);
+    assert!(all.windows(2).all(|w| w[0].0 < w[1].0));
+    let r: Result<(), _> = s.transaction(true, |tx| {
+        tx.set_cursor("hubspot", "c-2")?;
+        Err(StoreError::Io("injected".into()).into())
+    });
+    assert!(r.is_err());
+    assert_eq!(s.cursor("hubspot").unwrap().as_deref(), Some("c-1"));
 }
