@@ -74,8 +74,25 @@ pub fn id_namespaces(checked: &Checked) -> BTreeMap<String, String> {
 
 /// Opens the store and builds the engine.
 pub fn open_engine(checked: &Checked) -> Result<Engine> {
-    let store = Store::open(&checked.daemon.state_dir).context("opening the store")?;
+    let store = open_store(checked).context("opening the store")?;
     Ok(engine(checked, store))
+}
+
+/// Opens the configured store for a command. sled's lock refuses a store the daemon has
+/// open; a PostgreSQL store has no such lock, so while this host's daemon answers on its
+/// control socket the store counts as in use too, and commands ask the daemon (which
+/// then wakes its own workers for what they change).
+pub fn open_store(checked: &Checked) -> Result<Store, crate::store::StoreError> {
+    let socket = &checked.daemon.control_socket;
+    if !matches!(checked.store, crate::store::Backend::Sled)
+        && std::os::unix::net::UnixStream::connect(socket).is_ok()
+    {
+        return Err(crate::store::StoreError::Open {
+            path: "the PostgreSQL store".into(),
+            reason: "it is in use by the daemon running on this host".into(),
+        });
+    }
+    Store::open_with(&checked.daemon.state_dir, &checked.store)
 }
 
 /// Builds one connector from its checked settings and resolved secrets.

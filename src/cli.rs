@@ -992,7 +992,7 @@ fn lookup(config_path: &Path, id: &str, json: bool) -> Result<ExitCode> {
     let config = app::load_offline(config_path)?;
     existing_store(&config)?;
     let value = match store_owner(&config.daemon.state_dir, "lookup") {
-        Ok(()) => match Store::open(&config.daemon.state_dir) {
+        Ok(()) => match app::open_store(&config) {
             Ok(store) => crate::lookup::lookup(&app::engine(&config, store), id)?,
             // The running daemon holds the store: ask it.
             Err(crate::store::StoreError::Open { reason, .. }) if reason.contains("in use") => {
@@ -1029,7 +1029,7 @@ fn numbers(config_path: &Path, connector: Option<String>, json: bool) -> Result<
         Ok(runtime()?.block_on(crate::control::request(socket, &request, |_| {}))?)
     };
     let value = match store_owner(&config.daemon.state_dir, "numbers") {
-        Ok(()) => match Store::open(&config.daemon.state_dir) {
+        Ok(()) => match app::open_store(&config) {
             Ok(store) => crate::lookup::unreadable(&store, connector.as_deref())?,
             Err(crate::store::StoreError::Open { reason, .. }) if reason.contains("in use") => {
                 ask(connector)?
@@ -1153,7 +1153,7 @@ fn store_or_daemon(
         answered => return answered,
     }
     store_owner(&config.daemon.state_dir, command)?;
-    offline(Store::open(&config.daemon.state_dir)?)
+    offline(app::open_store(&config)?)
 }
 
 fn audit_export(
@@ -1246,7 +1246,7 @@ fn import(config_path: &Path, file: &Path) -> Result<ExitCode> {
     if !config.daemon.state_dir.is_dir() {
         // No store yet: created here (as before the daemon ever ran), never through it.
         store_owner(&config.daemon.state_dir, "import")?;
-        return offline(Store::open(&config.daemon.state_dir)?);
+        return offline(app::open_store(&config)?);
     }
     store_or_daemon(&config, "import", offline, live)
 }

@@ -130,8 +130,8 @@ pub async fn run_until(
 /// that start-up is still progressing, so `TimeoutStartSec=` does not end it half-way (and
 /// a restart begin it again).
 fn open_compacted(checked: &Checked, notifier: &Notifier) -> Result<Engine> {
-    let store =
-        crate::store::Store::open(&checked.daemon.state_dir).context("opening the store")?;
+    let store = crate::store::Store::open_with(&checked.daemon.state_dir, &checked.store)
+        .context("opening the store")?;
     let (tick, ticks) = std::sync::mpsc::channel::<()>();
     let compacted = std::thread::scope(|scope| {
         scope.spawn(move || {

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::{existing_store, is_not_running, output, runtime, store_owner};
 use crate::app;
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
 
 pub(super) fn erase(config_path: &Path, id: &str, json: bool) -> Result<ExitCode> {
     let config = app::load_offline(config_path)?;
@@ -26,14 +26,18 @@ pub(super) fn erase(config_path: &Path, id: &str, json: bool) -> Result<ExitCode
         Ok(runtime()?.block_on(crate::control::request(socket, &request, |_| {}))?)
     };
     let value = match store_owner(dir, "erase") {
-        Ok(()) => match Store::open(dir) {
+        Ok(()) => match app::open_store(&config) {
             Ok(store) => {
                 let engine = app::engine(&config, store);
                 let mut done =
                     serde_json::to_value(engine.erase(id, "operator", Timestamp::now())?)?;
-                drop(engine);
                 if done["compaction_pending"] == true {
-                    crate::store::compact(dir)?;
+                    if engine.store().is_sled() {
+                        drop(engine);
+                        crate::store::compact(dir)?;
+                    } else {
+                        engine.store().compact_in_place()?;
+                    }
                     done["compaction_pending"] = false.into();
                 }
                 done
@@ -110,7 +114,14 @@ pub(super) fn compact(config_path: &Path) -> Result<ExitCode> {
     let config = app::load_offline(config_path)?;
     existing_store(&config)?;
     store_owner(&config.daemon.state_dir, "store compact")?;
-    let c = crate::store::compact(&config.daemon.state_dir)?;
+    let c = match &config.store {
+        crate::store::Backend::Sled => crate::store::compact(&config.daemon.state_dir)?,
+        // PostgreSQL compacts in place, with the daemons running (the table is locked
+        // meanwhile).
+        backend => {
+            crate::store::Store::open_with(&config.daemon.state_dir, backend)?.compact_in_place()?
+        }
+    };
     println!(
         "compacted the store: {} entries, {} → {} bytes, in {} ms",
         c.entries, c.bytes_before, c.bytes_after, c.millis
