@@ -6,6 +6,10 @@
 //! changes within a second). [`Config`] writes those parts once; what is particular to a
 //! test is added with [`Config::set`], in the test, where a reader looks for it.
 //!
+//! Under `OPTOUT_TEST_STORE=postgres` the file also gets a `[store]` table naming a
+//! PostgreSQL database of the directory's own (see [`super::store`]); it is written last,
+//! so the lines of every other table stay where a test expects them.
+//!
 //! Secrets never stand in the text: each is an `{ env = "NAME" }` reference, and
 //! [`Config::env`] holds the values to start the daemon with. The gate token's variable,
 //! `OPTOUT_GATE_TOKEN`, is set by [`super::start`] itself.
@@ -36,7 +40,7 @@ impl Config {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700))
             .expect("make the state directory private");
-        Config {
+        let config = Config {
             tables: Vec::new(),
             env: Vec::new(),
         }
@@ -51,7 +55,10 @@ impl Config {
                 ),
                 r#"gate_token = { env = "OPTOUT_GATE_TOKEN" }"#,
             ],
-        )
+        );
+        // Under OPTOUT_TEST_STORE=postgres: this directory's database.
+        (super::store::store_lines(dir).into_iter().flatten())
+            .fold(config, |c, line| c.set("store", &line))
     }
 
     /// How long a stopping daemon waits for work in flight.
@@ -140,8 +147,8 @@ impl Config {
         .env_var("HOOK_SECRET", "fake-webhook-secret")
     }
 
-    /// Sets one `key = value` line in a table: `daemon` and `policy` are top-level tables,
-    /// any other name is a connector's. A key this builder already wrote is replaced in
+    /// Sets one `key = value` line in a table: `daemon`, `policy` and `store` are top-level
+    /// tables, any other name is a connector's. A key this builder already wrote is replaced in
     /// place (so a test can change a default), any other is added; a missing table is
     /// created. Sub-tables are written as dotted keys (`confirmations.enabled = true`),
     /// which keeps every line of a table under its one header.
@@ -171,9 +178,13 @@ impl Config {
     /// The configuration file's text.
     pub fn toml(&self) -> String {
         let mut text = String::new();
-        for (name, lines) in &self.tables {
+        // `[store]` last: it is there or not depending on the run, and must not move the
+        // other tables' lines.
+        let (store, others): (Vec<_>, Vec<_>) =
+            self.tables.iter().partition(|(name, _)| name == "store");
+        for (name, lines) in others.into_iter().chain(store) {
             let header = match name.as_str() {
-                "daemon" | "policy" => name.clone(),
+                "daemon" | "policy" | "store" => name.clone(),
                 _ => format!("connectors.{name}"),
             };
             text += &format!("\n[{header}]\n");

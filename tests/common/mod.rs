@@ -4,6 +4,11 @@
 #![allow(dead_code)]
 
 pub mod config;
+pub mod store;
+
+// Each test file uses the few it needs.
+#[allow(unused_imports)]
+pub use store::{fresh_pg_database, pg_admin_url, sled_only};
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -25,9 +30,15 @@ pub struct Daemon {
     pub log: PathBuf,
 }
 
-/// Writes `config` into `dir` and starts the daemon with `env`, waiting for READY=1.
+/// Writes `config` into `dir` and starts the daemon with `env`, waiting for READY=1. Under
+/// `OPTOUT_TEST_STORE=postgres` a configuration without a `[store]` table gets one (see
+/// [`store`]).
 pub async fn start(dir: &Path, config: &str, env: &[(&str, String)]) -> Daemon {
     let config_path = dir.join("optout-sync.toml");
+    let mut config = config.to_string();
+    if !config.lines().any(|l| l.trim() == "[store]") {
+        config += &store::store_table(dir);
+    }
     std::fs::write(&config_path, config).unwrap();
     let notify_path = dir.join(format!("notify-{}.sock", rand_suffix()));
     let notify = UnixDatagram::bind(&notify_path).unwrap();
