@@ -234,6 +234,20 @@ impl Engine {
         retry_delay: Duration,
         now: Timestamp,
     ) -> Result<PushReport, StoreError> {
+        self.complete_pushes_sent(connector, results, retry_delay, now, now)
+    }
+
+    /// [`Engine::complete_pushes`] for a batch sent at `sent_at`: a record's push time is
+    /// when the request left, not when its answer was recorded, so that a read of the
+    /// record modified by it counts as its read-back however long recording took.
+    pub fn complete_pushes_sent(
+        &self,
+        connector: &str,
+        results: &[(String, u64, PushOutcome)],
+        retry_delay: Duration,
+        now: Timestamp,
+        sent_at: Timestamp,
+    ) -> Result<PushReport, StoreError> {
         let takes_records = self.targets.get(connector) == Some(&Takes::Records);
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         self.store.transaction(true, |tx| {
@@ -254,7 +268,7 @@ impl Engine {
                 match outcome {
                     PushOutcome::Done => {
                         if takes_records {
-                            note_pushed(tx, connector, &item, now)?;
+                            note_pushed(tx, connector, &item, sent_at)?;
                         }
                         if current {
                             tx.remove_outbox(connector, key)?;

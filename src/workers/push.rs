@@ -402,6 +402,7 @@ impl<C: Connector + ?Sized> Push<C> {
             .any(|o| !matches!(o, PushOutcome::RetryLater { .. }));
         let delay = self.retry_delay(cx, progressed, sent);
         let now = Timestamp::now();
+        let sent_at = now.minus(sent.elapsed());
         self.observe(items, &outcomes, now);
         let results: Vec<_> = keys
             .iter()
@@ -410,7 +411,8 @@ impl<C: Connector + ?Sized> Push<C> {
             .map(|((k, v), o)| (k, v, o))
             .collect();
         let (engine, n) = (self.ctx.engine.clone(), self.name.clone());
-        match blocking(move || engine.complete_pushes(&n, &results, delay, now)).await {
+        let complete = move || engine.complete_pushes_sent(&n, &results, delay, now, sent_at);
+        match blocking(complete).await {
             Ok(_) => {
                 self.status
                     .lock()

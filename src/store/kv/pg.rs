@@ -20,12 +20,13 @@
 //! made on one of tokio's worker threads are moved out of the way first ([`blocking`]).
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use postgres::error::SqlState;
-use postgres::{Client, IsolationLevel, Statement};
+use postgres::{Client, Statement};
 
 use super::{TxErr, TxFail, TxOpts, TxTree, Val};
 use crate::store::{PgSettings, StoreError};
@@ -109,7 +110,8 @@ struct Statements {
     last: Statement,
     count: Statement,
     next_id: Statement,
-    fence: Statement,
+    upsert_many: Statement,
+    delete_many: Statement,
 }
 
 impl Statements {
@@ -135,9 +137,14 @@ impl Statements {
             )?,
             count: c.prepare("SELECT count(*) FROM optout_kv WHERE tree = $1")?,
             next_id: c.prepare("SELECT nextval('optout_ids')")?,
-            fence: c.prepare(
-                "SELECT 1 FROM optout_lease WHERE name = 'leader' AND holder = $1 \
-                 AND epoch = $2 AND expires_at > clock_timestamp()",
+            upsert_many: c.prepare(
+                "INSERT INTO optout_kv (tree, key, value) \
+                 SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::bytea[]) \
+                 ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value",
+            )?,
+            delete_many: c.prepare(
+                "DELETE FROM optout_kv k USING unnest($1::smallint[], $2::bytea[]) AS d(tree, key) \
+                 WHERE k.tree = d.tree AND k.key = d.key",
             )?,
         })
     }
@@ -240,7 +247,7 @@ impl Pg {
         let mut config: postgres::Config = (settings.url.expose().parse())
             .map_err(|e| open_err(format!("store.url is not a PostgreSQL URL: {e}")))?;
         config
-            .options("-c synchronous_commit=off")
+            .options("-c synchronous_commit=off -c client_min_messages=warning")
             .application_name(&format!("optout-sync {}", settings.instance))
             .connect_timeout(Duration::from_secs(10))
             .keepalives_idle(Duration::from_secs(30));
@@ -516,7 +523,56 @@ fn migrate_locked(c: &mut Client) -> Result<Result<(), i32>, postgres::Error> {
     Ok(Ok(()))
 }
 
-/// One try of a transaction; `TxErr::Retry` when PostgreSQL found a conflict.
+/// The statements that open a transaction, sent as one round trip: serializable; durable
+/// when asked; the append order when asked; and the lease check when fenced (its count
+/// is the batch's only row).
+fn begin_sql(opts: TxOpts, fence: Option<&(String, i64)>) -> String {
+    let mut sql = String::from("BEGIN ISOLATION LEVEL SERIALIZABLE;");
+    if opts.durable {
+        sql.push_str("SET LOCAL synchronous_commit TO on;");
+    }
+    if opts.ordered {
+        sql.push_str(&format!("SELECT pg_advisory_xact_lock({LOCK_APPEND});"));
+    }
+    if let Some((holder, epoch)) = fence {
+        // The holder is an instance name the configuration restricts to [A-Za-z0-9._-];
+        // quotes are doubled all the same.
+        let holder = holder.replace('\'', "''");
+        sql.push_str(&format!(
+            "SELECT count(*) FROM optout_lease WHERE name = 'leader' AND holder = '{holder}' \
+             AND epoch = {epoch} AND expires_at > clock_timestamp();"
+        ));
+    }
+    sql
+}
+
+/// Whether the lease check of [`begin_sql`] found the lease still held.
+fn lease_held(msgs: &[postgres::SimpleQueryMessage]) -> bool {
+    msgs.iter().any(|m| match m {
+        postgres::SimpleQueryMessage::Row(r) => r.get(r.len() - 1) == Some("1"),
+        _ => false,
+    })
+}
+
+/// An open transaction on a connection: rolled back unless it was committed, so that no
+/// connection goes back to the pool inside a transaction (an error, or a panic in the
+/// closure).
+struct Open<'a> {
+    client: &'a mut Client,
+    done: bool,
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.client.batch_execute("ROLLBACK");
+        }
+    }
+}
+
+/// One try of a transaction; `TxErr::Retry` when PostgreSQL found a conflict. Reads go to
+/// the database as they come; writes are kept and sent at the end in two statements, so
+/// a page of a hundred records costs its reads plus a handful of round trips.
 fn attempt_once<R>(
     client: &mut Client,
     st: &Statements,
@@ -524,35 +580,61 @@ fn attempt_once<R>(
     fence: Option<&(String, i64)>,
     f: &impl Fn(&[TxTree<'_>]) -> Result<R, TxErr>,
 ) -> Result<R, TxErr> {
-    let mut tx = (client.build_transaction())
-        .isolation_level(IsolationLevel::Serializable)
-        .start()
-        .map_err(tx_err)?;
-    if opts.durable {
-        tx.batch_execute("SET LOCAL synchronous_commit TO on")
-            .map_err(tx_err)?;
-    }
-    if opts.ordered {
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_APPEND])
-            .map_err(tx_err)?;
-    }
-    if let Some((holder, epoch)) = fence {
-        let rows = tx.query(&st.fence, &[holder, epoch]).map_err(tx_err)?;
-        if rows.is_empty() {
-            return Err(TxErr::Abort(StoreError::Fenced));
-        }
+    let begin = begin_sql(opts, fence);
+    let mut open = Open {
+        client,
+        done: false,
+    };
+    let msgs = open.client.simple_query(&begin).map_err(tx_err)?;
+    if fence.is_some() && !lease_held(&msgs) {
+        return Err(TxErr::Abort(StoreError::Fenced));
     }
     let ptx = PgTx {
-        tx: RefCell::new(tx),
+        client: RefCell::new(&mut *open.client),
         st,
+        writes: RefCell::new(BTreeMap::new()),
     };
     let trees: Vec<TxTree<'_>> = (0..super::super::TREES.len() as i16)
         .map(|i| TxTree::Pg(&ptx, i))
         .collect();
     let r = f(&trees)?;
     drop(trees);
-    ptx.tx.into_inner().commit().map_err(tx_err)?;
+    let writes = ptx.writes.into_inner();
+    write_all(open.client, st, writes)?;
+    // A failed COMMIT has ended the transaction already.
+    open.done = true;
+    open.client.batch_execute("COMMIT").map_err(tx_err)?;
     Ok(r)
+}
+
+/// A transaction's kept writes: (tree, key) → the new value, or `None` for a removal.
+type Writes = BTreeMap<(i16, Vec<u8>), Option<Vec<u8>>>;
+
+/// Sends a transaction's writes: one upsert and one delete, in key order (concurrent
+/// transactions lock rows in the same order).
+fn write_all(client: &mut Client, st: &Statements, writes: Writes) -> Result<(), TxErr> {
+    let (mut ut, mut uk, mut uv) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut dt, mut dk) = (Vec::new(), Vec::new());
+    for ((tree, key), value) in writes {
+        match value {
+            Some(v) => {
+                ut.push(tree);
+                uk.push(key);
+                uv.push(v);
+            }
+            None => {
+                dt.push(tree);
+                dk.push(key);
+            }
+        }
+    }
+    if !ut.is_empty() {
+        (client.execute(&st.upsert_many, &[&ut, &uk, &uv])).map_err(tx_err)?;
+    }
+    if !dt.is_empty() {
+        (client.execute(&st.delete_many, &[&dt, &dk])).map_err(tx_err)?;
+    }
+    Ok(())
 }
 
 /// What a transaction's trees do on PostgreSQL (a trait object, so that the trees need
@@ -564,32 +646,42 @@ pub trait TxOps {
     fn next_id(&self) -> Result<u64, TxErr>;
 }
 
-/// An open transaction, shared by its trees.
+/// An open transaction, shared by its trees: reads see its own kept writes first.
 pub struct PgTx<'a> {
-    tx: RefCell<postgres::Transaction<'a>>,
+    client: RefCell<&'a mut Client>,
     st: &'a Statements,
+    writes: RefCell<Writes>,
+}
+
+impl PgTx<'_> {
+    fn read(&self, tree: i16, key: &[u8]) -> Result<Option<Vec<u8>>, TxErr> {
+        if let Some(kept) = self.writes.borrow().get(&(tree, key.to_vec())) {
+            return Ok(kept.clone());
+        }
+        let rows =
+            (self.client.borrow_mut().query(&self.st.get, &[&tree, &key])).map_err(tx_err)?;
+        Ok(rows.first().map(|r| r.get(0)))
+    }
 }
 
 impl TxOps for PgTx<'_> {
     fn get(&self, tree: i16, key: &[u8]) -> Result<Option<Val>, TxErr> {
-        let rows = (self.tx.borrow_mut().query(&self.st.get, &[&tree, &key])).map_err(tx_err)?;
-        Ok(rows.first().map(|r| Val::Owned(r.get(0))))
+        Ok(self.read(tree, key)?.map(Val::Owned))
     }
 
     fn insert(&self, tree: i16, key: &[u8], value: &[u8]) -> Result<(), TxErr> {
-        (self.tx.borrow_mut())
-            .execute(&self.st.upsert, &[&tree, &key, &value])
-            .map_err(tx_err)?;
+        (self.writes.borrow_mut()).insert((tree, key.to_vec()), Some(value.to_vec()));
         Ok(())
     }
 
     fn remove(&self, tree: i16, key: &[u8]) -> Result<Option<Val>, TxErr> {
-        let rows = (self.tx.borrow_mut().query(&self.st.delete, &[&tree, &key])).map_err(tx_err)?;
-        Ok(rows.first().map(|r| Val::Owned(r.get(0))))
+        let before = self.read(tree, key)?;
+        (self.writes.borrow_mut()).insert((tree, key.to_vec()), None);
+        Ok(before.map(Val::Owned))
     }
 
     fn next_id(&self) -> Result<u64, TxErr> {
-        let row = (self.tx.borrow_mut().query_one(&self.st.next_id, &[])).map_err(tx_err)?;
+        let row = (self.client.borrow_mut().query_one(&self.st.next_id, &[])).map_err(tx_err)?;
         Ok(row.get::<_, i64>(0) as u64)
     }
 }
