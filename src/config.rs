@@ -333,6 +333,7 @@ pub struct StoreSection {
     /// Secret: the connection URL or key=value string (its password included).
     #[serde(default)]
     pub url: Option<SecretRef>,
+    /// Connections this instance keeps open (default [`DEFAULT_POOL_SIZE`]).
     #[serde(default)]
     pub pool_size: Option<u32>,
     /// PEM certificates to trust for TLS instead of the public web roots.
@@ -341,6 +342,7 @@ pub struct StoreSection {
     /// This instance's name among the daemons sharing one database; default the host name.
     #[serde(default)]
     pub instance: Option<String>,
+    /// How long the leader's lease lasts without renewal (default [`DEFAULT_LEASE`]).
     #[serde(default, with = "humantime_serde")]
     pub lease: Option<Duration>,
 }

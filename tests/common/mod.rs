@@ -39,7 +39,7 @@ pub async fn start(dir: &Path, config: &str, env: &[(&str, String)]) -> Daemon {
     if !config.lines().any(|l| l.trim() == "[store]") {
         config += &store::store_table(dir);
     }
-    std::fs::write(&config_path, config).unwrap();
+    std::fs::write(&config_path, &config).unwrap();
     let notify_path = dir.join(format!("notify-{}.sock", rand_suffix()));
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     let log = dir.join(format!("daemon-{}.log", rand_suffix()));
@@ -77,6 +77,7 @@ pub async fn start(dir: &Path, config: &str, env: &[(&str, String)]) -> Daemon {
             }
         }
     }
+    store::check_on_postgres(dir, &config, || d.log_text());
     d
 }
 

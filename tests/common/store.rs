@@ -106,6 +106,36 @@ pub fn store_table(dir: &Path) -> String {
     }
 }
 
+/// Fails the test when a daemon started on this directory's database (the harness's
+/// `[store]` in `config`) is ready but has created no table there: it is not running on
+/// PostgreSQL, and a suite passing on sled must not pass for one on PostgreSQL.
+pub fn check_on_postgres(dir: &Path, config: &str, log: impl FnOnce() -> String) {
+    let file = dir.join(URL_FILE);
+    if !on_postgres() || !config.contains(&format!("url = {{ file = \"{}\" }}", file.display())) {
+        return;
+    }
+    let url = std::fs::read_to_string(&file).expect("the database's URL");
+    let tables = std::thread::spawn(move || -> Result<i64, postgres::Error> {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls)?;
+        let row = client.query_one(
+            "SELECT count(*) FROM information_schema.tables \
+             WHERE table_schema NOT IN ('pg_catalog', 'information_schema')",
+            &[],
+        )?;
+        Ok(row.get(0))
+    })
+    .join()
+    .expect("the database check panicked");
+    match tables {
+        Ok(0) => panic!(
+            "{STORE_VAR}=postgres: the daemon is ready but created no table in its database: it does not run on PostgreSQL; log:\n{}",
+            log()
+        ),
+        Ok(_) => {}
+        Err(e) => panic!("cannot read the test database on the {PG_VAR} server: {e}"),
+    }
+}
+
 /// Writes a secret file as the daemon accepts it: created 0600, never over another.
 fn write_private(path: &Path, text: &str) {
     let mut f = std::fs::OpenOptions::new()
