@@ -61,6 +61,13 @@ fn json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
+/// Where the store of the daemon in `test_dir` still holds any of `needles`: sled's files
+/// under `state`, or PostgreSQL's rows and table files.
+fn traces(test_dir: &Path, state: &Path, needles: &[&str]) -> Vec<String> {
+    common::store::traces_in_database(test_dir, needles)
+        .unwrap_or_else(|| traces_in(state, needles))
+}
+
 /// Every file under `dir`, and which of `needles` each holds.
 fn traces_in(dir: &Path, needles: &[&str]) -> Vec<String> {
     let mut found = Vec::new();
@@ -82,9 +89,6 @@ fn traces_in(dir: &Path, needles: &[&str]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erased_person_stays_suppressed_and_leaves_no_trace_in_the_store() {
-    if common::sled_only("it searches sled's files for traces and expects sled's compaction") {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let hs = optout_hubspot::fake::start(optout_hubspot::fake::FakeOptions {
@@ -107,7 +111,7 @@ async fn an_erased_person_stays_suppressed_and_leaves_no_trace_in_the_store() {
     .await;
     let needles: Vec<&str> = TRACES.iter().copied().chain([TEXT]).collect();
     assert!(
-        !traces_in(&state, &needles).is_empty(),
+        !traces(dir.path(), &state, &needles).is_empty(),
         "the store holds the number and the text before the erasure"
     );
 
@@ -148,7 +152,7 @@ async fn an_erased_person_stays_suppressed_and_leaves_no_trace_in_the_store() {
 
     // The next start compacts the store: nothing readable is left in its files.
     let d = common::start(dir.path(), &c.toml(), &c.env()).await;
-    let left = traces_in(&state, &needles);
+    let left = traces(dir.path(), &state, &needles);
     assert!(left.is_empty(), "{left:?}");
     assert!(
         d.log_text()
@@ -219,7 +223,7 @@ async fn an_offline_erasure_compacts_at_once_and_store_compact_is_offline_only()
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("the store was compacted"), "{out}");
     let needles: Vec<&str> = TRACES.iter().copied().chain([TEXT]).collect();
-    let left = traces_in(&state, &needles);
+    let left = traces(dir.path(), &state, &needles);
     assert!(left.is_empty(), "{left:?}");
     let (code, out) = cli(&c_path(dir.path()), &["store", "compact"]);
     assert_eq!(code, 0, "{out}");

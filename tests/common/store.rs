@@ -136,6 +136,54 @@ pub fn check_on_postgres(dir: &Path, config: &str, log: impl FnOnce() -> String)
     }
 }
 
+/// On PostgreSQL, which of `needles` the store of the daemon whose files are in `dir` still
+/// holds: in its table's rows (keys or values), or anywhere in the files of the table and
+/// of its index on the server's disk (what a compaction must have rewritten). `None` on
+/// sled.
+pub fn traces_in_database(dir: &Path, needles: &[&str]) -> Option<Vec<String>> {
+    if !on_postgres() {
+        return None;
+    }
+    let url = std::fs::read_to_string(dir.join(URL_FILE)).expect("the database's URL");
+    let needles: Vec<String> = needles.iter().map(|n| n.to_string()).collect();
+    let found = std::thread::spawn(move || -> Result<Vec<String>, postgres::Error> {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls)?;
+        let data: String = client.query_one("SHOW data_directory", &[])?.get(0);
+        let mut found = Vec::new();
+        for n in &needles {
+            let needle: &[u8] = n.as_bytes();
+            let rows: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM optout_kv WHERE position($1 IN key) > 0 \
+                     OR position($1 IN value) > 0",
+                    &[&needle],
+                )?
+                .get(0);
+            if rows > 0 {
+                found.push(format!("{rows} rows hold `{n}`"));
+            }
+        }
+        for rel in ["optout_kv", "optout_kv_pkey"] {
+            let file: String =
+                (client.query_one("SELECT pg_relation_filepath($1::text)", &[&rel])?).get(0);
+            // A relation's file and its 1 GB segments; unreadable when the server runs
+            // elsewhere, then only the rows are checked.
+            let Ok(bytes) = std::fs::read(Path::new(&data).join(&file)) else {
+                continue;
+            };
+            for n in &needles {
+                if bytes.windows(n.len()).any(|w| w == n.as_bytes()) {
+                    found.push(format!("the files of {rel} hold `{n}`"));
+                }
+            }
+        }
+        Ok(found)
+    })
+    .join()
+    .expect("the database search panicked");
+    Some(found.unwrap_or_else(|e| panic!("cannot search the test database: {e}")))
+}
+
 /// Writes a secret file as the daemon accepts it: created 0600, never over another.
 fn write_private(path: &Path, text: &str) {
     let mut f = std::fs::OpenOptions::new()
