@@ -13,8 +13,11 @@
 //!
 //! The leader's lease (`optout_lease`) fences its transactions: once this process is told
 //! it leads, each of its fenced transactions first checks, inside the same serializable
-//! transaction, that the lease is still its own and unexpired. A successor's take-over and
-//! an old leader's commit therefore cannot both succeed.
+//! transaction, that the lease is still its own and unexpired, and keeps the lease row
+//! share-locked until it ends. A take-over (an update of that row) therefore waits for a
+//! fenced transaction under way, and one that began before a take-over committed fails to
+//! serialize and, run again, finds the lease gone: an old leader never commits after its
+//! successor took over.
 //!
 //! The driver is the synchronous `postgres` crate, which runs its own small runtime: calls
 //! made on one of tokio's worker threads are moved out of the way first ([`blocking`]).
@@ -137,7 +140,7 @@ impl Statements {
             next_id: c.prepare("SELECT nextval('optout_ids')")?,
             fence: c.prepare(
                 "SELECT 1 FROM optout_lease WHERE name = 'leader' AND holder = $1 \
-                 AND epoch = $2 AND expires_at > clock_timestamp()",
+                 AND epoch = $2 AND expires_at > clock_timestamp() FOR SHARE",
             )?,
         })
     }
