@@ -1611,12 +1611,12 @@ impl Saved {
 /// What each claim of one write API request finds (`stored` reads a recorded key), and
 /// the claims recorded now, numbered after the request's inbox entry `seq`.
 #[allow(clippy::type_complexity)]
-fn claim_keys<'c>(
-    claims: &'c [KeyClaim],
+fn claim_keys(
+    claims: &[KeyClaim],
     received_at: Timestamp,
     seq: u64,
     stored: impl Fn(&str) -> Result<Option<ApiKeyRecord>, TxErr>,
-) -> Result<(Vec<Claimed>, Vec<(&'c KeyClaim, ApiKeyRecord)>), TxErr> {
+) -> Result<(Vec<Claimed>, Vec<(&KeyClaim, ApiKeyRecord)>), TxErr> {
     let mut out: Vec<Claimed> = Vec::with_capacity(claims.len());
     let mut fresh: Vec<(&KeyClaim, ApiKeyRecord)> = Vec::new();
     for c in claims {
