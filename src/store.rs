@@ -1274,27 +1274,14 @@ impl Store {
         self.with(|db| {
             // Numbering and inserting under one lock makes entries visible in sequence
             // order: otherwise a poll could read number 6, move its cursor past 5 while 5
-            // is still being written, and never read that acknowledged webhook.
+            // is still being written, and never read that acknowledged webhook. On sled
+            // the lock is ours; PostgreSQL holds one for every process on the database
+            // (see `append`), on the server, so appends do not queue here.
             let group = &self.shared.group;
-            let _order = group.append_order.lock().unwrap_or_else(|p| p.into_inner());
-            if db.is_sled() {
-                // Sequence numbers start at 1: a cursor of 0 means "nothing read yet".
-                let seq = db.next_id()? + 1;
-                db.trees[INBOX].insert(seq.to_be_bytes(), value)?;
-                return Ok(seq);
-            }
-            // Other processes append to the same database: the engine's append order
-            // (taken before the number) orders them too.
-            let ordered = TxOpts {
-                ordered: true,
-                ..TxOpts::default()
-            };
-            let appended = db.db.transaction(&db.trees, ordered, |t| {
-                let seq = db.id_base + t[INBOX].generate_id()? + 1;
-                t[INBOX].insert(seq.to_be_bytes(), value.as_slice())?;
-                Ok(seq)
-            });
-            appended.map_err(|(TxFail::Abort(e) | TxFail::Storage(e))| e)
+            let _order = (db.is_sled())
+                .then(|| group.append_order.lock().unwrap_or_else(|p| p.into_inner()));
+            // Sequence numbers start at 1: a cursor of 0 means "nothing read yet".
+            db.db.append(&db.trees[INBOX], db.id_base, &value)
         })
     }
 

@@ -113,6 +113,7 @@ struct Statements {
     count: Statement,
     next_id: Statement,
     fence: Statement,
+    append: Statement,
 }
 
 impl Statements {
@@ -141,6 +142,14 @@ impl Statements {
             fence: c.prepare(
                 "SELECT 1 FROM optout_lease WHERE name = 'leader' AND holder = $1 \
                  AND epoch = $2 AND expires_at > clock_timestamp() FOR SHARE",
+            )?,
+            // The lock (held to the statement's commit) is taken before the number is
+            // drawn: numbers commit, and so become visible, in increasing order.
+            append: c.prepare(
+                "WITH ordered AS (SELECT pg_advisory_xact_lock($1)) \
+                 INSERT INTO optout_kv (tree, key, value) \
+                 SELECT $2, int8send(nextval('optout_ids') + $3), $4 FROM ordered \
+                 RETURNING key",
             )?,
         })
     }
@@ -400,6 +409,22 @@ impl Pg {
         let (client, st) = conn.parts();
         let row = blocking(|| client.query_one(&st.count, &[&tree])).map_err(io)?;
         Ok(row.get::<_, i64>(0) as usize)
+    }
+
+    /// Inserts `value` under the next id + `offset` in the append order (see
+    /// [`super::Engine::append`]); returns that number.
+    pub fn append(&self, tree: i16, offset: u64, value: &[u8]) -> Result<u64, StoreError> {
+        let offset =
+            i64::try_from(offset).map_err(|_| StoreError::Corrupt("id base too large".into()))?;
+        let mut conn = self.conn()?;
+        let (client, st) = conn.parts();
+        let row =
+            blocking(|| client.query_one(&st.append, &[&LOCK_APPEND, &tree, &offset, &value]))
+                .map_err(io)?;
+        let key: Vec<u8> = row.get(0);
+        let key: [u8; 8] = (key.as_slice().try_into())
+            .map_err(|_| StoreError::Corrupt("an appended key is not a number".into()))?;
+        Ok(u64::from_be_bytes(key))
     }
 
     pub fn next_id(&self) -> Result<u64, StoreError> {

@@ -265,3 +265,40 @@ fn a_take_over_and_the_old_leaders_commit_do_not_overlap() {
     s.transaction(true, |tx| tx.set_cursor("crm", "new"))
         .unwrap();
 }
+
+/// Write API requests with the same idempotency keys reach two instances at once: each
+/// key is recorded (and its events queued) exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idempotency_key_is_new_once_across_instances() {
+    let Some(o) = Opener::postgres() else {
+        return;
+    };
+    let (a, b) = (o.open_as("a", 4), o.open_as("b", 4));
+    let claim = |k: usize| KeyClaim {
+        key: format!("key-{k}"),
+        content: format!("content-{k}"),
+        body: format!("{{\"k\":{k}}}").into_bytes(),
+    };
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let s = if t % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                let mut new = 0;
+                for k in 0..30 {
+                    let got = s
+                        .api_append("api", Timestamp(1), vec![claim(k)])
+                        .await
+                        .unwrap();
+                    new += usize::from(matches!(got[0], Claimed::New(_)));
+                }
+                new
+            })
+        })
+        .collect();
+    let mut new = 0;
+    for t in tasks {
+        new += t.await.unwrap();
+    }
+    assert_eq!(new, 30, "each key recorded once");
+    assert_eq!(a.inbox_len(), 30);
+}
