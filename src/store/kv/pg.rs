@@ -447,12 +447,17 @@ impl Pg {
         })
     }
 
-    /// Makes every commit that returned before this call durable: a commit with a
-    /// transaction id waits for the log to be flushed up to its record.
+    /// Makes every commit that returned before this call durable: a synchronous commit
+    /// waits for the log to be flushed up to its record, which follows theirs.
+    ///
+    /// PostgreSQL commits synchronously only a transaction that has a transaction id *and*
+    /// wrote to the log (an id alone, as `txid_current()` takes, commits asynchronously
+    /// and flushes nothing). A transactional log message is both, and touches no table.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.with_client(|c| {
             c.batch_execute(
-                "BEGIN; SET LOCAL synchronous_commit TO on; SELECT txid_current(); COMMIT",
+                "BEGIN; SET LOCAL synchronous_commit TO on; \
+                 SELECT pg_logical_emit_message(true, 'optout-sync', 'flush'); COMMIT",
             )
         })
     }

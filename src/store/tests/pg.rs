@@ -302,3 +302,32 @@ async fn an_idempotency_key_is_new_once_across_instances() {
     assert_eq!(new, 30, "each key recorded once");
     assert_eq!(a.inbox_len(), 30);
 }
+
+/// A flush makes the log durable past every commit that returned before it (commits are
+/// asynchronous; webhooks are acknowledged after a flush). Checked by the server's own
+/// positions: its log flushed up to where it had written when the flush began.
+#[test]
+fn a_flush_reaches_the_disk_past_every_earlier_commit() {
+    let Some(o) = Opener::postgres() else {
+        return;
+    };
+    let s = o.open();
+    o.pg().unwrap().sql(|c| {
+        for i in 0..20 {
+            // One statement: a commit of its own, asynchronous.
+            s.tree(SEEN, |t| t.insert(format!("k{i}"), [1])).unwrap();
+            let written: String = (c.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]))
+                .unwrap()
+                .get(0);
+            s.flush_blocking().unwrap();
+            let durable: bool = c
+                .query_one(
+                    "SELECT pg_current_wal_flush_lsn() >= $1::text::pg_lsn",
+                    &[&written],
+                )
+                .unwrap()
+                .get(0);
+            assert!(durable, "round {i}: the log was not flushed to {written}");
+        }
+    });
+}
