@@ -149,8 +149,9 @@ fn drop_stale(c: &mut postgres::Client) {
         for row in rows {
             let name: String = row.get(0);
             let pid = name.split('_').nth(2).unwrap_or("");
+            // Without FORCE: a database someone is still connected to stays.
             if !pid.is_empty() && !Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+                let _ = c.batch_execute(&format!("DROP DATABASE IF EXISTS {name}"));
             }
         }
     });
