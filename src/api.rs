@@ -385,13 +385,12 @@ mod tests {
     use super::*;
     use crate::identity::Normalizer;
     use crate::policy::Decision;
-    use crate::store::Store;
     use serde_json::json;
     use std::collections::BTreeMap;
 
     fn engine(dir: &std::path::Path) -> Engine {
         Engine::new(
-            Store::open(dir).unwrap(),
+            crate::store::testing::open(dir),
             PolicyConfig::default(),
             Normalizer::new(Normalizer::parse_region("US").unwrap()),
             BTreeMap::new(),

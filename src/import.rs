@@ -218,7 +218,6 @@ mod tests {
     use crate::identity::Normalizer;
     use crate::policy::{Decision, PolicyConfig};
     use crate::reconcile::Takes;
-    use crate::store::Store;
     use optout_core::Scope;
     use std::collections::BTreeMap;
 
@@ -226,7 +225,7 @@ mod tests {
     fn good_rows_apply_bad_rows_are_reported_by_line_and_reimport_is_harmless() {
         let dir = tempfile::tempdir().unwrap();
         let e = Engine::new(
-            Store::open(dir.path()).unwrap(),
+            crate::store::testing::open(dir.path()),
             PolicyConfig::default(),
             Normalizer::new(Normalizer::parse_region("US").unwrap()),
             BTreeMap::from([("hubspot".to_string(), Takes::Records)]),

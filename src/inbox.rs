@@ -141,7 +141,7 @@ mod tests {
     #[tokio::test]
     async fn each_account_reads_and_trims_only_its_own_bodies() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::testing::open(dir.path());
         let old = store.inbox_append(Timestamp(1), b"old").await.unwrap();
         let (a, b) = (inbox(&store, "wa-a", true), inbox(&store, "wa-b", false));
         a.append(Bytes::from_static(b"for a"), Timestamp(2))

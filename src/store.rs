@@ -831,6 +831,21 @@ impl Store {
                 self.path().display()
             )));
         }
+        if has_data && !db.is_sled() {
+            // Another instance on the database may have initialised it meanwhile (its
+            // version is written before anything else).
+            if let Some(v) = db.trees[META].get("schema_version")? {
+                let found = std::str::from_utf8(&v).unwrap_or("?").to_string();
+                if found == SCHEMA_VERSION.to_string() {
+                    return Ok(());
+                }
+                return Err(StoreError::Schema {
+                    path: self.shown(),
+                    found,
+                    expected: SCHEMA_VERSION,
+                });
+            }
+        }
         if has_data {
             return Err(StoreError::Corrupt(format!(
                 "{}: data present but no schema version; refusing to guess",
@@ -1259,13 +1274,14 @@ impl Store {
         self.with(|db| {
             // Numbering and inserting under one lock makes entries visible in sequence
             // order: otherwise a poll could read number 6, move its cursor past 5 while 5
-            // is still being written, and never read that acknowledged webhook.
+            // is still being written, and never read that acknowledged webhook. On sled
+            // the lock is ours; PostgreSQL holds one for every process on the database
+            // (see `append`), on the server, so appends do not queue here.
             let group = &self.shared.group;
-            let _order = group.append_order.lock().unwrap_or_else(|p| p.into_inner());
+            let _order = (db.is_sled())
+                .then(|| group.append_order.lock().unwrap_or_else(|p| p.into_inner()));
             // Sequence numbers start at 1: a cursor of 0 means "nothing read yet".
-            let seq = db.next_id()? + 1;
-            db.trees[INBOX].insert(seq.to_be_bytes(), value)?;
-            Ok(seq)
+            db.db.append(&db.trees[INBOX], db.id_base, &value)
         })
     }
 
@@ -1392,65 +1408,47 @@ impl Store {
     ) -> Result<Vec<Claimed>, StoreError> {
         self.with(|db| {
             let group = &self.shared.group;
-            // The same lock as webhooks: inbox entries become visible in sequence order,
-            // and two requests with one key cannot both find it new.
+            // The same order as webhooks: inbox entries become visible in sequence order.
+            // The keys are read inside the transaction, under that order, so that two
+            // requests with one key (in any process on the database) cannot both find it
+            // new.
             let _order = group.append_order.lock().unwrap_or_else(|p| p.into_inner());
-            let mut out: Vec<Claimed> = Vec::with_capacity(claims.len());
-            let mut fresh: Vec<(&KeyClaim, ApiKeyRecord)> = Vec::new();
-            let seq = db.next_id()? + 1;
-            for c in claims {
-                let earlier = (fresh.iter().find(|(f, _)| f.key == c.key))
-                    .map(|(_, r)| r.clone())
-                    .map(Ok)
-                    .or_else(|| {
-                        let v = db.trees[API_KEYS].get(c.key.as_bytes()).transpose()?;
-                        Some(v.and_then(|v| decode("api key", &v)))
-                    })
-                    .transpose()?;
-                out.push(match earlier {
-                    Some(r) if r.content == c.content => Claimed::Same(r),
-                    Some(r) => Claimed::Conflict(r),
-                    None => {
-                        let r = ApiKeyRecord {
-                            content: c.content.clone(),
-                            recorded_at: received_at,
-                            receipt: format!("api-{seq}-{}", fresh.len()),
-                        };
-                        fresh.push((c, r.clone()));
-                        Claimed::New(r)
-                    }
-                });
-            }
-            if fresh.is_empty() {
-                return Ok(out);
-            }
-            let mut body = b"[".to_vec();
-            for (i, (c, _)) in fresh.iter().enumerate() {
-                if i > 0 {
-                    body.push(b',');
-                }
-                body.extend_from_slice(&c.body);
-            }
-            body.push(b']');
-            let entry = encode(&InboxRecord {
-                received_at,
-                body,
-                reason: None,
-                connector: Some(connector.to_string()),
-            });
             let ordered = TxOpts {
                 ordered: true,
                 ..TxOpts::default()
             };
-            let written = db.db.transaction(&db.trees, ordered, |t| {
+            let claimed = db.db.transaction(&db.trees, ordered, |t| {
+                let seq = db.id_base + t[INBOX].generate_id()? + 1;
+                let (out, fresh) = claim_keys(claims, received_at, seq, |key| {
+                    match t[API_KEYS].get(key.as_bytes())? {
+                        Some(v) => Ok(Some(decode("api key", &v).map_err(TxErr::Abort)?)),
+                        None => Ok(None),
+                    }
+                })?;
+                if fresh.is_empty() {
+                    return Ok(out);
+                }
+                let mut body = b"[".to_vec();
+                for (i, (c, _)) in fresh.iter().enumerate() {
+                    if i > 0 {
+                        body.push(b',');
+                    }
+                    body.extend_from_slice(&c.body);
+                }
+                body.push(b']');
+                let entry = encode(&InboxRecord {
+                    received_at,
+                    body,
+                    reason: None,
+                    connector: Some(connector.to_string()),
+                });
                 t[INBOX].insert(seq.to_be_bytes(), entry.as_slice())?;
                 for (c, r) in &fresh {
                     t[API_KEYS].insert(c.key.as_bytes(), encode(r))?;
                 }
-                Ok(())
+                Ok(out)
             });
-            written.map_err(|(TxFail::Abort(e) | TxFail::Storage(e))| e)?;
-            Ok(out)
+            claimed.map_err(|(TxFail::Abort(e) | TxFail::Storage(e))| e)
         })
     }
 
@@ -1597,6 +1595,39 @@ impl Saved {
 }
 
 /// Makes one small write durable: proves the database takes writes again.
+/// What each claim of one write API request finds (`stored` reads a recorded key), and
+/// the claims recorded now, numbered after the request's inbox entry `seq`.
+#[allow(clippy::type_complexity)]
+fn claim_keys(
+    claims: &[KeyClaim],
+    received_at: Timestamp,
+    seq: u64,
+    stored: impl Fn(&str) -> Result<Option<ApiKeyRecord>, TxErr>,
+) -> Result<(Vec<Claimed>, Vec<(&KeyClaim, ApiKeyRecord)>), TxErr> {
+    let mut out: Vec<Claimed> = Vec::with_capacity(claims.len());
+    let mut fresh: Vec<(&KeyClaim, ApiKeyRecord)> = Vec::new();
+    for c in claims {
+        let earlier = match fresh.iter().find(|(f, _)| f.key == c.key) {
+            Some((_, r)) => Some(r.clone()),
+            None => stored(&c.key)?,
+        };
+        out.push(match earlier {
+            Some(r) if r.content == c.content => Claimed::Same(r),
+            Some(r) => Claimed::Conflict(r),
+            None => {
+                let r = ApiKeyRecord {
+                    content: c.content.clone(),
+                    recorded_at: received_at,
+                    receipt: format!("api-{seq}-{}", fresh.len()),
+                };
+                fresh.push((c, r.clone()));
+                Claimed::New(r)
+            }
+        });
+    }
+    Ok((out, fresh))
+}
+
 fn probe(db: &Db) -> Result<(), StoreError> {
     db.trees[META].insert("probe", Timestamp::now().millis().to_be_bytes())?;
     db.db.flush()?;
@@ -1848,5 +1879,7 @@ mod kv;
 pub use compact::{compact, compact_if_pending};
 pub use erasure::Tombstone;
 
+#[cfg(test)]
+pub mod testing;
 #[cfg(test)]
 mod tests;

@@ -10,7 +10,6 @@ use optout_core::{
 use crate::identity::Normalizer;
 use crate::policy::{Decision, PolicyConfig};
 use crate::reconcile::Engine;
-use crate::store::Store;
 
 const WA: &str = "whatsapp";
 const CRM: &str = "hubspot";
@@ -21,7 +20,7 @@ fn engine(dir: &std::path::Path) -> Engine {
         (WA.to_string(), Takes::Replies),
     ]);
     Engine::new(
-        Store::open(dir).unwrap(),
+        crate::store::testing::open(dir),
         PolicyConfig::default(),
         Normalizer::new(Normalizer::parse_region("US").unwrap()),
         targets,

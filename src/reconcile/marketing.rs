@@ -194,7 +194,6 @@ mod tests {
     use crate::identity::Normalizer;
     use crate::policy::{Decision, PolicyConfig};
     use crate::reconcile::Engine;
-    use crate::store::Store;
 
     const HUBSPOT: &str = "hubspot";
     const SALESFORCE: &str = "salesforce";
@@ -208,7 +207,7 @@ mod tests {
             (WHATSAPP.to_string(), Takes::Nothing),
         ]);
         Engine::new(
-            Store::open(dir).unwrap(),
+            crate::store::testing::open(dir),
             PolicyConfig::default(),
             Normalizer::new(Normalizer::parse_region("US").unwrap()),
             targets,

@@ -191,7 +191,7 @@ mod tests {
 
     fn engine(dir: &std::path::Path) -> crate::reconcile::Engine {
         crate::reconcile::Engine::new(
-            Store::open(dir).unwrap(),
+            crate::store::testing::open(dir),
             crate::policy::PolicyConfig::default(),
             crate::identity::Normalizer::new(
                 crate::identity::Normalizer::parse_region("US").unwrap(),

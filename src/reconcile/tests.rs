@@ -9,7 +9,7 @@ const WHATSAPP: &str = "whatsapp";
 const HOOK: &str = "hook";
 
 fn engine(dir: &std::path::Path) -> Engine {
-    let store = Store::open(dir).unwrap();
+    let store = crate::store::testing::open(dir);
     let targets = BTreeMap::from([
         (HUBSPOT.to_string(), Takes::Records),
         (SALESFORCE.to_string(), Takes::Records),

@@ -7,7 +7,7 @@ const HUBSPOT: &str = "hubspot";
 fn engine(dir: &std::path::Path) -> Engine {
     let targets = BTreeMap::from([(HUBSPOT.to_string(), Takes::Records)]);
     Engine::new(
-        Store::open(dir).unwrap(),
+        crate::store::testing::open(dir),
         PolicyConfig::default(),
         Normalizer::new(Normalizer::parse_region("US").unwrap()),
         targets,

@@ -15,7 +15,7 @@ fn engine(dir: &std::path::Path) -> Engine {
         (HOOK.to_string(), Takes::Events),
     ]);
     Engine::new(
-        Store::open(dir).unwrap(),
+        crate::store::testing::open(dir),
         PolicyConfig::default(),
         Normalizer::new(Normalizer::parse_region("US").unwrap()),
         targets,

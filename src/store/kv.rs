@@ -251,6 +251,23 @@ impl Engine {
         }
     }
 
+    /// Appends `value` to `tree` under a fresh number, `base` + a new id + 1, and returns
+    /// it. Numbers become visible in increasing order: on sled because the caller appends
+    /// one at a time; on PostgreSQL, across every process on the database, because the
+    /// number is drawn under the append order (one statement: the order is held only on
+    /// the server, never across a round trip).
+    pub fn append(&self, tree: &Tree, base: u64, value: &[u8]) -> Result<u64, StoreError> {
+        match (self, tree) {
+            (Engine::Sled(db), Tree::Sled(t)) => {
+                let seq = base + db.generate_id()? + 1;
+                t.insert(seq.to_be_bytes(), value)?;
+                Ok(seq)
+            }
+            (Engine::Pg(pg), Tree::Pg(_, i)) => pg.append(*i, base + 1, value),
+            _ => Err(StoreError::Io("a tree of another engine".into())),
+        }
+    }
+
     /// Makes every write that has returned so far durable.
     pub fn flush(&self) -> Result<(), StoreError> {
         match self {

@@ -124,7 +124,7 @@ mod tests {
     #[test]
     fn audit_retention_drops_old_evidence_once_and_audits_it() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::testing::open(dir.path());
         let day = Duration::from_secs(24 * 3600);
         let now = Timestamp::now();
         for age in [400, 200, 10] {

@@ -8,7 +8,6 @@ use optout_core::{ConsentEvent, Identity, Observation, PushOutcome, RecordSnapsh
 use super::*;
 use crate::identity::Normalizer;
 use crate::policy::PolicyConfig;
-use crate::store::Store;
 
 const TEXT: &str = "STOP sending me these please";
 
@@ -19,7 +18,7 @@ fn engine(dir: &std::path::Path) -> Engine {
         ("hook".to_string(), Takes::Events),
     ]);
     Engine::new(
-        Store::open(dir).unwrap(),
+        crate::store::testing::open(dir),
         PolicyConfig::default(),
         Normalizer::new(Normalizer::parse_region("US").unwrap()),
         targets,
@@ -231,7 +230,7 @@ fn erasure_drops_the_persons_held_opt_ins() {
         ..PolicyConfig::default()
     };
     let e = Engine::new(
-        Store::open(dir.path()).unwrap(),
+        crate::store::testing::open(dir.path()),
         policy,
         Normalizer::new(Normalizer::parse_region("US").unwrap()),
         BTreeMap::from([("hubspot".to_string(), Takes::Records)]),

@@ -9,7 +9,6 @@ use crate::holds::HoldSelection;
 use crate::identity::Normalizer;
 use crate::policy::{Decision, OptInGuard, PolicyConfig};
 use crate::reconcile::Engine;
-use crate::store::Store;
 
 fn engine(dir: &std::path::Path) -> Engine {
     let policy = PolicyConfig {
@@ -20,7 +19,7 @@ fn engine(dir: &std::path::Path) -> Engine {
         ..PolicyConfig::default()
     };
     Engine::new(
-        Store::open(dir).unwrap(),
+        crate::store::testing::open(dir),
         policy,
         Normalizer::new(Normalizer::parse_region("US").unwrap()),
         BTreeMap::from([("hubspot".to_string(), Takes::Records)]),

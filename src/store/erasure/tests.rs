@@ -25,7 +25,7 @@ fn the_tombstone_hash_is_hmac_sha256_of_the_normalised_identity() {
 fn the_key_is_drawn_once_per_store_and_tombstones_are_found_by_identity() {
     let dir = tempfile::tempdir().unwrap();
     let key = {
-        let s = Store::open(dir.path()).unwrap();
+        let s = crate::store::testing::open(dir.path());
         assert_eq!(s.tombstone("p:+14155552671").unwrap(), None);
         let key = s.erasure_key().unwrap();
         assert_eq!(s.erasure_key().unwrap(), key);
@@ -41,7 +41,7 @@ fn the_key_is_drawn_once_per_store_and_tombstones_are_found_by_identity() {
         assert_eq!(hash, hex::encode(tombstone_hash(&key, "p:+14155552671")));
         key
     };
-    let s = Store::open(dir.path()).unwrap();
+    let s = crate::store::testing::open(dir.path());
     assert_eq!(s.erasure_key().unwrap(), key, "the key survives a restart");
     let (hash, t) = s.tombstone("p:+14155552671").unwrap().expect("found");
     assert_eq!((t.subject, t.suppressed), (12, true));
@@ -50,7 +50,9 @@ fn the_key_is_drawn_once_per_store_and_tombstones_are_found_by_identity() {
     // A second store has a key of its own.
     let dir2 = tempfile::tempdir().unwrap();
     assert_ne!(
-        Store::open(dir2.path()).unwrap().erasure_key().unwrap(),
+        crate::store::testing::open(dir2.path())
+            .erasure_key()
+            .unwrap(),
         key
     );
 }
@@ -58,7 +60,7 @@ fn the_key_is_drawn_once_per_store_and_tombstones_are_found_by_identity() {
 #[test]
 fn retention_drops_old_evidence_keeps_decisions_and_reads_only_what_newly_expired() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path()).unwrap();
+    let s = crate::store::testing::open(dir.path());
     for i in 0..10 {
         s.transaction(true, |tx| {
             let mut a = AuditEntry::new(AuditKind::Decision, "whatsapp", Timestamp(i * 1000));

@@ -13,8 +13,11 @@
 //!
 //! The leader's lease (`optout_lease`) fences its transactions: once this process is told
 //! it leads, each of its fenced transactions first checks, inside the same serializable
-//! transaction, that the lease is still its own and unexpired. A successor's take-over and
-//! an old leader's commit therefore cannot both succeed.
+//! transaction, that the lease is still its own and unexpired, and keeps the lease row
+//! share-locked until it ends. A take-over (an update of that row) therefore waits for a
+//! fenced transaction under way, and one that began before a take-over committed fails to
+//! serialize and, run again, finds the lease gone: an old leader never commits after its
+//! successor took over.
 //!
 //! The driver is the synchronous `postgres` crate, which runs its own small runtime: calls
 //! made on one of tokio's worker threads are moved out of the way first ([`blocking`]).
@@ -112,6 +115,7 @@ struct Statements {
     next_id: Statement,
     upsert_many: Statement,
     delete_many: Statement,
+    append: Statement,
 }
 
 impl Statements {
@@ -145,6 +149,14 @@ impl Statements {
             delete_many: c.prepare(
                 "DELETE FROM optout_kv k USING unnest($1::smallint[], $2::bytea[]) AS d(tree, key) \
                  WHERE k.tree = d.tree AND k.key = d.key",
+            )?,
+            // The lock (held to the statement's commit) is taken before the number is
+            // drawn: numbers commit, and so become visible, in increasing order.
+            append: c.prepare(
+                "WITH ordered AS (SELECT pg_advisory_xact_lock($1)) \
+                 INSERT INTO optout_kv (tree, key, value) \
+                 SELECT $2, int8send(nextval('optout_ids') + $3), $4 FROM ordered \
+                 RETURNING key",
             )?,
         })
     }
@@ -406,6 +418,22 @@ impl Pg {
         Ok(row.get::<_, i64>(0) as usize)
     }
 
+    /// Inserts `value` under the next id + `offset` in the append order (see
+    /// [`super::Engine::append`]); returns that number.
+    pub fn append(&self, tree: i16, offset: u64, value: &[u8]) -> Result<u64, StoreError> {
+        let offset =
+            i64::try_from(offset).map_err(|_| StoreError::Corrupt("id base too large".into()))?;
+        let mut conn = self.conn()?;
+        let (client, st) = conn.parts();
+        let row =
+            blocking(|| client.query_one(&st.append, &[&LOCK_APPEND, &tree, &offset, &value]))
+                .map_err(io)?;
+        let key: Vec<u8> = row.get(0);
+        let key: [u8; 8] = (key.as_slice().try_into())
+            .map_err(|_| StoreError::Corrupt("an appended key is not a number".into()))?;
+        Ok(u64::from_be_bytes(key))
+    }
+
     pub fn next_id(&self) -> Result<u64, StoreError> {
         let mut conn = self.conn()?;
         let (client, st) = conn.parts();
@@ -426,12 +454,17 @@ impl Pg {
         })
     }
 
-    /// Makes every commit that returned before this call durable: a commit with a
-    /// transaction id waits for the log to be flushed up to its record.
+    /// Makes every commit that returned before this call durable: a synchronous commit
+    /// waits for the log to be flushed up to its record, which follows theirs.
+    ///
+    /// PostgreSQL commits synchronously only a transaction that has a transaction id *and*
+    /// wrote to the log (an id alone, as `txid_current()` takes, commits asynchronously
+    /// and flushes nothing). A transactional log message is both, and touches no table.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.with_client(|c| {
             c.batch_execute(
-                "BEGIN; SET LOCAL synchronous_commit TO on; SELECT txid_current(); COMMIT",
+                "BEGIN; SET LOCAL synchronous_commit TO on; \
+                 SELECT pg_logical_emit_message(true, 'optout-sync', 'flush'); COMMIT",
             )
         })
     }
@@ -538,15 +571,18 @@ fn begin_sql(opts: TxOpts, fence: Option<&(String, i64)>) -> String {
         // The holder is an instance name the configuration restricts to [A-Za-z0-9._-];
         // quotes are doubled all the same.
         let holder = holder.replace('\'', "''");
+        // FOR SHARE: a successor's take-over (an UPDATE of the row) waits for this
+        // transaction, or this one fails to serialize and finds the lease gone on retry.
         sql.push_str(&format!(
-            "SELECT count(*) FROM optout_lease WHERE name = 'leader' AND holder = '{holder}' \
-             AND epoch = {epoch} AND expires_at > clock_timestamp();"
+            "SELECT 1 FROM optout_lease WHERE name = 'leader' AND holder = '{holder}' \
+             AND epoch = {epoch} AND expires_at > clock_timestamp() FOR SHARE;"
         ));
     }
     sql
 }
 
-/// Whether the lease check of [`begin_sql`] found the lease still held.
+/// Whether the lease check of [`begin_sql`] found the lease still held (its one row is
+/// `1`; the batch's other statements return no row or an empty one).
 fn lease_held(msgs: &[postgres::SimpleQueryMessage]) -> bool {
     msgs.iter().any(|m| match m {
         postgres::SimpleQueryMessage::Row(r) => r.get(r.len() - 1) == Some("1"),
