@@ -439,6 +439,7 @@ fn check_config(path: &Path, connect: bool) -> ExitCode {
                 c.connectors.len(),
                 if c.connectors.len() == 1 { "" } else { "s" }
             );
+            println!("store: {}", describe_store(&c.store));
             if connect {
                 return check_connections(&c);
             }
@@ -456,6 +457,26 @@ fn check_config(path: &Path, connect: bool) -> ExitCode {
                 }
             );
             ExitCode::from(2)
+        }
+    }
+}
+
+/// The store's engine for `check-config`, with the settings an operator may want to see;
+/// never the URL (it holds the password).
+fn describe_store(store: &crate::store::Backend) -> String {
+    match store {
+        crate::store::Backend::Sled => "sled (in daemon.state_dir)".into(),
+        crate::store::Backend::Postgres(pg) => {
+            let tls = match &pg.tls_ca_file {
+                Some(f) => format!(", TLS roots from {}", f.display()),
+                None => String::new(),
+            };
+            format!(
+                "postgres, instance {} (pool of {}, lease {}{tls})",
+                pg.instance,
+                pg.pool_size,
+                humantime::format_duration(pg.lease)
+            )
         }
     }
 }

@@ -322,6 +322,69 @@ pub struct AuditSection {
 /// The shortest `audit.retention`: evidence is what answers a dispute about a recent act.
 pub const MIN_AUDIT_RETENTION: Duration = Duration::from_secs(30 * DAY);
 
+/// `[store]`: which engine holds the store, and for PostgreSQL how to reach it. Every key
+/// is read as written (an `Option` where it has a default) so that [`Config::check_store`]
+/// can refuse a PostgreSQL key given with sled instead of ignoring it.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// Secret: the connection URL or key=value string (its password included).
+    #[serde(default)]
+    pub url: Option<SecretRef>,
+    #[serde(default)]
+    pub pool_size: Option<u32>,
+    /// PEM certificates to trust for TLS instead of the public web roots.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// This instance's name among the daemons sharing one database; default the host name.
+    #[serde(default)]
+    pub instance: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub lease: Option<Duration>,
+}
+
+/// `store.backend`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// Files in `daemon.state_dir`: one process on one host, nothing to install.
+    #[default]
+    Sled,
+    /// A PostgreSQL database, shared by every instance.
+    Postgres,
+}
+
+/// `store.pool_size` when not given, and its bounds.
+pub const DEFAULT_POOL_SIZE: u32 = 8;
+pub const MAX_POOL_SIZE: u32 = 64;
+/// `store.lease` when not given, and its bounds: shorter than the minimum, a busy leader
+/// (a long transaction, a GC pause) loses its lease without being dead; longer than the
+/// maximum, a dead leader stops every poll and push for that long.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+pub const MIN_LEASE: Duration = Duration::from_secs(3);
+pub const MAX_LEASE: Duration = Duration::from_secs(300);
+/// `store.instance` when neither given nor readable from the host name.
+pub const FALLBACK_INSTANCE: &str = "optout-sync";
+
+/// This host's name as the kernel knows it, when it is a valid instance name.
+fn host_instance() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| valid_instance(h))
+        .unwrap_or_else(|| FALLBACK_INSTANCE.to_string())
+}
+
+/// 1–64 characters of letters, digits, `.`, `_` and `-`: it stands in `status`, in logs and
+/// in the lease row, so nothing that needs quoting.
+fn valid_instance(n: &str) -> bool {
+    (1..=64).contains(&n.len())
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
 /// The daemon's own keys in a connector table.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -407,6 +470,7 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub policy: PolicySection,
     pub audit: AuditSection,
+    pub store: StoreSection,
     pub connectors: Vec<ConnectorConfig>,
     /// The file's text, kept to locate problems found after parsing.
     source: String,
@@ -420,6 +484,8 @@ struct RawConfig {
     policy: PolicySection,
     #[serde(default)]
     audit: AuditSection,
+    #[serde(default)]
+    store: StoreSection,
     #[serde(default)]
     connectors: BTreeMap<String, toml::Table>,
 }
@@ -468,6 +534,7 @@ pub fn parse_with(path: &Path, source: &str, kinds: &[&dyn Entry]) -> Result<Con
         daemon: raw.daemon,
         policy: raw.policy,
         audit: raw.audit,
+        store: raw.store,
         connectors,
         source: source.to_string(),
     })
@@ -590,6 +657,9 @@ pub struct Checked {
     /// The write API's token; `None` when the write API is off or secrets were not read.
     pub write_token: Option<Secret>,
     pub connectors: Vec<CheckedConnector>,
+    /// The store's engine; PostgreSQL's URL is read even without secrets (every command
+    /// that opens the store needs it).
+    pub store: crate::store::Backend,
     /// Allowed but probably a mistake (`file:line:column: key: message`).
     pub warnings: Vec<String>,
 }
@@ -667,8 +737,8 @@ impl Config {
         self.check(true)
     }
 
-    /// Like [`Config::validate`] but without reading secrets: for commands that only
-    /// open the store or talk to the running daemon.
+    /// Like [`Config::validate`] but without reading secrets, except `store.url`: for
+    /// commands that only open the store or talk to the running daemon.
     pub fn validate_without_secrets(&self) -> Result<Checked, Problems> {
         self.check(false)
     }
@@ -680,6 +750,7 @@ impl Config {
             warnings: Vec::new(),
         };
         let region = self.check_daemon(&mut found);
+        let store = self.check_store(&mut found);
         let gate_token = match &self.daemon.gate_token {
             Some(s) if secrets => s
                 .resolve()
@@ -712,7 +783,11 @@ impl Config {
             ("daemon.gate_token", gate_token.as_ref()),
             ("daemon.write_token", write_token.as_ref()),
         ];
-        check_secrets_apart(&tokens, &connectors, &mut found);
+        let store_url = match &store {
+            Some(crate::store::Backend::Postgres(pg)) => Some(&pg.url),
+            _ => None,
+        };
+        check_secrets_apart(store_url, &tokens, &connectors, &mut found);
         let warnings = (found.warnings.iter())
             .map(|w| {
                 format!(
@@ -725,8 +800,8 @@ impl Config {
                 )
             })
             .collect();
-        match region {
-            Some(region) if found.problems.is_empty() => Ok(Checked {
+        match (region, store) {
+            (Some(region), Some(store)) if found.problems.is_empty() => Ok(Checked {
                 daemon: self.daemon.clone(),
                 policy: self.policy.to_policy(),
                 region,
@@ -734,6 +809,7 @@ impl Config {
                 audit_retention: self.audit.retention,
                 write_token,
                 connectors,
+                store,
                 warnings,
             }),
             _ => Err(Problems {
@@ -790,6 +866,46 @@ impl Config {
         region
     }
 
+    /// `[store]`: the engine, and for PostgreSQL its settings with the URL read, also when
+    /// other secrets are not (every command that opens the store needs it). `None` when
+    /// something is wrong (a problem is recorded).
+    fn check_store(&self, found: &mut Found) -> Option<crate::store::Backend> {
+        let s = &self.store;
+        let before = found.problems.len();
+        let instance = match &s.instance {
+            Some(name) if !valid_instance(name) => {
+                found.add(
+                    "store.instance",
+                    "use 1 to 64 letters, digits, `.`, `_` or `-` (it names this instance in `status`)",
+                );
+                String::new()
+            }
+            Some(name) => name.clone(),
+            None => host_instance(),
+        };
+        let backend = match s.backend {
+            BackendKind::Sled => {
+                let postgres_only = [
+                    ("store.url", s.url.is_some()),
+                    ("store.pool_size", s.pool_size.is_some()),
+                    ("store.tls_ca_file", s.tls_ca_file.is_some()),
+                    ("store.lease", s.lease.is_some()),
+                ];
+                for (key, _) in postgres_only.iter().filter(|(_, given)| *given) {
+                    found.add(
+                        key,
+                        "only for backend = \"postgres\"; sled keeps the store in daemon.state_dir",
+                    );
+                }
+                crate::store::Backend::Sled
+            }
+            BackendKind::Postgres => {
+                crate::store::Backend::Postgres(pg_settings(s, instance, found)?)
+            }
+        };
+        (found.problems.len() == before).then_some(backend)
+    }
+
     /// `[policy]`: the margin and the sources whose opt-ins count.
     fn check_policy(&self, found: &mut Found) {
         let pol = &self.policy;
@@ -833,6 +949,73 @@ impl Config {
             }
         }
     }
+}
+
+/// `[store]` with `backend = "postgres"`: bounds, the CA file, and the URL read now. `None`
+/// without a readable URL (a problem is recorded); other problems are recorded and the
+/// caller sees them by count.
+fn pg_settings(
+    s: &StoreSection,
+    instance: String,
+    found: &mut Found,
+) -> Option<crate::store::PgSettings> {
+    let pool_size = s.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
+    if !(1..=MAX_POOL_SIZE).contains(&pool_size) {
+        found.add(
+            "store.pool_size",
+            format!("must be from 1 to {MAX_POOL_SIZE}"),
+        );
+    }
+    let lease = s.lease.unwrap_or(DEFAULT_LEASE);
+    if !(MIN_LEASE..=MAX_LEASE).contains(&lease) {
+        found.add(
+            "store.lease",
+            "must be between 3s and 5m: shorter, a busy leader loses its lease; longer, a dead one stops polls and pushes that long",
+        );
+    }
+    if let Some(ca) = &s.tls_ca_file {
+        if !ca.is_absolute() {
+            found.add("store.tls_ca_file", "must be an absolute path");
+        } else if let Err(e) = std::fs::File::open(ca) {
+            found.add(
+                "store.tls_ca_file",
+                format!("{} cannot be read: {}", ca.display(), e.kind()),
+            );
+        }
+    }
+    let Some(reference) = &s.url else {
+        found.add(
+            "store.url",
+            "required with backend = \"postgres\": a secret reference such as { credential = \"store-url\" }",
+        );
+        return None;
+    };
+    let url = (reference.resolve())
+        .map_err(|e| found.add("store.url", e.to_string()))
+        .ok()?;
+    if !looks_like_pg_url(url.expose()) {
+        // Never the value: it holds the password.
+        found.add(
+            "store.url",
+            format!(
+                "{} holds neither a postgresql:// URL nor a key=value connection string",
+                reference.describe()
+            ),
+        );
+    }
+    Some(crate::store::PgSettings {
+        url,
+        pool_size,
+        tls_ca_file: s.tls_ca_file.clone(),
+        instance,
+        lease,
+    })
+}
+
+/// The two forms libpq reads: a URI, or `host=… dbname=…` pairs.
+fn looks_like_pg_url(v: &str) -> bool {
+    let v = v.trim();
+    v.starts_with("postgresql://") || v.starts_with("postgres://") || v.contains('=')
 }
 
 /// One `[connectors.NAME]` table: the daemon's keys, then the connector's own settings and
@@ -966,12 +1149,17 @@ fn shortest_gap(s: &cron::Schedule) -> Option<Duration> {
 /// doors. A role is a key: two WhatsApp accounts of one Meta app share its app secret
 /// legitimately. Messages name keys, never values.
 fn check_secrets_apart(
+    store_url: Option<&Secret>,
     tokens: &[(&str, Option<&Secret>)],
     connectors: &[CheckedConnector],
     found: &mut Found,
 ) {
     // (role, full key, value)
     let mut seen: Vec<(String, String, Secret)> = Vec::new();
+    // The store's URL is no bearer token (no length rule), but a role all the same.
+    if let Some(url) = store_url {
+        seen.push(("store.url".into(), "store.url".into(), url.clone()));
+    }
     for (key, token) in tokens.iter().filter_map(|(k, t)| Some((*k, (*t)?))) {
         let chars = token.expose().chars().count();
         if chars < MIN_TOKEN_CHARS {

@@ -343,3 +343,271 @@ fn audit_retention_is_optional_read_as_a_duration_and_not_too_short() {
     let text = problems(&format!("{GOOD}\n[audit]\nretention = \"soon\"\n")).to_string();
     assert!(text.contains("audit.retention"), "{text}");
 }
+
+/// A private file holding a PostgreSQL URL, and `GOOD` with a `[store]` table reading it
+/// plus `extra` lines.
+fn with_pg_store(dir: &Path, extra: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let f = dir.join("store-url");
+    std::fs::write(
+        &f,
+        "postgresql://optout:pw-of-the-store@db.example:5432/optout\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    format!(
+        "{GOOD}\n[store]\nbackend = \"postgres\"\nurl = {{ file = \"{}\" }}\n{extra}",
+        f.display()
+    )
+}
+
+fn pg_of(src: &str) -> crate::store::PgSettings {
+    let checked = parse(Path::new("test.toml"), src)
+        .unwrap()
+        .validate()
+        .unwrap();
+    match checked.store {
+        crate::store::Backend::Postgres(pg) => pg,
+        other => panic!("expected postgres, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_store_is_sled_unless_the_file_says_otherwise() {
+    let checked = parse(Path::new("test.toml"), GOOD)
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert!(matches!(checked.store, crate::store::Backend::Sled));
+    let explicit = format!("{GOOD}\n[store]\nbackend = \"sled\"\n");
+    let checked = (parse(Path::new("test.toml"), &explicit).unwrap().validate()).unwrap();
+    assert!(matches!(checked.store, crate::store::Backend::Sled));
+}
+
+#[test]
+fn postgres_settings_have_their_defaults_and_the_url_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = pg_of(&with_pg_store(dir.path(), ""));
+    assert_eq!(
+        pg.url.expose(),
+        "postgresql://optout:pw-of-the-store@db.example:5432/optout",
+        "read from the file, its newline dropped"
+    );
+    assert_eq!(pg.pool_size, 8);
+    assert_eq!(pg.lease, Duration::from_secs(10));
+    assert_eq!(pg.tls_ca_file, None);
+    // The host name when it is a valid instance name, which a Linux host name always is.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let expected = Some(host.trim())
+        .filter(|h| valid_instance(h))
+        .unwrap_or(FALLBACK_INSTANCE);
+    assert_eq!(pg.instance, expected);
+
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
+    let pg = pg_of(&with_pg_store(
+        dir.path(),
+        &format!(
+            "pool_size = 64\nlease = \"5m\"\ninstance = \"web-1.eu_west\"\ntls_ca_file = \"{}\"\n",
+            ca.display()
+        ),
+    ));
+    assert_eq!(pg.pool_size, 64);
+    assert_eq!(pg.lease, Duration::from_secs(300));
+    assert_eq!(pg.instance, "web-1.eu_west");
+    assert_eq!(pg.tls_ca_file.as_deref(), Some(ca.as_path()));
+}
+
+#[test]
+fn the_store_url_is_a_secret_reference_and_never_shown() {
+    let inline = format!(
+        "{GOOD}\n[store]\nbackend = \"postgres\"\nurl = \"postgresql://u:hunter2@db/optout\"\n"
+    );
+    let text = problems(&inline).to_string();
+    assert!(
+        text.contains(
+            "test.toml:25:7: store.url: secrets must not be written in the configuration file"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+
+    // Neither a URL nor key=value pairs: refused, naming the file but not the value.
+    let dir = tempfile::tempdir().unwrap();
+    let src = with_pg_store(dir.path(), "");
+    std::fs::write(dir.path().join("store-url"), "pw-of-the-store\n").unwrap();
+    let text = problems(&src).to_string();
+    assert!(
+        text.contains("store.url: file ") && text.contains("holds neither a postgresql:// URL"),
+        "{text}"
+    );
+    assert!(!text.contains("pw-of-the-store"), "{text}");
+    // A libpq key=value string is accepted.
+    std::fs::write(
+        dir.path().join("store-url"),
+        "host=/run/postgresql dbname=optout\n",
+    )
+    .unwrap();
+    assert_eq!(
+        pg_of(&src).url.expose(),
+        "host=/run/postgresql dbname=optout"
+    );
+}
+
+#[test]
+fn postgres_needs_a_url() {
+    let src = format!("{GOOD}\n[store]\nbackend = \"postgres\"\n");
+    let text = problems(&src).to_string();
+    assert!(
+        text.contains("test.toml:23:1: store.url: required with backend = \"postgres\""),
+        "{text}"
+    );
+}
+
+#[test]
+fn postgres_keys_are_refused_with_sled() {
+    let src = format!(
+        "{GOOD}\n[store]\nurl = {{ env = \"PATH\" }}\npool_size = 4\nlease = \"10s\"\ntls_ca_file = \"/etc/ssl/ca.pem\"\n"
+    );
+    let p = problems(&src);
+    let keys: Vec<_> = p.problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "store.url",
+            "store.pool_size",
+            "store.tls_ca_file",
+            "store.lease"
+        ],
+        "{p}"
+    );
+    assert!(
+        p.to_string()
+            .contains("test.toml:24:7: store.url: only for backend = \"postgres\""),
+        "{p}"
+    );
+}
+
+#[test]
+fn store_bounds_are_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("pool_size = 0", "store.pool_size: must be from 1 to 64"),
+        ("pool_size = 65", "store.pool_size: must be from 1 to 64"),
+        ("pool_size = -1", "store.pool_size: invalid value"),
+        ("lease = \"2s\"", "store.lease: must be between 3s and 5m"),
+        ("lease = \"301s\"", "store.lease: must be between 3s and 5m"),
+        ("lease = \"soon\"", "store.lease"),
+        ("instance = \"\"", "store.instance: use 1 to 64 letters"),
+        (
+            "instance = \"web 1\"",
+            "store.instance: use 1 to 64 letters",
+        ),
+        (
+            "instance = \"web/1\"",
+            "store.instance: use 1 to 64 letters",
+        ),
+        (
+            "tls_ca_file = \"ca.pem\"",
+            "store.tls_ca_file: must be an absolute path",
+        ),
+        (
+            "tls_ca_file = \"/nonexistent/ca.pem\"",
+            "store.tls_ca_file: /nonexistent/ca.pem cannot be read",
+        ),
+        (
+            "backend = \"mysql\"",
+            "store.backend: unknown variant `mysql`",
+        ),
+    ];
+    for (line, expected) in cases {
+        let src = with_pg_store(dir.path(), &format!("{line}\n"));
+        // A key given twice is a syntax error; `backend` is replaced instead.
+        let src = if line.starts_with("backend") {
+            src.replace("backend = \"postgres\"\n", "")
+        } else {
+            src
+        };
+        let text = problems(&src).to_string();
+        assert!(text.contains(expected), "expected {expected:?} in:\n{text}");
+    }
+    let long = format!("instance = \"{}\"\n", "a".repeat(65));
+    let text = problems(&with_pg_store(dir.path(), &long)).to_string();
+    assert!(text.contains("store.instance"), "{text}");
+    let longest = format!("instance = \"{}\"\n", "a".repeat(64));
+    assert_eq!(
+        pg_of(&with_pg_store(dir.path(), &longest)).instance.len(),
+        64
+    );
+    let shortest = "lease = \"3s\"\npool_size = 1\n";
+    let pg = pg_of(&with_pg_store(dir.path(), shortest));
+    assert_eq!((pg.lease, pg.pool_size), (Duration::from_secs(3), 1));
+}
+
+#[test]
+fn an_unknown_store_key_is_located() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = problems(&with_pg_store(dir.path(), "pool = 4\n")).to_string();
+    assert!(
+        text.starts_with("test.toml:26:1: store.pool: unknown field `pool`"),
+        "{text}"
+    );
+}
+
+/// Offline commands open the store: its URL is read even when no other secret is, and a
+/// missing one is a located problem there too.
+#[test]
+fn the_store_url_is_read_without_other_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = with_pg_store(dir.path(), "");
+    let offline = (parse(Path::new("test.toml"), &src).unwrap())
+        .validate_without_secrets()
+        .unwrap();
+    assert!(
+        offline
+            .connector("crm-eu")
+            .unwrap()
+            .secrets
+            .get("token")
+            .is_err()
+    );
+    match offline.store {
+        crate::store::Backend::Postgres(pg) => {
+            assert!(pg.url.expose().starts_with("postgresql://"))
+        }
+        other => panic!("expected postgres, got {other:?}"),
+    }
+    let missing = src.replace(
+        &format!(
+            "{{ file = \"{}\" }}",
+            dir.path().join("store-url").display()
+        ),
+        "{ env = \"OPTOUT_TEST_SURELY_UNSET\" }",
+    );
+    let p = (parse(Path::new("test.toml"), &missing).unwrap())
+        .validate_without_secrets()
+        .expect_err("the URL cannot be read");
+    assert!(
+        p.to_string().contains(
+            "test.toml:25:7: store.url: environment variable OPTOUT_TEST_SURELY_UNSET is not set"
+        ),
+        "{p}"
+    );
+}
+
+#[test]
+fn the_store_url_is_a_role_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = with_pg_store(dir.path(), "").replace(
+        "[policy]",
+        &format!(
+            "write_token = {{ file = \"{}\" }}\n[policy]",
+            dir.path().join("store-url").display()
+        ),
+    );
+    let text = problems(&src).to_string();
+    assert!(
+        text.contains("daemon.write_token: has the same value as store.url"),
+        "{text}"
+    );
+}
