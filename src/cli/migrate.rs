@@ -26,12 +26,15 @@ pub(super) fn migrate(config_path: &Path, to: Direction, json: bool) -> Result<E
         .into());
     };
     let dir = &config.daemon.state_dir;
-    let started = Instant::now();
-    let mut last = started;
+    let mut phase = ("", Instant::now());
+    let mut last = Instant::now();
     let mut progress = |p: Progress<'_>| {
+        if phase.0 != p.phase {
+            phase = (p.phase, Instant::now());
+        }
         if last.elapsed() >= EVERY {
             last = Instant::now();
-            let rate = p.done as f64 / started.elapsed().as_secs_f64().max(0.001);
+            let rate = p.done as f64 / phase.1.elapsed().as_secs_f64().max(0.001);
             eprintln!("{}: {} entries ({}), {rate:.0}/s", p.phase, p.done, p.tree);
         }
     };
