@@ -247,3 +247,18 @@ fn sled_to_postgres_and_back_keeps_everything_and_refuses_a_used_target() {
         .unwrap();
     assert!(next > seq, "{next} after {seq}");
 }
+
+#[test]
+fn a_sled_store_in_use_is_refused_as_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    seeded(dir.path());
+    // Another handle holds sled's lock, as the running daemon does.
+    let daemon = Store::open(dir.path()).unwrap();
+    let pg = settings("host=127.0.0.1 port=1 dbname=none".into());
+    let err = sled_to_postgres(dir.path(), &pg, &mut no_progress()).unwrap_err();
+    assert!(
+        matches!(&err, MigrateError::Refused(m) if m.contains("stop the daemon first")),
+        "{err}"
+    );
+    drop(daemon);
+}
