@@ -1,11 +1,17 @@
-//! `store migrate`, run as the real binary: a sled store with imported content goes to a
-//! fresh PostgreSQL database and back into a new sled store, each step verified, and the
-//! round-tripped store answers `lookup` and `audit export` exactly as the original;
-//! a target that already holds a store is refused. Needs `OPTOUT_TEST_PG` (an admin URL
-//! of a PostgreSQL server); without it the test says so and passes, except under CI.
+//! `store migrate`, run as the real binary: a sled store filled by an import and by the
+//! daemon against the CRM fakes (records linked, pushes done, cursors) goes to a fresh
+//! PostgreSQL database and back into a new sled store, each step verified, and the
+//! round-tripped store answers `lookup` and `audit export` exactly as the original; a
+//! target that already holds a store is refused. Needs `OPTOUT_TEST_PG` (an admin URL of a
+//! PostgreSQL server); without it the test says so and passes, except under CI.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde_json::json;
 
 /// People imported: the `aliases` and `subjects` trees take more than one batch.
 const PEOPLE: usize = 6_000;
@@ -47,13 +53,14 @@ fn fresh_database() -> Option<String> {
     ))
 }
 
-/// A configuration with its store in `state`; with `postgres`, the `[store]` table naming
-/// the database through `OPTOUT_STORE_URL`.
-fn config(dir: &Path, name: &str, state: &Path, postgres: bool) -> PathBuf {
-    let mut text = format!(
-        "[daemon]\nstate_dir = \"{}\"\n\n[connectors.hubspot]\nkind = \"hubspot\"\npoll_interval = \"30s\"\ntoken = {{ env = \"PATH\" }}\n",
-        state.display()
+/// `base` (a configuration's text) with its store in `state`; with `postgres`, the
+/// `[store]` table naming the database through `OPTOUT_STORE_URL`.
+fn config(base: &str, dir: &Path, name: &str, state: &Path, postgres: bool) -> PathBuf {
+    let mut text = base.replace(
+        &format!("state_dir = \"{}\"", dir.join("state").display()),
+        &format!("state_dir = \"{}\"", state.display()),
     );
+    assert!(text.contains(&state.display().to_string()));
     if postgres {
         text += "\n[store]\nbackend = \"postgres\"\nurl = { env = \"OPTOUT_STORE_URL\" }\n";
     }
@@ -79,7 +86,9 @@ fn number(i: usize) -> String {
 /// What people and the audit see of a store: lookups of a sample and the whole export.
 fn answers(config: &Path) -> Vec<String> {
     let mut out = Vec::new();
-    for i in (0..PEOPLE).step_by(997).chain([PEOPLE - 1]) {
+    // Two people whose CRM records the daemon linked, then a sample of the rest.
+    let sample = [1, 4].into_iter().chain((0..PEOPLE).step_by(997));
+    for i in sample.chain([PEOPLE - 1]) {
         let o = run(config, "", &["lookup", "--json", &number(i)]);
         assert!(o.status.success(), "{}", text(&o));
         out.push(String::from_utf8(o.stdout).unwrap());
@@ -109,30 +118,68 @@ fn verified(o: &Output) -> u64 {
     v["entries"].as_u64().unwrap()
 }
 
-#[test]
-fn a_store_goes_to_postgres_and_back_unchanged_and_a_used_target_is_refused() {
-    let Some(url) = fresh_database() else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
-    std::fs::create_dir(&one).unwrap();
-    let plain_one = config(dir.path(), "one.toml", &one, false);
-    let plain_two = config(dir.path(), "two.toml", &two, false);
-    let pg_one = config(dir.path(), "pg-one.toml", &one, true);
-    let pg_two = config(dir.path(), "pg-two.toml", &two, true);
-
-    let csv = dir.path().join("list.csv");
+/// Imports [`PEOPLE`], then runs the daemon until it has linked and suppressed the CRM
+/// records of a few of them; returns the configuration's text.
+async fn filled_store(dir: &Path, f: &common::Fakes) -> String {
+    let c = common::config::Config::new(dir)
+        .hubspot(&f.hubspot.base_url())
+        .salesforce(&f.salesforce.base_url());
+    let path = dir.join("optout-sync.toml");
+    std::fs::write(&path, c.toml()).unwrap();
+    let csv = dir.join("list.csv");
     let mut rows = String::from("phone,status,time,source\n");
     for i in 0..PEOPLE {
         let status = if i % 3 == 0 { "opted_in" } else { "opted_out" };
         rows += &format!("{},{status},2024-05-01T10:00:00Z,old ESP\n", number(i));
     }
     std::fs::write(&csv, rows).unwrap();
-    let o = run(&plain_one, "", &["import", csv.to_str().unwrap()]);
+    let o = run(&path, "", &["import", csv.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
+
+    let mut suppressed = Vec::new();
+    for i in (1..60).step_by(3) {
+        f.hubspot
+            .create_contact(&[("firstname", "Ada"), ("phone", &number(i))]);
+        let fields = json!({"LastName": "L", "Phone": number(i), "WhatsApp_Opt_Out__c": false});
+        suppressed.push(f.salesforce.insert("Contact", fields));
+    }
+    let mut d = common::start(dir, &c.toml(), &c.env()).await;
+    d.until(
+        "the CRM records suppressed",
+        Duration::from_secs(60),
+        async || {
+            suppressed.iter().all(|id| {
+                f.salesforce
+                    .get(id)
+                    .is_some_and(|v| v["WhatsApp_Opt_Out__c"] == json!(true))
+            }) && (d.status().await.connectors.iter()).all(|c| c.outbox_depth == 0)
+        },
+    )
+    .await;
+    assert!(d.terminate().await.success());
+    c.toml()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_goes_to_postgres_and_back_unchanged_and_a_used_target_is_refused() {
+    let Some(url) = tokio::task::block_in_place(fresh_database) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let f = common::fakes().await;
+    let base = filled_store(dir.path(), &f).await;
+    let (one, two) = (dir.path().join("state"), dir.path().join("two"));
+    let plain_one = config(&base, dir.path(), "one.toml", &one, false);
+    let plain_two = config(&base, dir.path(), "two.toml", &two, false);
+    let pg_one = config(&base, dir.path(), "pg-one.toml", &one, true);
+    let pg_two = config(&base, dir.path(), "pg-two.toml", &two, true);
     let before = answers(&plain_one);
     assert!(before[1].contains("opted_out"), "{}", before[1]);
+    assert!(
+        before[0].contains("salesforce"),
+        "a linked record: {}",
+        before[0]
+    );
 
     // Without [store] there is no PostgreSQL side.
     let o = run(&plain_one, "", &["store", "migrate", "--to", "postgres"]);
@@ -160,7 +207,10 @@ fn a_store_goes_to_postgres_and_back_unchanged_and_a_used_target_is_refused() {
         "{t}"
     );
     assert!(t.contains("every tree matches"), "{t}");
-    assert!(t.contains("aliases"), "{t}");
+    for tree in ["links", "cursors", "aliases"] {
+        let line = t.lines().find(|l| l.starts_with(tree)).unwrap();
+        assert!(!line.contains(" 0  match"), "{tree} is empty: {t}");
+    }
 
     // A state directory that holds a store is not a target.
     let o = run(&pg_two, &url, &["store", "migrate", "--to", "sled"]);
