@@ -164,7 +164,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// The store's files.
+    /// The store: compaction, and migration between sled and PostgreSQL.
     Store {
         #[command(subcommand)]
         command: StoreCommand,
@@ -216,6 +216,27 @@ enum StoreCommand {
         #[arg(long, short, env = "OPTOUT_SYNC_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Copy the store between sled (in daemon.state_dir) and the PostgreSQL database of
+    /// the [store] table, every instance of the daemon stopped, then verify the copy:
+    /// entries and a SHA-256 per tree on both sides (exit 1 on any mismatch). The target
+    /// must be empty: `--to postgres` needs a database without store data, `--to sled` a
+    /// state directory without a sled store. The source is left as it was.
+    Migrate {
+        /// `postgres`: sled → PostgreSQL; `sled`: PostgreSQL → a new sled store.
+        #[arg(long, value_enum)]
+        to: MigrateTo,
+        #[arg(long, short, env = "OPTOUT_SYNC_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum MigrateTo {
+    Postgres,
+    Sled,
 }
 
 #[derive(Debug, Subcommand)]
@@ -329,6 +350,15 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Store {
             command: StoreCommand::Compact { config },
         } => erase::compact(&config),
+        Command::Store {
+            command: StoreCommand::Migrate { to, config, json },
+        } => {
+            let to = match to {
+                MigrateTo::Postgres => crate::store::migrate::Direction::Postgres,
+                MigrateTo::Sled => crate::store::migrate::Direction::Sled,
+            };
+            migrate::migrate(&config, to, json)
+        }
         #[cfg(feature = "generate")]
         Command::Generate { what, dir } => generate::write(what, &dir),
     }
@@ -1261,6 +1291,7 @@ fn import_summary(applied: usize, duplicates: usize, bad: usize) -> Result<ExitC
 }
 
 mod erase;
+mod migrate;
 
 /// `generate`: man pages and shell completions from the command line's own definition, so
 /// they can never disagree with it. Built only with the `generate` feature: the packaging

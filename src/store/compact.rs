@@ -33,9 +33,9 @@ const OLD_DIR: &str = ".compact.old";
 const COMPLETE: &str = "COMPLETE";
 const OLD_MOVED: &str = "OLD_MOVED";
 /// The offset added to sled's id generator (see [`Db::next_id`]).
-const ID_BASE: &[u8] = b"id_base";
+pub(super) const ID_BASE: &[u8] = b"id_base";
 /// Meta entries that describe one database's life, not the data: not copied.
-const NOT_COPIED: [&[u8]; 3] = [COMPACT_PENDING, ID_BASE, b"probe"];
+pub(super) const NOT_COPIED: [&[u8]; 3] = [COMPACT_PENDING, ID_BASE, b"probe"];
 /// Entries written per batch while copying.
 const BATCH: usize = 10_000;
 
@@ -61,7 +61,7 @@ pub(super) fn id_base(meta: &kv::Tree) -> Result<u64, StoreError> {
 
 /// Whether `name`, directly in the state directory, is one of the store's own entries
 /// (sled's files and our marker); nothing else there is moved.
-fn store_entry(name: &str) -> bool {
+pub(super) fn store_entry(name: &str) -> bool {
     matches!(name, "conf" | "db" | "blobs") || name.starts_with("snap.") || name == MARKER
 }
 
