@@ -442,7 +442,6 @@ impl Pg {
     }
 
     /// Makes ids handed out from now on exceed `floor` (a store migrated in).
-    #[allow(dead_code)] // for `store migrate`
     pub fn ensure_ids_above(&self, floor: u64) -> Result<(), StoreError> {
         let floor = i64::try_from(floor).map_err(|_| StoreError::Corrupt("id too large".into()))?;
         self.with_client(|c| {
