@@ -7,28 +7,16 @@
 
 mod common;
 
+use common::{bin, text};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use serde_json::json;
 
 /// People imported: the `aliases` and `subjects` trees take more than one batch.
 const PEOPLE: usize = 6_000;
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_optout-sync"));
-    c.env_remove("OPTOUT_SYNC_CONFIG");
-    c
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// A fresh database on the test server; its URL.
 fn fresh_database() -> Option<String> {

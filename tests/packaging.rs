@@ -8,26 +8,14 @@
 
 mod common;
 
+use common::{bin, text};
+
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::config::Config;
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_optout-sync"));
-    c.env_remove("OPTOUT_SYNC_CONFIG");
-    c
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -4,25 +4,12 @@
 
 mod common;
 
+use common::{bin, text};
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 const PASSWORD: &str = "pw-Tq8Lz2-of-the-store";
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_optout-sync"));
-    c.env_remove("OPTOUT_SYNC_CONFIG");
-    c
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// A configuration file in `dir` with one connector (its token from a variable this test
 /// never sets) and `store` as its `[store]` table.

@@ -6,6 +6,22 @@
 pub mod config;
 pub mod store;
 
+/// The binary under test, without the caller's `OPTOUT_SYNC_CONFIG`.
+pub fn bin() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_optout-sync"));
+    c.env_remove("OPTOUT_SYNC_CONFIG");
+    c
+}
+
+/// A finished command's standard output and error, as text.
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 // Each test file uses the few it needs.
 #[allow(unused_imports)]
 pub use store::{fresh_pg_database, pg_admin_url, sled_only};
