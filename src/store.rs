@@ -1845,6 +1845,7 @@ impl Txn<'_> {
 mod compact;
 mod erasure;
 mod kv;
+pub mod lease;
 pub use compact::{compact, compact_if_pending};
 pub use erasure::Tombstone;
 

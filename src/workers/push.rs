@@ -322,6 +322,9 @@ impl<C: Connector + ?Sized> Push<C> {
         self.flying_keys.extend(keys.iter().map(|(k, _)| k.clone()));
         self.flying_records
             .extend(items.iter().map(|i| i.record.clone()));
+        // The last moment before a request leaves: a leader whose lease ran out (a
+        // paused process, resumed) ends here instead of pushing.
+        crate::leader::check_before_push(&self.name);
         let connector = self.connector.clone();
         self.flights.spawn(async move {
             let sent = Instant::now();
