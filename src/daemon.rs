@@ -848,9 +848,9 @@ impl Daemon {
     pub async fn status(&self) -> StatusReport {
         let store = self.engine.store().clone();
         let after = self.checked.daemon.unverified_after;
-        let (leadership, leading) = (self.leadership.clone(), self.leadership.leading());
-        // A follower's workers do not run: the cursors are the leader's, in the store.
-        let names: Vec<String> = (!leading)
+        let leadership = self.leadership.clone();
+        // On a shared store the cursors are whichever instance's led last: read there.
+        let names: Vec<String> = (store.is_shared())
             .then(|| self.statuses.keys().cloned().collect())
             .unwrap_or_default();
         let facts = tokio::task::spawn_blocking(move || {
@@ -979,7 +979,7 @@ struct StoreFacts {
     held: BTreeMap<String, u64>,
     /// Every instance on the shared store, and the lease.
     cluster: Option<crate::store::lease::RollCall>,
-    /// Cursors read from the store (on a follower, whose workers do not run).
+    /// Cursors read from the store (shared by instances: this one's workers may not run).
     cursors: BTreeMap<String, Option<String>>,
 }
 
