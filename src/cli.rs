@@ -1193,7 +1193,7 @@ fn store_or_daemon(
         answered => return answered,
     }
     store_owner(&config.daemon.state_dir, command)?;
-    offline(app::open_store(&config)?)
+    offline(app::open_store(config)?)
 }
 
 fn audit_export(

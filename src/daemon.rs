@@ -850,9 +850,11 @@ impl Daemon {
         let after = self.checked.daemon.unverified_after;
         let leadership = self.leadership.clone();
         // On a shared store the cursors are whichever instance's led last: read there.
-        let names: Vec<String> = (store.is_shared())
-            .then(|| self.statuses.keys().cloned().collect())
-            .unwrap_or_default();
+        let names: Vec<String> = if store.is_shared() {
+            self.statuses.keys().cloned().collect()
+        } else {
+            Vec::new()
+        };
         let facts = tokio::task::spawn_blocking(move || {
             let mut facts = StoreFacts::read(&store, after);
             facts.cluster = leadership.roll_call().unwrap_or_else(|e| {

@@ -88,7 +88,6 @@ impl Leadership {
             .map(|h| h.trim().to_string())
             .unwrap_or_default();
         Arc::new(Leadership {
-            store,
             info: InstanceInfo {
                 name,
                 host,
@@ -97,9 +96,11 @@ impl Leadership {
                 started_ms: started.millis(),
             },
             ttl,
-            leading: AtomicBool::new(false),
+            // sled: one process, the leader from the start.
+            leading: AtomicBool::new(!store.is_shared()),
             lease: Mutex::new(None),
             renewing: CancellationToken::new(),
+            store,
         })
     }
 
