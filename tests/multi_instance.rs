@@ -426,65 +426,77 @@ struct Watched {
     cursor_samples: u64,
 }
 
-/// Asks the gate on every live instance every 50 ms, and samples the cursors in
-/// `status`, until `stop`.
+/// Asks the gate on every live instance every 50 ms (without waiting for answers, so a
+/// stopped instance delays nothing), and samples the cursors in `status` on a task of its
+/// own, until `stop`.
 fn spawn_watchers(
     live: Live,
     phone: String,
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<Watched> {
+    let cursors = tokio::spawn(sample_cursors(live.clone(), stop.clone()));
     tokio::spawn(async move {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(400))
             .build()
             .unwrap();
-        let mut w = Watched::default();
-        let mut last_ok = Instant::now();
-        let mut cursors: BTreeMap<String, String> = BTreeMap::new();
-        let mut round = 0u64;
+        let answers: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let started = Instant::now();
+        let mut asks = tokio::task::JoinSet::new();
         while !stop.load(Ordering::Acquire) {
             let endpoints: Vec<Endpoint> = live.lock().unwrap().iter().flatten().cloned().collect();
-            let mut asks = tokio::task::JoinSet::new();
             for e in &endpoints {
-                let (http, url) = (
-                    http.clone(),
-                    format!("http://{}/v1/consent/{phone}", e.addr),
-                );
+                let url = format!("http://{}/v1/consent/{phone}", e.addr);
+                let (http, answers) = (http.clone(), answers.clone());
                 asks.spawn(async move {
                     let r = http.get(url).bearer_auth(GATE_TOKEN).send().await;
-                    r.is_ok_and(|r| r.status() == 200)
+                    if r.is_ok_and(|r| r.status() == 200) {
+                        answers.lock().unwrap().push(Instant::now());
+                    }
                 });
             }
-            let mut answered = false;
-            while let Some(ok) = asks.join_next().await {
-                answered |= ok.unwrap_or(false);
-            }
-            let now = Instant::now();
-            if answered {
-                w.gate_gap = w.gate_gap.max(now - last_ok);
-                w.gate_answers += 1;
-                last_ok = now;
-            }
-            round += 1;
-            if round % 4 == 0
-                && let Some(e) = endpoints.get(round as usize / 4 % endpoints.len().max(1))
-                && let Some(s) = status_at(&e.socket).await
-            {
-                w.cursor_samples += 1;
-                for c in &s.connectors {
-                    let Some(cur) = &c.cursor else { continue };
-                    if let Some(prev) = cursors.get(&c.name)
-                        && cursor_before(cur, prev)
-                    {
-                        w.backwards.push(format!("{}: {prev} then {cur}", c.name));
-                    }
-                    cursors.insert(c.name.clone(), cur.clone());
-                }
-            }
+            while asks.try_join_next().is_some() {}
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        while asks.join_next().await.is_some() {}
+        let mut at = answers.lock().unwrap().clone();
+        at.sort();
+        let mut w = cursors.await.unwrap();
+        w.gate_answers = at.len() as u64;
+        w.gate_gap = (at.windows(2).map(|p| p[1] - p[0]))
+            .chain(at.first().map(|f| *f - started))
+            .max()
+            .unwrap_or(Duration::MAX);
         w
     })
+}
+
+/// Samples the cursors in `status` (of each live instance in turn) every 200 ms: none may
+/// be before the one sampled last.
+async fn sample_cursors(live: Live, stop: Arc<AtomicBool>) -> Watched {
+    let mut w = Watched::default();
+    let mut cursors: BTreeMap<String, String> = BTreeMap::new();
+    let mut turn = 0usize;
+    while !stop.load(Ordering::Acquire) {
+        turn += 1;
+        let endpoints: Vec<Endpoint> = live.lock().unwrap().iter().flatten().cloned().collect();
+        if let Some(e) = endpoints.get(turn % endpoints.len().max(1))
+            && let Some(s) = status_at(&e.socket).await
+        {
+            w.cursor_samples += 1;
+            for c in &s.connectors {
+                let Some(cur) = &c.cursor else { continue };
+                if let Some(prev) = cursors.get(&c.name)
+                    && cursor_before(cur, prev)
+                {
+                    w.backwards.push(format!("{}: {prev} then {cur}", c.name));
+                }
+                cursors.insert(c.name.clone(), cur.clone());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    w
 }
 
 /// Whether cursor `a` is before `b`: as numbers, as times, else as text of equal length
