@@ -276,3 +276,121 @@ impl Store {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use super::*;
+    use crate::store::{Backend, PgSettings};
+
+    /// Two handles ("instances") on one fresh database, or `None` without PostgreSQL.
+    fn two_instances() -> Option<(Store, Store, tempfile::TempDir)> {
+        let Ok(admin) = std::env::var("OPTOUT_TEST_PG") else {
+            eprintln!("skipped: OPTOUT_TEST_PG is not set");
+            return None;
+        };
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "optout_l_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut c = postgres::Client::connect(&admin, postgres::NoTls).unwrap();
+        c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        let cfg: postgres::Config = admin.parse().unwrap();
+        let url = format!(
+            "host=127.0.0.1 port={} user={} dbname={name}",
+            cfg.get_ports().first().unwrap_or(&5432),
+            cfg.get_user().unwrap_or("postgres")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let open = |instance: &str| {
+            let settings = PgSettings {
+                url: optout_core::Secret::new(url.clone()),
+                pool_size: 3,
+                tls_ca_file: None,
+                instance: instance.into(),
+                lease: Duration::from_secs(3),
+            };
+            Store::open_with(dir.path(), &Backend::Postgres(settings)).unwrap()
+        };
+        Some((open("a"), open("b"), dir))
+    }
+
+    fn info(name: &str) -> InstanceInfo {
+        InstanceInfo {
+            name: name.into(),
+            host: "host".into(),
+            pid: 1,
+            version: "0".into(),
+            started_ms: 0,
+        }
+    }
+
+    #[test]
+    fn one_leader_at_a_time_and_a_lost_lease_fences_its_holder() {
+        let Some((a, b, _dir)) = two_instances() else {
+            return;
+        };
+        let short = Duration::from_millis(800);
+        let la = a.try_lead("a", short).unwrap().expect("a free lease");
+        assert_eq!(la.epoch, 1);
+        assert_eq!(b.try_lead("b", short).unwrap(), None, "a holds it");
+        assert!(a.renew(&la, short).unwrap());
+        a.set_fence(Some((la.holder.clone(), la.epoch)));
+        a.transaction(true, |tx| Ok(tx.set_cursor("hubspot", "1")?))
+            .unwrap();
+
+        std::thread::sleep(short + Duration::from_millis(200));
+        let lb = b.try_lead("b", Duration::from_secs(10)).unwrap();
+        let lb = lb.expect("an expired lease is free");
+        assert_eq!(lb.epoch, 2);
+        assert!(!a.renew(&la, short).unwrap(), "b holds it now");
+        let r = a.transaction(true, |tx| Ok(tx.set_cursor("hubspot", "2")?));
+        assert!(matches!(r, Err(StoreError::Fenced)), "{r:?}");
+        assert_eq!(b.cursor("hubspot").unwrap().as_deref(), Some("1"));
+
+        a.heartbeat(&info("a"), "follower").unwrap();
+        b.heartbeat(&info("b"), "leader").unwrap();
+        let roll = a.roll_call(Duration::from_secs(9)).unwrap().unwrap();
+        let lease = roll.lease.expect("the lease");
+        assert_eq!((lease.holder.as_str(), lease.epoch), ("b", 2));
+        assert!(lease.expires_in_seconds > 5.0, "{lease:?}");
+        let leaders: Vec<_> = (roll.instances.iter())
+            .map(|i| (i.name.as_str(), i.leader, i.gone))
+            .collect();
+        assert_eq!(leaders, [("a", false, false), ("b", true, false)]);
+
+        b.release(&lb).unwrap();
+        let again = a
+            .try_lead("a", short)
+            .unwrap()
+            .expect("a released lease is free");
+        assert_eq!(again.epoch, 3);
+    }
+
+    #[test]
+    fn a_notification_wakes_the_listener() {
+        let Some((a, b, _dir)) = two_instances() else {
+            return;
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let listener = std::thread::spawn(move || {
+            a.listen_wake(flag, Duration::from_secs(30), move || {
+                let _ = tx.send(());
+            })
+        });
+        // Until the listener has subscribed, a notification is not delivered: repeat it.
+        let woken = (0..50).any(|_| {
+            b.notify_wake().unwrap();
+            rx.recv_timeout(Duration::from_millis(100)).is_ok()
+        });
+        assert!(woken, "no wake-up within 5 s");
+        stop.store(true, Ordering::Release);
+        b.notify_wake().unwrap();
+        listener.join().unwrap();
+    }
+}
