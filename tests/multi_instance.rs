@@ -624,7 +624,31 @@ async fn assert_status_lists(cluster: &Cluster, leader: usize) {
         if live[i].is_some() {
             assert!(!row.gone, "{row:?}");
             assert_eq!(row.leader, i == leader, "{row:?}");
+            // Each instance's own view: `status` and the `optout_leader` gauge.
+            let d = cluster.daemon(i);
+            assert_eq!(d.status().await.leader, i == leader);
+            let metrics = reqwest::get(d.url("/metrics")).await.unwrap();
+            let text = metrics.text().await.unwrap();
+            let gauge = format!(
+                "optout_leader{{instance=\"{name}\"}} {}",
+                u8::from(i == leader)
+            );
+            assert!(text.contains(&gauge), "{gauge} in:\n{text}");
         }
+    }
+    // The command, as an operator runs it on any instance.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_optout-sync"))
+        .arg("status")
+        .arg("--config")
+        .arg(&cluster.daemon(leader).config)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let leads = format!("leader: {} (lease epoch", cluster.names[leader]);
+    assert!(text.contains(&leads), "{text}");
+    for name in &cluster.names {
+        assert!(text.contains(&format!("instance {name}")), "{text}");
     }
 }
 

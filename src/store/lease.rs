@@ -361,6 +361,8 @@ mod tests {
             .map(|i| (i.name.as_str(), i.leader, i.gone))
             .collect();
         assert_eq!(leaders, [("a", false, false), ("b", true, false)]);
+        let later = a.roll_call(Duration::ZERO).unwrap().unwrap();
+        assert!(later.instances.iter().all(|i| i.gone), "{later:?}");
 
         b.release(&lb).unwrap();
         let again = a
