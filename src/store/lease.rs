@@ -339,7 +339,7 @@ mod tests {
         assert_eq!(b.try_lead("b", short).unwrap(), None, "a holds it");
         assert!(a.renew(&la, short).unwrap());
         a.set_fence(Some((la.holder.clone(), la.epoch)));
-        a.transaction(true, |tx| Ok(tx.set_cursor("hubspot", "1")?))
+        a.transaction(true, |tx| tx.set_cursor("hubspot", "1"))
             .unwrap();
 
         std::thread::sleep(short + Duration::from_millis(200));
@@ -347,7 +347,7 @@ mod tests {
         let lb = lb.expect("an expired lease is free");
         assert_eq!(lb.epoch, 2);
         assert!(!a.renew(&la, short).unwrap(), "b holds it now");
-        let r = a.transaction(true, |tx| Ok(tx.set_cursor("hubspot", "2")?));
+        let r = a.transaction(true, |tx| tx.set_cursor("hubspot", "2"));
         assert!(matches!(r, Err(StoreError::Fenced)), "{r:?}");
         assert_eq!(b.cursor("hubspot").unwrap().as_deref(), Some("1"));
 
