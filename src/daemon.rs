@@ -1,8 +1,10 @@
 //! `optout-sync run`: the long-running service.
 //!
-//! Start-up order: open the store (abandoning replies a crash left in flight), build the
-//! connectors, start one poll worker and one push worker per connector instance, bind the
-//! HTTP listener and the control socket, then tell systemd READY=1. On SIGTERM or SIGINT:
+//! Start-up order: open the store, build the connectors, bind the HTTP listener and the
+//! control socket, then lead (at once on sled; on a shared PostgreSQL store when the lease
+//! is won, see `leader.rs`): abandon replies a crash or a previous leader left in flight,
+//! start one poll worker and one push worker per connector instance; then tell systemd
+//! READY=1 (a follower is ready too: it serves webhooks, the gate and commands). On SIGTERM or SIGINT:
 //! STOPPING=1, stop polling, let in-flight pushes finish within the shutdown deadline
 //! (unfinished ones simply stay in the outbox), flush the store and exit 0, all within the
 //! shutdown deadline. SIGHUP does not reload the configuration: a restart applies it, and
