@@ -4,11 +4,12 @@
 //! control socket, then lead (at once on sled; on a shared PostgreSQL store when the lease
 //! is won, see `leader.rs`): abandon replies a crash or a previous leader left in flight,
 //! start one poll worker and one push worker per connector instance; then tell systemd
-//! READY=1 (a follower is ready too: it serves webhooks, the gate and commands). On SIGTERM or SIGINT:
-//! STOPPING=1, stop polling, let in-flight pushes finish within the shutdown deadline
-//! (unfinished ones simply stay in the outbox), flush the store and exit 0, all within the
-//! shutdown deadline. SIGHUP does not reload the configuration: a restart applies it, and
-//! restarting loses nothing; SIGUSR1, SIGUSR2 and SIGALRM are logged and ignored.
+//! READY=1 (a follower is ready too: it serves webhooks, the gate and commands). On
+//! SIGTERM or SIGINT: STOPPING=1, stop polling, let in-flight pushes finish within the
+//! shutdown deadline (unfinished ones simply stay in the outbox), give the lease up, flush
+//! the store and exit 0, all within the shutdown deadline. SIGHUP does not reload the
+//! configuration: a restart applies it, and restarting loses nothing; SIGUSR1, SIGUSR2
+//! and SIGALRM are logged and ignored.
 //!
 //! Readiness (`/readyz`, the watchdog pings) holds while the daemon runs *and* its store
 //! works: a failing store (a full disk) makes it not ready until the store health worker
