@@ -11,7 +11,7 @@
 //! in place: nothing half-stopped can push afterwards, and the service manager restarts
 //! it as a follower. The leader also keeps a deadline of its own on the monotonic clock
 //! (the start of its last successful renewal, plus the lease, less a margin): past it,
-//! the leader neither pushes ([`check_before_push`]) nor waits to hear from the
+//! the leader neither pushes ([`check_before_push`], [`within_lease`]) nor waits to hear from the
 //! database, so a paused process resumed after its lease cannot push. Its transactions
 //! are fenced by the lease's epoch too, so a cursor cannot move for an old leader.
 //!
@@ -58,6 +58,19 @@ pub fn check_before_push(connector: &str) {
             "its lease ran out before a push of {connector} (not renewed in time)"
         ));
     }
+}
+
+/// Runs a push while the lease lasts: every time the push is polled — before each of the
+/// requests it sends, when one batch takes several (WhatsApp sends replies one by one) —
+/// the deadline is checked first, so a push paused half-way sends nothing more once
+/// resumed past it.
+pub async fn within_lease<F: std::future::Future>(connector: &str, push: F) -> F::Output {
+    let mut push = std::pin::pin!(push);
+    std::future::poll_fn(|cx| {
+        check_before_push(connector);
+        push.as_mut().poll(cx)
+    })
+    .await
 }
 
 /// Ends the process after losing the lease. Nothing is cleared from the store: the new

@@ -717,6 +717,17 @@ async fn two_instances_fail_over_when_the_leader_is_killed() {
 
     // Propagation from a follower's webhook to the CRM push, in quiet conditions.
     let follower = 1 - leader;
+    // A resync needs the poll workers: a follower refuses it and names the leader.
+    let resync = optout_sync::control::Request::Resync {
+        connector: None,
+        full: false,
+    };
+    let refused = optout_sync::control::request(&cluster.daemon(follower).socket, &resync, |_| {})
+        .await
+        .expect_err("a follower refuses a resync")
+        .to_string();
+    let named = format!("on the leader (instance {})", cluster.names[leader]);
+    assert!(refused.contains(&named), "{refused}");
     let url = cluster.daemon(follower).url("/webhooks/whatsapp");
     let http = reqwest::Client::new();
     let mut took = Vec::new();
