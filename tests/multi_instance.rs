@@ -95,8 +95,30 @@ fn admin_url(test: &str) -> Option<String> {
     }
 }
 
+/// A test's database, dropped (its connections closed) when the test ends.
+struct TestDb {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (admin, sql) = (
+            self.admin.clone(),
+            format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+        let _ = std::thread::spawn(move || {
+            if let Ok(mut c) = postgres::Client::connect(&admin, postgres::NoTls) {
+                let _ = c.batch_execute(&sql);
+            }
+        })
+        .join();
+    }
+}
+
 /// Creates a fresh database; returns its URL (the administrator's, with its name).
-fn fresh_database(admin: &str, test: &str) -> String {
+fn fresh_database(admin: &str, test: &str) -> TestDb {
     let name = format!(
         "optout_{test}_{}_{}",
         std::process::id(),
@@ -117,7 +139,11 @@ fn fresh_database(admin: &str, test: &str) -> String {
     } else {
         query.to_string()
     };
-    format!("{server}/{name}?{query}")
+    TestDb {
+        admin: admin.to_string(),
+        url: format!("{server}/{name}?{query}"),
+        name,
+    }
 }
 
 /// The `wa_id` of customer `i`: +1 415 240-0000 onwards (valid US numbers).
@@ -664,7 +690,8 @@ async fn two_instances_fail_over_when_the_leader_is_killed() {
     let mut rng = Rng(seed);
     let n = 160;
     let extra = 8;
-    let world = World::new(n + extra, fresh_database(&admin, "two")).await;
+    let db = fresh_database(&admin, "two");
+    let world = World::new(n + extra, db.url.clone()).await;
     let mut cluster = Cluster::start(&world, &["alpha", "beta"]).await;
     let first = cluster.leader(Duration::from_secs(10), None).await;
     let d = cluster.daemon(first);
@@ -797,7 +824,8 @@ async fn three_instances_and_a_paused_leader_resumed_after_its_lease_never_pushe
     eprintln!("multi_instance (three): OPTOUT_SEED={seed}");
     let mut rng = Rng(seed ^ 0x3);
     let n = 120;
-    let world = World::new(n, fresh_database(&admin, "three")).await;
+    let db = fresh_database(&admin, "three");
+    let world = World::new(n, db.url.clone()).await;
     let mut cluster = Cluster::start(&world, &["ant", "bee", "cat"]).await;
     let first = cluster.leader(Duration::from_secs(10), None).await;
     let d = cluster.daemon(first);

@@ -284,8 +284,21 @@ mod tests {
     use super::*;
     use crate::store::{Backend, PgSettings};
 
+    /// A test's database, dropped when the test ends (after its stores: fields drop in
+    /// order).
+    struct TestDb(String, String);
+
+    impl Drop for TestDb {
+        fn drop(&mut self) {
+            if let Ok(mut c) = postgres::Client::connect(&self.0, postgres::NoTls) {
+                let _ =
+                    c.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.1));
+            }
+        }
+    }
+
     /// Two handles ("instances") on one fresh database, or `None` without PostgreSQL.
-    fn two_instances() -> Option<(Store, Store, tempfile::TempDir)> {
+    fn two_instances() -> Option<(Store, Store, tempfile::TempDir, TestDb)> {
         let Ok(admin) = std::env::var("OPTOUT_TEST_PG") else {
             eprintln!("skipped: OPTOUT_TEST_PG is not set");
             return None;
@@ -315,7 +328,8 @@ mod tests {
             };
             Store::open_with(dir.path(), &Backend::Postgres(settings)).unwrap()
         };
-        Some((open("a"), open("b"), dir))
+        let (a, b) = (open("a"), open("b"));
+        Some((a, b, dir, TestDb(admin, name)))
     }
 
     fn info(name: &str) -> InstanceInfo {
@@ -330,7 +344,7 @@ mod tests {
 
     #[test]
     fn one_leader_at_a_time_and_a_lost_lease_fences_its_holder() {
-        let Some((a, b, _dir)) = two_instances() else {
+        let Some((a, b, _dir, _db)) = two_instances() else {
             return;
         };
         let short = Duration::from_millis(800);
@@ -370,11 +384,12 @@ mod tests {
             .unwrap()
             .expect("a released lease is free");
         assert_eq!(again.epoch, 3);
+        drop((a, b));
     }
 
     #[test]
     fn a_notification_wakes_the_listener() {
-        let Some((a, b, _dir)) = two_instances() else {
+        let Some((a, b, _dir, _db)) = two_instances() else {
             return;
         };
         let (tx, rx) = std::sync::mpsc::channel();
@@ -394,5 +409,6 @@ mod tests {
         stop.store(true, Ordering::Release);
         b.notify_wake().unwrap();
         listener.join().unwrap();
+        drop(b);
     }
 }
