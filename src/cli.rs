@@ -743,6 +743,9 @@ fn print_status(o: &mut impl Write, r: &StatusReport) -> std::io::Result<()> {
         "webhooks: {} waiting in the inbox, {} quarantined; templates: {} known",
         r.webhook_inbox, r.quarantined_webhooks, r.templates_known
     )?;
+    if let Some(cluster) = &r.cluster {
+        print_cluster(o, r, cluster)?;
+    }
     if r.possible_opt_outs > 0 {
         writeln!(
             o,
@@ -769,6 +772,43 @@ fn print_status(o: &mut impl Write, r: &StatusReport) -> std::io::Result<()> {
     for (c, row) in r.connectors.iter().zip(&rows) {
         write_row(o, row, &widths)?;
         print_connector_details(o, c)?;
+    }
+    Ok(())
+}
+
+/// The instances sharing the PostgreSQL store, and which one leads.
+fn print_cluster(
+    o: &mut impl Write,
+    r: &StatusReport,
+    c: &crate::store::lease::RollCall,
+) -> std::io::Result<()> {
+    match c.lease.as_ref().filter(|l| l.expires_in_seconds > 0.0) {
+        Some(l) => writeln!(
+            o,
+            "leader: {} (lease epoch {}, expires {}, in {:.1}s)",
+            l.holder, l.epoch, l.expires_at, l.expires_in_seconds
+        )?,
+        None => writeln!(
+            o,
+            "leader: none (the lease is free; an instance takes it within a third of a lease)"
+        )?,
+    }
+    for i in &c.instances {
+        let role = match (i.gone, i.leader) {
+            (true, _) => "GONE",
+            (false, true) => "leader",
+            (false, false) => "follower",
+        };
+        let me = if i.name == r.instance {
+            " (this one)"
+        } else {
+            ""
+        };
+        writeln!(
+            o,
+            "  instance {}{me}: {role}; host {}, pid {}, version {}, last seen {} ({:.0}s ago)",
+            i.name, i.host, i.pid, i.version, i.last_seen, i.seen_seconds_ago
+        )?;
     }
     Ok(())
 }

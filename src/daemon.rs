@@ -1,12 +1,15 @@
 //! `optout-sync run`: the long-running service.
 //!
-//! Start-up order: open the store (abandoning replies a crash left in flight), build the
-//! connectors, start one poll worker and one push worker per connector instance, bind the
-//! HTTP listener and the control socket, then tell systemd READY=1. On SIGTERM or SIGINT:
-//! STOPPING=1, stop polling, let in-flight pushes finish within the shutdown deadline
-//! (unfinished ones simply stay in the outbox), flush the store and exit 0, all within the
-//! shutdown deadline. SIGHUP does not reload the configuration: a restart applies it, and
-//! restarting loses nothing; SIGUSR1, SIGUSR2 and SIGALRM are logged and ignored.
+//! Start-up order: open the store, build the connectors, bind the HTTP listener and the
+//! control socket, then lead (at once on sled; on a shared PostgreSQL store when the lease
+//! is won, see `leader.rs`): abandon replies a crash or a previous leader left in flight,
+//! start one poll worker and one push worker per connector instance; then tell systemd
+//! READY=1 (a follower is ready too: it serves webhooks, the gate and commands). On
+//! SIGTERM or SIGINT: STOPPING=1, stop polling, let in-flight pushes finish within the
+//! shutdown deadline (unfinished ones simply stay in the outbox), give the lease up, flush
+//! the store and exit 0, all within the shutdown deadline. SIGHUP does not reload the
+//! configuration: a restart applies it, and restarting loses nothing; SIGUSR1, SIGUSR2
+//! and SIGALRM are logged and ignored.
 //!
 //! Readiness (`/readyz`, the watchdog pings) holds while the daemon runs *and* its store
 //! works: a failing store (a full disk) makes it not ready until the store health worker
@@ -29,6 +32,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Checked, CheckedConnector, PollSchedule};
 use crate::control::{self, Request};
 use crate::inbox::StoreInbox;
+use crate::leader::Leadership;
 use crate::metrics::{Metrics, ScopeDecision};
 use crate::reconcile::Engine;
 use crate::report::{ConnectorReport, DryRunReport, ResyncReport, StatusReport};
@@ -55,6 +59,13 @@ pub struct Daemon {
     pub started: Timestamp,
     /// Wakes the worker that applies the write API's recorded events.
     api_wake: Arc<Notify>,
+    /// Notified by the write API when it records an event: passed on to the apply
+    /// worker here, or to the leader when another instance leads.
+    api_recorded: Arc<Notify>,
+    /// Whether this instance leads (runs the workers), and the lease.
+    pub leadership: Arc<Leadership>,
+    /// The poll triggers of connectors woken by stored webhooks (WhatsApp).
+    wake_polls: Vec<mpsc::Sender<Trigger>>,
 }
 
 /// Runs until SIGTERM or SIGINT.
@@ -75,7 +86,8 @@ pub async fn run_until(
     let notifier = Notifier::from_env();
     let started = Timestamp::now();
     let engine = Arc::new(open_compacted(&checked, &notifier)?);
-    abandon_in_flight(&engine, started)?;
+    let (instance, lease) = instance_and_lease(&checked);
+    let leadership = Leadership::new(engine.store().clone(), instance, lease, started);
     let metrics = Arc::new(Metrics::new());
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -87,7 +99,7 @@ pub async fn run_until(
             .collect(),
         cancel: cancel.clone(),
     });
-    let started_connectors = start_connectors(&checked, &ctx, &tracker)?;
+    let started_connectors = start_connectors(&checked, &ctx, &tracker, &leadership)?;
     let daemon = Arc::new(Daemon {
         checked,
         engine,
@@ -99,16 +111,17 @@ pub async fn run_until(
         running: AtomicBool::new(false),
         started,
         api_wake: Arc::new(Notify::new()),
+        api_recorded: Arc::new(Notify::new()),
+        leadership,
+        wake_polls: started_connectors.wake_polls,
     });
-    tracker.spawn(crate::api::apply_worker(
-        ctx.clone(),
-        daemon.api_wake.clone(),
-    ));
+    spawn_api_router(&daemon, &tracker, &cancel);
     let bound = serve_http(&daemon, started_connectors.routes, &tracker, &cancel).await?;
     serve_control(&daemon, &tracker, &cancel)?;
     spawn_high_water(&daemon, &tracker, &cancel);
-    spawn_retention(&daemon, &tracker, &cancel);
     let mut fatal = spawn_store_health(&daemon, &ctx, &tracker, &cancel);
+    let lead = leader_work(&daemon, &ctx, &tracker, &cancel, started_connectors.pending);
+    daemon.leadership.start(lead, &tracker, &cancel).await?;
     announce_ready(&daemon, &notifier, bound, &tracker, &cancel);
     if let Some(tx) = bound_tx {
         let _ = tx.send(bound);
@@ -158,6 +171,75 @@ fn open_compacted(checked: &Checked, notifier: &Notifier) -> Result<Engine> {
     Ok(crate::app::engine(checked, store))
 }
 
+/// This instance's name and the lease's length (`[store]`; on sled the host's name, and
+/// no lease is ever taken).
+fn instance_and_lease(checked: &Checked) -> (String, std::time::Duration) {
+    match &checked.store {
+        crate::store::Backend::Postgres(s) => (s.instance.clone(), s.lease),
+        crate::store::Backend::Sled => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default();
+            (host, std::time::Duration::from_secs(10))
+        }
+    }
+}
+
+/// The leader's work, started once this instance leads (at once on sled): replies a
+/// previous leader left in flight are abandoned first, then the connectors' workers,
+/// the write API's apply worker and retention start, and on PostgreSQL the listener that
+/// wakes them for work stored by other instances.
+fn leader_work(
+    daemon: &Arc<Daemon>,
+    ctx: &Arc<WorkerContext>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+    pending: Vec<PendingWorkers>,
+) -> impl FnOnce() -> Result<()> + Send + 'static {
+    let (daemon, ctx) = (daemon.clone(), ctx.clone());
+    let (tracker, cancel) = (tracker.clone(), cancel.clone());
+    move || {
+        abandon_in_flight(&daemon.engine, Timestamp::now())?;
+        for p in pending {
+            spawn_workers(
+                &tracker,
+                &ctx,
+                &p.checked,
+                p.connector,
+                p.status,
+                p.triggers,
+            );
+        }
+        tracker.spawn(crate::api::apply_worker(
+            ctx.clone(),
+            daemon.api_wake.clone(),
+        ));
+        spawn_retention(&daemon, &tracker, &cancel);
+        let d = daemon.clone();
+        daemon.leadership.listen(move || d.wake_all(), &cancel);
+        Ok(())
+    }
+}
+
+/// Passes the write API's "event recorded" on: to the apply worker while this instance
+/// leads, else to the leader.
+fn spawn_api_router(daemon: &Arc<Daemon>, tracker: &TaskTracker, cancel: &CancellationToken) {
+    let (d, cancel) = (daemon.clone(), cancel.clone());
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = d.api_recorded.notified() => {}
+            }
+            if d.leadership.leading() {
+                d.api_wake.notify_one();
+            } else {
+                d.leadership.wake_leader();
+            }
+        }
+    });
+}
+
 /// Confirmation replies a crash left in flight are abandoned (and audited), never re-sent.
 fn abandon_in_flight(engine: &Engine, now: Timestamp) -> Result<()> {
     let abandoned = engine.abandon_in_flight(now)?;
@@ -176,18 +258,33 @@ struct StartedConnectors {
     triggers: BTreeMap<String, mpsc::Sender<Trigger>>,
     /// HTTP routes connectors mount on the listener (WhatsApp's webhook).
     routes: Vec<axum::Router>,
+    /// The poll triggers of connectors woken by stored webhooks.
+    wake_polls: Vec<mpsc::Sender<Trigger>>,
+    /// The workers, started once this instance leads.
+    pending: Vec<PendingWorkers>,
 }
 
-/// Builds every configured connector and starts its workers.
+/// One connector's workers, not yet started.
+struct PendingWorkers {
+    checked: CheckedConnector,
+    connector: Arc<dyn DynConnector>,
+    status: StatusCell,
+    triggers: mpsc::Receiver<Trigger>,
+}
+
+/// Builds every configured connector; its workers start when this instance leads.
 fn start_connectors(
     checked: &Checked,
     ctx: &Arc<WorkerContext>,
     tracker: &TaskTracker,
+    leadership: &Arc<Leadership>,
 ) -> Result<StartedConnectors> {
     let mut started = StartedConnectors {
         statuses: BTreeMap::new(),
         triggers: BTreeMap::new(),
         routes: Vec::new(),
+        wake_polls: Vec::new(),
+        pending: Vec::new(),
     };
     for c in &checked.connectors {
         let host = host_for(checked, c, ctx);
@@ -201,10 +298,17 @@ fn start_connectors(
         }));
         let (tx, rx) = mpsc::channel(16);
         if let Some(wake) = connector.wake_up() {
-            spawn_wake_forwarder(wake, tx.clone(), tracker, ctx.cancel.clone());
+            let to = (tx.clone(), leadership.clone());
+            spawn_wake_forwarder(wake, to, tracker, ctx.cancel.clone());
+            started.wake_polls.push(tx.clone());
         }
         started.routes.extend(connector.routes());
-        spawn_workers(tracker, ctx, c, connector, status.clone(), rx);
+        started.pending.push(PendingWorkers {
+            checked: c.clone(),
+            connector,
+            status: status.clone(),
+            triggers: rx,
+        });
         started.statuses.insert(c.name.clone(), status);
         started.triggers.insert(c.name.clone(), tx);
     }
@@ -229,10 +333,10 @@ fn host_for(checked: &Checked, c: &CheckedConnector, ctx: &WorkerContext) -> Hos
 }
 
 /// Turns a connector's wake-ups (a stored webhook) into polls: an opt-out never waits for
-/// a tick.
+/// a tick. While another instance leads, that instance is woken instead.
 fn spawn_wake_forwarder(
     wake: Arc<Notify>,
-    tx: mpsc::Sender<Trigger>,
+    (tx, leadership): (mpsc::Sender<Trigger>, Arc<Leadership>),
     tracker: &TaskTracker,
     cancel: CancellationToken,
 ) {
@@ -241,7 +345,11 @@ fn spawn_wake_forwarder(
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = wake.notified() => {
-                    let _ = tx.try_send(Trigger::Incremental { done: None });
+                    if leadership.leading() {
+                        let _ = tx.try_send(Trigger::Incremental { done: None });
+                    } else {
+                        leadership.wake_leader();
+                    }
                 }
             }
         }
@@ -413,7 +521,7 @@ async fn serve_http(
         engine: daemon.engine.clone(),
         write_token: daemon.checked.write_token.clone(),
         gate_token: daemon.checked.gate_token.clone(),
-        applied: daemon.api_wake.clone(),
+        applied: daemon.api_recorded.clone(),
     });
     let mut routes = routes;
     routes.push(crate::http::write::routes(write));
@@ -589,6 +697,7 @@ async fn shut_down(
     {
         tracing::warn!(deadline = ?deadline, "shutdown deadline reached; unfinished pushes stay in the outbox for the next start");
     }
+    daemon.leadership.release().await;
     let store = daemon.engine.store().clone();
     let last = async move {
         store.flush().await?;
@@ -641,6 +750,19 @@ fn stop_signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
 }
 
 impl Daemon {
+    /// Wakes every worker that may find work another instance stored: the polls woken by
+    /// webhooks (the inbox), the push workers (their outboxes) and the write API's apply
+    /// worker. Each looks at the store and goes back to waiting if there is nothing.
+    fn wake_all(&self) {
+        for tx in &self.wake_polls {
+            let _ = tx.try_send(Trigger::Incremental { done: None });
+        }
+        for w in self.workers.push_wakers.values() {
+            w.notify_one();
+        }
+        self.api_wake.notify_one();
+    }
+
     /// Ready while running and while the store works.
     fn update_ready(&self) {
         let now_ready =
@@ -657,6 +779,12 @@ impl Daemon {
 
     /// Sets the gauges that mirror the store, just before a scrape.
     pub fn refresh_metrics(&self, m: &Metrics) {
+        let me = crate::metrics::InstanceLabel {
+            instance: self.leadership.instance().to_string(),
+        };
+        m.leader
+            .get_or_create(&me)
+            .set(i64::from(self.leadership.leading()));
         let (depth, dead, unverified) = self.pending_counts();
         let unreadable = self.engine.store().unreadable_counts();
         for name in self.statuses.keys() {
@@ -723,9 +851,28 @@ impl Daemon {
     pub async fn status(&self) -> StatusReport {
         let store = self.engine.store().clone();
         let after = self.checked.daemon.unverified_after;
-        let facts = tokio::task::spawn_blocking(move || StoreFacts::read(&store, after))
-            .await
-            .unwrap_or_else(|e| StoreFacts::failed(e.to_string()));
+        let leadership = self.leadership.clone();
+        // On a shared store the cursors are whichever instance's led last: read there.
+        let names: Vec<String> = if store.is_shared() {
+            self.statuses.keys().cloned().collect()
+        } else {
+            Vec::new()
+        };
+        let facts = tokio::task::spawn_blocking(move || {
+            let mut facts = StoreFacts::read(&store, after);
+            facts.cluster = leadership.roll_call().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read the instances' roll call");
+                None
+            });
+            for name in names {
+                facts
+                    .cursors
+                    .insert(name.clone(), store.cursor(&name).ok().flatten());
+            }
+            facts
+        })
+        .await
+        .unwrap_or_else(|e| StoreFacts::failed(e.to_string()));
         self.report(facts)
     }
 
@@ -747,10 +894,10 @@ impl Daemon {
                     unverified_pushes: count(&unverified),
                     unreadable_numbers: (facts.unreadable.get(name).copied())
                         .map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX)),
+                    cursor: facts.cursors.get(&s.name).cloned().unwrap_or(s.cursor),
                     name: s.name,
                     kind: s.kind,
                     alarm: s.alarm,
-                    cursor: s.cursor,
                     poll_errors: s.poll_errors,
                     push_errors: s.push_errors,
                     last_error: s.last_error,
@@ -783,6 +930,9 @@ impl Daemon {
             store_alarm: facts.alarm,
             connectors,
             held_opt_ins: facts.held,
+            instance: self.leadership.instance().to_string(),
+            leader: self.leadership.leading(),
+            cluster: facts.cluster,
         }
     }
 }
@@ -832,6 +982,10 @@ struct StoreFacts {
     alarm: Option<String>,
     /// Held opt-ins per source.
     held: BTreeMap<String, u64>,
+    /// Every instance on the shared store, and the lease.
+    cluster: Option<crate::store::lease::RollCall>,
+    /// Cursors read from the store (shared by instances: this one's workers may not run).
+    cursors: BTreeMap<String, Option<String>>,
 }
 
 impl StoreFacts {
@@ -845,6 +999,8 @@ impl StoreFacts {
             templates: store.template_names().unwrap_or(0),
             alarm: store.failure(),
             held: held_by_source(store),
+            cluster: None,
+            cursors: BTreeMap::new(),
         }
     }
 
@@ -858,12 +1014,47 @@ impl StoreFacts {
             templates: 0,
             alarm: Some(format!("the store could not be read: {why}")),
             held: BTreeMap::new(),
+            cluster: None,
+            cursors: BTreeMap::new(),
         }
     }
 }
 
 impl control::Handler for Daemon {
     async fn handle(
+        &self,
+        request: Request,
+        progress: mpsc::Sender<String>,
+    ) -> Result<Value, String> {
+        // Pushes these enqueue are the leader's to send.
+        let enqueues = matches!(
+            request,
+            Request::Erase { .. } | Request::Holds { .. } | Request::Resync { .. }
+        );
+        let r = self.answer(request, progress).await;
+        if enqueues {
+            self.leadership.wake_leader();
+        }
+        r
+    }
+
+    async fn stream(
+        &self,
+        request: Request,
+        input: control::Input,
+        lines: mpsc::Sender<String>,
+    ) -> Result<Value, String> {
+        let enqueues = matches!(request, Request::Import);
+        let r = self.answer_stream(request, input, lines).await;
+        if enqueues {
+            self.leadership.wake_leader();
+        }
+        r
+    }
+}
+
+impl Daemon {
+    async fn answer(
         &self,
         request: Request,
         progress: mpsc::Sender<String>,
@@ -917,7 +1108,7 @@ impl control::Handler for Daemon {
         }
     }
 
-    async fn stream(
+    async fn answer_stream(
         &self,
         request: Request,
         input: control::Input,
@@ -951,6 +1142,7 @@ impl Daemon {
         full: bool,
         progress: mpsc::Sender<String>,
     ) -> Result<ResyncReport, String> {
+        self.leading_only("resync")?;
         let names = self.resync_names(connector.as_ref())?;
         let mut waiting = Vec::new();
         for name in names {
@@ -980,6 +1172,22 @@ impl Daemon {
         Ok(ResyncReport { resynced, full })
     }
 
+    /// Refuses `what` on a follower: the poll workers it needs run on the leader only.
+    fn leading_only(&self, what: &str) -> Result<(), String> {
+        if self.leadership.leading() {
+            return Ok(());
+        }
+        let leader = (self.leadership.roll_call().ok().flatten())
+            .and_then(|r| r.lease.filter(|l| l.expires_in_seconds > 0.0))
+            .map_or("another instance".to_string(), |l| {
+                format!("instance {}", l.holder)
+            });
+        Err(format!(
+            "this instance ({}) follows: {what} runs where the poll workers run, on the leader ({leader}); run it there",
+            self.leadership.instance()
+        ))
+    }
+
     /// Connector names a resync or dry run covers: `connector`, or all.
     fn resync_names(&self, connector: Option<&String>) -> Result<Vec<String>, String> {
         match connector {
@@ -1000,6 +1208,7 @@ impl Daemon {
         connector: Option<String>,
         progress: mpsc::Sender<String>,
     ) -> Result<DryRunReport, String> {
+        self.leading_only("resync --dry-run")?;
         let mut waiting = Vec::new();
         for name in self.resync_names(connector.as_ref())? {
             // Only systems of records: a push-only connector reads nothing, and WhatsApp's

@@ -19,6 +19,7 @@ mod http;
 pub mod identity;
 mod import;
 mod inbox;
+mod leader;
 mod lookup;
 mod metrics;
 mod policy;

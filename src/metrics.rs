@@ -51,6 +51,11 @@ pub struct ConnectorLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabel {
+    pub instance: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabel {
     pub source: String,
 }
@@ -112,6 +117,8 @@ pub struct Metrics {
     pub template_recategorisations: Family<FromTo, Counter>,
     /// The mass re-opt-in guard's holds.
     pub guard: GuardMetrics,
+    /// 1 while this instance leads (runs the poll and push workers), 0 while it follows.
+    pub leader: Family<InstanceLabel, Gauge>,
     /// Serialises scrapes (gauges are refreshed then encoded).
     scrape: Mutex<()>,
 }
@@ -165,6 +172,7 @@ impl Metrics {
             ),
             template_recategorisations: registered(&mut r, "template_recategorisations", RECAT),
             guard: GuardMetrics::register(&mut r),
+            leader: registered(&mut r, "leader", help::LEADER),
             // Last: the fields above register into it first.
             registry: r,
             scrape: Mutex::new(()),
@@ -228,6 +236,8 @@ fn registered_as<M: Metric + Clone>(
 
 /// Help texts, one per family, kept apart so the registration reads as a list.
 mod help {
+    pub const LEADER: &str =
+        "1 while this instance leads (runs the poll and push workers), 0 while it follows";
     pub const OBSERVATIONS: &str = "Observations read, by source and result";
     pub const DECISIONS: &str = "Decision changes, by scope and new decision";
     pub const PUSHES: &str = "Push items, by connector and outcome (done, retry, rejected)";

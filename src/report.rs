@@ -36,6 +36,16 @@ pub struct StatusReport {
     /// `optout-sync holds` lists them).
     #[serde(default)]
     pub held_opt_ins: BTreeMap<String, u64>,
+    /// This instance's name (`store.instance`; the host's name on sled).
+    #[serde(default)]
+    pub instance: String,
+    /// Whether this instance leads, running the poll and push workers (always on sled).
+    #[serde(default)]
+    pub leader: bool,
+    /// Every instance sharing the PostgreSQL store, and the leader's lease; `None` on
+    /// sled (one process).
+    #[serde(default)]
+    pub cluster: Option<crate::store::lease::RollCall>,
 }
 
 impl StatusReport {

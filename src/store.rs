@@ -1876,6 +1876,7 @@ impl Txn<'_> {
 mod compact;
 mod erasure;
 mod kv;
+pub mod lease;
 pub mod migrate;
 pub use compact::{compact, compact_if_pending};
 pub use erasure::Tombstone;

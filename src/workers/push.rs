@@ -322,10 +322,13 @@ impl<C: Connector + ?Sized> Push<C> {
         self.flying_keys.extend(keys.iter().map(|(k, _)| k.clone()));
         self.flying_records
             .extend(items.iter().map(|i| i.record.clone()));
-        let connector = self.connector.clone();
+        // A leader whose lease ran out (a paused process, resumed) ends here, or between
+        // two requests of the batch, instead of pushing.
+        crate::leader::check_before_push(&self.name);
+        let (connector, name) = (self.connector.clone(), self.name.clone());
         self.flights.spawn(async move {
             let sent = Instant::now();
-            let result = connector.push(&items).await;
+            let result = crate::leader::within_lease(&name, connector.push(&items)).await;
             Flight {
                 keys,
                 items,
