@@ -258,8 +258,17 @@ impl Pg {
         };
         let mut config: postgres::Config = (settings.url.expose().parse())
             .map_err(|e| open_err(format!("store.url is not a PostgreSQL URL: {e}")))?;
+        // A session stalled inside a transaction (its process paused or cut off) is ended
+        // by the server after one lease: a leader's transaction holds the lease row
+        // share-locked, and a successor's take-over must not wait on it for ever. The
+        // stalled transaction is rolled back, so it can never commit afterwards.
+        let options = format!(
+            "-c synchronous_commit=off -c client_min_messages=warning \
+             -c idle_in_transaction_session_timeout={}",
+            settings.lease.as_millis().max(1000)
+        );
         config
-            .options("-c synchronous_commit=off -c client_min_messages=warning")
+            .options(&options)
             .application_name(&format!("optout-sync {}", settings.instance))
             .connect_timeout(Duration::from_secs(10))
             .keepalives_idle(Duration::from_secs(30));
@@ -274,6 +283,9 @@ impl Pg {
             r2d2::Pool::builder()
                 .max_size(settings.pool_size)
                 .min_idle(Some(1))
+                // No round trip to check each connection handed out (it was half the
+                // gate's); a broken one fails its statement, is reported, and is dropped.
+                .test_on_check_out(false)
                 .connection_timeout(Duration::from_secs(10))
                 .error_handler(Box::new(r2d2::NopErrorHandler))
                 .build(manager)
