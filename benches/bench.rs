@@ -1461,10 +1461,13 @@ async fn intake(sizes: &Sizes) {
             ));
             stores::record(
                 "intake",
-                &format!("{c} conn: commits / rows written per webhook (server counters)"),
+                &format!(
+                    "{c} conn: commits / index scans / rows written per webhook (server counters)"
+                ),
                 format!(
-                    "{:.2} / {:.2}",
+                    "{:.2} / {:.1} / {:.2}",
                     delta.commits as f64 / n as f64,
+                    delta.idx_scans as f64 / n as f64,
                     (delta.inserted + delta.updated + delta.deleted) as f64 / n as f64
                 ),
             );
@@ -1747,10 +1750,11 @@ fn resync_pg_report(
     );
     stores::record(
         "resync",
-        "commits / rows written per page of 200 (server counters)",
+        "commits / index scans / rows written per page of 200 (server counters)",
         format!(
-            "{:.1} / {:.0}",
+            "{:.1} / {:.0} / {:.0}",
             first.commits as f64 / pages,
+            first.idx_scans as f64 / pages,
             (first.inserted + first.updated + first.deleted) as f64 / pages
         ),
     );
@@ -2553,10 +2557,11 @@ async fn gate_bench(sizes: &Sizes, big: &BigStore) {
         );
         stores::record(
             "gate",
-            "commits / buffer hits per single lookup (server counters)",
+            "commits / index scans / buffer hits per single lookup (server counters)",
             format!(
-                "{:.2} / {:.1}",
+                "{:.2} / {:.1} / {:.1}",
                 after.commits as f64 / lookups,
+                after.idx_scans as f64 / lookups,
                 after.blks_hit as f64 / lookups
             ),
         );

@@ -214,6 +214,9 @@ pub struct DbStats {
     pub fetched: i64,
     pub blks_read: i64,
     pub blks_hit: i64,
+    /// Index scans of the store's tables (`pg_stat_user_tables`): about one per keyed read,
+    /// update, delete or range page the engine sends.
+    pub idx_scans: i64,
     pub size: i64,
 }
 
@@ -228,6 +231,7 @@ impl DbStats {
             fetched: self.fetched - o.fetched,
             blks_read: self.blks_read - o.blks_read,
             blks_hit: self.blks_hit - o.blks_hit,
+            idx_scans: self.idx_scans - o.idx_scans,
             size: self.size,
         }
     }
@@ -236,9 +240,10 @@ impl DbStats {
     pub fn per(&self, per: f64, unit: &str) -> String {
         let f = |v: i64| v as f64 / per;
         format!(
-            "per {unit}: {:.2} commits, {:.2} rollbacks (serialization retries), {:.2} rows inserted, {:.2} updated, {:.2} deleted, {:.1} fetched; {:.1} buffer hits, {:.2} reads",
+            "per {unit}: {:.2} commits, {:.2} rollbacks (serialization retries), {:.1} index scans, {:.2} rows inserted, {:.2} updated, {:.2} deleted, {:.1} fetched; {:.1} buffer hits, {:.2} reads",
             f(self.commits),
             f(self.rollbacks),
+            f(self.idx_scans),
             f(self.inserted),
             f(self.updated),
             f(self.deleted),
@@ -256,6 +261,13 @@ pub const STATS_SETTLE: Duration = Duration::from_secs(11);
 
 /// The counters of `db` now (see [`STATS_SETTLE`] for when they are complete).
 pub fn db_stats(db: &str) -> DbStats {
+    let idx_scans = in_database(db, |c| {
+        c.query_one(
+            "SELECT coalesce(sum(idx_scan), 0)::int8 FROM pg_stat_user_tables",
+            &[],
+        )
+        .map(|r| r.get(0))
+    });
     let db = db.to_string();
     with_admin(move |c| {
         let r = c.query_one(
@@ -272,9 +284,27 @@ pub fn db_stats(db: &str) -> DbStats {
             fetched: r.get(5),
             blks_read: r.get(6),
             blks_hit: r.get(7),
+            idx_scans,
             size: r.get(8),
         })
     })
+}
+
+/// Runs `f` with a client of database `db` (on the admin URL's server), on a thread of
+/// its own.
+fn in_database<T: Send + 'static>(
+    db: &str,
+    f: impl FnOnce(&mut postgres::Client) -> Result<T, postgres::Error> + Send + 'static,
+) -> T {
+    let admin = ADMIN.lock().expect("admin").clone().expect("admin URL");
+    let url = database_url(&admin, db);
+    std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls)
+            .unwrap_or_else(|e| panic!("cannot reach the benchmark's database: {e}"));
+        f(&mut c).unwrap_or_else(|e| panic!("PostgreSQL: {e}"))
+    })
+    .join()
+    .expect("the PostgreSQL helper panicked")
 }
 
 /// Waits until no session is connected to `db` (a stopped daemon's backends have exited
@@ -302,32 +332,22 @@ pub type TreeRow = (i16, i64, f64, f64);
 
 /// Per tree its [`TreeRow`], and the table's and its index's sizes in bytes.
 pub fn tree_stats(db: &str) -> (Vec<TreeRow>, i64, i64) {
-    let url = database_url(
-        &ADMIN.lock().expect("admin").clone().expect("admin URL"),
-        db,
-    );
-    std::thread::spawn(move || {
-        let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+    in_database(db, |c| {
         let trees = c
             .query(
                 "SELECT tree, count(*), avg(length(key))::float8, avg(length(value))::float8 \
                  FROM optout_kv GROUP BY tree ORDER BY tree",
                 &[],
-            )
-            .expect("tree statistics")
+            )?
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
             .collect();
-        let r = c
-            .query_one(
-                "SELECT pg_table_size('optout_kv'), pg_indexes_size('optout_kv')",
-                &[],
-            )
-            .expect("table size");
-        (trees, r.get(0), r.get(1))
+        let r = c.query_one(
+            "SELECT pg_table_size('optout_kv'), pg_indexes_size('optout_kv')",
+            &[],
+        )?;
+        Ok((trees, r.get(0), r.get(1)))
     })
-    .join()
-    .expect("tree statistics")
 }
 
 /// The server's version and the settings that bear on the figures.
