@@ -25,7 +25,8 @@
 //! daemon during the resync, each intake level and each gate level and leaves `<name>.perf.data` there
 //! (read with `perf report -i`), or only the recordings `BENCH_PERF_ONLY=gate-128,gate-batch-4`
 //! names; `BENCH_DAEMON_ENV="MALLOC_ARENA_MAX=2"` adds environment
-//! variables (space-separated `K=V`) to every daemon the harness starts.
+//! variables (space-separated `K=V`) to every daemon the harness starts;
+//! `BENCH_PROP_POLL=1h` sets the CRMs' poll interval in the propagation benchmark (5 s).
 //!
 //! The daemon is the real release binary (`target/release/optout-sync`, built by cargo
 //! for this bench) started as a child process with a generated configuration, exactly as
@@ -951,8 +952,10 @@ async fn propagation(sizes: &Sizes) {
     header(
         "1. Opt-out propagation latency",
         &format!(
-            "A signed WhatsApp STOP webhook per customer, one every 10–20 ms (seeded uniform), each a different customer whose number is on a HubSpot contact and a Salesforce Contact. Latency from just before the webhook is sent until the HubSpot fake's `whatsapp_consent` and the Salesforce fake's `WhatsApp_Opt_Out__c` show the opt-out, watched every 1 ms from a dedicated thread. {} measured opt-outs after {} unmeasured warm-up ones. Daemon: real binary, WhatsApp + HubSpot + Salesforce connectors, polls every 5 s, default `push_linger` (10 ms). Times in ms.",
-            sizes.prop_n, sizes.prop_warmup
+            "A signed WhatsApp STOP webhook per customer, one every 10–20 ms (seeded uniform), each a different customer whose number is on a HubSpot contact and a Salesforce Contact. Latency from just before the webhook is sent until the HubSpot fake's `whatsapp_consent` and the Salesforce fake's `WhatsApp_Opt_Out__c` show the opt-out, watched every 1 ms from a dedicated thread. {} measured opt-outs after {} unmeasured warm-up ones. Daemon: real binary, WhatsApp + HubSpot + Salesforce connectors, CRM polls every {}, default `push_linger` (10 ms). Times in ms.",
+            sizes.prop_n,
+            sizes.prop_warmup,
+            std::env::var("BENCH_PROP_POLL").unwrap_or_else(|_| "5s".into())
         ),
     );
     for (label, delay, linger) in [
@@ -1008,7 +1011,10 @@ async fn propagation_run(
         });
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    let d = spawn_daemon(dir.path(), &crms.config(dir.path(), "5s", linger)).await;
+    // `BENCH_PROP_POLL=1h` leaves the CRM polls out of the measured window (they run every
+    // 5 s by default, as in production, and read back what the pushes changed).
+    let poll = std::env::var("BENCH_PROP_POLL").unwrap_or_else(|_| "5s".into());
+    let d = spawn_daemon(dir.path(), &crms.config(dir.path(), &poll, linger)).await;
     d.synced(&["hubspot", "salesforce"], Duration::from_secs(120))
         .await;
 
