@@ -8,9 +8,16 @@
 //! cargo bench --bench bench -- --quick            # small sizes: seconds, for iterating
 //! ```
 //!
-//! Benchmarks: `propagation`, `requests`, `intake`, `resync`, `store`, `gate`, `export`
-//! (in that order). `store` and `gate` need the store `resync` leaves behind; selected without it
-//! they run `resync` first.
+//! Benchmarks: `propagation`, `requests`, `intake`, `resync`, `store`, `gate`, `export`,
+//! `failover` (in that order). `store` and `gate` need the store `resync` leaves behind;
+//! selected without it they run `resync` first.
+//!
+//! Stores: `BENCH_STORES=sled,postgres` runs `propagation`, `intake`, `resync`, `store` and
+//! `gate` once per store, one after the other, and ends with a table of their figures side
+//! by side (default: `sled` only). PostgreSQL needs the admin URL of a server in `BENCH_PG`
+//! (or `OPTOUT_TEST_PG`); every daemon directory gets a fresh database, dropped at the end.
+//! `failover` (PostgreSQL only) kills the leader of two instances on one database, when the
+//! daemon's `status` reports a leader. The others (and sled's raw ceiling) run on sled.
 //!
 //! Environment: `OPTOUT_BENCH_PEOPLE=10000000` (or `BENCH_RESYNC_N`) sets how many people
 //! the resync builds the big store from, which `store` and `gate` then use (default
@@ -18,7 +25,8 @@
 //! daemon during the resync, each intake level and each gate level and leaves `<name>.perf.data` there
 //! (read with `perf report -i`), or only the recordings `BENCH_PERF_ONLY=gate-128,gate-batch-4`
 //! names; `BENCH_DAEMON_ENV="MALLOC_ARENA_MAX=2"` adds environment
-//! variables (space-separated `K=V`) to every daemon the harness starts.
+//! variables (space-separated `K=V`) to every daemon the harness starts;
+//! `BENCH_PROP_POLL=1h` sets the CRMs' poll interval in the propagation benchmark (5 s).
 //!
 //! The daemon is the real release binary (`target/release/optout-sync`, built by cargo
 //! for this bench) started as a child process with a generated configuration, exactly as
@@ -28,6 +36,8 @@
 
 #[path = "bench/hubstub.rs"]
 mod hubstub;
+#[path = "bench/stores.rs"]
+mod stores;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -110,7 +120,7 @@ impl Sizes {
     }
 }
 
-const ALL: [&str; 7] = [
+const ALL: [&str; 8] = [
     "propagation",
     "requests",
     "intake",
@@ -118,7 +128,11 @@ const ALL: [&str; 7] = [
     "store",
     "gate",
     "export",
+    "failover",
 ];
+
+/// The benchmarks run once per store of `BENCH_STORES`; the others run on sled only.
+const PER_STORE: [&str; 5] = ["propagation", "intake", "resync", "store", "gate"];
 
 fn main() {
     if std::env::args().nth(1).as_deref() == Some(RAW_SLED_ARG) {
@@ -156,15 +170,21 @@ fn main() {
     {
         sizes.resync_n = n;
     }
+    let stores = stores::from_env().unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(2);
+    });
+    stores::init(&stores);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("tokio runtime");
-    rt.block_on(run(selected, sizes, quick));
+    rt.block_on(run(selected, sizes, quick, &stores));
+    stores::drop_all();
 }
 
-async fn run(selected: Vec<String>, sizes: Sizes, quick: bool) {
+async fn run(selected: Vec<String>, sizes: Sizes, quick: bool, stores: &stores::Stores) {
     println!(
         "# optout-sync benchmarks{}\n",
         if quick { " (--quick sizes)" } else { "" }
@@ -173,44 +193,99 @@ async fn run(selected: Vec<String>, sizes: Sizes, quick: bool) {
     println!(
         "daemon binary: `{BIN}` (release build), run as a child process; fakes and load generators in the harness process; log level `{LOG_LEVEL}`"
     );
+    let labels: Vec<&str> = stores.list.iter().map(|b| b.label()).collect();
+    println!(
+        "stores: {} (`{}` run once per store)",
+        labels.join(", "),
+        PER_STORE.join("`, `")
+    );
+    if stores.list.contains(&stores::Backend::Postgres) {
+        println!(
+            "PostgreSQL: {}; a fresh database per daemon directory",
+            stores::server_summary()
+        );
+    }
     if let Ok(extra) = std::env::var("BENCH_DAEMON_ENV") {
         println!("daemon environment added: `{extra}`");
     }
     println!();
-    let mut big_store: Option<BigStore> = None;
+    let mut big_stores: Vec<(stores::Backend, BigStore)> = Vec::new();
     for name in ALL {
         if !selected.iter().any(|s| s == name) {
             continue;
         }
-        let started = Instant::now();
-        match name {
-            "propagation" => propagation(&sizes).await,
-            "requests" => requests(&sizes).await,
-            "intake" => intake(&sizes).await,
-            "export" => export_bench(&sizes).await,
-            "resync" => big_store = Some(resync(&sizes).await),
-            "store" | "gate" => {
-                if big_store.is_none() {
-                    println!(
-                        "(`{name}` needs the store a bulk resync leaves: running `resync` first)\n"
-                    );
-                    big_store = Some(resync(&sizes).await);
-                }
-                let store = big_store.as_ref().expect("a big store");
-                if name == "store" {
-                    store_bench(&sizes, store).await;
-                } else {
-                    gate_bench(&sizes, store).await;
-                    gate_baseline(&sizes, store).await;
-                }
-            }
-            _ => unreachable!(),
+        let backends = if PER_STORE.contains(&name) {
+            stores.list.clone()
+        } else {
+            vec![stores::Backend::Sled]
+        };
+        for backend in backends {
+            stores::set_current(backend);
+            let started = Instant::now();
+            run_one(name, &sizes, &mut big_stores, stores).await;
+            println!(
+                "_{name}{} took {:.0} s; load average at its end: {}_\n",
+                suffix(),
+                started.elapsed().as_secs_f64(),
+                loadavg()
+            );
         }
-        println!(
-            "_{name} took {:.0} s; load average at its end: {}_\n",
-            started.elapsed().as_secs_f64(),
-            loadavg()
-        );
+        stores::set_current(stores::Backend::Sled);
+    }
+    stores::print_side_by_side(&stores.list);
+}
+
+/// One benchmark on the current backend.
+async fn run_one(
+    name: &str,
+    sizes: &Sizes,
+    big_stores: &mut Vec<(stores::Backend, BigStore)>,
+    stores: &stores::Stores,
+) {
+    let backend = stores::current();
+    match name {
+        "propagation" => propagation(sizes).await,
+        "requests" => requests(sizes).await,
+        "intake" => intake(sizes).await,
+        "export" => export_bench(sizes).await,
+        "failover" => failover(stores).await,
+        "resync" => {
+            big_stores.retain(|(b, _)| *b != backend);
+            big_stores.push((backend, resync(sizes).await));
+        }
+        "store" | "gate" => {
+            if !big_stores.iter().any(|(b, _)| *b == backend) {
+                println!(
+                    "(`{name}` needs the store a bulk resync leaves: running `resync` first)\n"
+                );
+                big_stores.push((backend, resync(sizes).await));
+            }
+            let store = &big_stores
+                .iter()
+                .find(|(b, _)| *b == backend)
+                .expect("a big store")
+                .1;
+            if name == "store" {
+                store_bench(sizes, store).await;
+            } else {
+                gate_bench(sizes, store).await;
+                gate_baseline(sizes, store).await;
+            }
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// ` (sled)` or ` (PostgreSQL)` after a title, when the run compares stores or is not on
+/// sled; nothing otherwise (the titles stay as they were).
+fn suffix() -> String {
+    static MULTI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let multi =
+        *MULTI.get_or_init(|| stores::from_env().is_ok_and(|s| s.list != [stores::Backend::Sled]));
+    match (multi, stores::current()) {
+        (false, _) => String::new(),
+        (true, stores::Backend::Sled) => " — sled".into(),
+        (true, stores::Backend::Postgres) => " — PostgreSQL".into(),
     }
 }
 
@@ -292,7 +367,7 @@ fn loadavg() -> String {
 }
 
 fn header(title: &str, what: &str) {
-    println!("## {title}\n");
+    println!("## {title}{}\n", suffix());
     println!("load average at start: {}\n", loadavg());
     println!("{what}\n");
 }
@@ -739,7 +814,7 @@ shutdown_timeout = "20s"
 "#,
         state = dir.join("state").display(),
         sock = dir.join("control.sock").display(),
-    )
+    ) + &stores::store_table(dir)
 }
 
 fn whatsapp_section() -> String {
@@ -877,8 +952,10 @@ async fn propagation(sizes: &Sizes) {
     header(
         "1. Opt-out propagation latency",
         &format!(
-            "A signed WhatsApp STOP webhook per customer, one every 10–20 ms (seeded uniform), each a different customer whose number is on a HubSpot contact and a Salesforce Contact. Latency from just before the webhook is sent until the HubSpot fake's `whatsapp_consent` and the Salesforce fake's `WhatsApp_Opt_Out__c` show the opt-out, watched every 1 ms from a dedicated thread. {} measured opt-outs after {} unmeasured warm-up ones. Daemon: real binary, WhatsApp + HubSpot + Salesforce connectors, polls every 5 s, default `push_linger` (10 ms). Times in ms.",
-            sizes.prop_n, sizes.prop_warmup
+            "A signed WhatsApp STOP webhook per customer, one every 10–20 ms (seeded uniform), each a different customer whose number is on a HubSpot contact and a Salesforce Contact. Latency from just before the webhook is sent until the HubSpot fake's `whatsapp_consent` and the Salesforce fake's `WhatsApp_Opt_Out__c` show the opt-out, watched every 1 ms from a dedicated thread. {} measured opt-outs after {} unmeasured warm-up ones. Daemon: real binary, WhatsApp + HubSpot + Salesforce connectors, CRM polls every {}, default `push_linger` (10 ms). Times in ms.",
+            sizes.prop_n,
+            sizes.prop_warmup,
+            std::env::var("BENCH_PROP_POLL").unwrap_or_else(|_| "5s".into())
         ),
     );
     for (label, delay, linger) in [
@@ -891,6 +968,21 @@ async fn propagation(sizes: &Sizes) {
         ),
     ] {
         let rows = propagation_run(sizes, delay, linger).await;
+        let short = match (delay.is_zero(), linger.is_some()) {
+            (true, false) => "fakes at once",
+            (false, _) => "fakes after 80 ms",
+            (true, true) => "fakes at once, linger 0",
+        };
+        for (row, what) in [
+            (&rows.0[0], "webhook 200"),
+            (&rows.0[3], "both CRMs confirmed"),
+        ] {
+            stores::record(
+                "propagation",
+                &format!("{short}: {what} p50 / p99 ms"),
+                format!("{} / {}", row[2], row[4]),
+            );
+        }
         println!("### {label}\n");
         table(&["latency (ms)", "n", "p50", "p90", "p99", "max"], &rows.0);
         println!("{}\n", rows.1);
@@ -919,7 +1011,10 @@ async fn propagation_run(
         });
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    let d = spawn_daemon(dir.path(), &crms.config(dir.path(), "5s", linger)).await;
+    // `BENCH_PROP_POLL=1h` leaves the CRM polls out of the measured window (they run every
+    // 5 s by default, as in production, and read back what the pushes changed).
+    let poll = std::env::var("BENCH_PROP_POLL").unwrap_or_else(|_| "5s".into());
+    let d = spawn_daemon(dir.path(), &crms.config(dir.path(), &poll, linger)).await;
     d.synced(&["hubspot", "salesforce"], Duration::from_secs(120))
         .await;
 
@@ -1334,6 +1429,9 @@ async fn intake(sizes: &Sizes) {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = format!("{}{}", daemon_section(dir.path()), whatsapp_section());
     let d = spawn_daemon(dir.path(), &config).await;
+    let db = stores::database_of(dir.path());
+    let mut pg_notes = Vec::new();
+    let mut pg_before = pg_settled(db.as_deref()).await;
     let mut rows = Vec::new();
     let mut offset = 0usize;
     for &c in &sizes.intake_concurrency {
@@ -1360,9 +1458,50 @@ async fn intake(sizes: &Sizes) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let applied = t.elapsed();
+        if let (Some(db), Some(before)) = (db.as_deref(), pg_before) {
+            let after = pg_settled(Some(db)).await.expect("stats");
+            let delta = after.minus(before);
+            pg_notes.push(format!(
+                "{c} connection(s): {}",
+                delta.per(n as f64, "webhook")
+            ));
+            stores::record(
+                "intake",
+                &format!(
+                    "{c} conn: commits / index scans / rows written per webhook (server counters)"
+                ),
+                format!(
+                    "{:.2} / {:.1} / {:.2}",
+                    delta.commits as f64 / n as f64,
+                    delta.idx_scans as f64 / n as f64,
+                    (delta.inserted + delta.updated + delta.deleted) as f64 / n as f64
+                ),
+            );
+            pg_before = Some(after);
+        }
         let ok = res.iter().filter(|r| r.1 == 200).count();
         let lost = not_blocked(&d, offset - n..offset).await;
         let lat = sorted(res.iter().filter(|r| r.1 == 200).map(|r| ms(r.0)).collect());
+        stores::record(
+            "intake",
+            &format!("{c} conn: acknowledged / s"),
+            format!("{:.0}", ok as f64 / wall.as_secs_f64()),
+        );
+        stores::record(
+            "intake",
+            &format!("{c} conn: p50 / p99 ms"),
+            format!("{:.2} / {:.2}", pct(&lat, 50.0), pct(&lat, 99.0)),
+        );
+        stores::record(
+            "intake",
+            &format!("{c} conn: applied / s"),
+            format!("{:.0}", n as f64 / applied.as_secs_f64()),
+        );
+        stores::record(
+            "intake",
+            &format!("{c} conn: CPU s daemon"),
+            format!("{cpu_d:.1}"),
+        );
         rows.push(vec![
             c.to_string(),
             format!("{ok} / {}", res.len()),
@@ -1400,6 +1539,25 @@ async fn intake(sizes: &Sizes) {
         "subjects opted out at the end: {}; daemon RSS {rss:.0} MiB (peak {hwm:.0} MiB), {threads:.0} threads\n",
         s.people("all", "opted_out")
     );
+    stores::record("intake", "daemon peak RSS MiB", format!("{hwm:.0}"));
+    if !pg_notes.is_empty() {
+        println!(
+            "PostgreSQL's counters for the database (`pg_stat_database`, read {} s after each level so that every session has flushed them):\n",
+            stores::STATS_SETTLE.as_secs()
+        );
+        for note in pg_notes {
+            println!("- {note}");
+        }
+        println!();
+    }
+}
+
+/// On PostgreSQL (`db` set): the database's counters once the idle daemon's sessions have
+/// flushed theirs ([`stores::STATS_SETTLE`]); `None` on sled.
+async fn pg_settled(db: Option<&str>) -> Option<stores::DbStats> {
+    let db = db?;
+    tokio::time::sleep(stores::STATS_SETTLE).await;
+    Some(stores::db_stats(db))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1495,9 +1653,17 @@ async fn timed_resync(dir: &Path, config: &str, n: usize, name: &str) -> (Daemon
 
 async fn resync(sizes: &Sizes) -> BigStore {
     let n = sizes.resync_n;
+    let on_sled = stores::current() == stores::Backend::Sled;
     header(
         &format!("3. Full resync of {n} HubSpot contacts"),
-        "A daemon with an empty store and only a HubSpot connector (limiter opened wide, as with `Limits::off()`) reads every contact: search pages of 200, each applied in one durable store transaction. Each contact has one distinct number; one in fifty carries an existing opt-out. Timed from spawn until `/metrics` counts every contact observed (sampled every 0.25 s, with the daemon's RSS). The HubSpot fake scans and sorts every contact on each search, so at this size it would measure itself (its page time is timed below): the pages come from an indexed stand-in with the same wire format (`benches/bench/hubstub.rs`); the same sync against the fake itself, at a size it can serve, is the second row. The raw ceiling writes the same records straight into sled in a child process.",
+        &format!(
+            "A daemon with an empty store and only a HubSpot connector (limiter opened wide, as with `Limits::off()`) reads every contact: search pages of 200, each applied in one durable store transaction. Each contact has one distinct number; one in fifty carries an existing opt-out. Timed from spawn until `/metrics` counts every contact observed (sampled every 0.25 s, with the daemon's RSS). The HubSpot fake scans and sorts every contact on each search, so at this size it would measure itself (its page time is timed below): the pages come from an indexed stand-in with the same wire format (`benches/bench/hubstub.rs`){}",
+            if on_sled {
+                "; the same sync against the fake itself, at a size it can serve, is the second row. The raw ceiling writes the same records straight into sled in a child process."
+            } else {
+                ". On PostgreSQL the fake's row and the raw ceiling (sled's) are not run; the server's counters for the database (`pg_stat_database`) are read after the resync."
+            }
+        ),
     );
     check_customers(0..n);
     let stub = hubstub::start(stub_contacts(n)).await;
@@ -1507,12 +1673,123 @@ async fn resync(sizes: &Sizes) -> BigStore {
         daemon_section(dir.path()),
         hubspot_section(&stub.base_url(), "1h")
     );
+    let db = stores::database_of(dir.path());
     let (d, mut fig) = timed_resync(dir.path(), &config, n, "resync").await;
     fig.searches = stub.counts().0;
     let status = d.status().await;
+    let after_first = pg_settled(db.as_deref()).await;
     let second = second_full_resync(&d).await;
     d.terminate().await;
-    let stats = tree_stats(&dir.path().join("state"));
+    stores::record(
+        "resync",
+        "records / s",
+        format!("{:.0}", n as f64 / fig.secs),
+    );
+    stores::record("resync", "time s", format!("{:.1}", fig.secs));
+    stores::record("resync", "peak RSS MiB", format!("{:.0}", fig.hwm));
+    stores::record("resync", "CPU s daemon", format!("{:.1}", fig.daemon_cpu));
+    stores::record(
+        "resync",
+        "second full resync (all known) s",
+        format!("{:.1}", second.0),
+    );
+    match (db, after_first) {
+        (Some(db), Some(first)) => resync_pg_report(n, &db, &fig, first, &second, &status),
+        _ => resync_sled_report(sizes, dir.path(), &fig, &second, &status).await,
+    }
+    BigStore {
+        dir,
+        config,
+        _stub: stub,
+        n,
+    }
+}
+
+/// The PostgreSQL rows of the resync: the daemon's figures, the server's counters per
+/// page, and the rows per tree.
+fn resync_pg_report(
+    n: usize,
+    db: &str,
+    fig: &ResyncFigures,
+    first: stores::DbStats,
+    second: &(f64, Vec<(f64, f64)>),
+    status: &StatusReport,
+) {
+    stores::wait_disconnected(db);
+    let end = stores::db_stats(db);
+    let pages = n.div_ceil(200) as f64;
+    let rate = n as f64 / fig.secs;
+    table(
+        &[
+            "run",
+            "records",
+            "time s",
+            "records / s",
+            "peak RSS (VmHWM) MiB",
+            "CPU s daemon / harness",
+            "search requests",
+        ],
+        &[vec![
+            "**daemon ← indexed stand-in**".into(),
+            n.to_string(),
+            format!("{:.1}", fig.secs),
+            format!("**{rate:.0}**"),
+            format!("**{:.0}**", fig.hwm),
+            format!("{:.1} / {:.1}", fig.daemon_cpu, fig.harness_cpu),
+            fig.searches.to_string(),
+        ]],
+    );
+    println!(
+        "Daemon RSS during the resync (MiB, sampled every 0.25 s): {}\n",
+        memory_flatness(&fig.rss_samples)
+    );
+    println!(
+        "Then `resync --full --connector hubspot` on the same daemon: the same {n} contacts read again, now all known: {:.1} s ({:.0} records/s); daemon RSS {}\n",
+        second.0,
+        n as f64 / second.0,
+        memory_flatness(&second.1)
+    );
+    println!(
+        "PostgreSQL's counters (`pg_stat_database`): first resync (with start-up), {}; second resync, {}.\n",
+        first.per(pages, "page of 200"),
+        end.minus(first).per(pages, "page of 200")
+    );
+    stores::record(
+        "resync",
+        "commits / index scans / rows written per page of 200 (server counters)",
+        format!(
+            "{:.1} / {:.0} / {:.0}",
+            first.commits as f64 / pages,
+            first.idx_scans as f64 / pages,
+            (first.inserted + first.updated + first.deleted) as f64 / pages
+        ),
+    );
+    let (trees, table_bytes, index_bytes) = stores::tree_stats(db);
+    println!(
+        "Store after the resync: subjects {}, decisions {:?}; per tree (`optout_kv.tree`: rows, average key + value bytes): {}; table {:.0} MiB, its primary key {:.0} MiB, database {:.0} MiB.\n",
+        status.subjects_total,
+        status.subjects,
+        trees
+            .iter()
+            .map(|t| format!("{} {} ({:.0} + {:.0})", t.0, t.1, t.2, t.3))
+            .collect::<Vec<_>>()
+            .join(", "),
+        table_bytes as f64 / (1 << 20) as f64,
+        index_bytes as f64 / (1 << 20) as f64,
+        end.size as f64 / (1 << 20) as f64,
+    );
+}
+
+/// The sled rows of the resync: the fake's row, the raw sled ceiling and the trees.
+async fn resync_sled_report(
+    sizes: &Sizes,
+    dir: &Path,
+    fig: &ResyncFigures,
+    second: &(f64, Vec<(f64, f64)>),
+    status: &StatusReport,
+) {
+    let n = sizes.resync_n;
+    let stats = tree_stats(&dir.join("state"));
 
     // The same sync against the HubSpot fake, at a size it can serve.
     let fake = fake_resync(sizes.resync_fake_n).await;
@@ -1520,7 +1797,6 @@ async fn resync(sizes: &Sizes) -> BigStore {
     // The raw ceiling: the same number of records written straight into sled.
     let raw = raw_sled(n, &stats, false).await;
     let raw_tx = raw_sled(n, &stats, true).await;
-
     let rate = n as f64 / fig.secs;
     let flat = memory_flatness(&fig.rss_samples);
     table(
@@ -1614,12 +1890,6 @@ async fn resync(sizes: &Sizes) -> BigStore {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    BigStore {
-        dir,
-        config,
-        _stub: stub,
-        n,
-    }
 }
 
 fn memory_flatness(samples: &[(f64, f64)]) -> String {
@@ -1938,6 +2208,8 @@ async fn store_bench(sizes: &Sizes, big: &BigStore) {
     );
     let state = big.dir.path().join("state");
     let (apparent, allocated) = dir_bytes(&state);
+    let db = stores::database_of(big.dir.path());
+    let db_size = db.as_deref().map(|db| stores::db_stats(db).size);
     let mut rows = Vec::new();
     let mut rng = Rng(0x6a7e);
     let client = reqwest::Client::new();
@@ -1976,6 +2248,15 @@ async fn store_bench(sizes: &Sizes, big: &BigStore) {
         let hwm = d.hwm();
         let stop = d.terminate().await;
         let lat = sorted(lat);
+        let this = |f: &str, v: String| stores::record("store", &format!("restart {run}: {f}"), v);
+        this("spawn → READY ms", format!("{:.0}", ms(ready)));
+        this("RSS after 10 s MiB", format!("{rss_idle:.0}"));
+        this(
+            "sequential gate p50 / p99 ms",
+            format!("{:.2} / {:.2}", pct(&lat, 50.0), pct(&lat, 99.0)),
+        );
+        this("`status` ms", format!("{status_ms:.0}"));
+        this("SIGTERM → exit ms", format!("{:.0}", ms(stop)));
         rows.push(vec![
             run.to_string(),
             format!("**{:.0}**", ms(ready)),
@@ -2004,6 +2285,38 @@ async fn store_bench(sizes: &Sizes, big: &BigStore) {
             "SIGTERM → exit ms",
         ],
         &rows,
+    );
+    if let (Some(db), Some(before)) = (db, db_size) {
+        let after = stores::db_stats(&db).size;
+        let mib = |b: i64| b as f64 / (1 << 20) as f64;
+        println!(
+            "Database size (`pg_database_size`): {:.0} MiB after the resync; {:.0} MiB after the restarts ({:.0} bytes per subject). The sled directory holds only the daemon's own files here ({:.1} MiB).\n",
+            mib(before),
+            mib(after),
+            after as f64 / n as f64,
+            allocated2 as f64 / (1 << 20) as f64,
+        );
+        stores::record(
+            "store",
+            "size MiB (sled: allocated on disk; PostgreSQL: pg_database_size)",
+            format!("{:.0}", mib(after)),
+        );
+        stores::record(
+            "store",
+            "bytes per subject",
+            format!("{:.0}", after as f64 / n as f64),
+        );
+        return;
+    }
+    stores::record(
+        "store",
+        "size MiB (sled: allocated on disk; PostgreSQL: pg_database_size)",
+        format!("{:.0}", allocated2 as f64 / (1 << 20) as f64),
+    );
+    stores::record(
+        "store",
+        "bytes per subject",
+        format!("{:.0}", allocated2 as f64 / n as f64),
     );
     println!(
         "Size on disk: {:.0} MiB apparent, {:.0} MiB allocated after the resync; {:.0} / {:.0} MiB after the restarts ({:.0} bytes per subject allocated).\n",
@@ -2191,11 +2504,30 @@ async fn gate_bench(sizes: &Sizes, big: &BigStore) {
     let d = spawn_daemon(big.dir.path(), &big.config).await;
     // Warm the connection paths and the store's cache a little, unmeasured.
     let _ = gate_load(&d, n, 2_000, 8, 1).await;
+    let db = stores::database_of(big.dir.path());
+    let pg_before = pg_settled(db.as_deref()).await;
+    let mut lookups_done = 0usize;
     let mut rows = Vec::new();
     for (k, conns) in [1usize, 32, 128].into_iter().enumerate() {
         let perf = perf_attach(d.pid, &format!("gate-{conns}"));
         let g = gate_load(&d, n, sizes.gate_load, conns, 0x6a7e + k as u64).await;
         perf.stop();
+        lookups_done += g.lat.len();
+        stores::record(
+            "gate",
+            &format!("{conns} conn: lookups / s"),
+            format!("{:.0}", g.per_sec),
+        );
+        stores::record(
+            "gate",
+            &format!("{conns} conn: p50 / p99 ms"),
+            format!("{:.2} / {:.2}", pct(&g.lat, 50.0), pct(&g.lat, 99.0)),
+        );
+        stores::record(
+            "gate",
+            &format!("{conns} conn: daemon CPU µs per lookup"),
+            format!("{:.0}", g.daemon_cpu / g.lat.len() as f64 * 1e6),
+        );
         rows.push(vec![
             conns.to_string(),
             g.lat.len().to_string(),
@@ -2222,11 +2554,34 @@ async fn gate_bench(sizes: &Sizes, big: &BigStore) {
         ],
         &rows,
     );
+    if let (Some(db), Some(before)) = (db.as_deref(), pg_before) {
+        let lookups = lookups_done as f64;
+        let after = pg_settled(Some(db)).await.expect("stats").minus(before);
+        println!(
+            "PostgreSQL's counters over the single lookups (`pg_stat_database`), {}\n",
+            after.per(lookups, "lookup")
+        );
+        stores::record(
+            "gate",
+            "commits / index scans / buffer hits per single lookup (server counters)",
+            format!(
+                "{:.2} / {:.1} / {:.1}",
+                after.commits as f64 / lookups,
+                after.idx_scans as f64 / lookups,
+                after.blks_hit as f64 / lookups
+            ),
+        );
+    }
     let mut rows = Vec::new();
     for conns in [1usize, 4] {
         let perf = perf_attach(d.pid, &format!("gate-batch-{conns}"));
         let lat = gate_batches(&d, n, sizes.gate_batches, conns).await;
         perf.stop();
+        stores::record(
+            "gate",
+            &format!("1,000-id batch, {conns} conn: p50 / p99 ms"),
+            format!("{:.1} / {:.1}", pct(&lat, 50.0), pct(&lat, 99.0)),
+        );
         rows.push(dist_row(&format!("1,000 ids, {conns} connection(s)"), lat));
     }
     table(
@@ -2247,6 +2602,13 @@ async fn gate_bench(sizes: &Sizes, big: &BigStore) {
             .expect("lookup");
         lookup_ms.push(format!("{:.1}", ms(t.elapsed())));
     }
+    stores::record("gate", "`status` ms", format!("{status_ms:.1}"));
+    stores::record(
+        "gate",
+        "`lookup` ms (three customers)",
+        lookup_ms.join(" / "),
+    );
+    stores::record("gate", "daemon peak RSS MiB", format!("{:.0}", d.hwm()));
     println!(
         "`status` {status_ms:.1} ms ({} subjects); `lookup` of three customers {} ms; daemon RSS at the end {:.0} MiB, peak {:.0} MiB.\n",
         s.subjects_total,
@@ -2426,4 +2788,144 @@ async fn export_bench(sizes: &Sizes) {
         d.rss()
     );
     d.terminate().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. Failover between two instances on one PostgreSQL database
+
+/// Two daemons on one database; the leader is SIGKILLed and the time until the survivor's
+/// `status` names itself leader is measured. Needs PostgreSQL in `BENCH_STORES` and a
+/// daemon whose `status` reports its instances and leader; otherwise it says why it skips.
+async fn failover(stores: &stores::Stores) {
+    if !stores.list.contains(&stores::Backend::Postgres) {
+        println!("(failover: skipped, it needs `postgres` in BENCH_STORES)\n");
+        return;
+    }
+    stores::set_current(stores::Backend::Postgres);
+    header(
+        "9. Failover",
+        "Two daemons (instances `bench-a` and `bench-b`, `lease = \"3s\"`, only the WhatsApp connector) on one database; once `status` names a leader, the leader is SIGKILLed and the survivor's `status` is polled every 50 ms until it names itself leader. Three rounds; the killed instance is started again between them.",
+    );
+    let a = tempfile::tempdir().expect("temp dir");
+    let b = tempfile::tempdir().expect("temp dir");
+    let config = |dir: &Path, name: &str| {
+        format!("{}{}", daemon_section(dir), whatsapp_section())
+            .replace("instance = \"bench\"", &format!("instance = \"{name}\""))
+            .replace("lease = \"10s\"", "lease = \"3s\"")
+    };
+    let config_a = config(a.path(), "bench-a");
+    // The second instance names the first one's database.
+    let config_b = config(b.path(), "bench-b").replace(
+        &b.path().join("store-url").display().to_string(),
+        &a.path().join("store-url").display().to_string(),
+    );
+    let mut d = [
+        Some(spawn_daemon(a.path(), &config_a).await),
+        Some(spawn_daemon(b.path(), &config_b).await),
+    ];
+    let raw = raw_status(d[0].as_ref().expect("a")).await;
+    if leader_of(&raw).is_none() && raw.get("instances").is_none() {
+        println!(
+            "(failover: skipped: this build's `status` reports no instances and no leader, so there is no leader to kill; the multi-instance test suite measures the take-over)\n"
+        );
+        stores::record(
+            "failover",
+            "leader killed → survivor leads",
+            "not run (no leader election in this build)",
+        );
+        for x in d.into_iter().flatten() {
+            x.terminate().await;
+        }
+        return;
+    }
+    let names = ["bench-a", "bench-b"];
+    let dirs = [a.path().to_path_buf(), b.path().to_path_buf()];
+    let configs = [config_a.clone(), config_b.clone()];
+    let mut times = Vec::new();
+    for round in 0..3 {
+        let Some(leader) = wait_leader(d[0].as_ref().or(d[1].as_ref()).expect("one")).await else {
+            println!("(failover round {round}: no leader named within 30 s)\n");
+            break;
+        };
+        let Some(k) = names.iter().position(|n| *n == leader) else {
+            println!("(failover: the leader {leader:?} is neither instance)\n");
+            break;
+        };
+        let mut killed = d[k].take().expect("leader");
+        let survivor = d[1 - k].as_ref().expect("survivor");
+        let t = Instant::now();
+        // SAFETY: kill(2) on our own child with a valid signal number.
+        unsafe { kill(killed.pid as i32, 9) };
+        let _ = killed.child.wait().await;
+        let took = loop {
+            if leader_of(&raw_status(survivor).await).as_deref() == Some(names[1 - k]) {
+                break Some(t.elapsed());
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        match took {
+            Some(x) => times.push(ms(x)),
+            None => println!("(failover round {round}: the survivor did not lead within 60 s)"),
+        }
+        d[k] = Some(spawn_daemon(&dirs[k], &configs[k]).await);
+    }
+    let times = sorted(times);
+    table(
+        &["failover (ms)", "n", "p50", "p90", "p99", "max"],
+        &[dist_row("leader SIGKILLed → survivor leads", times.clone())],
+    );
+    stores::record(
+        "failover",
+        "leader killed → survivor leads, ms (lease 3 s)",
+        times
+            .iter()
+            .map(|t| format!("{t:.0}"))
+            .collect::<Vec<_>>()
+            .join(" / "),
+    );
+    for x in d.into_iter().flatten() {
+        x.terminate().await;
+    }
+}
+
+/// The daemon's `status` as it sends it (fields this harness does not know included).
+async fn raw_status(d: &Daemon) -> Value {
+    optout_sync::control::request(&d.socket, &optout_sync::control::Request::Status, |_| {})
+        .await
+        .unwrap_or_else(|e| panic!("status: {e}"))
+}
+
+/// The leading instance's name in a raw `status`: a `leader` string (or object with a
+/// name), or the entry of `instances` marked as leader.
+fn leader_of(v: &Value) -> Option<String> {
+    let name = |x: &Value| {
+        ["name", "instance"]
+            .iter()
+            .find_map(|k| x.get(*k)?.as_str().map(str::to_string))
+    };
+    match v.get("leader") {
+        Some(Value::String(s)) => return Some(s.clone()),
+        Some(o @ Value::Object(_)) => return name(o),
+        _ => {}
+    }
+    v.get("instances")?
+        .as_array()?
+        .iter()
+        .find(|i| i.get("leader").and_then(Value::as_bool) == Some(true))
+        .and_then(name)
+}
+
+/// Waits up to 30 s for `status` to name a leader.
+async fn wait_leader(d: &Daemon) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Some(l) = leader_of(&raw_status(d).await) {
+            return Some(l);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
 }
