@@ -2824,7 +2824,7 @@ async fn failover(stores: &stores::Stores) {
         Some(spawn_daemon(b.path(), &config_b).await),
     ];
     let raw = raw_status(d[0].as_ref().expect("a")).await;
-    if leader_of(&raw).is_none() && raw.get("instances").is_none() {
+    if leader_of(&raw).is_none() && raw.get("cluster").is_none() {
         println!(
             "(failover: skipped: this build's `status` reports no instances and no leader, so there is no leader to kill; the multi-instance test suite measures the take-over)\n"
         );
@@ -2898,24 +2898,16 @@ async fn raw_status(d: &Daemon) -> Value {
         .unwrap_or_else(|e| panic!("status: {e}"))
 }
 
-/// The leading instance's name in a raw `status`: a `leader` string (or object with a
-/// name), or the entry of `instances` marked as leader.
+/// The leading instance's name in a raw `status`: this instance when it says it leads,
+/// else the holder of an unexpired lease.
 fn leader_of(v: &Value) -> Option<String> {
-    let name = |x: &Value| {
-        ["name", "instance"]
-            .iter()
-            .find_map(|k| x.get(*k)?.as_str().map(str::to_string))
-    };
-    match v.get("leader") {
-        Some(Value::String(s)) => return Some(s.clone()),
-        Some(o @ Value::Object(_)) => return name(o),
-        _ => {}
+    if v.get("leader").and_then(Value::as_bool) == Some(true) {
+        return v.get("instance")?.as_str().map(str::to_string);
     }
-    v.get("instances")?
-        .as_array()?
-        .iter()
-        .find(|i| i.get("leader").and_then(Value::as_bool) == Some(true))
-        .and_then(name)
+    let lease = v.get("cluster")?.get("lease")?;
+    (lease.get("expires_in_seconds")?.as_f64()? > 0.0)
+        .then(|| lease.get("holder")?.as_str().map(str::to_string))
+        .flatten()
 }
 
 /// Waits up to 30 s for `status` to name a leader.
