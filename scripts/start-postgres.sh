@@ -30,6 +30,22 @@ data="$(mktemp -d -t optout-pg.XXXXXX)"
 chmod 755 "$data"
 [[ "$(id -u)" == 0 ]] && chown postgres: "$data"
 as_postgres "$bindir/initdb" -D "$data/db" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >&2
+
+# TLS with a throw-away CA, so that the tests can check a connection that verifies the
+# server's certificate (`tls_ca_file`): the CA's certificate is `ca.crt` beside the
+# server's (`SHOW ssl_cert_file` tells where). Plain connections keep working.
+tls="$data/tls"
+mkdir -p "$tls"
+openssl req -x509 -newkey rsa:2048 -nodes -days 3 -subj "/CN=optout-sync test CA" \
+    -keyout "$tls/ca.key" -out "$tls/ca.crt" 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    -keyout "$tls/server.key" -out "$tls/server.csr" 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$tls/ext"
+openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" \
+    -CAcreateserial -days 3 -extfile "$tls/ext" -out "$tls/server.crt" 2>/dev/null
+chmod 600 "$tls/server.key"
+[[ "$(id -u)" == 0 ]] && chown -R postgres: "$tls"
+
 as_postgres "$bindir/pg_ctl" -D "$data/db" -l "$data/server.log" -w -t 60 start \
-    -o "-c listen_addresses=127.0.0.1 -p $port -k $data -c max_connections=400 -c shared_buffers=256MB -c fsync=on" >&2
+    -o "-c listen_addresses=127.0.0.1 -p $port -k $data -c max_connections=400 -c shared_buffers=256MB -c fsync=on -c ssl=on -c ssl_cert_file=$tls/server.crt -c ssl_key_file=$tls/server.key" >&2
 echo "postgresql://postgres@127.0.0.1:$port/postgres"

@@ -2,6 +2,7 @@
 //! its SQL layout and migrations, and the leader's fence.
 
 use super::*;
+use crate::store::testing::PgDb;
 use std::sync::atomic::{AtomicBool, AtomicU32};
 
 /// Two instances append webhooks from many tasks while a poll reads after its cursor and
@@ -330,4 +331,56 @@ fn a_flush_reaches_the_disk_past_every_earlier_commit() {
             assert!(durable, "round {i}: the log was not flushed to {written}");
         }
     });
+}
+
+/// TLS: with `sslmode=require` and the server's CA as `tls_ca_file`, the store talks to
+/// PostgreSQL over TLS; a CA that did not sign the server's certificate, or none (the
+/// public web roots), is refused at open. Needs a server with TLS on
+/// (`scripts/start-postgres.sh` starts one).
+#[test]
+fn tls_verifies_the_server_against_the_configured_ca() {
+    let Some(db) = PgDb::fresh() else {
+        return;
+    };
+    let show =
+        |what: &'static str| -> String { db.sql(move |c| c.query_one(what, &[]).unwrap().get(0)) };
+    if show("SHOW ssl") != "on" {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the test server has TLS off (scripts/start-postgres.sh turns it on)"
+        );
+        eprintln!("skipped: the OPTOUT_TEST_PG server has TLS off");
+        return;
+    }
+    let cert = PathBuf::from(show("SHOW ssl_cert_file"));
+    let with_ca = |ca: Option<PathBuf>| {
+        let mut s = db.settings("tls-test", 2);
+        s.url = optout_core::Secret::new(format!("{} sslmode=require", s.url.expose()));
+        s.tls_ca_file = ca;
+        Backend::Postgres(s)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with(dir.path(), &with_ca(Some(cert.with_file_name("ca.crt"))))
+        .expect("the server's CA is trusted");
+    store
+        .transaction(true, |tx| tx.set_cursor("hubspot", "over-tls"))
+        .unwrap();
+    let over_tls: i64 = db.sql(|c| {
+        c.query_one(
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE ssl AND application_name = 'optout-sync tls-test'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    });
+    assert!(over_tls >= 1, "no TLS session from the store");
+    drop(store);
+    // The server's own certificate is no CA of it; the public roots do not know it.
+    for ca in [Some(cert.clone()), None] {
+        let err = Store::open_with(dir.path(), &with_ca(ca.clone()))
+            .err()
+            .unwrap_or_else(|| panic!("opened with CA {ca:?}"));
+        assert!(matches!(err, StoreError::Open { .. }), "{err}");
+    }
 }
