@@ -13,13 +13,18 @@ use super::{Backend, PgSettings, Store, StoreError};
 /// The admin URL of the test server, or `None` after saying the test is skipped. Under CI
 /// (`CI` set) a missing server fails the test: CI must not pass by skipping.
 pub fn pg_admin() -> Option<String> {
-    match std::env::var("OPTOUT_TEST_PG") {
+    admin_url("OPTOUT_TEST_PG")
+}
+
+/// The admin URL in the environment variable `var`, as [`pg_admin`].
+fn admin_url(var: &str) -> Option<String> {
+    match std::env::var(var) {
         Ok(url) if !url.is_empty() => Some(url),
         _ if std::env::var_os("CI").is_some() => {
-            panic!("OPTOUT_TEST_PG is not set, and CI must not skip the PostgreSQL tests")
+            panic!("{var} is not set, and CI must not skip the PostgreSQL tests")
         }
         _ => {
-            println!("skipped: OPTOUT_TEST_PG is not set");
+            println!("skipped: {var} is not set");
             None
         }
     }
@@ -50,7 +55,12 @@ pub struct PgDb {
 impl PgDb {
     /// A fresh, empty database (`None`: no test server, see [`pg_admin`]).
     pub fn fresh() -> Option<PgDb> {
-        let admin_url = pg_admin()?;
+        Self::fresh_on("OPTOUT_TEST_PG")
+    }
+
+    /// A fresh database on the server whose admin URL is in the variable `var`.
+    pub fn fresh_on(var: &str) -> Option<PgDb> {
+        let admin_url = admin_url(var)?;
         static N: AtomicU32 = AtomicU32::new(0);
         let pid = std::process::id();
         let name = format!("optout_u_{pid}_{}", N.fetch_add(1, SeqCst));
