@@ -338,16 +338,10 @@ fn a_store_of_json_values_opens_answers_and_rewrites_compactly(o: &Opener) {
         )
     })
     .unwrap();
+    let format = |tree, key: &[u8]| s.tree(tree, |t| t.get(key)).unwrap().expect("stored")[0];
+    assert_eq!(format(SUBJECTS, &id), FORMAT_COMPACT);
+    assert_eq!(format(LINKS, &link_key("hubspot", "c-17")), FORMAT_COMPACT);
+    assert_eq!(format(AUDIT, &5u64.to_be_bytes()), FORMAT_JSON);
     drop(s);
-    for (tree, key) in [
-        (SUBJECTS, id.to_vec()),
-        (LINKS, link_key("hubspot", "c-17")),
-    ] {
-        assert_eq!(o.raw_get(tree, &key).expect("stored")[0], FORMAT_COMPACT);
-    }
-    assert_eq!(
-        o.raw_get(AUDIT, &5u64.to_be_bytes()).expect("stored")[0],
-        FORMAT_JSON
-    );
     assert_reads(&o.open(), &want);
 }
