@@ -14,7 +14,10 @@
 //! `store/erasure.rs`; the id base of `store/compact.rs`, which rewrites the store after
 //! an erasure).
 //!
-//! Every value starts with a one-byte format version followed by JSON. Changes that must
+//! Every value starts with a one-byte format: 1 is JSON (the first encoding, still read,
+//! and still written for the rare values whose types use attributes only a
+//! self-describing format supports), 2 is postcard (fields in declaration order without
+//! names, integers as varints), written for every value a person has. Changes that must
 //! happen together go through [`Store::transaction`], which commits them atomically and,
 //! when asked, durably (flushed to disk before it returns).
 
@@ -34,8 +37,12 @@ use crate::policy::{Consent, Fact, GuardWindow, RecordMemory};
 
 /// The layout this build reads and writes. A store with another version is refused.
 pub const SCHEMA_VERSION: u32 = 1;
-/// The encoding of each value (first byte).
-const FORMAT: u8 = 1;
+/// The first byte of a JSON value.
+const FORMAT_JSON: u8 = 1;
+/// The first byte of a postcard value. postcard is not self-describing: a field added to a
+/// type stored this way cannot default when absent (as JSON's `#[serde(default)]` does), so
+/// such a change needs a new format byte and the old layout kept for reading.
+const FORMAT_COMPACT: u8 = 2;
 /// A file beside sled's own, written once the store is initialised. If it is there but
 /// sled comes up empty, the data was lost or damaged: refuse rather than start afresh.
 const MARKER: &str = "optout-sync.store";
@@ -329,17 +336,35 @@ pub enum Claimed {
     Conflict(ApiKeyRecord),
 }
 
+/// The compact encoding (format 2), for the values each person has (subjects, links,
+/// audit entries) and the other types whose serde attributes postcard supports: none of
+/// `skip_serializing_if`, `untagged`, internally or adjacently tagged enums, `flatten`.
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    let mut out = vec![FORMAT];
+    postcard::to_extend(v, vec![FORMAT_COMPACT]).expect("store values serialise")
+}
+
+/// The JSON encoding (format 1), for types that use attributes postcard cannot carry:
+/// inbox bodies, templates, outbox entries and dead letters (a push item's identities and
+/// reply). None of them is kept per person.
+fn encode_json<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = vec![FORMAT_JSON];
     serde_json::to_writer(&mut out, v).expect("store values serialise");
     out
 }
 
+/// Reads a value of either format, whichever wrote it.
 fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("{what}: {e}"));
     match bytes.split_first() {
-        Some((&FORMAT, rest)) => {
-            serde_json::from_slice(rest).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
-        }
+        Some((&FORMAT_JSON, rest)) => serde_json::from_slice(rest).map_err(|e| corrupt(&e)),
+        Some((&FORMAT_COMPACT, rest)) => match postcard::take_from_bytes(rest) {
+            Ok((v, [])) => Ok(v),
+            Ok((_, extra)) => Err(corrupt(&format_args!(
+                "{} bytes past the value",
+                extra.len()
+            ))),
+            Err(e) => Err(corrupt(&e)),
+        },
         Some((v, _)) => Err(StoreError::Corrupt(format!(
             "{what}: value format {v} is unknown to this build"
         ))),
@@ -1262,7 +1287,7 @@ impl Store {
             reason: None,
             connector: connector.map(str::to_string),
         };
-        let value = encode(&rec);
+        let value = encode_json(&rec);
         drop(rec);
         let store = self.clone();
         let seq = off_runtime(move || store.insert_inbox(value)).await?;
@@ -1298,7 +1323,7 @@ impl Store {
             reason: Some(reason.to_string()),
             connector: None,
         };
-        let value = encode(&rec);
+        let value = encode_json(&rec);
         let store = self.clone();
         off_runtime(move || {
             store.with(|db| {
@@ -1436,7 +1461,7 @@ impl Store {
                     body.extend_from_slice(&c.body);
                 }
                 body.push(b']');
-                let entry = encode(&InboxRecord {
+                let entry = encode_json(&InboxRecord {
                     received_at,
                     body,
                     reason: None,
@@ -1651,11 +1676,44 @@ impl ConsentReads<'_> {
     }
 }
 
-/// What the gate decodes of a subject; serde skips the other fields without building them.
+/// What the gate decodes of a subject; from JSON, serde skips the other fields without
+/// building them.
 #[derive(Deserialize)]
 struct ConsentView {
     consent: Consent,
     merged_into: Option<u64>,
+}
+
+/// The same from a compact subject. postcard reads fields in [`SubjectRecord`]'s order and
+/// cannot skip one unread, so the fields before `merged_into` are read borrowed (no string
+/// copied) and those after it not at all.
+#[derive(Deserialize)]
+struct CompactConsentView<'a> {
+    _id: u64,
+    #[serde(borrow)]
+    _aliases: Vec<&'a str>,
+    consent: Consent,
+    #[serde(borrow)]
+    _links: Vec<(&'a str, &'a str)>,
+    _last_inbound: Option<Timestamp>,
+    _created_at: Timestamp,
+    merged_into: Option<u64>,
+}
+
+impl ConsentView {
+    fn decode(bytes: &[u8]) -> Result<ConsentView, StoreError> {
+        match bytes.split_first() {
+            Some((&FORMAT_COMPACT, rest)) => {
+                let v: CompactConsentView = postcard::from_bytes(rest)
+                    .map_err(|e| StoreError::Corrupt(format!("subject: {e}")))?;
+                Ok(ConsentView {
+                    consent: v.consent,
+                    merged_into: v.merged_into,
+                })
+            }
+            _ => decode("subject", bytes),
+        }
+    }
 }
 
 /// The live subject of `alias` and its registers (see [`Store::consent_by_alias`]).
@@ -1668,7 +1726,7 @@ fn consent_of(db: &Db, alias: &str) -> Result<Option<(u64, Consent)>, StoreError
         let Some(v) = db.trees[SUBJECTS].get(id.to_be_bytes())? else {
             return Ok(None);
         };
-        let s: ConsentView = decode("subject", &v)?;
+        let s = ConsentView::decode(&v)?;
         match s.merged_into {
             Some(next) => id = next,
             None => return Ok(Some((id, s.consent))),
@@ -1754,7 +1812,7 @@ impl Txn<'_> {
     }
 
     pub fn put_outbox(&self, connector: &str, key: &str, e: &OutboxEntry) -> TxResult<()> {
-        self.t[OUTBOX].insert(link_key(connector, key), encode(e))?;
+        self.t[OUTBOX].insert(link_key(connector, key), encode_json(e))?;
         Ok(())
     }
 
@@ -1764,7 +1822,7 @@ impl Txn<'_> {
     }
 
     pub fn put_dead(&self, connector: &str, key: &str, d: &DeadLetter) -> TxResult<()> {
-        self.t[DEAD].insert(link_key(connector, key), encode(d))?;
+        self.t[DEAD].insert(link_key(connector, key), encode_json(d))?;
         Ok(())
     }
 
@@ -1835,7 +1893,7 @@ impl Txn<'_> {
     }
 
     pub fn put_templates(&self, name: &str, records: &[TemplateRecord]) -> TxResult<()> {
-        self.t[TEMPLATES].insert(name.as_bytes(), encode(&records))?;
+        self.t[TEMPLATES].insert(name.as_bytes(), encode_json(&records))?;
         Ok(())
     }
 

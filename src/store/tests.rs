@@ -51,6 +51,7 @@ macro_rules! on_both_async {
 }
 
 mod crash;
+mod format;
 mod pg;
 mod sled_files;
 mod suite;
