@@ -36,7 +36,21 @@ use crate::audit::AuditEntry;
 use crate::policy::{Consent, Fact, GuardWindow, RecordMemory};
 
 /// The layout this build reads and writes. A store with another version is refused.
-pub const SCHEMA_VERSION: u32 = 1;
+///
+/// 2: hot values (subjects, links, audit entries …) may be compact (format byte 2), which
+/// builds of schema 1 cannot read. A schema-1 store is upgraded at open (its values stay
+/// readable and are rewritten compact as they change); a build of schema 1 then refuses
+/// the store at open, clearly, instead of failing on values as it reads them.
+pub const SCHEMA_VERSION: u32 = 2;
+/// The oldest layout this build opens (and upgrades).
+const OLDEST_SCHEMA: u32 = 1;
+
+/// Whether a stored schema version is one this build opens.
+fn schema_opens(version: &[u8]) -> bool {
+    (std::str::from_utf8(version).ok())
+        .and_then(|v| v.parse::<u32>().ok())
+        .is_some_and(|n| (OLDEST_SCHEMA..=SCHEMA_VERSION).contains(&n))
+}
 /// The first byte of a JSON value.
 const FORMAT_JSON: u8 = 1;
 /// The first byte of a postcard value. postcard is not self-describing: a field added to a
@@ -826,12 +840,18 @@ impl Store {
             match meta.get("schema_version")? {
                 Some(v) => {
                     let found = std::str::from_utf8(&v).unwrap_or("?").to_string();
-                    if found != SCHEMA_VERSION.to_string() {
-                        return Err(StoreError::Schema {
-                            path: self.shown(),
-                            found,
-                            expected: SCHEMA_VERSION,
-                        });
+                    match found.parse::<u32>() {
+                        Ok(SCHEMA_VERSION) => {}
+                        Ok(n) if (OLDEST_SCHEMA..SCHEMA_VERSION).contains(&n) => {
+                            Self::upgrade(db, n)?
+                        }
+                        _ => {
+                            return Err(StoreError::Schema {
+                                path: self.shown(),
+                                found,
+                                expected: SCHEMA_VERSION,
+                            });
+                        }
                     }
                     if db.is_sled() {
                         self.check_high_water(db)?;
@@ -841,6 +861,20 @@ impl Store {
                 None => self.initialise(db),
             }
         })
+    }
+
+    /// Moves a store of an older layout to this one. Schema 1 → 2 changes no stored value
+    /// (both encodings are read); only the version, made durable, so older builds refuse
+    /// the store from now on.
+    fn upgrade(db: &Db, from: u32) -> Result<(), StoreError> {
+        db.trees[META].insert("schema_version", SCHEMA_VERSION.to_string().as_bytes())?;
+        db.db.flush()?;
+        tracing::info!(
+            from,
+            to = SCHEMA_VERSION,
+            "upgraded the store's schema (builds before this one will refuse it)"
+        );
+        Ok(())
     }
 
     /// A store without a schema version: a new one (initialised now), or one whose data

@@ -1481,17 +1481,17 @@ fn a_damaged_or_future_store_is_refused_clearly_and_never_started_afresh() {
         let meta = db.open_tree("meta").unwrap();
         assert_eq!(
             meta.get("schema_version").unwrap().as_deref(),
-            Some(&b"1"[..]),
+            Some(&b"2"[..]),
             "the store's meta tree changed"
         );
-        meta.insert("schema_version", "2").unwrap();
+        meta.insert("schema_version", "3").unwrap();
         db.flush().unwrap();
         contents(&db)
     };
     for attempt in 0..2 {
         let t = refused_run(dir.path(), &future);
         assert!(
-            t.contains("has schema version 2, this build understands 1; refusing to start"),
+            t.contains("has schema version 3, this build understands 2; refusing to start"),
             "attempt {attempt}: {t}"
         );
         assert!(t.contains(&future.display().to_string()), "{t}");
@@ -1503,7 +1503,7 @@ fn a_damaged_or_future_store_is_refused_clearly_and_never_started_afresh() {
         .output()
         .unwrap();
     assert!(!o.status.success());
-    assert!(text(&o).contains("schema version 2"), "{}", text(&o));
+    assert!(text(&o).contains("schema version 3"), "{}", text(&o));
     no_panic(&text(&o));
     // Not a single key was changed, added or removed.
     assert!(

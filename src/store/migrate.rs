@@ -191,13 +191,12 @@ fn check_pg_source(source: &Db) -> Result<(), MigrateError> {
             "PostgreSQL database {} holds no store to migrate",
             pg.name()
         ))),
-        Some(v) if *v != *SCHEMA_VERSION.to_string().as_bytes() => {
-            Err(MigrateError::Store(StoreError::Schema {
-                path: format!("PostgreSQL database {}", pg.name()),
-                found: String::from_utf8_lossy(&v).into_owned(),
-                expected: SCHEMA_VERSION,
-            }))
-        }
+        // An older layout is copied as it is; the daemon upgrades it at its first start.
+        Some(v) if !super::schema_opens(&v) => Err(MigrateError::Store(StoreError::Schema {
+            path: format!("PostgreSQL database {}", pg.name()),
+            found: String::from_utf8_lossy(&v).into_owned(),
+            expected: SCHEMA_VERSION,
+        })),
         Some(_) => Ok(()),
     }
 }

@@ -22,7 +22,7 @@ fn unknown_schema_version_is_refused_without_changes() {
     let err = Store::open(dir.path()).err().expect("refused");
     let msg = err.to_string();
     assert!(
-        msg.contains("schema version 99") && msg.contains("understands 1"),
+        msg.contains("schema version 99") && msg.contains(&format!("understands {SCHEMA_VERSION}")),
         "{msg}"
     );
     let db = sled::open(dir.path()).unwrap();
@@ -112,4 +112,23 @@ fn a_store_that_lost_acknowledged_entries_is_refused() {
     let err = Store::open(dir.path()).err().expect("refused");
     assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
     assert!(err.to_string().contains("lost data"), "{err}");
+}
+
+/// A store of schema 1 (before compact values) opens, keeps its data and is marked as
+/// this schema, durably, so that older builds refuse it from then on.
+#[test]
+fn a_schema_1_store_is_upgraded_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        s.transaction(true, |tx| tx.set_cursor("hubspot", "kept"))
+            .unwrap();
+        s.tree(META, |t| t.insert("schema_version", "1")).unwrap();
+        s.flush_blocking().unwrap();
+    }
+    let s = Store::open(dir.path()).unwrap();
+    assert_eq!(s.cursor("hubspot").unwrap().as_deref(), Some("kept"));
+    let v = s.tree(META, |t| t.get("schema_version")).unwrap().unwrap();
+    assert_eq!(&*v, SCHEMA_VERSION.to_string().as_bytes());
+    assert_eq!(SCHEMA_VERSION, 2);
 }

@@ -102,7 +102,7 @@ fn a_newer_schema_version_is_refused_without_changes(o: &Opener) {
     assert!(matches!(err, StoreError::Schema { .. }), "{err}");
     let msg = err.to_string();
     assert!(
-        msg.contains("schema version 99") && msg.contains("understands 1"),
+        msg.contains("schema version 99") && msg.contains(&format!("understands {SCHEMA_VERSION}")),
         "{msg}"
     );
     assert_eq!(o.raw_get(CURSORS, b"hubspot"), Some(before));
