@@ -359,37 +359,9 @@ async fn acknowledged_stops_survive_repeated_sigkills_during_pushes_and_converge
         },
     )
     .await;
-    d.until(
-        "every HubSpot contact suppressed",
-        Duration::from_secs(60),
-        async || {
-            hs_ids
-                .iter()
-                .all(|id| hs.property(id, "whatsapp_consent").as_deref() == Some("opted_out"))
-        },
-    )
-    .await;
-    d.until(
-        "every Salesforce Contact suppressed",
-        Duration::from_secs(60),
-        async || {
-            sf_ids.iter().all(|id| {
-                sf.get(id)
-                    .is_some_and(|v| v["WhatsApp_Opt_Out__c"] == json!(true))
-            })
-        },
-    )
-    .await;
-    d.until(
-        "outbox and webhook inbox empty",
-        Duration::from_secs(60),
-        async || {
-            let s = d.status().await;
-            s.webhook_inbox == 0 && s.connectors.iter().all(|c| c.outbox_depth == 0)
-        },
-    )
-    .await;
-    let s = d.status().await;
+    let s = d
+        .until_suppressed_everywhere((&hs, &hs_ids), (&sf, &sf_ids), Duration::from_secs(60))
+        .await;
     for c in &s.connectors {
         assert_eq!(c.dead_letters, 0, "{c:?}");
         assert_eq!(c.unverified_pushes, 0, "{c:?}");

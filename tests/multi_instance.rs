@@ -578,38 +578,13 @@ async fn assert_converged(world: &World, cluster: &Cluster, sender: &Sender) {
         },
     )
     .await;
-    d.until(
-        "every HubSpot contact suppressed",
-        Duration::from_secs(30),
-        async || {
-            (world.hs_ids[..n].iter())
-                .all(|id| world.hs.property(id, "whatsapp_consent").as_deref() == Some("opted_out"))
-        },
-    )
-    .await;
-    d.until(
-        "every Salesforce Contact suppressed",
-        Duration::from_secs(30),
-        async || {
-            (world.sf_ids[..n].iter()).all(|id| {
-                world
-                    .sf
-                    .get(id)
-                    .is_some_and(|v| v["WhatsApp_Opt_Out__c"] == json!(true))
-            })
-        },
-    )
-    .await;
-    d.until(
-        "outbox and webhook inbox empty",
-        Duration::from_secs(30),
-        async || {
-            let s = d.status().await;
-            s.webhook_inbox == 0 && s.connectors.iter().all(|c| c.outbox_depth == 0)
-        },
-    )
-    .await;
-    let s = d.status().await;
+    let s = d
+        .until_suppressed_everywhere(
+            (&world.hs, &world.hs_ids[..n]),
+            (&world.sf, &world.sf_ids[..n]),
+            Duration::from_secs(30),
+        )
+        .await;
     for c in &s.connectors {
         assert_eq!(c.dead_letters, 0, "{c:?}");
     }

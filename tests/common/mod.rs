@@ -168,6 +168,33 @@ impl Daemon {
         }
     }
 
+    /// Waits until every listed HubSpot contact and Salesforce Contact is suppressed and
+    /// the outbox and webhook inbox are empty; returns the `status` then.
+    pub async fn until_suppressed_everywhere(
+        &self,
+        hs: (&optout_hubspot::fake::FakeHandle, &[String]),
+        sf: (&optout_salesforce::fake::FakeHandle, &[String]),
+        within: Duration,
+    ) -> StatusReport {
+        self.until("every HubSpot contact suppressed", within, async || {
+            (hs.1.iter())
+                .all(|id| hs.0.property(id, "whatsapp_consent").as_deref() == Some("opted_out"))
+        })
+        .await;
+        self.until("every Salesforce Contact suppressed", within, async || {
+            (sf.1.iter()).all(|id| {
+                (sf.0.get(id)).is_some_and(|v| v["WhatsApp_Opt_Out__c"] == serde_json::json!(true))
+            })
+        })
+        .await;
+        self.until("outbox and webhook inbox empty", within, async || {
+            let s = self.status().await;
+            s.webhook_inbox == 0 && s.connectors.iter().all(|c| c.outbox_depth == 0)
+        })
+        .await;
+        self.status().await
+    }
+
     pub async fn status(&self) -> StatusReport {
         optout_sync::control::status(&self.socket).await.unwrap()
     }
