@@ -254,6 +254,12 @@ async fn run_one(
             big_stores.push((backend, resync(sizes).await));
         }
         "store" | "gate" => {
+            if !big_stores.iter().any(|(b, _)| *b == backend)
+                && backend == stores::Backend::Sled
+                && let Some(kept) = kept_store(sizes).await
+            {
+                big_stores.push((backend, kept));
+            }
             if !big_stores.iter().any(|(b, _)| *b == backend) {
                 println!(
                     "(`{name}` needs the store a bulk resync leaves: running `resync` first)\n"
@@ -1565,11 +1571,26 @@ async fn pg_settled(db: Option<&str>) -> Option<stores::DbStats> {
 
 /// What a bulk resync leaves for the store benchmark.
 struct BigStore {
-    dir: tempfile::TempDir,
+    dir: StoreDir,
     config: String,
     /// Keeps the HubSpot stand-in alive for the daemon's polls after restarts.
     _stub: hubstub::HubStub,
     n: usize,
+}
+
+/// Where a big store lives: built by this run, or kept by an earlier one.
+enum StoreDir {
+    Temp(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl StoreDir {
+    fn path(&self) -> &Path {
+        match self {
+            StoreDir::Temp(t) => t.path(),
+            StoreDir::Kept(p) => p,
+        }
+    }
 }
 
 fn stub_contacts(n: usize) -> Vec<hubstub::StubContact> {
@@ -1697,12 +1718,64 @@ async fn resync(sizes: &Sizes) -> BigStore {
         (Some(db), Some(first)) => resync_pg_report(n, &db, &fig, first, &second, &status),
         _ => resync_sled_report(sizes, dir.path(), &fig, &second, &status).await,
     }
+    keep_store(dir.path());
     BigStore {
-        dir,
+        dir: StoreDir::Temp(dir),
         config,
         _stub: stub,
         n,
     }
+}
+
+/// With `BENCH_KEEP_STORE=<dir>` (sled), a copy of the resync's store in `<dir>/state`,
+/// for `BENCH_STORE_FROM` to run `store` and `gate` on again without building it.
+fn keep_store(dir: &Path) {
+    let Ok(keep) = std::env::var("BENCH_KEEP_STORE") else {
+        return;
+    };
+    let keep = PathBuf::from(keep);
+    std::fs::create_dir_all(&keep).expect("BENCH_KEEP_STORE directory");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(dir.join("state"))
+        .arg(&keep)
+        .status()
+        .expect("cp");
+    assert!(copied.success(), "copying the store to {}", keep.display());
+    println!(
+        "The store is kept in {} (BENCH_KEEP_STORE).\n",
+        keep.display()
+    );
+}
+
+/// The store `BENCH_KEEP_STORE` kept, named by `BENCH_STORE_FROM=<dir>`, with a HubSpot
+/// stand-in that has no contacts (the daemon's incremental polls find nothing, as after a
+/// resync). The restarts and lookups of `store` and `gate` write to it.
+async fn kept_store(sizes: &Sizes) -> Option<BigStore> {
+    let from = std::env::var("BENCH_STORE_FROM").ok()?;
+    let dir = StoreDir::Kept(PathBuf::from(from));
+    assert!(
+        dir.path().join("state").is_dir(),
+        "BENCH_STORE_FROM: no state directory in {}",
+        dir.path().display()
+    );
+    let stub = hubstub::start(Vec::new()).await;
+    let config = format!(
+        "{}{}",
+        daemon_section(dir.path()),
+        hubspot_section(&stub.base_url(), "1h")
+    );
+    let n = sizes.resync_n;
+    println!(
+        "(`store` and `gate` on the kept store in {} of {n} people: BENCH_STORE_FROM)\n",
+        dir.path().display()
+    );
+    Some(BigStore {
+        dir,
+        config,
+        _stub: stub,
+        n,
+    })
 }
 
 /// The PostgreSQL rows of the resync: the daemon's figures, the server's counters per

@@ -131,6 +131,28 @@ async fn crm_opt_out_reaches_every_system_the_gate_status_and_metrics_then_full_
     let v: GateBatchReply = r.json().await.unwrap();
     let allowed: Vec<Option<bool>> = v.results.iter().map(|r| r.allowed).collect();
     assert_eq!(allowed, [Some(false), Some(true), None], "{v:?}");
+    // A full batch is read in shares on several threads at once; its answers keep the
+    // order the ids were asked in.
+    let ids: Vec<String> = (0..1000)
+        .map(|i| match i % 3 {
+            0 => "(415) 555-2671".to_string(),
+            1 => "+12125550100".to_string(),
+            _ => format!("nonsense {i}"),
+        })
+        .collect();
+    let r = http
+        .post(d.url("/v1/consent/batch"))
+        .bearer_auth(GATE_TOKEN)
+        .json(&json!({"category": "marketing", "ids": ids}))
+        .send()
+        .await
+        .unwrap();
+    let v: GateBatchReply = r.json().await.unwrap();
+    assert_eq!(v.results.len(), ids.len());
+    for (i, (asked, got)) in ids.iter().zip(&v.results).enumerate() {
+        let expected = [Some(false), Some(true), None][i % 3];
+        assert_eq!((&got.id, got.allowed), (asked, expected), "answer {i}");
+    }
 
     // status and /metrics report what happened.
     eventually("pushes settle", Duration::from_secs(30), async || {
