@@ -527,8 +527,8 @@ async fn gate_batch(State(s): State<Arc<HttpState>>, req: Request) -> Response {
 
 /// The batch's answers, in order. A batch is a thousand store reads, milliseconds, too
 /// long for an async worker: its ids are read in shares on blocking threads at once, one
-/// share per core, so a lone batch's latency is not one core's (the harness's batch p99
-/// at 1,000,000 people was 25.6 ms on one thread).
+/// share per core, so a lone batch is not held to one core (at 1,000,000 people: p99
+/// 29 ms instead of 33–36 on one thread; see BENCHMARKS.md, "The batch in shares").
 async fn batch_answers(
     engine: Arc<Engine>,
     asked: Asked,
