@@ -10,6 +10,25 @@ use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 
 use super::{Backend, PgSettings, Store, StoreError};
 
+/// Opens a sled database directly, around the store. sled's flusher thread lets go of the
+/// file lock a moment after the last handle is dropped (a store just refused or closed by
+/// this process may still hold it), so a held lock is waited for, as the store itself does.
+pub fn raw_sled(dir: &Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::open(dir) {
+            Ok(db) => return db,
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("opening {}: {e}", dir.display()),
+        }
+    }
+}
+
 /// The admin URL of the test server, or `None` after saying the test is skipped. Under CI
 /// (`CI` set) a missing server fails the test: CI must not pass by skipping.
 pub fn pg_admin() -> Option<String> {
@@ -229,7 +248,7 @@ impl Opener {
         let name = super::TREES[tree];
         match &self.pg {
             None => {
-                let db = sled::open(self.dir()).unwrap();
+                let db = raw_sled(self.dir());
                 db.open_tree(name)
                     .unwrap()
                     .get(key)

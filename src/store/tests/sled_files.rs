@@ -3,12 +3,13 @@
 
 use super::suite::{engine_over, page};
 use super::*;
+use crate::store::testing::raw_sled;
 
 #[test]
 fn unknown_schema_version_is_refused_without_changes() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let db = sled::open(dir.path()).unwrap();
+        let db = raw_sled(dir.path());
         db.open_tree("meta")
             .unwrap()
             .insert("schema_version", "99")
@@ -25,7 +26,7 @@ fn unknown_schema_version_is_refused_without_changes() {
         msg.contains("schema version 99") && msg.contains(&format!("understands {SCHEMA_VERSION}")),
         "{msg}"
     );
-    let db = sled::open(dir.path()).unwrap();
+    let db = raw_sled(dir.path());
     assert_eq!(
         &*db.open_tree("cursors")
             .unwrap()
@@ -41,7 +42,7 @@ fn unknown_schema_version_is_refused_without_changes() {
 fn foreign_data_without_schema_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let db = sled::open(dir.path()).unwrap();
+        let db = raw_sled(dir.path());
         db.open_tree("subjects").unwrap().insert("x", "y").unwrap();
         db.flush().unwrap();
     }
