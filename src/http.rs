@@ -560,9 +560,11 @@ async fn batch_answers(
 /// Ids a blocking thread takes at least: below it a second thread costs more than it saves.
 const BATCH_SHARE: usize = 100;
 
-/// Blocking threads a batch of `n` ids is read on: one per core, each with a fair share.
+/// Blocking threads a batch of `n` ids is read on: one per core (as the cgroup's CPU quota
+/// allows, read once), each with a fair share.
 fn batch_threads(n: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |c| c.get()));
     (n / BATCH_SHARE).clamp(1, cores)
 }
 
