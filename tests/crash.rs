@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use common::GATE_TOKEN;
 use common::config::Config;
+use common::rng::{Rng, seed};
 use optout_sync::report::{GateBatchReply, StatusReport};
 use optout_whatsapp::fake::envelope::{self, Who};
 use serde_json::json;
@@ -40,24 +41,6 @@ use tokio::sync::watch;
 
 const APP_SECRET: &str = "meta-app-secret-for-crash-tests";
 const DEFAULT_SEED: u64 = 0x0c4a_5eed_2026;
-
-/// A small seeded generator (splitmix64), so a failing plan can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next_u64() % (hi - lo + 1)
-    }
-}
 
 /// The `wa_id` of customer `i`: +1 415 230-0000 onwards (valid US numbers).
 fn wa_id(i: usize) -> String {
@@ -183,10 +166,7 @@ async fn status_of(d: &common::Daemon) -> Option<StatusReport> {
 async fn acknowledged_stops_survive_repeated_sigkills_during_pushes_and_converge() {
     let full = std::env::var_os("OPTOUT_FULL").is_some();
     let (n, kills) = if full { (2_000, 40) } else { (400, 20) };
-    let seed = std::env::var("OPTOUT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(DEFAULT_SEED);
+    let seed = seed(DEFAULT_SEED);
     eprintln!("crash: {n} opt-outs, {kills} kills, OPTOUT_SEED={seed}");
     let mut rng = Rng(seed);
 

@@ -63,6 +63,7 @@ use std::time::{Duration, Instant};
 
 use common::GATE_TOKEN;
 use common::config::Config;
+use common::rng::{Rng, seed};
 use optout_hubspot::fake as hsfake;
 use optout_salesforce::fake as sffake;
 use optout_sync::report::GateBatchReply;
@@ -77,23 +78,6 @@ const DEFAULT_SEED: u64 = 0xfa17_5eed_2026;
 const LANES: usize = 8;
 /// The CRMs' poll interval.
 const POLL: Duration = Duration::from_secs(1);
-
-/// A small seeded generator (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn chance(&mut self, p: f64) -> bool {
-        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
-    }
-}
 
 /// The `wa_id` of customer `i`: +1 415 230-0000 onwards (valid US numbers).
 fn wa_id(i: usize) -> String {
@@ -503,13 +487,6 @@ fn size(mix: Mix) -> usize {
         .unwrap_or(if mix == Mix::All { 10_000 } else { 1_000 })
 }
 
-fn seed() -> u64 {
-    std::env::var("OPTOUT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(DEFAULT_SEED)
-}
-
 /// Fault-free runs by size, shared by the tests that compare against them (they run one at a
 /// time): each size is run once per process.
 static BASELINES: tokio::sync::Mutex<Vec<(usize, Figures)>> =
@@ -517,7 +494,7 @@ static BASELINES: tokio::sync::Mutex<Vec<(usize, Figures)>> =
 
 /// Runs the workload fault-free (once per size), then with `mix`; asserts the request bound.
 async fn compare(mix: Mix) {
-    let (n, seed) = (size(mix), seed());
+    let (n, seed) = (size(mix), seed(DEFAULT_SEED));
     eprintln!("faults: {n} opt-outs per run, {mix:?}, OPTOUT_SEED={seed}");
     let within = Duration::from_secs(if n > 5_000 { 900 } else { 120 });
     let known = BASELINES

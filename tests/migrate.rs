@@ -18,29 +18,6 @@ use serde_json::json;
 /// People imported: the `aliases` and `subjects` trees take more than one batch.
 const PEOPLE: usize = 6_000;
 
-/// A fresh database on the test server; its URL.
-fn fresh_database() -> Option<String> {
-    let Ok(admin) = std::env::var("OPTOUT_TEST_PG") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must set OPTOUT_TEST_PG"
-        );
-        eprintln!("skipped: OPTOUT_TEST_PG is not set");
-        return None;
-    };
-    let name = format!("optout_mig_{}", std::process::id());
-    let mut c = postgres::Client::connect(&admin, postgres::NoTls).unwrap();
-    c.batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
-        .unwrap();
-    c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-    let cfg: postgres::Config = admin.parse().unwrap();
-    Some(format!(
-        "postgresql://{}@127.0.0.1:{}/{name}",
-        cfg.get_user().unwrap_or("postgres"),
-        cfg.get_ports().first().unwrap_or(&5432)
-    ))
-}
-
 /// `base` (a configuration's text) with its store in `state`; with `postgres`, the
 /// `[store]` table naming the database through `OPTOUT_STORE_URL`.
 fn config(base: &str, dir: &Path, name: &str, state: &Path, postgres: bool) -> PathBuf {
@@ -150,7 +127,7 @@ async fn filled_store(dir: &Path, f: &common::Fakes) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_goes_to_postgres_and_back_unchanged_and_a_used_target_is_refused() {
-    let Some(url) = tokio::task::block_in_place(fresh_database) else {
+    let Some(url) = tokio::task::block_in_place(common::fresh_pg_database) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

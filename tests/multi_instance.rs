@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use common::GATE_TOKEN;
 use common::config::Config;
+use common::rng::{Rng, seed};
 use optout_sync::report::{GateBatchReply, StatusReport};
 use optout_whatsapp::fake::envelope::{self, Who};
 use serde_json::json;
@@ -56,95 +57,6 @@ fn signal(d: &common::Daemon, sig: i32) {
 
 const SIGCONT: i32 = 18;
 const SIGSTOP: i32 = 19;
-
-/// A small seeded generator (splitmix64), so a failing plan can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next_u64() % (hi - lo + 1)
-    }
-}
-
-fn seed() -> u64 {
-    std::env::var("OPTOUT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(DEFAULT_SEED)
-}
-
-/// The administrator's URL, or `None` (skipped) when no PostgreSQL is configured.
-fn admin_url(test: &str) -> Option<String> {
-    match std::env::var("OPTOUT_TEST_PG") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var_os("CI").is_some() => {
-            panic!("{test}: OPTOUT_TEST_PG is not set, and CI must run against PostgreSQL")
-        }
-        _ => {
-            eprintln!("{test}: SKIPPED: set OPTOUT_TEST_PG to a PostgreSQL administrator's URL");
-            None
-        }
-    }
-}
-
-/// A test's database, dropped (its connections closed) when the test ends.
-struct TestDb {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let (admin, sql) = (
-            self.admin.clone(),
-            format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-        );
-        let _ = std::thread::spawn(move || {
-            if let Ok(mut c) = postgres::Client::connect(&admin, postgres::NoTls) {
-                let _ = c.batch_execute(&sql);
-            }
-        })
-        .join();
-    }
-}
-
-/// Creates a fresh database; returns its URL (the administrator's, with its name).
-fn fresh_database(admin: &str, test: &str) -> TestDb {
-    let name = format!(
-        "optout_{test}_{}_{}",
-        std::process::id(),
-        optout_core::Timestamp::now().millis()
-    );
-    let (url, sql) = (admin.to_string(), format!("CREATE DATABASE {name}"));
-    // The synchronous client runs a runtime of its own: not on this one's threads.
-    std::thread::spawn(move || {
-        let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
-        c.batch_execute(&sql).expect("create the test database");
-    })
-    .join()
-    .unwrap();
-    let (base, query) = admin.split_once('?').unwrap_or((admin, ""));
-    let (server, _) = base.rsplit_once('/').expect("a URL with a database");
-    let query = if query.is_empty() {
-        "sslmode=disable".to_string()
-    } else {
-        query.to_string()
-    };
-    TestDb {
-        admin: admin.to_string(),
-        url: format!("{server}/{name}?{query}"),
-        name,
-    }
-}
 
 /// The `wa_id` of customer `i`: +1 415 240-0000 onwards (valid US numbers).
 fn wa_id(i: usize) -> String {
@@ -657,16 +569,15 @@ async fn assert_status_lists(cluster: &Cluster, leader: usize) {
 /// back as a follower each time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_fail_over_when_the_leader_is_killed() {
-    let Some(admin) = admin_url("two_instances") else {
+    let Some(url) = tokio::task::block_in_place(common::fresh_pg_database) else {
         return;
     };
-    let seed = seed();
+    let seed = seed(DEFAULT_SEED);
     eprintln!("multi_instance (two): OPTOUT_SEED={seed}");
     let mut rng = Rng(seed);
     let n = 160;
     let extra = 8;
-    let db = fresh_database(&admin, "two");
-    let world = World::new(n + extra, db.url.clone()).await;
+    let world = World::new(n + extra, url).await;
     let mut cluster = Cluster::start(&world, &["alpha", "beta"]).await;
     let first = cluster.leader(Duration::from_secs(10), None).await;
     let d = cluster.daemon(first);
@@ -792,15 +703,14 @@ fn report_watched(test: &str, w: &Watched, failovers: &[Duration], refused: u64)
 /// exit with the lease-lost code and no push may reach the fakes meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_instances_and_a_paused_leader_resumed_after_its_lease_never_pushes() {
-    let Some(admin) = admin_url("three_instances") else {
+    let Some(url) = tokio::task::block_in_place(common::fresh_pg_database) else {
         return;
     };
-    let seed = seed();
+    let seed = seed(DEFAULT_SEED);
     eprintln!("multi_instance (three): OPTOUT_SEED={seed}");
     let mut rng = Rng(seed ^ 0x3);
     let n = 120;
-    let db = fresh_database(&admin, "three");
-    let world = World::new(n, db.url.clone()).await;
+    let world = World::new(n, url).await;
     let mut cluster = Cluster::start(&world, &["ant", "bee", "cat"]).await;
     let first = cluster.leader(Duration::from_secs(10), None).await;
     let d = cluster.daemon(first);

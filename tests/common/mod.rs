@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod config;
+pub mod rng;
 pub mod store;
 
 /// The binary under test, without the caller's `OPTOUT_SYNC_CONFIG`.
