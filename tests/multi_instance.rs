@@ -179,6 +179,22 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// The instances started, one of them leading, and the leader's first sync of both
+    /// CRMs done; `status` lists them all.
+    async fn start_synced(world: &World, names: &[&str]) -> Cluster {
+        let cluster = Cluster::start(world, names).await;
+        let first = cluster.leader(Duration::from_secs(10), None).await;
+        let d = cluster.daemon(first);
+        d.until(
+            "the first sync of both CRMs",
+            Duration::from_secs(30),
+            async || d.crms_polled_since(None).await,
+        )
+        .await;
+        assert_status_lists(&cluster, first).await;
+        cluster
+    }
+
     async fn start(world: &World, names: &[&str]) -> Cluster {
         let mut c = Cluster {
             names: names.iter().map(|n| n.to_string()).collect(),
@@ -452,6 +468,32 @@ fn cursor_before(a: &str, b: &str) -> bool {
     a.len() == b.len() && a < b
 }
 
+/// One failover by SIGKILL: which instance led and was killed, which took over, how long
+/// the take-over took, and when the first push after the kill reached the fakes.
+struct Failover {
+    old: usize,
+    new: usize,
+    takeover: Duration,
+    push: Duration,
+}
+
+async fn kill_the_leader(cluster: &mut Cluster, world: &World) -> Failover {
+    let old = cluster.leader(Duration::from_secs(10), None).await;
+    let killed = Instant::now();
+    cluster.sigkill(old).await;
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let base = world.pushes();
+    let new = cluster.leader(Duration::from_secs(15), Some(old)).await;
+    let takeover = killed.elapsed();
+    let push = first_push_after(world, base, killed).await;
+    Failover {
+        old,
+        new,
+        takeover,
+        push,
+    }
+}
+
 /// Waits until the fakes have received a push more than `base`; the time it took.
 async fn first_push_after(world: &World, base: u64, since: Instant) -> Duration {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -578,16 +620,7 @@ async fn two_instances_fail_over_when_the_leader_is_killed() {
     let n = 160;
     let extra = 8;
     let world = World::new(n + extra, url).await;
-    let mut cluster = Cluster::start(&world, &["alpha", "beta"]).await;
-    let first = cluster.leader(Duration::from_secs(10), None).await;
-    let d = cluster.daemon(first);
-    d.until(
-        "the first sync of both CRMs",
-        Duration::from_secs(30),
-        async || d.crms_polled_since(None).await,
-    )
-    .await;
-    assert_status_lists(&cluster, first).await;
+    let mut cluster = Cluster::start_synced(&world, &["alpha", "beta"]).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let watchers = spawn_watchers(cluster.live.clone(), world.phones[0].clone(), stop.clone());
@@ -595,24 +628,17 @@ async fn two_instances_fail_over_when_the_leader_is_killed() {
     let mut failovers = Vec::new();
     for k in 0..2 {
         tokio::time::sleep(Duration::from_millis(rng.range(800, 2500))).await;
-        let old = cluster.leader(Duration::from_secs(10), None).await;
-        let killed = Instant::now();
-        cluster.sigkill(old).await;
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        let base = world.pushes();
-        let new = cluster.leader(Duration::from_secs(15), Some(old)).await;
-        let takeover = killed.elapsed();
-        let push = first_push_after(&world, base, killed).await;
+        let f = kill_the_leader(&mut cluster, &world).await;
         eprintln!(
             "kill {}: {} killed; {} leads after {:.2}s, first push after {:.2}s",
             k + 1,
-            cluster.names[old],
-            cluster.names[new],
-            takeover.as_secs_f64(),
-            push.as_secs_f64()
+            cluster.names[f.old],
+            cluster.names[f.new],
+            f.takeover.as_secs_f64(),
+            f.push.as_secs_f64()
         );
-        failovers.push(push);
-        cluster.start_one(&world, old).await;
+        failovers.push(f.push);
+        cluster.start_one(&world, f.old).await;
     }
     cluster.leader(Duration::from_secs(10), None).await;
     common::eventually(
@@ -711,16 +737,7 @@ async fn three_instances_and_a_paused_leader_resumed_after_its_lease_never_pushe
     let mut rng = Rng(seed ^ 0x3);
     let n = 120;
     let world = World::new(n, url).await;
-    let mut cluster = Cluster::start(&world, &["ant", "bee", "cat"]).await;
-    let first = cluster.leader(Duration::from_secs(10), None).await;
-    let d = cluster.daemon(first);
-    d.until(
-        "the first sync of both CRMs",
-        Duration::from_secs(30),
-        async || d.crms_polled_since(None).await,
-    )
-    .await;
-    assert_status_lists(&cluster, first).await;
+    let mut cluster = Cluster::start_synced(&world, &["ant", "bee", "cat"]).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let watchers = spawn_watchers(cluster.live.clone(), world.phones[0].clone(), stop.clone());
@@ -729,14 +746,9 @@ async fn three_instances_and_a_paused_leader_resumed_after_its_lease_never_pushe
 
     // One SIGKILL first, at a seeded moment.
     tokio::time::sleep(Duration::from_millis(rng.range(500, 1500))).await;
-    let old = cluster.leader(Duration::from_secs(10), None).await;
-    let killed = Instant::now();
-    cluster.sigkill(old).await;
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    let base = world.pushes();
-    cluster.leader(Duration::from_secs(15), Some(old)).await;
-    failovers.push(first_push_after(&world, base, killed).await);
-    cluster.start_one(&world, old).await;
+    let f = kill_the_leader(&mut cluster, &world).await;
+    failovers.push(f.push);
+    cluster.start_one(&world, f.old).await;
 
     // The leader paused past its lease.
     tokio::time::sleep(Duration::from_millis(rng.range(300, 1200))).await;
