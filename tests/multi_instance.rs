@@ -622,9 +622,7 @@ async fn two_instances_fail_over_when_the_leader_is_killed() {
     let world = World::new(n + extra, url).await;
     let mut cluster = Cluster::start_synced(&world, &["alpha", "beta"]).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let watchers = spawn_watchers(cluster.live.clone(), world.phones[0].clone(), stop.clone());
-    let sender = spawn_sender(stop_bodies(0..n), cluster.live.clone(), 20.0);
+    let load = Load::start(&world, &cluster, n);
     let mut failovers = Vec::new();
     for k in 0..2 {
         tokio::time::sleep(Duration::from_millis(rng.range(800, 2500))).await;
@@ -641,18 +639,7 @@ async fn two_instances_fail_over_when_the_leader_is_killed() {
         cluster.start_one(&world, f.old).await;
     }
     cluster.leader(Duration::from_secs(10), None).await;
-    common::eventually(
-        "every STOP acknowledged",
-        Duration::from_secs(40),
-        async || sender.task.is_finished(),
-    )
-    .await;
-    stop.store(true, Ordering::Release);
-    let watched = watchers.await.unwrap();
-    assert_converged(&world, &cluster, &sender).await;
-    let leader = cluster.leader(Duration::from_secs(5), None).await;
-    assert_status_lists(&cluster, leader).await;
-    report_watched("two", &watched, &failovers, *sender.refused.lock().unwrap());
+    let leader = load.settle("two", &world, &cluster, &failovers).await;
 
     // Propagation from a follower's webhook to the CRM push, in quiet conditions.
     let follower = 1 - leader;
@@ -699,6 +686,52 @@ async fn two_instances_fail_over_when_the_leader_is_killed() {
     cluster.terminate().await;
 }
 
+/// The load a failover test runs under: `n` signed STOPs at 20 a second to the live
+/// instances, and watchers asking the gate and sampling the cursors meanwhile.
+struct Load {
+    stop: Arc<AtomicBool>,
+    watchers: tokio::task::JoinHandle<Watched>,
+    sender: Sender,
+}
+
+impl Load {
+    fn start(world: &World, cluster: &Cluster, n: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let watchers = spawn_watchers(cluster.live.clone(), world.phones[0].clone(), stop.clone());
+        let sender = spawn_sender(stop_bodies(0..n), cluster.live.clone(), 20.0);
+        Load {
+            stop,
+            watchers,
+            sender,
+        }
+    }
+
+    /// Every STOP acknowledged, the watchers stopped, everything converged and `status`
+    /// listing every instance; then the figures. Returns the leader.
+    async fn settle(
+        self,
+        test: &str,
+        world: &World,
+        cluster: &Cluster,
+        failovers: &[Duration],
+    ) -> usize {
+        let sender = &self.sender;
+        common::eventually(
+            "every STOP acknowledged",
+            Duration::from_secs(40),
+            async || sender.task.is_finished(),
+        )
+        .await;
+        self.stop.store(true, Ordering::Release);
+        let watched = self.watchers.await.unwrap();
+        assert_converged(world, cluster, sender).await;
+        let leader = cluster.leader(Duration::from_secs(5), None).await;
+        assert_status_lists(cluster, leader).await;
+        report_watched(test, &watched, failovers, *sender.refused.lock().unwrap());
+        leader
+    }
+}
+
 fn report_watched(test: &str, w: &Watched, failovers: &[Duration], refused: u64) {
     eprintln!(
         "{test}: failover (kill → first push) {:?} ms with a {}s lease; gate: {} answers, longest gap {} ms; {} cursor samples; {refused} deliveries refused and redelivered",
@@ -739,9 +772,7 @@ async fn three_instances_and_a_paused_leader_resumed_after_its_lease_never_pushe
     let world = World::new(n, url).await;
     let mut cluster = Cluster::start_synced(&world, &["ant", "bee", "cat"]).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let watchers = spawn_watchers(cluster.live.clone(), world.phones[0].clone(), stop.clone());
-    let sender = spawn_sender(stop_bodies(0..n), cluster.live.clone(), 20.0);
+    let load = Load::start(&world, &cluster, n);
     let mut failovers = Vec::new();
 
     // One SIGKILL first, at a seeded moment.
@@ -806,22 +837,6 @@ async fn three_instances_and_a_paused_leader_resumed_after_its_lease_never_pushe
     cluster.daemons[paused] = Some(old_leader);
     cluster.start_one(&world, paused).await;
 
-    common::eventually(
-        "every STOP acknowledged",
-        Duration::from_secs(40),
-        async || sender.task.is_finished(),
-    )
-    .await;
-    stop.store(true, Ordering::Release);
-    let watched = watchers.await.unwrap();
-    assert_converged(&world, &cluster, &sender).await;
-    let leader = cluster.leader(Duration::from_secs(5), None).await;
-    assert_status_lists(&cluster, leader).await;
-    report_watched(
-        "three",
-        &watched,
-        &failovers,
-        *sender.refused.lock().unwrap(),
-    );
+    load.settle("three", &world, &cluster, &failovers).await;
     cluster.terminate().await;
 }
