@@ -115,17 +115,7 @@ fn spawn_sender(
                 let _permit = permit;
                 let ok = match url {
                     None => false,
-                    Some(url) => http
-                        .post(url)
-                        .header("Content-Type", "application/json")
-                        .header(
-                            "X-Hub-Signature-256",
-                            optout_whatsapp::fake::sign(APP_SECRET, &bodies[i]),
-                        )
-                        .body(bodies[i].clone())
-                        .send()
-                        .await
-                        .is_ok_and(|r| r.status() == 200),
+                    Some(url) => common::deliver_signed(&http, &url, APP_SECRET, &bodies[i]).await,
                 };
                 let mut s = state.lock().unwrap();
                 s.attempts += 1;

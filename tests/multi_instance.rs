@@ -326,17 +326,7 @@ fn spawn_sender(bodies: Vec<Vec<u8>>, live: Live, rate: f64) -> Sender {
                 let _permit = permit;
                 let ok = match url {
                     None => false,
-                    Some(url) => http
-                        .post(url)
-                        .header("Content-Type", "application/json")
-                        .header(
-                            "X-Hub-Signature-256",
-                            optout_whatsapp::fake::sign(APP_SECRET, &bodies[i]),
-                        )
-                        .body(bodies[i].clone())
-                        .send()
-                        .await
-                        .is_ok_and(|r| r.status() == 200),
+                    Some(url) => common::deliver_signed(&http, &url, APP_SECRET, &bodies[i]).await,
                 };
                 if ok {
                     a.lock().unwrap()[i] = true;
@@ -659,17 +649,10 @@ async fn two_instances_fail_over_when_the_leader_is_killed() {
     let mut took = Vec::new();
     for (j, body) in (n..n + extra).zip(stop_bodies(n..n + extra)) {
         let sent = Instant::now();
-        let r = http
-            .post(&url)
-            .header(
-                "X-Hub-Signature-256",
-                optout_whatsapp::fake::sign(APP_SECRET, &body),
-            )
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        assert!(
+            common::deliver_signed(&http, &url, APP_SECRET, &body).await,
+            "the follower answered the signed STOP with a 200"
+        );
         let id = &world.hs_ids[j];
         common::eventually(
             "the follower's opt-out pushed",

@@ -14,6 +14,22 @@ pub fn bin() -> std::process::Command {
     c
 }
 
+/// Delivers the WhatsApp webhook `body` to `url` signed with `secret`, as Meta does:
+/// whether the daemon acknowledged it (a 200).
+pub async fn deliver_signed(http: &reqwest::Client, url: &str, secret: &str, body: &[u8]) -> bool {
+    let sent = http
+        .post(url)
+        .header("Content-Type", "application/json")
+        .header(
+            "X-Hub-Signature-256",
+            optout_whatsapp::fake::sign(secret, body),
+        )
+        .body(body.to_vec())
+        .send()
+        .await;
+    sent.is_ok_and(|r| r.status() == 200)
+}
+
 /// A finished command's standard output and error, as text.
 pub fn text(o: &std::process::Output) -> String {
     format!(
